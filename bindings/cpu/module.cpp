@@ -1,0 +1,42 @@
+// Why: the always-built CPU extension lazarus_core._C; one bind_<op> call per op.
+#include <pybind11/pybind11.h>
+
+#if defined(LAZARUS_WITH_OPENMP)
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace lazarus {
+namespace bindings {
+void bind_mxfp4_dequant(py::module_& m);
+void bind_mxfp4_quantize(py::module_& m);
+}  // namespace bindings
+}  // namespace lazarus
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lazarus-core CPU kernels (C++17, OpenMP when available).";
+  m.def("has_openmp", []() {
+#if defined(LAZARUS_WITH_OPENMP)
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.def("max_threads", []() {
+#if defined(LAZARUS_WITH_OPENMP)
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+  });
+  m.def("cpu_has_avx2", []() {
+#if defined(__x86_64__) || defined(_M_X64)
+    return static_cast<bool>(__builtin_cpu_supports("avx2"));
+#else
+    return false;
+#endif
+  });
+  lazarus::bindings::bind_mxfp4_dequant(m);
+  lazarus::bindings::bind_mxfp4_quantize(m);
+}

@@ -1,0 +1,148 @@
+// Why: MXFP4 -> fp32/bf16 on the CPU at memory speed: OpenMP over blocks, an AVX2 path chosen at
+// run time (the wheel itself is built for baseline x86-64), and a portable path that uses the shared
+// host/device arithmetic of mxfp4_codec.h.
+#include "mxfp4_dequant/mxfp4_dequant.h"
+
+#include <algorithm>
+
+#include "common/mxfp4_codec.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define LAZARUS_X86 1
+#include <immintrin.h>
+#endif
+
+namespace lazarus {
+namespace {
+
+using mxfp4::kBytesPerBlock;
+using mxfp4::kValuesPerBlock;
+
+// Blocks per OpenMP work item: 64 KiB of fp32 output, large enough to amortise scheduling.
+constexpr int64_t kChunkBlocks = 512;
+
+struct F32Sink {
+  float* out;
+  void store(int64_t i, float v) const { out[i] = v; }
+};
+
+struct Bf16Sink {
+  uint16_t* out;
+  // Every decoded MXFP4 value is exact in bf16, so rounding never changes it; RNE keeps this honest.
+  void store(int64_t i, float v) const { out[i] = float_to_bf16_bits(v); }
+};
+
+template <typename Sink>
+void decode_range_portable(const uint8_t* blocks, const uint8_t* scales, int64_t begin, int64_t end, Sink sink) {
+  for (int64_t b = begin; b < end; ++b) {
+    const float scale = mxfp4::e8m0_to_float(scales[b]);
+    const uint8_t* bytes = blocks + b * kBytesPerBlock;
+    const int64_t base = b * kValuesPerBlock;
+    for (int j = 0; j < kBytesPerBlock; ++j) {
+      float lo, hi;
+      mxfp4::decode_byte(bytes[j], scale, &lo, &hi);
+      sink.store(base + 2 * j, lo);
+      sink.store(base + 2 * j + 1, hi);
+    }
+  }
+}
+
+#if defined(LAZARUS_X86)
+// Decodes the 32 codes of one block into four vectors of 8 fp32 values (in element order).
+__attribute__((target("avx2"))) inline void decode_block_avx2(const uint8_t* bytes, float scale_f, __m256 v[4]) {
+  const __m256 magnitudes = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
+  const __m128i low_mask = _mm_set1_epi8(0x0F);
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+  const __m128i lo = _mm_and_si128(packed, low_mask);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low_mask);
+  // Interleave so byte i of codes[k] is element 16k + i.
+  const __m128i codes[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};
+  const __m256 scale = _mm256_set1_ps(scale_f);
+  const __m256i sign_bit = _mm256_set1_epi32(8);
+  for (int k = 0; k < 2; ++k) {
+    const __m256i idx[2] = {_mm256_cvtepu8_epi32(codes[k]), _mm256_cvtepu8_epi32(_mm_srli_si128(codes[k], 8))};
+    for (int h = 0; h < 2; ++h) {
+      // permutevar8x32 reads the low 3 bits (the magnitude); bit 3 becomes the fp32 sign bit.
+      const __m256 mag = _mm256_permutevar8x32_ps(magnitudes, idx[h]);
+      const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(idx[h], sign_bit), 28);
+      v[2 * k + h] = _mm256_mul_ps(_mm256_xor_ps(mag, _mm256_castsi256_ps(sign)), scale);
+    }
+  }
+}
+
+__attribute__((target("avx2"))) void decode_range_f32_avx2(const uint8_t* blocks, const uint8_t* scales,
+                                                           int64_t begin, int64_t end, float* out) {
+  for (int64_t b = begin; b < end; ++b) {
+    __m256 v[4];
+    decode_block_avx2(blocks + b * kBytesPerBlock, mxfp4::e8m0_to_float(scales[b]), v);
+    float* dst = out + b * kValuesPerBlock;
+    for (int q = 0; q < 4; ++q) _mm256_storeu_ps(dst + 8 * q, v[q]);
+  }
+}
+
+__attribute__((target("avx2"))) void decode_range_bf16_avx2(const uint8_t* blocks, const uint8_t* scales,
+                                                            int64_t begin, int64_t end, uint16_t* out) {
+  for (int64_t b = begin; b < end; ++b) {
+    __m256 v[4];
+    decode_block_avx2(blocks + b * kBytesPerBlock, mxfp4::e8m0_to_float(scales[b]), v);
+    uint16_t* dst = out + b * kValuesPerBlock;
+    for (int q = 0; q < 4; q += 2) {
+      // Decoded values have at most 2 significant bits, so the upper half of each fp32 IS the bf16
+      // value (NaN and Inf included): a shift, no rounding.
+      const __m256i a = _mm256_srli_epi32(_mm256_castps_si256(v[q]), 16);
+      const __m256i c = _mm256_srli_epi32(_mm256_castps_si256(v[q + 1]), 16);
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, c), 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 8 * q), packed);
+    }
+  }
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+template <typename RangeFn>
+void parallel_over_blocks(int64_t n_blocks, RangeFn fn) {
+  const int64_t n_chunks = (n_blocks + kChunkBlocks - 1) / kChunkBlocks;
+#pragma omp parallel for schedule(static) if (n_chunks > 1)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t begin = c * kChunkBlocks;
+    fn(begin, std::min(n_blocks, begin + kChunkBlocks));
+  }
+}
+
+}  // namespace
+
+void mxfp4_dequant_f32_cpu(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, float* out) {
+#if defined(LAZARUS_X86)
+  if (cpu_has_avx2()) {
+    parallel_over_blocks(n_blocks, [&](int64_t b, int64_t e) { decode_range_f32_avx2(blocks, scales, b, e, out); });
+    return;
+  }
+#endif
+  parallel_over_blocks(n_blocks, [&](int64_t b, int64_t e) { decode_range_portable(blocks, scales, b, e, F32Sink{out}); });
+}
+
+void mxfp4_dequant_bf16_cpu(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, uint16_t* out) {
+#if defined(LAZARUS_X86)
+  if (cpu_has_avx2()) {
+    parallel_over_blocks(n_blocks, [&](int64_t b, int64_t e) { decode_range_bf16_avx2(blocks, scales, b, e, out); });
+    return;
+  }
+#endif
+  parallel_over_blocks(n_blocks, [&](int64_t b, int64_t e) { decode_range_portable(blocks, scales, b, e, Bf16Sink{out}); });
+}
+
+namespace detail {
+// The portable path, exposed so tests can check it on a machine that has AVX2.
+void mxfp4_dequant_f32_portable(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, float* out) {
+  parallel_over_blocks(n_blocks, [&](int64_t b, int64_t e) { decode_range_portable(blocks, scales, b, e, F32Sink{out}); });
+}
+void mxfp4_dequant_bf16_portable(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, uint16_t* out) {
+  parallel_over_blocks(n_blocks, [&](int64_t b, int64_t e) { decode_range_portable(blocks, scales, b, e, Bf16Sink{out}); });
+}
+}  // namespace detail
+
+}  // namespace lazarus

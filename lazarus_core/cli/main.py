@@ -1,0 +1,58 @@
+"""Entry point of the `lazarus` console script: builds the argument parser and runs a subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from lazarus_core import __version__
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from lazarus_core.models import list_builtin_models
+
+    models = [m.to_dict() for m in list_builtin_models()]
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    if not models:
+        print("No built-in models are installed.")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Built-in models")
+    for col in ("alias", "family", "experts", "top-k", "size", "description"):
+        table.add_column(col)
+    for m in models:
+        table.add_row(m["alias"], m["family"], str(m["num_experts"]), str(m["top_k"]),
+                      f"{m['size_bytes'] / 1e6:.1f} MB", m["description"])
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the top-level parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(prog="lazarus", description="Analyse and compress Mixture-of-Experts models.")
+    parser.add_argument("--version", action="version", version=f"lazarus-core {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    models = sub.add_parser("models", help="list the built-in models")
+    models.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    models.set_defaults(func=_cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""Triton kernels of lazarus-core, shipped as ``lazarus_core.triton_kernels`` (never top-level).
+
+One public launcher per op (``<op>_triton``) beside its private ``@triton.jit`` kernel. Importing
+this package imports triton; ``lazarus_core.ops`` does so only when the triton backend is used.
+"""
+
+if __name__ != "lazarus_core.triton_kernels":
+    # The source folder sits on sys.path in editable installs and in the repo root; never let it pose
+    # as the Triton project's own top-level `triton_kernels` library (vLLM, SGLang import that name).
+    raise ImportError("this is lazarus-core's kernel folder; import it as lazarus_core.triton_kernels")
+
+from lazarus_core.triton_kernels.mxfp4_dequant import mxfp4_dequant_triton
+from lazarus_core.triton_kernels.mxfp4_quantize import mxfp4_quantize_triton
+
+__all__ = ["mxfp4_dequant_triton", "mxfp4_quantize_triton"]
