@@ -1,5 +1,24 @@
-"""Model access: built-in model aliases and (later) checkpoint readers for every MoE family."""
+"""Model access: built-in model aliases, MoE family detection and the streaming expert reader."""
 
 from lazarus_core.models.builtin import BuiltinModel, list_builtin_models
+from lazarus_core.models.families import (
+    SUPPORTED_FAMILIES,
+    DiskNames,
+    FamilySpec,
+    RoutingConvention,
+    SharedExpertSpec,
+    UnsupportedModelError,
+    detect_family,
+)
 
-__all__ = ["BuiltinModel", "list_builtin_models"]
+__all__ = [
+    "BuiltinModel",
+    "list_builtin_models",
+    "SUPPORTED_FAMILIES",
+    "DiskNames",
+    "FamilySpec",
+    "RoutingConvention",
+    "SharedExpertSpec",
+    "UnsupportedModelError",
+    "detect_family",
+]
