@@ -11,6 +11,7 @@ namespace lazarus {
 namespace bindings {
 void bind_mxfp4_dequant(py::module_& m);
 void bind_mxfp4_quantize(py::module_& m);
+void bind_fp8_dequant(py::module_& m);
 }  // namespace bindings
 }  // namespace lazarus
 
@@ -39,4 +40,5 @@ PYBIND11_MODULE(_C, m) {
   });
   lazarus::bindings::bind_mxfp4_dequant(m);
   lazarus::bindings::bind_mxfp4_quantize(m);
+  lazarus::bindings::bind_fp8_dequant(m);
 }
