@@ -1,0 +1,109 @@
+"""The routing-trace file format on disk: names, dtypes, and a safetensors header reader that memory-maps."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_NAME = "lazarus-routing-trace"
+FORMAT_VERSION = 1
+META_FILE = "trace.json"
+SHARD_PATTERN = "trace-{:05d}.safetensors"
+
+_ST_DTYPES = {"I32": np.int32, "I64": np.int64, "I16": np.int16, "F16": np.float16, "F32": np.float32,
+              "BF16": None, "U8": np.uint8}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class TraceError(ValueError):
+    """A trace directory or shard is missing, corrupt or inconsistent; the message names the file."""
+
+
+def layer_key(layer: int, field: str) -> str:
+    """Tensor name of one per-layer field, e.g. ``layers.3.topk_ids``."""
+    return f"layers.{layer}.{field}"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and an atomic rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    """Write a JSON document atomically (temporary file + rename)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Memory-map every tensor of a safetensors file as a read-only numpy array.
+
+    The header is validated before any data is touched: its length, that every tensor's byte range
+    lies inside the file and matches its shape and dtype.
+
+    Parameters
+    ----------
+    path : Path
+        A ``.safetensors`` file.
+
+    Returns
+    -------
+    dict[str, np.ndarray]
+        Tensor name -> read-only ``np.memmap`` view (no data is read until used).
+
+    Raises
+    ------
+    TraceError
+        The file is missing, truncated, or its header is malformed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TraceError(f"trace shard {path} is missing")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) != 8:
+            raise TraceError(f"trace shard {path} is corrupt: shorter than a safetensors header")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > min(_MAX_HEADER, size - 8):
+            raise TraceError(f"trace shard {path} is corrupt: header length {header_len} exceeds the file")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise TraceError(f"trace shard {path} is corrupt: unreadable header ({exc})") from None
+    data_start = 8 + header_len
+    arrays: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise TraceError(f"trace shard {path} is corrupt: bad header entry for {name!r}") from None
+        if dtype is None:
+            raise TraceError(f"trace shard {path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if begin < 0 or end - begin != nbytes or data_start + end > size:
+            raise TraceError(f"trace shard {path} is corrupt or truncated: tensor {name!r} needs bytes "
+                             f"{begin}..{end} of the data section, file has {size - data_start}")
+        if nbytes == 0:
+            arrays[name] = np.empty(shape, dtype=dtype)
+        else:
+            arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
+    return arrays
