@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the built-in models")
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
     models.set_defaults(func=_cmd_models)
+    __import__("lazarus_core.cli.capture", fromlist=["register"]).register(sub)
     return parser
 
 

@@ -123,7 +123,12 @@ def _limit_to_groups(choice: torch.Tensor, rule: RoutingConvention) -> torch.Ten
     n_tokens, n_experts = choice.shape
     grouped = choice.view(n_tokens, rule.n_group, n_experts // rule.n_group)
     if rule.group_score == "top2_sum":
-        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        # Sum of the two best experts still in the running; an excluded expert (-inf) counts as absent,
+        # so ablating one expert does not knock its whole group out.
+        best2 = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values
+        finite = torch.isfinite(best2)
+        group_scores = torch.where(finite, best2, torch.zeros_like(best2)).sum(dim=-1)
+        group_scores = group_scores.masked_fill(~finite.any(dim=-1), float("-inf"))
     else:
         group_scores = grouped.max(dim=-1).values
     best = torch.topk(group_scores, rule.topk_group, dim=-1).indices

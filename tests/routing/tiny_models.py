@@ -60,3 +60,33 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             if name.endswith("e_score_correction_bias"):
                 buf.normal_(0.0, 0.1)
     return model.eval()
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer (96 ids: specials, 26 letters' words, unknown) that adds a BOS token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for word in ("the a of and to in is it that was he for on are as with his they at be this from have or by one "
+                 "had not but what all were when we there can an your which their said if do will each about how up "
+                 "out them then she many some so these would other into has more her two like him see time could no "
+                 "make than first been its who now people my made over did down only way find use may water long "
+                 "little very after words called just where most know get through back much before go good new "
+                 "write our used me man too any day same right look think also around another came come work three "
+                 "word must because does part").split():
+        if len(vocab) < 96:
+            vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def save_tiny_checkpoint(family: str, path, seed: int = 0):
+    """Write a tiny model and tokenizer with save_pretrained (safetensors) and return the directory."""
+    model = tiny_model(family, seed)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

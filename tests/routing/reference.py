@@ -1,0 +1,93 @@
+"""Hand-written, per-token routing and MoE-block forwards for every family: the oracle the tests compare to."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SOFTMAX_FAMILIES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2")
+
+
+def _groups(config, family):
+    if family == "deepseek_v3" or (family == "deepseek_v2" and config.topk_method == "group_limited_greedy"):
+        return int(config.n_group), int(config.topk_group)
+    return 1, 1
+
+
+def hand_route(config, logits_row, k, *, bias=None, ablate=(), delta=None, force=()):
+    """Route ONE token: float64 logits [E] -> (weights, experts) lists sorted by weight, descending."""
+    family = config.model_type
+    E = logits_row.shape[0]
+    l = logits_row.double().clone()
+    if delta is not None:
+        l = l + delta.double()
+    allowed = [e for e in range(E) if e not in ablate]
+    n_group, topk_group = _groups(config, family)
+    size = E // n_group
+    if family == "gpt_oss":
+        score = {e: float(l[e]) for e in allowed}           # select on raw logits (bias already inside)
+        choice = dict(score)
+    elif family == "deepseek_v3":
+        score = {e: float(torch.sigmoid(l[e])) for e in allowed}
+        choice = {e: score[e] + float(bias[e]) for e in allowed}
+    else:
+        z = torch.logsumexp(l[allowed], 0)                     # softmax over the experts that remain
+        score = {e: float(torch.exp(l[e] - z)) for e in allowed}
+        choice = dict(score)
+    if n_group > 1:
+        def group_score(g):
+            vals = sorted((choice[e] for e in range(g * size, (g + 1) * size) if e in choice), reverse=True)
+            if not vals:
+                return float("-inf")
+            return sum(vals[:2]) if family == "deepseek_v3" else vals[0]
+        kept = sorted(range(n_group), key=lambda g: -group_score(g))[:topk_group]
+        choice = {e: c for e, c in choice.items() if e // size in kept}
+    forced = list(force)
+    rest = sorted((e for e in choice if e not in forced), key=lambda e: -choice[e])
+    chosen = forced + rest[: k - len(forced)]
+    if family == "gpt_oss" or family == "mixtral":                    # softmax over the k chosen logits
+        w = torch.softmax(torch.tensor([float(l[e]) for e in chosen], dtype=torch.float64), 0).tolist()
+    else:
+        w = [score[e] for e in chosen]
+        if getattr(config, "norm_topk_prob", False) and family != "deepseek_v2":
+            total = sum(w)
+            w = [x / total for x in w]
+        w = [x * float(getattr(config, "routed_scaling_factor", 1.0) or 1.0) if family.startswith("deepseek") else x
+             for x in w]
+    pairs = sorted(zip(w, chosen), key=lambda p: -p[0])
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def expert_forward(block, e, h):
+    """One routed expert applied to h [T, H] (float64), from the fused weights of the experts module."""
+    ex = block.experts
+    if hasattr(ex, "gate_up_proj_bias"):  # GPT-OSS: transposed, interleaved gate/up, clamped SwiGLU
+        gu = h @ ex.gate_up_proj[e].double() + ex.gate_up_proj_bias[e].double()
+        gate, up = gu[..., ::2].clamp(max=ex.limit), gu[..., 1::2].clamp(-ex.limit, ex.limit)
+        return ((up + 1) * gate * torch.sigmoid(gate * ex.alpha)) @ ex.down_proj[e].double() + ex.down_proj_bias[e].double()
+    gate, up = (h @ ex.gate_up_proj[e].double().T).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ ex.down_proj[e].double().T
+
+
+@torch.no_grad()
+def hand_block_forward(block, config, h, k, **route_kwargs):
+    """MoE block output [T, H] (float64) for input h [T, H], routing each token with :func:`hand_route`."""
+    h = h.double()
+    router = getattr(block, "router", None) or block.gate
+    logits = h @ router.weight.double().T
+    if getattr(router, "bias", None) is not None:
+        logits = logits + router.bias.double()
+    bias = getattr(router, "e_score_correction_bias", None)
+    out = torch.zeros_like(h)
+    routes = []
+    for t in range(h.shape[0]):
+        w, ids = hand_route(config, logits[t], k, bias=bias, **route_kwargs)
+        routes.append(ids)
+        for weight, e in zip(w, ids):
+            out[t] += weight * expert_forward(block, e, h[t:t + 1])[0]
+    x = h.float()
+    if hasattr(block, "shared_expert"):  # Qwen2-MoE: sigmoid-gated shared expert
+        out = out + (torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)).double()
+    if hasattr(block, "shared_experts"):  # DeepSeek: always-on shared experts
+        out = out + block.shared_experts(x).double()
+    return out, routes
