@@ -1,6 +1,8 @@
 """Model access: built-in model aliases, MoE family detection and the streaming expert reader."""
 
 from lazarus_core.models.builtin import BuiltinModel, list_builtin_models
+from lazarus_core.models.checkpoint import PROJECTIONS, MoeCheckpoint, RouterWeights, open_moe_checkpoint
+from lazarus_core.models.errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
 from lazarus_core.models.families import (
     SUPPORTED_FAMILIES,
     DiskNames,
@@ -21,4 +23,11 @@ __all__ = [
     "SharedExpertSpec",
     "UnsupportedModelError",
     "detect_family",
+    "PROJECTIONS",
+    "MoeCheckpoint",
+    "RouterWeights",
+    "open_moe_checkpoint",
+    "CheckpointError",
+    "ModelNotFoundError",
+    "UnsafeCheckpointError",
 ]

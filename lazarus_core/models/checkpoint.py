@@ -1,0 +1,381 @@
+"""Streaming access to the experts of any supported MoE checkpoint, one decoded expert at a time.
+
+Every projection comes out in ``[out, in]`` orientation (``gate``/``up``: ``[I, H]``, ``down``: ``[H, I]``),
+GPT-OSS gate/up de-interleaved (even columns of ``gate_up_proj [E, H, 2I]`` are gate, odd are up) and
+transposed; MXFP4 decoded with ``ops.mxfp4_dequant``, FP8 E4M3 blocks with ``ops.fp8_dequant``,
+bf16/fp16 upcast. Shapes and dtypes are checked against the family from the file headers before
+any data is read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from lazarus_core.models.errors import CheckpointError
+from lazarus_core.models.families import FamilySpec, detect_family
+from lazarus_core.models.resolve import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, ModelSource, resolve_model
+from lazarus_core.models.safetensors_file import FLOAT_DTYPES, SafetensorsFile, TensorInfo
+
+PROJECTIONS = ("gate", "up", "down")
+
+
+@dataclass
+class RouterWeights:
+    """One MoE layer's router.
+
+    Attributes
+    ----------
+    weight : torch.Tensor
+        ``[E, H]``: logits = hidden @ weight.T (+ bias).
+    bias : torch.Tensor or None
+        ``[E]`` logit bias (GPT-OSS), else None.
+    selection_bias : torch.Tensor or None
+        ``[E]`` DeepSeek-V3 ``e_score_correction_bias`` (added to scores for expert choice only), else None.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    selection_bias: torch.Tensor | None
+
+
+class MoeCheckpoint:
+    """A resolved MoE checkpoint. Create with :func:`open_moe_checkpoint`.
+
+    Attributes
+    ----------
+    source : ModelSource
+        Where the files come from (local directory, built-in alias, or hub id with revision).
+    config : dict
+        The parsed ``config.json``.
+    spec : FamilySpec
+        Family facts: sizes, ``num_experts``, ``top_k``, ``moe_layers``, ``routing`` convention,
+        ``shared_experts``, ``expert_bias``, quantisation.
+    """
+
+    def __init__(self, source: ModelSource):
+        self.source = source
+        self.config = source.read_json(CONFIG_NAME)
+        self.spec: FamilySpec = detect_family(self.config)
+        self._weight_map = source.weight_map()
+        self._index_name = INDEX_NAME if self._weight_map else SINGLE_NAME
+        self._files: dict[str, SafetensorsFile] = {}
+        if not self._weight_map:  # single model.safetensors: its header is the map
+            single = self._file(SINGLE_NAME)
+            self._weight_map = {name: SINGLE_NAME for name in single.tensors}
+
+    # ---- config facts -------------------------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    @property
+    def num_experts(self) -> int:
+        return self.spec.num_experts
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return self.spec.moe_layers
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description: source, family facts and per-projection shapes."""
+        return {
+            "model": self.source.name,
+            "source": self.source.kind,
+            "revision": self.source.revision,
+            **self.spec.to_dict(),
+            "projection_shapes": {p: list(self.projection_shape(p)) for p in PROJECTIONS},
+            "storage": self.storage_format(self.spec.moe_layers[0]),
+        }
+
+    def projection_shape(self, projection: str, layer: int | None = None) -> tuple[int, int]:
+        """``(out, in)`` of one routed expert's ``projection`` (the same for every MoE layer).
+
+        Parameters
+        ----------
+        projection : {"gate", "up", "down"}
+        layer : int, optional
+            Checked to be an MoE layer when given.
+        """
+        self._check_projection(projection)
+        if layer is not None:
+            self._check_layer(layer)
+        h, i = self.spec.hidden_size, self.spec.expert_intermediate_size
+        return (h, i) if projection == "down" else (i, h)
+
+    def storage_format(self, layer: int) -> str:
+        """How layer ``layer``'s routed experts are stored: ``"bf16"``/``"fp16"``/``"fp32"``, ``"fp8_e4m3"``
+        or ``"mxfp4"`` (from the file headers)."""
+        self._check_layer(layer)
+        if self.spec.names.fused:
+            base = self._prefix(layer) + "experts.down_proj"
+            if base + "_blocks" in self._weight_map:
+                return "mxfp4"
+            return _FORMAT_NAMES.get(self._info(base).dtype, self._info(base).dtype.lower())
+        info = self._info(self._expert_name(layer, "down", 0))
+        return "fp8_e4m3" if info.dtype == "F8_E4M3" else _FORMAT_NAMES.get(info.dtype, info.dtype.lower())
+
+    # ---- routed experts -----------------------------------------------------------------------------
+    def expert_weight(self, layer: int, projection: str, expert: int, *, dtype: torch.dtype = torch.float32
+                      ) -> torch.Tensor:
+        """One routed expert's weight, decoded.
+
+        Parameters
+        ----------
+        layer : int
+            Model layer index (must be in ``moe_layers``).
+        projection : {"gate", "up", "down"}
+        expert : int
+            ``0 <= expert < num_experts``.
+        dtype : torch.dtype, optional
+            Output dtype (default float32).
+
+        Returns
+        -------
+        torch.Tensor
+            ``[out, in]`` contiguous, freshly allocated: ``[I, H]`` for gate/up, ``[H, I]`` for down.
+
+        Raises
+        ------
+        IndexError
+            Layer not an MoE layer, or expert out of range (the message names the checkpoint).
+        CheckpointError
+            Missing shard/tensor, wrong shape or dtype, MXFP4 scales not matching blocks; names file and tensor.
+        """
+        self._check_projection(projection)
+        self._check_layer(layer)
+        self._check_expert(expert, layer)
+        if self.spec.names.fused:
+            return self._fused_expert(layer, projection, expert, dtype)
+        name = self._expert_name(layer, projection, expert)
+        return self._read_linear(name, self.projection_shape(projection), dtype)
+
+    def iter_experts(self, layer: int, projection: str, *, dtype: torch.dtype = torch.float32
+                     ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(expert, weight [out, in])`` for every expert of one layer and projection, in order.
+
+        Only one expert's decoded weight is alive inside the iterator at a time: peak memory is the
+        caller's own references plus about one expert (plus, for fused GPT-OSS gate/up, that expert's
+        raw gate_up row).
+        """
+        self._check_projection(projection)
+        self._check_layer(layer)
+        for expert in range(self.spec.num_experts):
+            yield expert, self.expert_weight(layer, projection, expert, dtype=dtype)
+
+    def expert_bias(self, layer: int, projection: str, *, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """Biases of every routed expert of ``projection``: ``[E, out]``, or None if the family has none.
+
+        GPT-OSS ``gate_up_proj_bias [E, 2I]`` is de-interleaved like the weights (even = gate, odd = up).
+        Biases are never folded into weights.
+        """
+        self._check_projection(projection)
+        self._check_layer(layer)
+        if not self.spec.expert_bias:
+            return None
+        e, i, h = self.spec.num_experts, self.spec.expert_intermediate_size, self.spec.hidden_size
+        if projection == "down":
+            return self._read_float(self._prefix(layer) + "experts.down_proj_bias", (e, h), dtype)
+        both = self._read_float(self._prefix(layer) + "experts.gate_up_proj_bias", (e, 2 * i), dtype)
+        start = 0 if projection == "gate" else 1
+        return both[:, start::2].contiguous()
+
+    # ---- router and shared experts ------------------------------------------------------------------
+    def router(self, layer: int, *, dtype: torch.dtype = torch.float32) -> RouterWeights:
+        """The router of MoE layer ``layer``: weight ``[E, H]``, bias ``[E]`` (GPT-OSS), selection bias
+        ``[E]`` (DeepSeek-V3 ``e_score_correction_bias``)."""
+        self._check_layer(layer)
+        e, h = self.spec.num_experts, self.spec.hidden_size
+        base = self._prefix(layer) + self.spec.names.router
+        weight = self._read_float(base + ".weight", (e, h), dtype)
+        bias = self._read_float(base + ".bias", (e,), dtype) if self.spec.routing.router_bias else None
+        selection = None
+        if self.spec.routing.selection_bias:
+            selection = self._read_float(base + ".e_score_correction_bias", (e,), dtype)
+        return RouterWeights(weight, bias, selection)
+
+    def shared_expert_weight(self, layer: int, projection: str, *, dtype: torch.dtype = torch.float32
+                             ) -> torch.Tensor | None:
+        """The shared (always-active) expert MLP's ``projection`` in ``[out, in]``, or None if the family has none.
+
+        Shape ``[S, H]`` for gate/up, ``[H, S]`` for down, ``S = spec.shared_experts.intermediate_size``.
+        """
+        self._check_projection(projection)
+        self._check_layer(layer)
+        shared = self.spec.shared_experts
+        if shared is None:
+            return None
+        s, h = shared.intermediate_size, self.spec.hidden_size
+        name = f"{self._prefix(layer)}{shared.module}.{projection}_proj.weight"
+        return self._read_linear(name, (h, s) if projection == "down" else (s, h), dtype)
+
+    def shared_expert_gate(self, layer: int, *, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """Qwen2-MoE ``shared_expert_gate.weight [1, H]`` (output goes through a sigmoid), else None."""
+        self._check_layer(layer)
+        shared = self.spec.shared_experts
+        if shared is None or shared.gate_module is None:
+            return None
+        return self._read_float(f"{self._prefix(layer)}{shared.gate_module}.weight", (1, self.spec.hidden_size), dtype)
+
+    def close(self) -> None:
+        """Close every open file (reading again reopens them)."""
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> "MoeCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"MoeCheckpoint({self.source.name!r}, family={self.family}, experts={self.num_experts}, "
+                f"moe_layers={len(self.moe_layers)})")
+
+    # ---- internals ----------------------------------------------------------------------------------
+    def _check_projection(self, projection: str) -> None:
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+
+    def _check_layer(self, layer: int) -> None:
+        if not isinstance(layer, int) or layer not in self.spec.moe_layers:
+            where = "dense" if isinstance(layer, int) and 0 <= layer < self.spec.num_layers else "out of range"
+            raise IndexError(
+                f"{self.source.name}: layer {layer} is {where} in this {self.family} checkpoint "
+                f"({self.spec.num_layers} layers; MoE layers {list(self.spec.moe_layers)})"
+            )
+
+    def _check_expert(self, expert: int, layer: int) -> None:
+        if not isinstance(expert, int) or not 0 <= expert < self.spec.num_experts:
+            raise IndexError(f"{self.source.name}: layer {layer}: expert {expert} out of range "
+                             f"(this {self.family} checkpoint has {self.spec.num_experts} experts)")
+
+    def _prefix(self, layer: int) -> str:
+        return f"model.layers.{layer}.{self.spec.names.moe_module}."
+
+    def _expert_name(self, layer: int, projection: str, expert: int) -> str:
+        return f"{self._prefix(layer)}experts.{expert}.{self.spec.names.projection_name(projection)}.weight"
+
+    def _file(self, filename: str) -> SafetensorsFile:
+        if filename not in self._files:
+            try:
+                path = self.source.local_path(filename)
+            except FileNotFoundError as exc:
+                raise CheckpointError(f"{exc} (named by {self.source.describe(self._index_name)})") from None
+            self._files[filename] = SafetensorsFile(path)
+        return self._files[filename]
+
+    def _locate(self, name: str) -> tuple[SafetensorsFile, TensorInfo]:
+        filename = self._weight_map.get(name)
+        if filename is None:
+            where = self.source.describe(self._index_name)
+            raise CheckpointError(f"{where}: tensor {name!r} is missing from this {self.family} checkpoint")
+        f = self._file(filename)
+        return f, f.info(name)
+
+    def _info(self, name: str) -> TensorInfo:
+        return self._locate(name)[1]
+
+    def _expect(self, f: SafetensorsFile, info: TensorInfo, shape: tuple[int, ...], dtypes: tuple[str, ...]) -> None:
+        if info.dtype not in dtypes:
+            raise CheckpointError(f"{f.path}: tensor {info.name!r} has dtype {info.dtype}; a {self.family} "
+                                  f"checkpoint needs one of {list(dtypes)}")
+        if info.shape != tuple(shape):
+            raise CheckpointError(f"{f.path}: tensor {info.name!r} has shape {list(info.shape)}; this {self.family} "
+                                  f"config implies {list(shape)}")
+
+    def _read_float(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        f, info = self._locate(name)
+        self._expect(f, info, shape, FLOAT_DTYPES)
+        return f.read(name).to(dtype)
+
+    def _read_linear(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """A linear weight ``[out, in]``: float (upcast) or FP8 E4M3 with ``weight_scale_inv`` blocks."""
+        f, info = self._locate(name)
+        if info.dtype != "F8_E4M3":
+            self._expect(f, info, shape, FLOAT_DTYPES)
+            return f.read(name).to(dtype).contiguous()
+        from lazarus_core.ops import fp8_dequant
+
+        self._expect(f, info, shape, ("F8_E4M3",))
+        block = tuple(self.spec.fp8_block_size or (128, 128))
+        scale_name = name + "_scale_inv"
+        sf, sinfo = self._locate(scale_name)
+        self._expect(sf, sinfo, (-(-shape[0] // block[0]), -(-shape[1] // block[1])), ("F32", "BF16", "F16"))
+        out_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+        decoded = fp8_dequant(f.read(name), sf.read(scale_name), block_size=block, dtype=out_dtype)
+        return decoded.to(dtype)
+
+    def _fused_expert(self, layer: int, projection: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
+        e, i, h = self.spec.num_experts, self.spec.expert_intermediate_size, self.spec.hidden_size
+        stem = self._prefix(layer) + ("experts.down_proj" if projection == "down" else "experts.gate_up_proj")
+        rows = h if projection == "down" else 2 * i  # stored rows in [out, in] orientation
+        cols = i if projection == "down" else h
+        if stem + "_blocks" in self._weight_map:
+            # MXFP4: blocks [E, out, in/32, 16], scales [E, out, in/32], already [out, in]; gate/up rows interleaved.
+            from lazarus_core.ops import mxfp4_dequant
+
+            bf, binfo = self._locate(stem + "_blocks")
+            sf, sinfo = self._locate(stem + "_scales")
+            if cols % 32:
+                raise CheckpointError(f"{bf.path}: tensor {binfo.name!r}: MXFP4 needs the input size ({cols}) to be a "
+                                      f"multiple of 32")
+            self._expect(bf, binfo, (e, rows, cols // 32, 16), ("U8",))
+            if sinfo.shape != binfo.shape[:-1] or sinfo.dtype != "U8":
+                raise CheckpointError(
+                    f"{sf.path}: tensor {sinfo.name!r} ({sinfo.dtype} {list(sinfo.shape)}) does not match its MXFP4 "
+                    f"blocks {binfo.name!r} {list(binfo.shape)}: scales must be U8 of shape blocks.shape[:-1] "
+                    f"= {list(binfo.shape[:-1])}"
+                )
+            blocks = bf.read_row(binfo.name, expert)
+            scales = sf.read_row(sinfo.name, expert)
+            if projection != "down":
+                start = 0 if projection == "gate" else 1
+                blocks, scales = blocks[start::2], scales[start::2]
+            out_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+            return mxfp4_dequant(blocks, scales, dtype=out_dtype).reshape(-1, cols).to(dtype)
+        # bf16/fp16/fp32: gate_up_proj [E, H, 2I] (gate/up interleaved on the last axis), down_proj [E, I, H].
+        f, info = self._locate(stem)
+        self._expect(f, info, (e, cols, rows), FLOAT_DTYPES)
+        row = f.read_row(stem, expert)  # [in, out(interleaved)]
+        if projection != "down":
+            row = row[:, 0::2] if projection == "gate" else row[:, 1::2]
+        return row.t().to(dtype).contiguous()
+
+
+_FORMAT_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64"}
+
+
+def open_moe_checkpoint(model: str | os.PathLike, *, revision: str | None = None) -> MoeCheckpoint:
+    """Open an MoE checkpoint for streaming expert access.
+
+    Parameters
+    ----------
+    model : str or PathLike
+        A local directory (``config.json`` + ``model.safetensors`` or a sharded
+        ``model.safetensors.index.json``), a built-in alias (e.g. ``"demo:native"``), or a Hugging Face
+        model id. For a hub id only ``config.json``, the index and the shards holding tensors that are
+        actually read are downloaded (lazily, per file); the cache and ``HF_HUB_OFFLINE=1`` are respected.
+    revision : str, optional
+        Hub branch, tag or commit.
+
+    Returns
+    -------
+    MoeCheckpoint
+
+    Raises
+    ------
+    ModelNotFoundError
+        No such directory/alias/hub model, missing ``config.json``, or an offline cache miss.
+    UnsupportedModelError
+        Not a supported MoE family (the message lists the supported ones).
+    UnsafeCheckpointError
+        Only pickle (``.bin``) weights: refused, never loaded.
+    CheckpointError
+        Malformed index or safetensors header (names the file and tensor).
+    """
+    return MoeCheckpoint(resolve_model(model, revision=revision))
