@@ -1,0 +1,123 @@
+"""Every expert read through open_moe_checkpoint equals what transformers itself loads, for every family."""
+
+import json
+
+import pytest
+import torch
+
+from lazarus_core.models import PROJECTIONS, open_moe_checkpoint
+
+pytest.importorskip("accelerate", reason="transformers needs accelerate to load MXFP4/FP8 checkpoints")
+
+CASES = ["olmoe", "olmoe_fp32", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss",
+         "gpt_oss_mxfp4", "deepseek_v3_fp8", "deepseek_v3_fp8_b16", "olmoe_sharded"]
+EXPECTED_FORMAT = {"gpt_oss_mxfp4": "mxfp4", "deepseek_v3_fp8": "fp8_e4m3", "deepseek_v3_fp8_b16": "fp8_e4m3",
+                   "olmoe_fp32": "fp32"}
+
+
+def _hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def _hf_expert(experts, family, projection, e, inter):
+    """transformers' in-memory fused layout -> [out, in] (the known layout transforms of DESIGN section 4)."""
+    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    if family == "gpt_oss":  # gate_up [E, H, 2I] interleaved; down [E, I, H]
+        return {"gate": gate_up[e][:, 0::2].t(), "up": gate_up[e][:, 1::2].t(), "down": down[e].t()}[projection]
+    return {"gate": gate_up[e][:inter], "up": gate_up[e][inter:], "down": down[e]}[projection]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_every_expert_equals_transformers(name, checkpoint_dir):
+    path = checkpoint_dir(name)
+    model = _hf_model(path)
+    with open_moe_checkpoint(path) as ckpt:
+        spec = ckpt.spec
+        assert ckpt.storage_format(spec.moe_layers[0]) == EXPECTED_FORMAT.get(name, "bf16")
+        assert [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")] == list(spec.moe_layers)
+        for layer in spec.moe_layers:
+            mlp = model.model.layers[layer].mlp
+            for projection in PROJECTIONS:
+                seen = []
+                for e, weight in ckpt.iter_experts(layer, projection):
+                    seen.append(e)
+                    assert weight.dtype == torch.float32 and weight.is_contiguous()
+                    assert tuple(weight.shape) == ckpt.projection_shape(projection)
+                    expected = _hf_expert(mlp.experts, spec.family, projection, e, spec.expert_intermediate_size)
+                    torch.testing.assert_close(weight, expected, rtol=0, atol=0)
+                assert seen == list(range(spec.num_experts))
+            router = ckpt.router(layer)
+            gate_module = mlp.router if spec.family == "gpt_oss" else mlp.gate
+            torch.testing.assert_close(router.weight, gate_module.weight.detach().float(), rtol=0, atol=0)
+            if spec.routing.router_bias:
+                torch.testing.assert_close(router.bias, gate_module.bias.detach().float(), rtol=0, atol=0)
+            else:
+                assert router.bias is None
+            if spec.routing.selection_bias:
+                assert router.selection_bias.abs().sum() > 0
+                torch.testing.assert_close(router.selection_bias, gate_module.e_score_correction_bias.detach().float(),
+                                           rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["gpt_oss", "gpt_oss_mxfp4"])
+def test_gpt_oss_expert_biases_deinterleaved(name, checkpoint_dir):
+    path = checkpoint_dir(name)
+    experts = _hf_model(path).model.layers[1].mlp.experts
+    with open_moe_checkpoint(path) as ckpt:
+        torch.testing.assert_close(ckpt.expert_bias(1, "gate"), experts.gate_up_proj_bias.detach()[:, 0::2], rtol=0, atol=0)
+        torch.testing.assert_close(ckpt.expert_bias(1, "up"), experts.gate_up_proj_bias.detach()[:, 1::2], rtol=0, atol=0)
+        torch.testing.assert_close(ckpt.expert_bias(1, "down"), experts.down_proj_bias.detach(), rtol=0, atol=0)
+        assert ckpt.expert_bias(1, "gate").shape == (ckpt.num_experts, ckpt.spec.expert_intermediate_size)
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v2", "deepseek_v3", "deepseek_v3_fp8_b16"])
+def test_shared_experts_equal_transformers(name, checkpoint_dir):
+    path = checkpoint_dir(name)
+    model = _hf_model(path)
+    with open_moe_checkpoint(path) as ckpt:
+        shared = ckpt.spec.shared_experts
+        for layer in ckpt.moe_layers:
+            mlp = model.model.layers[layer].mlp
+            module = getattr(mlp, shared.module)
+            for projection in PROJECTIONS:
+                expected = getattr(module, f"{projection}_proj").weight.detach()
+                torch.testing.assert_close(ckpt.shared_expert_weight(layer, projection), expected, rtol=0, atol=0)
+            gate = ckpt.shared_expert_gate(layer)
+            if shared.gate_module:
+                torch.testing.assert_close(gate, mlp.shared_expert_gate.weight.detach(), rtol=0, atol=0)
+            else:
+                assert gate is None
+
+
+@pytest.mark.parametrize("name", ["olmoe", "mixtral", "qwen3_moe", "gpt_oss"])
+def test_families_without_shared_experts_or_biases_say_none(name, checkpoint_dir):
+    with open_moe_checkpoint(checkpoint_dir(name)) as ckpt:
+        assert ckpt.shared_expert_weight(0, "gate") is None and ckpt.shared_expert_gate(0) is None
+        if name != "gpt_oss":
+            assert ckpt.expert_bias(0, "down") is None
+
+
+def test_mxfp4_and_fp8_are_close_to_their_bf16_source(checkpoint_dir):
+    # Same seed -> same bf16 weights; the quantised variants must be near them (quantisation error only).
+    for quantised, source, tol in (("gpt_oss_mxfp4", "gpt_oss", 0.25), ("deepseek_v3_fp8_b16", "deepseek_v3", 0.07)):
+        with open_moe_checkpoint(checkpoint_dir(quantised)) as q, open_moe_checkpoint(checkpoint_dir(source)) as s:
+            layer = q.moe_layers[-1]
+            for projection in PROJECTIONS:
+                a, b = q.expert_weight(layer, projection, 1), s.expert_weight(layer, projection, 1)
+                rel = (a - b).norm() / b.norm()
+                assert 0 < rel < tol, (quantised, projection, rel)
+
+
+def test_requested_dtype_and_to_dict(checkpoint_dir):
+    for name in ("olmoe", "gpt_oss_mxfp4", "deepseek_v3_fp8"):
+        with open_moe_checkpoint(checkpoint_dir(name)) as ckpt:
+            layer = ckpt.moe_layers[0]
+            w32 = ckpt.expert_weight(layer, "up", 0)
+            for dtype in (torch.bfloat16, torch.float64):
+                w = ckpt.expert_weight(layer, "up", 0, dtype=dtype)
+                assert w.dtype == dtype
+                torch.testing.assert_close(w, w32.to(dtype), rtol=0, atol=0)
+            d = json.loads(json.dumps(ckpt.to_dict()))
+            assert d["family"] == ckpt.family and d["projection_shapes"]["down"] == [64, 32]
