@@ -214,11 +214,11 @@ def _open_shard(path: Path, entry: dict, meta: dict, verify: bool) -> TokenSpan:
     if path.stat().st_size != entry["bytes"]:
         raise TraceError(f"trace shard {path} is corrupt or truncated: {path.stat().st_size} bytes, "
                          f"{META_FILE} says {entry['bytes']}")
+    arrays = mmap_safetensors(path)
     if verify:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != entry["sha256"]:
             raise TraceError(f"trace shard {path} is corrupt: sha256 {digest[:12]}... does not match {META_FILE}")
-    arrays = mmap_safetensors(path)
     t, k, e = int(entry["num_tokens"]), int(meta["top_k"]), int(meta["num_experts"])
     expected = {"token_ids": (t,), "doc_ids": (t,), "positions": (t,)}
     for layer in meta["moe_layers"]:

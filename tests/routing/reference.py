@@ -18,7 +18,7 @@ def hand_route(config, logits_row, k, *, bias=None, ablate=(), delta=None, force
     """Route ONE token: float64 logits [E] -> (weights, experts) lists sorted by weight, descending."""
     family = config.model_type
     E = logits_row.shape[0]
-    l = logits_row.double().clone()
+    l = logits_row.detach().double().clone()
     if delta is not None:
         l = l + delta.double()
     allowed = [e for e in range(E) if e not in ablate]
