@@ -70,18 +70,28 @@ __attribute__((target("avx2"))) inline void decode_block_avx2(const uint8_t* byt
   }
 }
 
+// Large outputs do not stay in cache anyway: when `streaming` (and 32-byte aligned), non-temporal
+// stores skip the read-for-ownership of every destination line (about a third of the traffic).
 __attribute__((target("avx2"))) void decode_range_f32_avx2(const uint8_t* blocks, const uint8_t* scales,
-                                                           int64_t begin, int64_t end, float* out) {
+                                                           int64_t begin, int64_t end, float* out, bool streaming) {
+  const bool aligned = streaming && (reinterpret_cast<uintptr_t>(out) % 32) == 0;
   for (int64_t b = begin; b < end; ++b) {
     __m256 v[4];
     decode_block_avx2(blocks + b * kBytesPerBlock, mxfp4::e8m0_to_float(scales[b]), v);
     float* dst = out + b * kValuesPerBlock;
-    for (int q = 0; q < 4; ++q) _mm256_storeu_ps(dst + 8 * q, v[q]);
+    if (aligned) {
+      for (int q = 0; q < 4; ++q) _mm256_stream_ps(dst + 8 * q, v[q]);
+    } else {
+      for (int q = 0; q < 4; ++q) _mm256_storeu_ps(dst + 8 * q, v[q]);
+    }
   }
+  _mm_sfence();
 }
 
 __attribute__((target("avx2"))) void decode_range_bf16_avx2(const uint8_t* blocks, const uint8_t* scales,
-                                                            int64_t begin, int64_t end, uint16_t* out) {
+                                                            int64_t begin, int64_t end, uint16_t* out,
+                                                            bool streaming) {
+  const bool aligned = streaming && (reinterpret_cast<uintptr_t>(out) % 32) == 0;
   for (int64_t b = begin; b < end; ++b) {
     __m256 v[4];
     decode_block_avx2(blocks + b * kBytesPerBlock, mxfp4::e8m0_to_float(scales[b]), v);
@@ -92,10 +102,18 @@ __attribute__((target("avx2"))) void decode_range_bf16_avx2(const uint8_t* block
       const __m256i a = _mm256_srli_epi32(_mm256_castps_si256(v[q]), 16);
       const __m256i c = _mm256_srli_epi32(_mm256_castps_si256(v[q + 1]), 16);
       const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, c), 0xD8);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 8 * q), packed);
+      if (aligned) {
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + 8 * q), packed);
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 8 * q), packed);
+      }
     }
   }
+  _mm_sfence();
 }
+
+// Outputs at least this large bypass the cache (they exceed the last-level cache of common CPUs).
+constexpr int64_t kStreamingBytes = int64_t{32} << 20;
 
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
@@ -118,7 +136,8 @@ void parallel_over_blocks(int64_t n_blocks, RangeFn fn) {
 void mxfp4_dequant_f32_cpu(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, float* out) {
 #if defined(LAZARUS_X86)
   if (cpu_has_avx2()) {
-    parallel_over_blocks(n_blocks, [&](int64_t b, int64_t e) { decode_range_f32_avx2(blocks, scales, b, e, out); });
+    const bool streaming = n_blocks * kValuesPerBlock * int64_t{4} >= kStreamingBytes;
+    parallel_over_blocks(n_blocks, [&](int64_t b, int64_t e) { decode_range_f32_avx2(blocks, scales, b, e, out, streaming); });
     return;
   }
 #endif
@@ -128,7 +147,8 @@ void mxfp4_dequant_f32_cpu(const uint8_t* blocks, const uint8_t* scales, int64_t
 void mxfp4_dequant_bf16_cpu(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, uint16_t* out) {
 #if defined(LAZARUS_X86)
   if (cpu_has_avx2()) {
-    parallel_over_blocks(n_blocks, [&](int64_t b, int64_t e) { decode_range_bf16_avx2(blocks, scales, b, e, out); });
+    const bool streaming = n_blocks * kValuesPerBlock * int64_t{2} >= kStreamingBytes;
+    parallel_over_blocks(n_blocks, [&](int64_t b, int64_t e) { decode_range_bf16_avx2(blocks, scales, b, e, out, streaming); });
     return;
   }
 #endif

@@ -1,0 +1,30 @@
+"""`python -m benchmarks [SUITE ...] [--repeats N] [--out DIR]`: run suites, print tables, write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+from benchmarks.harness import machine_header, print_table, write_json
+
+SUITES = {"mxfp4_dequant": "benchmarks.bench_mxfp4_dequant"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("suites", nargs="*", choices=[*SUITES, []], help="suites to run (default: all)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per configuration (median reported)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory for the JSON files")
+    args = parser.parse_args()
+    header = machine_header()
+    for name in args.suites or list(SUITES):
+        rows, floors = importlib.import_module(SUITES[name]).run(repeats=args.repeats)
+        print_table(name, {**header, **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in floors.items()}}, rows)
+        path = args.out / f"{name}.json"
+        write_json(path, name, header, rows, floors)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

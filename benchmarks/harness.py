@@ -1,0 +1,114 @@
+"""Shared benchmark machinery: timing (warm-up, repeats, median), the machine's measured floors
+(copy bandwidth, fp32 matmul), a header describing the run, and table + JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def median_seconds(fn: Callable[[], object], *, repeats: int = 10, warmup: int = 2, min_time: float = 0.0) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs (CUDA-synchronised)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start_all < min_time:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_copy_bandwidth(n_bytes: int = 1 << 30, device: str = "cpu") -> float:
+    """Bytes read + written per second of ``dst.copy_(src)`` on ``n_bytes`` buffers (the memory floor)."""
+    src = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = median_seconds(lambda: dst.copy_(src), repeats=7)
+    return 2 * n_bytes / t
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine_header() -> dict:
+    """What the numbers were measured on."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "git_sha": git_sha(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+@dataclass
+class BenchRow:
+    """One measured configuration; ``ratio_to_reference`` is reference time / this time (same run)."""
+
+    op: str
+    backend: str
+    shape: str
+    dtype: str
+    median_ms: float
+    gb_per_s: float | None = None
+    pct_of_floor: float | None = None
+    ratio_to_reference: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def print_table(title: str, header: dict, rows: list[BenchRow]) -> None:
+    """Render rows with rich, under a one-line description of the machine."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=200)
+    console.print(f"[bold]{title}[/bold]  " + ", ".join(f"{k}={v}" for k, v in header.items() if v is not None))
+    table = Table()
+    for col in ("op", "backend", "shape", "dtype", "median ms", "GB/s", "% of floor", "x reference"):
+        table.add_column(col, justify="right" if col not in ("op", "backend", "shape", "dtype") else "left")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for r in rows:
+        table.add_row(r.op, r.backend, r.shape, r.dtype, fmt(r.median_ms, ".2f"), fmt(r.gb_per_s, ".1f"),
+                      fmt(r.pct_of_floor, ".0f"), fmt(r.ratio_to_reference, ".1f"))
+    console.print(table)
+
+
+def write_json(path: Path, title: str, header: dict, rows: list[BenchRow], floors: dict) -> None:
+    """Write the run to ``path`` atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({"title": title, "header": header, "floors": floors,
+                               "rows": [r.to_dict() for r in rows]}, indent=2))
+    os.replace(tmp, path)
