@@ -62,6 +62,7 @@ def run_capture(args: argparse.Namespace) -> int:
     """Execute ``lazarus capture``; returns the exit code (2 on bad input)."""
     import torch
 
+    from lazarus_core.models.errors import CheckpointError
     from lazarus_core.models.families import UnsupportedModelError
     from lazarus_core.routing.capture import capture_routing
     from lazarus_core.routing.corpus import corpus_from_jsonl, corpus_from_prompts, corpus_from_texts
@@ -84,9 +85,10 @@ def run_capture(args: argparse.Namespace) -> int:
             model, tokenizer, corpus, args.output, layers=layers, seq_len=args.seq_len, batch_size=args.batch_size,
             max_tokens=args.max_tokens, logits=args.logits, shard_tokens=args.shard_tokens, resume=args.resume,
             progress=not args.no_progress and not args.json,
-            model_meta={"model": source.spec, "revision": args.revision, "tokenizer": source.resolved},
+            model_meta={"model": source.name, "revision": args.revision,
+                        "tokenizer": str(source.root) if source.root is not None else source.name},
         )
-    except (ValueError, OSError, TraceError, UnsupportedModelError) as exc:
+    except (ValueError, OSError, TraceError, UnsupportedModelError, CheckpointError) as exc:
         print(f"lazarus capture: error: {exc}", file=sys.stderr)
         return 2
     if args.json:

@@ -1,52 +1,19 @@
-"""Load a model for routing capture from a local directory, a built-in alias or a Hugging Face id."""
+"""Load a transformers model and tokenizer for routing capture from whatever ``-m`` names (dir, alias, hub id)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
-
 import torch
 
-
-@dataclass
-class ModelSource:
-    """Where a model came from: what the user typed, the directory or id loaded, and the revision."""
-
-    spec: str
-    resolved: str
-    kind: str  # "local" | "builtin" | "hub"
-    revision: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def resolve_model(spec: str, revision: str | None = None) -> ModelSource:
-    """Resolve ``-m MODEL``: an existing directory, a built-in alias, else a Hugging Face model id.
-
-    Raises
-    ------
-    FileNotFoundError
-        ``spec`` looks like a path (starts with ``.``, ``/`` or ``~``) but does not exist.
-    """
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return ModelSource(spec, str(path.resolve()), "local", revision)
-    try:
-        from lazarus_core.models.builtin import resolve_builtin
-    except ImportError:
-        resolve_builtin = None
-    builtin = resolve_builtin(spec) if resolve_builtin is not None else None
-    if builtin is not None:
-        return ModelSource(spec, str(builtin), "builtin", revision)
-    if spec.startswith((".", "/", "~")) or spec.endswith((".safetensors", ".json")):
-        raise FileNotFoundError(f"-m {spec}: no such model directory")
-    return ModelSource(spec, spec, "hub", revision)
+from lazarus_core.models.resolve import ModelSource, resolve_model
 
 
 def load_model(spec: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", trust_remote_code: bool = False):
     """Load a causal LM (safetensors weights only) and its tokenizer, in eval mode.
+
+    Resolution (local directory, built-in alias, Hugging Face id) is
+    :func:`lazarus_core.models.resolve.resolve_model`'s; loading is transformers' ``from_pretrained``
+    with ``use_safetensors=True`` (pickle weights are never read).
 
     Parameters
     ----------
@@ -63,25 +30,30 @@ def load_model(spec: str, *, revision: str | None = None, dtype: torch.dtype = t
     Returns
     -------
     (model, tokenizer or None, ModelSource)
-        ``tokenizer`` is None when the checkpoint ships none (token ids must then be given directly).
+        ``tokenizer`` is None when the checkpoint ships none.
 
     Raises
     ------
+    lazarus_core.models.errors.ModelNotFoundError
+        Not a directory, an alias or a hub id (a FileNotFoundError).
     OSError
-        The model cannot be found or has no safetensors weights.
+        transformers cannot load it (no safetensors weights, offline miss, ...); the message names ``spec``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = resolve_model(spec, revision)
+    source = resolve_model(spec, revision=revision)
+    location = str(source.root) if source.root is not None else source.name
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.resolved, revision=revision, dtype=dtype,
-                                                     use_safetensors=True, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise OSError(f"-m {spec}: cannot load the model from {source.resolved} ({exc})") from exc
+        raise OSError(f"-m {spec}: cannot load the model from {location} ({exc})") from exc
     model.to(device).eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.resolved, revision=revision,
-                                                  trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
         tokenizer = None
     return model, tokenizer, source
+
+
+__all__ = ["ModelSource", "load_model"]

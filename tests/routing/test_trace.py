@@ -168,4 +168,14 @@ def test_cli_bad_input(tmp_path, capsys, argv_tail, message):
 
 def test_cli_missing_model_directory(tmp_path, capsys):
     assert main(["capture", "-m", str(tmp_path / "nope"), "-p", "hi", "-o", str(tmp_path / "t")]) == 2
-    assert "no such model directory" in capsys.readouterr().err
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_cli_dense_model_is_refused(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=96)).save_pretrained(tmp_path / "dense")
+    tiny_tokenizer().save_pretrained(tmp_path / "dense")
+    assert main(["capture", "-m", str(tmp_path / "dense"), "-p", "the water", "-o", str(tmp_path / "t")]) == 2
+    assert "has no MoE layers" in capsys.readouterr().err
