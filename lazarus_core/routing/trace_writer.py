@@ -103,7 +103,7 @@ class TraceWriter:
         return int(self.meta["progress"]["sequences_done"])
 
     def _resume_from(self, old: dict) -> None:
-        for key in ("model", "corpus", "seq_len", "moe_layers", "has_logits", "num_experts", "top_k"):
+        for key in ("model", "corpus", "seq_len", "moe_layers", "has_logits", "num_experts"):
             if old.get(key) != self.meta.get(key):
                 raise TraceError(f"cannot resume {self.out_dir / META_FILE}: its {key!r} is {old.get(key)!r}, "
                                  f"this capture has {self.meta.get(key)!r}")
@@ -136,6 +136,12 @@ class TraceWriter:
         missing = set(self.layers) - set(layers)
         if missing:
             raise ValueError(f"routing for layers {sorted(missing)} is missing from this batch")
+        k = int(layers[self.layers[0]].topk_ids.shape[1])
+        if k != int(self.meta["top_k"]):  # captured under an intervention that changes top-k
+            if self.meta["num_tokens"] or self._buf.num_tokens:
+                raise ValueError(f"top-k changed during the capture ({self.meta['top_k']} -> {k})")
+            self.meta.setdefault("model_top_k", self.meta["top_k"])
+            self.meta["top_k"] = k
         buf = self._buf
         buf.token_ids.append(np.asarray(token_ids, np.int32))
         buf.doc_ids.append(np.asarray(doc_ids, np.int32))

@@ -179,3 +179,12 @@ def test_cli_dense_model_is_refused(tmp_path, capsys):
     tiny_tokenizer().save_pretrained(tmp_path / "dense")
     assert main(["capture", "-m", str(tmp_path / "dense"), "-p", "the water", "-o", str(tmp_path / "t")]) == 2
     assert "has no MoE layers" in capsys.readouterr().err
+
+
+def test_capture_under_top_k_intervention_records_the_k_used(olmoe, tmp_path):
+    from lazarus_core.routing.interventions import set_top_k
+
+    with set_top_k(olmoe[0], 5):
+        _capture(olmoe, tmp_path / "t", max_tokens=12)
+    trace = load_trace(tmp_path / "t")
+    assert trace.top_k == 5 and trace.meta["model_top_k"] == 3 and trace.layer(0).topk_ids.shape == (12, 5)
