@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import torch
 
 from lazarus_core.models.resolve import ModelSource, resolve_model
@@ -44,8 +48,13 @@ def load_model(spec: str, *, revision: str | None = None, dtype: torch.dtype = t
     source = resolve_model(spec, revision=revision)
     location = str(source.root) if source.root is not None else source.name
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+        if source.root is not None and _needs_own_mxfp4_decode(source.root):
+            from lazarus_core.demo.load import load_causal_lm
+
+            model = load_causal_lm(source.root, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=dtype,
+                                                         use_safetensors=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise OSError(f"-m {spec}: cannot load the model from {location} ({exc})") from exc
     model.to(device).eval()
@@ -54,6 +63,17 @@ def load_model(spec: str, *, revision: str | None = None, dtype: torch.dtype = t
     except (OSError, ValueError, TypeError):
         tokenizer = None
     return model, tokenizer, source
+
+
+def _needs_own_mxfp4_decode(root: Path) -> bool:
+    """An MXFP4 checkpoint on a machine without ``accelerate`` (transformers cannot dequantise it there)."""
+    try:
+        config = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    quant = (config.get("quantization_config") or {}).get("quant_method")
+    return (quant == "mxfp4" and importlib.util.find_spec("accelerate") is None
+            and importlib.util.find_spec("lazarus_core.demo.load") is not None)
 
 
 __all__ = ["ModelSource", "load_model"]
