@@ -91,3 +91,43 @@ def hand_block_forward(block, config, h, k, **route_kwargs):
     if hasattr(block, "shared_experts"):  # DeepSeek: always-on shared experts
         out = out + block.shared_experts(x).double()
     return out, routes
+
+
+def assert_capture_matches_recomputation(model, input_ids):
+    """Record routing with :class:`RoutingRecorder` and check it, per MoE layer, against (1) the router's
+    raw logits recomputed from its input and weight, (2) the ids and weights the experts module received
+    (own hooks), sorted by weight, and (3) the family's convention computed by hand, token by token."""
+    from lazarus_core.routing.locate import find_moe_layers
+    from lazarus_core.routing.recorder import RoutingRecorder
+
+    info = find_moe_layers(model)
+    seen: dict[int, dict] = {l: {} for l in info.layers}
+    handles = []
+    for l, layer in info.layers.items():
+        handles.append(layer.router.register_forward_pre_hook(lambda m, a, l=l: seen[l].__setitem__("x", a[0].detach())))
+        handles.append(layer.experts.register_forward_pre_hook(
+            lambda m, a, l=l: seen[l].update(ids=a[1].detach().clone(), w=a[2].detach().clone())))
+    try:
+        with RoutingRecorder(model, logits=True) as rec, torch.no_grad():
+            model(input_ids)
+            routed = rec.pop()
+    finally:
+        for h in handles:
+            h.remove()
+    assert sorted(routed) == sorted(info.layers)
+    for l, r in routed.items():
+        router = info.layers[l].router
+        x = seen[l]["x"].reshape(-1, router.weight.shape[1]).double()
+        logits = x @ router.weight.detach().double().T
+        if getattr(router, "bias", None) is not None:
+            logits = logits + router.bias.detach().double()
+        torch.testing.assert_close(r.logits.double(), logits, rtol=1e-5, atol=1e-5)
+        order = seen[l]["w"].argsort(dim=1, descending=True)
+        assert torch.equal(r.topk_ids, seen[l]["ids"].gather(1, order))
+        assert torch.equal(r.topk_weights, seen[l]["w"].float().gather(1, order))
+        assert (r.topk_weights[:, :-1] >= r.topk_weights[:, 1:]).all()
+        for t in range(logits.shape[0]):
+            w, ids = hand_route(model.config, logits[t], info.top_k, bias=getattr(router, "e_score_correction_bias", None))
+            assert r.topk_ids[t].tolist() == ids
+            torch.testing.assert_close(r.topk_weights[t].double(), torch.tensor(w, dtype=torch.float64),
+                                       rtol=1e-5, atol=1e-6)

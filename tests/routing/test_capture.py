@@ -11,7 +11,7 @@ from lazarus_core.routing.corpus import EmptyInputError, corpus_from_prompts
 from lazarus_core.routing.locate import NoMoeLayersError, find_moe_layers
 from lazarus_core.routing.recorder import RoutingRecorder
 from lazarus_core.routing.trace_reader import load_trace
-from tests.routing.reference import hand_route
+from tests.routing.reference import assert_capture_matches_recomputation
 from tests.routing.tiny_models import FAMILIES, tiny_model, tiny_tokenizer
 
 TEXTS = ["the water was very long and the man said no", "it is what it is",
@@ -20,40 +20,7 @@ TEXTS = ["the water was very long and the man said no", "it is what it is",
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_capture_matches_independent_router_recomputation(family):
-    model = tiny_model(family)
-    info = find_moe_layers(model)
-    seen: dict[int, dict] = {l: {} for l in info.layers}
-    handles = []
-    for l, layer in info.layers.items():
-        handles.append(layer.router.register_forward_pre_hook(lambda m, a, l=l: seen[l].__setitem__("x", a[0].detach())))
-        handles.append(layer.experts.register_forward_pre_hook(
-            lambda m, a, l=l: seen[l].update(ids=a[1].detach().clone(), w=a[2].detach().clone())))
-    try:
-        with RoutingRecorder(model, logits=True) as rec, torch.no_grad():
-            model(torch.randint(3, 96, (2, 5)))
-            routed = rec.pop()
-    finally:
-        for h in handles:
-            h.remove()
-    assert sorted(routed) == sorted(info.layers)
-    for l, r in routed.items():
-        router = info.layers[l].router
-        x = seen[l]["x"].reshape(-1, router.weight.shape[1]).double()
-        logits = x @ router.weight.double().T
-        if getattr(router, "bias", None) is not None:
-            logits = logits + router.bias.double()
-        torch.testing.assert_close(r.logits.double(), logits, rtol=1e-5, atol=1e-5)
-        # what the experts module received, sorted by weight, descending
-        order = seen[l]["w"].argsort(dim=1, descending=True)
-        assert torch.equal(r.topk_ids, seen[l]["ids"].gather(1, order))
-        assert torch.equal(r.topk_weights, seen[l]["w"].float().gather(1, order))
-        assert (r.topk_weights[:, :-1] >= r.topk_weights[:, 1:]).all()
-        # and it follows the family's convention, computed by hand token by token
-        for t in range(logits.shape[0]):
-            w, ids = hand_route(model.config, logits[t], info.top_k, bias=getattr(router, "e_score_correction_bias", None))
-            assert r.topk_ids[t].tolist() == ids
-            torch.testing.assert_close(r.topk_weights[t].double(), torch.tensor(w, dtype=torch.float64),
-                                       rtol=1e-5, atol=1e-6)
+    assert_capture_matches_recomputation(tiny_model(family), torch.randint(3, 96, (2, 5)))
 
 
 @pytest.mark.parametrize("family", ["olmoe", "deepseek_v3", "gpt_oss"])
