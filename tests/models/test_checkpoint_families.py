@@ -121,3 +121,35 @@ def test_requested_dtype_and_to_dict(checkpoint_dir):
                 torch.testing.assert_close(w, w32.to(dtype), rtol=0, atol=0)
             d = json.loads(json.dumps(ckpt.to_dict()))
             assert d["family"] == ckpt.family and d["projection_shapes"]["down"] == [64, 32]
+
+
+def _silu_mlp(x, gate, up, down):
+    return torch.nn.functional.silu(x @ gate.t()) * (x @ up.t()) @ down.t()
+
+
+def _gpt_oss_mlp(x, gate, up, down, biases):
+    g = (x @ gate.t() + biases[0]).clamp(max=7.0)
+    u = (x @ up.t() + biases[1]).clamp(-7.0, 7.0)
+    return (g * torch.sigmoid(1.702 * g) * (u + 1)) @ down.t() + biases[2]
+
+
+@pytest.mark.parametrize("name", ["olmoe", "mixtral", "gpt_oss", "gpt_oss_mxfp4", "deepseek_v3_fp8_b16"])
+def test_expert_forward_matches_transformers_experts_module(name, checkpoint_dir):
+    # Orientation check independent of any layout assumption: route every token to expert e with
+    # weight 1 through transformers' own experts module and compare with our [out, in] weights.
+    path = checkpoint_dir(name)
+    model = _hf_model(path)
+    with open_moe_checkpoint(path) as ckpt, torch.no_grad():
+        layer = ckpt.moe_layers[-1]
+        experts = model.model.layers[layer].mlp.experts
+        x = torch.randn(5, ckpt.spec.hidden_size)
+        for e in (0, ckpt.num_experts - 1):
+            w = {p: ckpt.expert_weight(layer, p, e) for p in PROJECTIONS}
+            ids = torch.full((5, 1), e, dtype=torch.long)
+            got = experts(x, ids, torch.ones(5, 1))
+            if ckpt.spec.expert_bias:
+                biases = [ckpt.expert_bias(layer, p)[e] for p in PROJECTIONS]
+                expected = _gpt_oss_mlp(x, w["gate"], w["up"], w["down"], biases)
+            else:
+                expected = _silu_mlp(x, w["gate"], w["up"], w["down"])
+            torch.testing.assert_close(got.float(), expected, rtol=1e-4, atol=1e-5)
