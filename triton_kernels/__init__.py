@@ -9,7 +9,8 @@ if __name__ != "lazarus_core.triton_kernels":
     # as the Triton project's own top-level `triton_kernels` library (vLLM, SGLang import that name).
     raise ImportError("this is lazarus-core's kernel folder; import it as lazarus_core.triton_kernels")
 
+from lazarus_core.triton_kernels.dequant_axpby import dequant_axpby_triton
 from lazarus_core.triton_kernels.mxfp4_dequant import mxfp4_dequant_triton
 from lazarus_core.triton_kernels.mxfp4_quantize import mxfp4_quantize_triton
 
-__all__ = ["mxfp4_dequant_triton", "mxfp4_quantize_triton"]
+__all__ = ["dequant_axpby_triton", "mxfp4_dequant_triton", "mxfp4_quantize_triton"]

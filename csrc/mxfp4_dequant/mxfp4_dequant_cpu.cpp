@@ -6,11 +6,7 @@
 #include <algorithm>
 
 #include "common/mxfp4_codec.h"
-
-#if defined(__x86_64__) || defined(_M_X64)
-#define LAZARUS_X86 1
-#include <immintrin.h>
-#endif
+#include "common/mxfp4_simd.h"
 
 namespace lazarus {
 namespace {
@@ -48,28 +44,6 @@ void decode_range_portable(const uint8_t* blocks, const uint8_t* scales, int64_t
 }
 
 #if defined(LAZARUS_X86)
-// Decodes the 32 codes of one block into four vectors of 8 fp32 values (in element order).
-__attribute__((target("avx2"))) inline void decode_block_avx2(const uint8_t* bytes, float scale_f, __m256 v[4]) {
-  const __m256 magnitudes = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
-  const __m128i low_mask = _mm_set1_epi8(0x0F);
-  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
-  const __m128i lo = _mm_and_si128(packed, low_mask);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low_mask);
-  // Interleave so byte i of codes[k] is element 16k + i.
-  const __m128i codes[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};
-  const __m256 scale = _mm256_set1_ps(scale_f);
-  const __m256i sign_bit = _mm256_set1_epi32(8);
-  for (int k = 0; k < 2; ++k) {
-    const __m256i idx[2] = {_mm256_cvtepu8_epi32(codes[k]), _mm256_cvtepu8_epi32(_mm_srli_si128(codes[k], 8))};
-    for (int h = 0; h < 2; ++h) {
-      // permutevar8x32 reads the low 3 bits (the magnitude); bit 3 becomes the fp32 sign bit.
-      const __m256 mag = _mm256_permutevar8x32_ps(magnitudes, idx[h]);
-      const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(idx[h], sign_bit), 28);
-      v[2 * k + h] = _mm256_mul_ps(_mm256_xor_ps(mag, _mm256_castsi256_ps(sign)), scale);
-    }
-  }
-}
-
 // Large outputs do not stay in cache anyway: when `streaming` (and 32-byte aligned), non-temporal
 // stores skip the read-for-ownership of every destination line (about a third of the traffic).
 __attribute__((target("avx2"))) void decode_range_f32_avx2(const uint8_t* blocks, const uint8_t* scales,
@@ -77,7 +51,7 @@ __attribute__((target("avx2"))) void decode_range_f32_avx2(const uint8_t* blocks
   const bool aligned = streaming && (reinterpret_cast<uintptr_t>(out) % 32) == 0;
   for (int64_t b = begin; b < end; ++b) {
     __m256 v[4];
-    decode_block_avx2(blocks + b * kBytesPerBlock, mxfp4::e8m0_to_float(scales[b]), v);
+    mxfp4::decode_block_avx2(blocks + b * kBytesPerBlock, mxfp4::e8m0_to_float(scales[b]), v);
     float* dst = out + b * kValuesPerBlock;
     if (aligned) {
       for (int q = 0; q < 4; ++q) _mm256_stream_ps(dst + 8 * q, v[q]);
@@ -94,7 +68,7 @@ __attribute__((target("avx2"))) void decode_range_bf16_avx2(const uint8_t* block
   const bool aligned = streaming && (reinterpret_cast<uintptr_t>(out) % 32) == 0;
   for (int64_t b = begin; b < end; ++b) {
     __m256 v[4];
-    decode_block_avx2(blocks + b * kBytesPerBlock, mxfp4::e8m0_to_float(scales[b]), v);
+    mxfp4::decode_block_avx2(blocks + b * kBytesPerBlock, mxfp4::e8m0_to_float(scales[b]), v);
     uint16_t* dst = out + b * kValuesPerBlock;
     for (int q = 0; q < 4; q += 2) {
       // Decoded values have at most 2 significant bits, so the upper half of each fp32 IS the bf16
@@ -115,10 +89,6 @@ __attribute__((target("avx2"))) void decode_range_bf16_avx2(const uint8_t* block
 // Outputs at least this large bypass the cache (they exceed the last-level cache of common CPUs).
 constexpr int64_t kStreamingBytes = int64_t{32} << 20;
 
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-}
 #endif
 
 template <typename RangeFn>
@@ -135,7 +105,7 @@ void parallel_over_blocks(int64_t n_blocks, RangeFn fn) {
 
 void mxfp4_dequant_f32_cpu(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, float* out) {
 #if defined(LAZARUS_X86)
-  if (cpu_has_avx2()) {
+  if (mxfp4::cpu_has_avx2()) {
     const bool streaming = n_blocks * kValuesPerBlock * int64_t{4} >= kStreamingBytes;
     parallel_over_blocks(n_blocks, [&](int64_t b, int64_t e) { decode_range_f32_avx2(blocks, scales, b, e, out, streaming); });
     return;
@@ -146,7 +116,7 @@ void mxfp4_dequant_f32_cpu(const uint8_t* blocks, const uint8_t* scales, int64_t
 
 void mxfp4_dequant_bf16_cpu(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, uint16_t* out) {
 #if defined(LAZARUS_X86)
-  if (cpu_has_avx2()) {
+  if (mxfp4::cpu_has_avx2()) {
     const bool streaming = n_blocks * kValuesPerBlock * int64_t{2} >= kStreamingBytes;
     parallel_over_blocks(n_blocks, [&](int64_t b, int64_t e) { decode_range_bf16_avx2(blocks, scales, b, e, out, streaming); });
     return;

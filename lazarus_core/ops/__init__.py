@@ -1,11 +1,14 @@
 """Kernel ops: one public function per op with ``backend="auto"|"cpu"|"cuda"|"triton"|"torch"``,
 plus the readable torch reference of each (also the fallback)."""
 
+from lazarus_core.ops.dequant_axpby import dequant_axpby, dequant_axpby_reference
 from lazarus_core.ops.fp8_dequant import fp8_dequant, fp8_dequant_reference
 from lazarus_core.ops.mxfp4_dequant import mxfp4_dequant, mxfp4_dequant_reference
 from lazarus_core.ops.mxfp4_quantize import mxfp4_quantize, mxfp4_quantize_reference
 
 __all__ = [
+    "dequant_axpby",
+    "dequant_axpby_reference",
     "fp8_dequant",
     "fp8_dequant_reference",
     "mxfp4_dequant",
