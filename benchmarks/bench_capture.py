@@ -1,7 +1,7 @@
 """Routing-capture throughput (tokens/s) against a plain forward of the same model in the same run: hook overhead.
 
-Run: ``python -m benchmarks.bench_capture [--model demo:native] [--tokens 4096] [--repeats 7] [--threads 1]`` prints a table and
-writes ``benchmarks/results/bench_capture.json``. Without ``--model`` it uses the built-in ``demo:native`` when
+Run: ``python -m benchmarks.bench_capture [--model demo:native] [--tokens 4096] [--repeats 7] [--threads 1]``
+prints a table and writes ``benchmarks/results/bench_capture.json``. Without ``--model`` it uses the built-in ``demo:native`` when
 installed, else a generated OLMoE model (random weights) and says so.
 """
 

@@ -140,3 +140,16 @@ def test_force_and_ablate_same_expert_is_an_error():
     with ablate_experts(model, [1]), force_experts(model, [1]):
         with pytest.raises(ValueError, match="both forced and excluded"), torch.no_grad():
             model(torch.tensor([[1, 2, 3]]))
+
+
+def test_intervention_touches_only_the_chosen_layers():
+    model = _model("gpt_oss")
+    ids = torch.randint(3, 96, (1, 8))
+    with RoutingRecorder(model) as rec, torch.no_grad():
+        model(ids)
+        before = rec.pop()
+        with ablate_experts(model, [int(before[1].topk_ids[0, 0])], [1]):
+            model(ids)
+            after = rec.pop()
+    assert torch.equal(after[0].topk_ids, before[0].topk_ids)
+    assert not torch.equal(after[1].topk_ids, before[1].topk_ids)
