@@ -86,6 +86,7 @@ def mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise TraceError(f"trace shard {path} is corrupt: unreadable header ({exc})") from None
     data_start = 8 + header_len
+    whole = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else None  # one map per file
     arrays: dict[str, np.ndarray] = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -105,5 +106,5 @@ def mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
         if nbytes == 0:
             arrays[name] = np.empty(shape, dtype=dtype)
         else:
-            arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
+            arrays[name] = whole[data_start + begin: data_start + end].view(dtype).reshape(shape)
     return arrays
