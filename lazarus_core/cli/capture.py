@@ -91,6 +91,10 @@ def run_capture(args: argparse.Namespace) -> int:
     except (ValueError, OSError, TraceError, UnsupportedModelError, CheckpointError) as exc:
         print(f"lazarus capture: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"lazarus capture: interrupted; completed shards are kept in {args.output}: "
+              "run the same command with --resume to continue", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
