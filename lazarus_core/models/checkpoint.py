@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
+from lazarus_core.models._memory import release_freed_memory
 from lazarus_core.models.errors import CheckpointError
 from lazarus_core.models.families import FamilySpec, detect_family
 from lazarus_core.models.resolve import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, ModelSource, resolve_model
@@ -164,6 +165,8 @@ class MoeCheckpoint:
         self._check_projection(projection)
         self._check_layer(layer)
         for expert in range(self.spec.num_experts):
+            if expert > 0:
+                release_freed_memory()  # the expert before last is gone by now; give its pages back
             yield expert, self.expert_weight(layer, projection, expert, dtype=dtype)
 
     def expert_bias(self, layer: int, projection: str, *, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
