@@ -1,0 +1,348 @@
+"""Native MoE or pseudo-MoE? Streams every expert of every MoE layer and measures the spectrum of each
+expert's difference from the mean expert, the cosine geometry of the experts, and (for MXFP4/FP8
+sources) how much of the delta rises above the quantisation noise floor.
+
+Per layer and projection, three passes over the experts, each holding about one expert:
+1. the mean expert, accumulated with the fused decode + axpby op;
+2. per expert, ``delta_e = W_e - mean`` (fused decode + subtract) and its singular spectrum;
+3. the E x E Gram of the experts for cosine similarity, accumulated over row chunks of all experts
+   (memory O(E x chunk), chunk chosen so the chunk of all experts is about two experts' worth).
+Biases are reported separately and never folded into the weights (DESIGN.md section 7).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from lazarus_core.analysis.spectra import ENERGY_FRACTIONS, cumulative_energy, energy_rank, singular_values
+from lazarus_core.models.checkpoint import PROJECTIONS, MoeCheckpoint
+from lazarus_core.models.encoded import read_encoded_expert, read_expert_rows
+
+# Classification thresholds (documented in docs/moe_type.md). rank_ratio is the mean over experts and
+# projections of the 95%-energy rank of W_e - mean(W) divided by min(out, in); cosine is the mean
+# off-diagonal cosine similarity of the expert weights.
+PSEUDO_MAX_RANK_RATIO = 0.25
+NATIVE_MIN_RANK_RATIO = 0.40
+PSEUDO_MIN_COSINE = 0.30
+NATIVE_MAX_COSINE = 0.30
+MOE_TYPES = ("pseudo-moe", "native-moe", "unknown")
+
+
+@dataclass
+class NoiseFloor:
+    """Quantisation noise of the stored experts against their deltas (MXFP4/FP8 sources only).
+
+    Attributes
+    ----------
+    noise_energy_fraction : float
+        Mean over experts of (expected rounding-noise energy) / (delta energy).
+    rank_above_noise : list of int
+        Per expert: singular values of the delta above the largest singular value white noise of that
+        energy would have, ``sigma_noise * (sqrt(out) + sqrt(in))`` (Marchenko-Pastur edge).
+    energy_above_noise : list of float
+        Per expert: fraction of delta energy in those components.
+    """
+
+    noise_energy_fraction: float
+    rank_above_noise: list[int]
+    energy_above_noise: list[float]
+    mean_rank_above_noise: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ProjectionStructure:
+    """Delta spectra and expert geometry of one projection of one MoE layer."""
+
+    projection: str
+    shape: list[int]
+    max_rank: int
+    storage: str
+    experts_rank_90: list[int]
+    experts_rank_95: list[int]
+    experts_rank_99: list[int]
+    effective_rank_90: float
+    effective_rank_95: float
+    effective_rank_99: float
+    rank_ratio: float
+    delta_energy_fraction: float
+    experts_delta_energy_fraction: list[float]
+    expert_norms: list[float]
+    norm_spread: float
+    cosine_similarity: dict
+    cosine_matrix: list[list[float]]
+    energy_curve: list[float]
+    bias: dict | None = None
+    noise_floor: NoiseFloor | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["noise_floor"] = None if self.noise_floor is None else self.noise_floor.to_dict()
+        return d
+
+
+@dataclass
+class LayerStructure:
+    layer: int
+    moe_type: str
+    confidence: float
+    rank_ratio: float
+    cosine_similarity: dict
+    projections: dict[str, ProjectionStructure] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "projections"}
+        d["projections"] = {p: s.to_dict() for p, s in self.projections.items()}
+        return d
+
+
+@dataclass
+class MoeTypeReport:
+    """Result of :func:`analyze_moe_type`; ``to_dict()`` is the documented JSON."""
+
+    model: str
+    family: str
+    num_experts: int
+    top_k: int
+    moe_type: str
+    confidence: float
+    agreement: float
+    layers: list[LayerStructure]
+    thresholds: dict
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "family": self.family, "num_experts": self.num_experts, "top_k": self.top_k,
+            "moe_type": self.moe_type, "confidence": self.confidence, "agreement": self.agreement,
+            "thresholds": self.thresholds, "seconds": self.seconds,
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+
+def thresholds() -> dict:
+    """The classification thresholds, as written into every report."""
+    return {"pseudo_max_rank_ratio": PSEUDO_MAX_RANK_RATIO, "native_min_rank_ratio": NATIVE_MIN_RANK_RATIO,
+            "pseudo_min_cosine": PSEUDO_MIN_COSINE, "native_max_cosine": NATIVE_MAX_COSINE,
+            "rank_ratio": "mean over experts and projections of rank_95(W_e - mean W) / min(out, in)",
+            "cosine": "mean off-diagonal cosine similarity of the expert weight matrices"}
+
+
+def classify(rank_ratio: float, cosine: float) -> tuple[str, float]:
+    """Layer type and confidence in [0, 1] from the two signals.
+
+    pseudo-moe: low-rank deltas around a shared base (rank_ratio <= 0.25 and cosine >= 0.30);
+    native-moe: independent experts (rank_ratio >= 0.40 and cosine <= 0.30); otherwise unknown.
+    Confidence is 0.5 + 0.5 x the smaller normalised margin to the two thresholds, clipped to [0, 1].
+    """
+    if rank_ratio <= PSEUDO_MAX_RANK_RATIO and cosine >= PSEUDO_MIN_COSINE:
+        margin = min((PSEUDO_MAX_RANK_RATIO - rank_ratio) / PSEUDO_MAX_RANK_RATIO,
+                     (cosine - PSEUDO_MIN_COSINE) / (1.0 - PSEUDO_MIN_COSINE))
+        return "pseudo-moe", min(1.0, 0.5 + 0.5 * margin)
+    if rank_ratio >= NATIVE_MIN_RANK_RATIO and cosine <= NATIVE_MAX_COSINE:
+        margin = min((rank_ratio - NATIVE_MIN_RANK_RATIO) / (1.0 - NATIVE_MIN_RANK_RATIO),
+                     (NATIVE_MAX_COSINE - cosine) / NATIVE_MAX_COSINE)
+        return "native-moe", min(1.0, 0.5 + 0.5 * margin)
+    return "unknown", 0.0
+
+
+def _cosine_gram(ckpt: MoeCheckpoint, layer: int, projection: str, memory_experts: float = 2.0) -> torch.Tensor:
+    """float64 ``[E, E]`` Gram of the flattened expert weights, over row chunks of all experts at once."""
+    n_experts = ckpt.num_experts
+    out_dim, in_dim = ckpt.projection_shape(projection)
+    chunk = max(1, int(memory_experts * out_dim / n_experts))
+    if ckpt.storage_format(layer) == "fp8_e4m3":
+        block = (ckpt.spec.fp8_block_size or (128, 128))[0]
+        chunk = max(block, chunk // block * block)
+    gram = torch.zeros(n_experts, n_experts, dtype=torch.float64)
+    rows = torch.empty(n_experts, chunk * in_dim, dtype=torch.float32)
+    for start in range(0, out_dim, chunk):
+        stop = min(out_dim, start + chunk)
+        x = rows[:, : (stop - start) * in_dim]
+        for e in range(n_experts):
+            x[e] = read_expert_rows(ckpt, layer, projection, e, start, stop).reshape(-1)
+        gram += (x @ x.T).double()
+    return gram
+
+
+def _cosine_summary(gram: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    norms = gram.diagonal().clamp_min(1e-300).sqrt()
+    cos = gram / norms[:, None] / norms[None, :]
+    n = cos.shape[0]
+    off = cos[~torch.eye(n, dtype=torch.bool)] if n > 1 else torch.zeros(1, dtype=torch.float64)
+    return cos, {"mean": float(off.mean()), "std": float(off.std()) if off.numel() > 1 else 0.0,
+                 "min": float(off.min()), "max": float(off.max())}
+
+
+def _bias_stats(ckpt: MoeCheckpoint, layer: int, projection: str) -> dict | None:
+    bias = ckpt.expert_bias(layer, projection)
+    if bias is None:
+        return None
+    norms = bias.norm(dim=1)
+    mean_bias = bias.mean(0, keepdim=True)
+    return {"shape": list(bias.shape), "norm_mean": float(norms.mean()), "norm_std": float(norms.std()),
+            "abs_mean": float(bias.abs().mean()),
+            "delta_norm_mean": float((bias - mean_bias).norm(dim=1).mean()),
+            "note": "reported separately; never folded into the weight spectra"}
+
+
+def analyze_projection(ckpt: MoeCheckpoint, layer: int, projection: str, *, backend: str = "auto",
+                       on_expert: Callable[[], None] | None = None) -> ProjectionStructure:
+    """Delta spectra, energies, cosine geometry and noise floor of one projection of one MoE layer.
+
+    Parameters
+    ----------
+    ckpt : MoeCheckpoint
+    layer : int
+        Model layer index of an MoE layer.
+    projection : {"gate", "up", "down"}
+    backend : str
+        Kernel backend for the fused decode passes.
+    on_expert : callable, optional
+        Called after each expert of the spectrum pass (progress reporting).
+
+    Returns
+    -------
+    ProjectionStructure
+    """
+    n_experts = ckpt.num_experts
+    out_dim, in_dim = ckpt.projection_shape(projection)
+    max_rank = min(out_dim, in_dim)
+    storage = ckpt.storage_format(layer)
+
+    base = torch.zeros(out_dim, in_dim, dtype=torch.float32)
+    for e in range(n_experts):  # pass 1: the mean expert
+        read_encoded_expert(ckpt, layer, projection, e).axpby(base, alpha=1.0 / n_experts, out=base, backend=backend)
+    base_energy = float(base.double().square().sum())
+
+    ranks = {f: [] for f in ENERGY_FRACTIONS}
+    delta_fraction, norms, curves = [], [], []
+    noise_fraction, rank_above, energy_above = [], [], []
+    delta = torch.empty_like(base)
+    for e in range(n_experts):  # pass 2: one delta at a time
+        encoded = read_encoded_expert(ckpt, layer, projection, e)
+        encoded.axpby(base, alpha=1.0, beta=-1.0, out=delta, backend=backend)
+        sv = singular_values(delta)
+        for f in ENERGY_FRACTIONS:
+            ranks[f].append(energy_rank(sv, f))
+        delta_energy = float(sv.square().sum())
+        expert_energy = base_energy + 2.0 * float(torch.dot(base.reshape(-1).double(), delta.reshape(-1).double())) \
+            + delta_energy
+        norms.append(math.sqrt(max(expert_energy, 0.0)))
+        delta_fraction.append(delta_energy / expert_energy if expert_energy > 0 else 0.0)
+        curves.append(cumulative_energy(sv))
+        noise = encoded.rounding_noise_energy()
+        if noise is not None:
+            noise_fraction.append(noise / delta_energy if delta_energy > 0 else math.inf)
+            edge = math.sqrt(noise / (out_dim * in_dim)) * (math.sqrt(out_dim) + math.sqrt(in_dim))
+            above = sv > edge
+            rank_above.append(int(above.sum()))
+            energy_above.append(float(sv[above].square().sum() / delta_energy) if delta_energy > 0 else 0.0)
+        if on_expert is not None:
+            on_expert()
+
+    cos, cos_summary = _cosine_summary(_cosine_gram(ckpt, layer, projection))  # pass 3
+    norms_t = torch.tensor(norms, dtype=torch.float64)
+    mean_rank = {f: sum(r) / n_experts for f, r in ranks.items()}
+    noise_floor = None
+    if noise_fraction:
+        noise_floor = NoiseFloor(sum(noise_fraction) / n_experts, rank_above, energy_above, sum(rank_above) / n_experts)
+    return ProjectionStructure(
+        projection=projection, shape=[out_dim, in_dim], max_rank=max_rank, storage=storage,
+        experts_rank_90=ranks[0.90], experts_rank_95=ranks[0.95], experts_rank_99=ranks[0.99],
+        effective_rank_90=mean_rank[0.90], effective_rank_95=mean_rank[0.95], effective_rank_99=mean_rank[0.99],
+        rank_ratio=mean_rank[0.95] / max_rank if max_rank else 0.0,
+        delta_energy_fraction=sum(delta_fraction) / n_experts, experts_delta_energy_fraction=delta_fraction,
+        expert_norms=norms, norm_spread=float(norms_t.std() / norms_t.mean()) if n_experts > 1 and norms_t.mean() > 0
+        else 0.0,
+        cosine_similarity=cos_summary, cosine_matrix=cos.tolist(),
+        energy_curve=torch.stack(curves).mean(0).tolist(), bias=_bias_stats(ckpt, layer, projection),
+        noise_floor=noise_floor,
+    )
+
+
+def analyze_layer(ckpt: MoeCheckpoint, layer: int, *, backend: str = "auto",
+                  on_expert: Callable[[], None] | None = None) -> LayerStructure:
+    """All three projections of one MoE layer, with the layer's classification."""
+    projections = {p: analyze_projection(ckpt, layer, p, backend=backend, on_expert=on_expert) for p in PROJECTIONS}
+    rank_ratio = sum(p.rank_ratio for p in projections.values()) / len(projections)
+    cos_means = [p.cosine_similarity["mean"] for p in projections.values()]
+    cos_stds = [p.cosine_similarity["std"] for p in projections.values()]
+    cosine = {"mean": sum(cos_means) / len(cos_means), "std": sum(cos_stds) / len(cos_stds)}
+    moe_type, confidence = classify(rank_ratio, cosine["mean"])
+    return LayerStructure(layer, moe_type, confidence, rank_ratio, cosine, projections)
+
+
+def summarize(layers: Sequence[LayerStructure]) -> tuple[str, float, float]:
+    """Model type by majority over layers, its confidence, and the fraction of layers that agree."""
+    if not layers:
+        return "unknown", 0.0, 0.0
+    votes = {t: [layer for layer in layers if layer.moe_type == t] for t in MOE_TYPES}
+    winner = max(MOE_TYPES, key=lambda t: (len(votes[t]), t != "unknown"))
+    agreement = len(votes[winner]) / len(layers)
+    confidence = agreement * (sum(layer.confidence for layer in votes[winner]) / len(votes[winner]))
+    return winner, confidence, agreement
+
+
+def parse_layers(spec: str | None, moe_layers: Sequence[int]) -> list[int]:
+    """``None``/``"all"`` -> every MoE layer; ``"0,3,7"`` -> those (each must be an MoE layer)."""
+    if spec is None or spec == "all":
+        return list(moe_layers)
+    try:
+        wanted = [int(x) for x in str(spec).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--layers must be 'all' or comma-separated integers, got {spec!r}") from None
+    bad = [x for x in wanted if x not in moe_layers]
+    if bad or not wanted:
+        raise ValueError(f"layer(s) {bad or spec} are not MoE layers; MoE layers are {list(moe_layers)}")
+    return wanted
+
+
+def analyze_moe_type(ckpt: MoeCheckpoint, layers: Iterable[int] | None = None, *, backend: str = "auto",
+                     progress: bool = False, model_name: str | None = None) -> MoeTypeReport:
+    """Analyse the expert structure of ``layers`` (default: every MoE layer) of a checkpoint.
+
+    Parameters
+    ----------
+    ckpt : MoeCheckpoint
+        From :func:`lazarus_core.models.open_moe_checkpoint`.
+    layers : iterable of int, optional
+        Model layer indices; default all MoE layers.
+    backend : str
+        Kernel backend for the fused decode passes.
+    progress : bool
+        Show a rich progress bar (one step per expert and projection).
+    model_name : str, optional
+        Name recorded in the report (default: the checkpoint's source).
+
+    Returns
+    -------
+    MoeTypeReport
+    """
+    import time
+
+    layer_list = list(ckpt.moe_layers) if layers is None else list(layers)
+    t0 = time.perf_counter()
+    results: list[LayerStructure] = []
+    total = len(layer_list) * len(PROJECTIONS) * ckpt.num_experts
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      transient=True) as bar:
+            task = bar.add_task("expert spectra", total=total)
+            for layer in layer_list:
+                bar.update(task, description=f"layer {layer}")
+                results.append(analyze_layer(ckpt, layer, backend=backend, on_expert=lambda: bar.advance(task)))
+    else:
+        results = [analyze_layer(ckpt, layer, backend=backend) for layer in layer_list]
+    moe_type, confidence, agreement = summarize(results)
+    return MoeTypeReport(model=model_name or str(ckpt.source), family=ckpt.family, num_experts=ckpt.num_experts,
+                         top_k=ckpt.spec.top_k, moe_type=moe_type, confidence=confidence, agreement=agreement,
+                         layers=results, thresholds=thresholds(), seconds=time.perf_counter() - t0)
