@@ -120,8 +120,8 @@ class MoeCheckpoint:
         return "fp8_e4m3" if info.dtype == "F8_E4M3" else _FORMAT_NAMES.get(info.dtype, info.dtype.lower())
 
     # ---- routed experts -----------------------------------------------------------------------------
-    def expert_weight(self, layer: int, projection: str, expert: int, *, dtype: torch.dtype = torch.float32
-                      ) -> torch.Tensor:
+    def expert_weight(self, layer: int, projection: str, expert: int, *, dtype: torch.dtype = torch.float32,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
         """One routed expert's weight, decoded.
 
         Parameters
@@ -132,12 +132,15 @@ class MoeCheckpoint:
         expert : int
             ``0 <= expert < num_experts``.
         dtype : torch.dtype, optional
-            Output dtype (default float32).
+            Output dtype (default float32); ignored when ``out`` is given (its dtype is used).
+        out : torch.Tensor, optional
+            Contiguous CPU ``[out, in]`` tensor to decode into (no new allocation for the result).
 
         Returns
         -------
         torch.Tensor
-            ``[out, in]`` contiguous, freshly allocated: ``[I, H]`` for gate/up, ``[H, I]`` for down.
+            ``[out, in]`` contiguous: ``[I, H]`` for gate/up, ``[H, I]`` for down; ``out`` itself when given,
+            else freshly allocated.
 
         Raises
         ------
@@ -146,28 +149,63 @@ class MoeCheckpoint:
         CheckpointError
             Missing shard/tensor, wrong shape or dtype, MXFP4 scales not matching blocks; names file and tensor.
         """
+        return self._expert_weight(layer, projection, expert, dtype, out, None)
+
+    def _expert_weight(self, layer, projection, expert, dtype, out, scratch) -> torch.Tensor:
         self._check_projection(projection)
         self._check_layer(layer)
         self._check_expert(expert, layer)
+        shape = self.projection_shape(projection)
+        if out is not None:
+            if tuple(out.shape) != shape or not out.is_contiguous() or out.device.type != "cpu":
+                raise ValueError(f"out must be a contiguous CPU tensor of shape {list(shape)}, got "
+                                 f"{list(out.shape)} on {out.device}")
+            dtype = out.dtype
         if self.spec.names.fused:
-            return self._fused_expert(layer, projection, expert, dtype)
-        name = self._expert_name(layer, projection, expert)
-        return self._read_linear(name, self.projection_shape(projection), dtype)
+            return self._fused_expert(layer, projection, expert, dtype, out, scratch)
+        return self._read_linear(self._expert_name(layer, projection, expert), shape, dtype, out, scratch)
 
-    def iter_experts(self, layer: int, projection: str, *, dtype: torch.dtype = torch.float32
+    def iter_experts(self, layer: int, projection: str, *, dtype: torch.dtype = torch.float32, reuse: bool = False
                      ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(expert, weight [out, in])`` for every expert of one layer and projection, in order.
 
-        Only one expert's decoded weight is alive inside the iterator at a time: peak memory is the
-        caller's own references plus about one expert (plus, for fused GPT-OSS gate/up, that expert's
-        raw gate_up row).
+        Parameters
+        ----------
+        layer, projection, dtype
+            As :meth:`expert_weight`.
+        reuse : bool, optional
+            False (default): each yielded tensor is freshly allocated and stays valid. True: every expert is
+            decoded into the SAME output tensor (and raw bytes into one scratch buffer), so the yielded tensor
+            is overwritten by the next iteration; use it for one-pass consumers (spectra, running sums). Faster
+            (no page faults on fresh memory) and resident memory stays at one expert.
+
+        Notes
+        -----
+        Only one expert's decoded weight is alive inside the iterator at a time, and freed heap pages are
+        returned to the OS between experts, so peak memory is the caller's own references plus about two
+        experts (the one the caller holds and the one being decoded).
         """
         self._check_projection(projection)
         self._check_layer(layer)
+        out = torch.empty(self.projection_shape(projection), dtype=dtype) if reuse else None
+        scratch = torch.empty(0, dtype=torch.uint8) if reuse else None
         for expert in range(self.spec.num_experts):
-            if expert > 0:
+            if expert > 0 and not reuse:
                 release_freed_memory()  # the expert before last is gone by now; give its pages back
-            yield expert, self.expert_weight(layer, projection, expert, dtype=dtype)
+            if reuse:
+                scratch = self._grown_scratch(scratch, layer, projection)
+            yield expert, self._expert_weight(layer, projection, expert, dtype, out, scratch)
+
+    def _grown_scratch(self, scratch: torch.Tensor, layer: int, projection: str) -> torch.Tensor:
+        """A uint8 buffer large enough for one expert's raw bytes of this projection."""
+        if self.spec.names.fused:
+            stem = self._prefix(layer) + ("experts.down_proj" if projection == "down" else "experts.gate_up_proj")
+            name = stem + "_blocks" if stem + "_blocks" in self._weight_map else stem
+            info = self._info(name)
+            need = info.nbytes // max(info.shape[0], 1) if info.shape else 0
+        else:
+            need = self._info(self._expert_name(layer, projection, 0)).nbytes
+        return scratch if scratch.numel() >= need else torch.empty(need, dtype=torch.uint8)
 
     def expert_bias(self, layer: int, projection: str, *, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """Biases of every routed expert of ``projection``: ``[E, out]``, or None if the family has none.
@@ -296,12 +334,17 @@ class MoeCheckpoint:
         self._expect(f, info, shape, FLOAT_DTYPES)
         return f.read(name).to(dtype)
 
-    def _read_linear(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        """A linear weight ``[out, in]``: float (upcast) or FP8 E4M3 with ``weight_scale_inv`` blocks."""
+    def _read_linear(self, name: str, shape: tuple[int, int], dtype: torch.dtype, out: torch.Tensor | None = None,
+                     scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """A linear weight ``[out, in]``: float (upcast) or FP8 E4M3 with ``weight_scale_inv`` blocks.
+
+        ``scratch`` (raw bytes) is used only together with ``out``, so a result never aliases it."""
         f, info = self._locate(name)
+        scratch = scratch if out is not None else None
         if info.dtype != "F8_E4M3":
             self._expect(f, info, shape, FLOAT_DTYPES)
-            return f.read(name).to(dtype).contiguous()
+            raw = f.read(name, scratch=scratch)
+            return out.copy_(raw) if out is not None else raw.to(dtype).contiguous()
         from lazarus_core.ops import fp8_dequant
 
         self._expect(f, info, shape, ("F8_E4M3",))
@@ -309,11 +352,14 @@ class MoeCheckpoint:
         scale_name = name + "_scale_inv"
         sf, sinfo = self._locate(scale_name)
         self._expect(sf, sinfo, (-(-shape[0] // block[0]), -(-shape[1] // block[1])), ("F32", "BF16", "F16"))
-        out_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
-        decoded = fp8_dequant(f.read(name), sf.read(scale_name), block_size=block, dtype=out_dtype)
-        return decoded.to(dtype)
+        weight, scale_inv = f.read(name, scratch=scratch), sf.read(scale_name)
+        if dtype in (torch.float32, torch.bfloat16):
+            return fp8_dequant(weight, scale_inv, block_size=block, dtype=dtype, out=out)
+        decoded = fp8_dequant(weight, scale_inv, block_size=block).to(dtype)
+        return out.copy_(decoded) if out is not None else decoded
 
-    def _fused_expert(self, layer: int, projection: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
+    def _fused_expert(self, layer: int, projection: str, expert: int, dtype: torch.dtype,
+                      out: torch.Tensor | None = None, scratch: torch.Tensor | None = None) -> torch.Tensor:
         e, i, h = self.spec.num_experts, self.spec.expert_intermediate_size, self.spec.hidden_size
         stem = self._prefix(layer) + ("experts.down_proj" if projection == "down" else "experts.gate_up_proj")
         rows = h if projection == "down" else 2 * i  # stored rows in [out, in] orientation
@@ -334,20 +380,22 @@ class MoeCheckpoint:
                     f"blocks {binfo.name!r} {list(binfo.shape)}: scales must be U8 of shape blocks.shape[:-1] "
                     f"= {list(binfo.shape[:-1])}"
                 )
-            blocks = bf.read_row(binfo.name, expert)
+            blocks = bf.read_row(binfo.name, expert, scratch=scratch if out is not None else None)
             scales = sf.read_row(sinfo.name, expert)
             if projection != "down":
                 start = 0 if projection == "gate" else 1
                 blocks, scales = blocks[start::2], scales[start::2]
-            out_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
-            return mxfp4_dequant(blocks, scales, dtype=out_dtype).reshape(-1, cols).to(dtype)
+            if dtype in (torch.float32, torch.bfloat16):
+                return mxfp4_dequant(blocks, scales, dtype=dtype, out=out)
+            decoded = mxfp4_dequant(blocks, scales).to(dtype)
+            return out.copy_(decoded) if out is not None else decoded
         # bf16/fp16/fp32: gate_up_proj [E, H, 2I] (gate/up interleaved on the last axis), down_proj [E, I, H].
         f, info = self._locate(stem)
         self._expect(f, info, (e, cols, rows), FLOAT_DTYPES)
-        row = f.read_row(stem, expert)  # [in, out(interleaved)]
+        row = f.read_row(stem, expert, scratch=scratch if out is not None else None)  # [in, out(interleaved)]
         if projection != "down":
             row = row[:, 0::2] if projection == "gate" else row[:, 1::2]
-        return row.t().to(dtype).contiguous()
+        return out.copy_(row.t()) if out is not None else row.t().to(dtype).contiguous()
 
 
 _FORMAT_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64"}

@@ -151,8 +151,11 @@ class SafetensorsFile:
         except KeyError:
             raise CheckpointError(f"{self.path}: tensor {name!r} is not in this file") from None
 
-    def _read_bytes(self, name: str, start: int, nbytes: int) -> torch.Tensor:
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+    def _read_bytes(self, name: str, start: int, nbytes: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        if scratch is not None and scratch.dtype == torch.uint8 and scratch.is_contiguous() and scratch.numel() >= nbytes:
+            buf = scratch.reshape(-1)[:nbytes]
+        else:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         done = 0
         while done < nbytes:
@@ -162,14 +165,19 @@ class SafetensorsFile:
             done += n
         return buf
 
-    def read(self, name: str) -> torch.Tensor:
-        """The whole tensor ``name`` in its stored dtype (F8 formats as raw uint8 bits)."""
+    def read(self, name: str, *, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole tensor ``name`` in its stored dtype (F8 formats as raw uint8 bits).
+
+        ``scratch``: an optional contiguous uint8 buffer of at least ``nbytes`` to read into (the result
+        is then a view of it, valid until the buffer is reused).
+        """
         info = self.info(name)
         torch_dtype = DTYPES[info.dtype][0]
-        return self._read_bytes(name, info.start, info.nbytes).view(torch_dtype).reshape(info.shape)
+        return self._read_bytes(name, info.start, info.nbytes, scratch).view(torch_dtype).reshape(info.shape)
 
-    def read_row(self, name: str, index: int) -> torch.Tensor:
-        """``tensor[index]`` of a tensor with at least one axis, reading only that row's bytes.
+    def read_row(self, name: str, index: int, *, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """``tensor[index]`` of a tensor with at least one axis, reading only that row's bytes
+        (into ``scratch`` when given, as :meth:`read`).
 
         Returns
         -------
@@ -181,7 +189,7 @@ class SafetensorsFile:
             raise IndexError(f"{self.path}: tensor {name!r} of shape {list(info.shape)}: index {index} out of range")
         row_bytes = info.nbytes // info.shape[0]
         torch_dtype = DTYPES[info.dtype][0]
-        data = self._read_bytes(name, info.start + index * row_bytes, row_bytes)
+        data = self._read_bytes(name, info.start + index * row_bytes, row_bytes, scratch)
         return data.view(torch_dtype).reshape(info.shape[1:])
 
     def close(self) -> None:

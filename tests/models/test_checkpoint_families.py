@@ -153,3 +153,22 @@ def test_expert_forward_matches_transformers_experts_module(name, checkpoint_dir
             else:
                 expected = _silu_mlp(x, w["gate"], w["up"], w["down"])
             torch.testing.assert_close(got.float(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["olmoe", "gpt_oss", "gpt_oss_mxfp4", "deepseek_v3_fp8_b16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_reuse_and_out_give_the_same_weights(name, dtype, checkpoint_dir):
+    with open_moe_checkpoint(checkpoint_dir(name)) as ckpt:
+        layer = ckpt.moe_layers[-1]
+        for projection in PROJECTIONS:
+            buffers = set()
+            for e, w in ckpt.iter_experts(layer, projection, dtype=dtype, reuse=True):
+                buffers.add(w.data_ptr())
+                fresh = ckpt.expert_weight(layer, projection, e, dtype=dtype)
+                assert w.dtype == dtype and torch.equal(w, fresh), (projection, e)
+            assert len(buffers) == 1
+            out = torch.full(ckpt.projection_shape(projection), float("nan"), dtype=dtype)
+            assert ckpt.expert_weight(layer, projection, 1, out=out) is out
+            assert torch.equal(out, ckpt.expert_weight(layer, projection, 1, dtype=dtype))
+        with pytest.raises(ValueError, match="out must be a contiguous CPU tensor of shape"):
+            ckpt.expert_weight(layer, "down", 0, out=torch.empty(3, 3))
