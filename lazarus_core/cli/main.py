@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Sequence
 
-from lazarus_core import __version__
+from lazarus_core import BackendUnavailableError, __version__
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
     models.set_defaults(func=_cmd_models)
     __import__("lazarus_core.cli.capture", fromlist=["register"]).register(sub)
+    __import__("lazarus_core.cli.introspect", fromlist=["register"]).register(sub)
     return parser
 
 
@@ -52,7 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, IndexError, BackendUnavailableError) as exc:
+        # User errors (bad model, file, layer or option): one clear line, no traceback.
+        print(f"lazarus: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

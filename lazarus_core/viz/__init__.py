@@ -1,0 +1,1 @@
+"""Terminal and matplotlib views of analysis results."""
