@@ -8,7 +8,10 @@ from pathlib import Path
 
 from benchmarks.harness import machine_header, print_table, write_json
 
-SUITES = {"mxfp4_dequant": "benchmarks.bench_mxfp4_dequant"}
+SUITES = {
+    "mxfp4_dequant": "benchmarks.bench_mxfp4_dequant",
+    "expert_spectra": "benchmarks.bench_expert_spectra",
+}
 
 
 def main() -> None:
