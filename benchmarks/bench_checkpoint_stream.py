@@ -87,10 +87,10 @@ def status_kb(key):
 open("/proc/self/clear_refs", "w").write("5")
 baseline = status_kb("VmRSS")
 
-def stream_lazarus():
+def stream_lazarus(reuse=False):
     n = 0
     for p in projections:
-        for e, w in ckpt.iter_experts(0, p):
+        for e, w in ckpt.iter_experts(0, p, reuse=reuse):
             n += w.numel() * w.element_size()
     return n
 
@@ -116,7 +116,8 @@ def stream_safe_open():
                 del w
     return n
 
-fn = stream_lazarus if method == "lazarus" else stream_safe_open
+fn = {"lazarus": stream_lazarus, "lazarus reuse=True": lambda: stream_lazarus(True),
+      "safe_open+torch": stream_safe_open}[method]
 times = []
 for _ in range(repeats):
     t0 = time.perf_counter(); n = fn(); times.append(time.perf_counter() - t0)
@@ -142,7 +143,8 @@ def run(repeats: int = 3, directory: Path | None = None) -> tuple[list[BenchRow]
             expert_bytes = out_dim * in_dim * 4
             # The reference path is slow (torch MXFP4 decode): one timed run is enough for the ratio.
             results = {"safe_open+torch": _measure(path, projections, "safe_open+torch", 1),
-                       "lazarus": _measure(path, projections, "lazarus", repeats)}
+                       "lazarus": _measure(path, projections, "lazarus", repeats),
+                       "lazarus reuse=True": _measure(path, projections, "lazarus reuse=True", repeats)}
             ref_t = statistics.median(results["safe_open+torch"]["seconds"])
             for method, r in results.items():
                 t = statistics.median(r["seconds"])

@@ -33,3 +33,11 @@ int fp8_dequant_bf16_cuda(const uint8_t* weight, const float* scale_inv, Fp8Bloc
 #endif
 
 }  // namespace lazarus
+
+namespace lazarus {
+namespace detail {
+// The portable (table) CPU path, bound separately so tests check it on a machine that has AVX2.
+void fp8_dequant_f32_portable(const uint8_t* weight, const float* scale_inv, Fp8BlockShape shape, float* out);
+void fp8_dequant_bf16_portable(const uint8_t* weight, const float* scale_inv, Fp8BlockShape shape, uint16_t* out);
+}  // namespace detail
+}  // namespace lazarus

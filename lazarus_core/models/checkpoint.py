@@ -190,7 +190,7 @@ class MoeCheckpoint:
         out = torch.empty(self.projection_shape(projection), dtype=dtype) if reuse else None
         scratch = torch.empty(0, dtype=torch.uint8) if reuse else None
         for expert in range(self.spec.num_experts):
-            if expert > 0 and not reuse:
+            if expert > 0:
                 release_freed_memory()  # the expert before last is gone by now; give its pages back
             if reuse:
                 scratch = self._grown_scratch(scratch, layer, projection)

@@ -13,8 +13,22 @@ from lazarus_core.ops import fp8_dequant, fp8_dequant_reference
 
 from .mxfp4_oracle import assert_same_floats
 
-BACKENDS = ["cpu", "torch", "triton"]
+BACKENDS = ["cpu", "cpu-portable", "torch", "triton"]
 DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _dequant(weight, scale_inv, block_size, dtype, backend):
+    if backend == "cpu-portable":  # the table path built from the host/device codec the CUDA kernel runs
+        import lazarus_core._C as C
+
+        out = torch.empty(weight.shape, dtype=dtype)
+        bits = out.view(torch.int16) if dtype == torch.bfloat16 else out
+        rows, cols = weight.shape[-2:]
+        C.fp8_dequant_portable(weight.contiguous().view(torch.uint8).reshape(-1).numpy(),
+                               scale_inv.float().contiguous().reshape(-1).numpy(), bits.reshape(-1).numpy(),
+                               weight.numel() // max(rows * cols, 1), rows, cols, *block_size)
+        return out
+    return fp8_dequant(weight, scale_inv, block_size=block_size, dtype=dtype, backend=backend)
 
 
 def _e4m3fn_f64(byte: int) -> float:
@@ -59,8 +73,19 @@ def test_every_byte_under_edge_scales(backend, dtype):
     w = torch.arange(256, dtype=torch.int64).to(torch.uint8)[:, None].expand(256, 24).contiguous()
     scales = torch.tensor([1.0, 2.0**-140, 3.0e38, -0.7, 1.0 / 3.0, 2.0**-126], dtype=torch.float32)
     scale_inv = scales[None, :].expand(1, 6).contiguous()
-    out = fp8_dequant(w, scale_inv, block_size=(256, 4), dtype=dtype, backend=backend)
+    out = _dequant(w, scale_inv, (256, 4), dtype, backend)
     assert_same_floats(out, _expected(w, scale_inv, (256, 4), dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_byte_in_wide_blocks(backend, dtype):
+    # Rows of all 256 codes (permuted) in 128-wide blocks: exercises the 8/16-lane SIMD body and its tails.
+    codes = torch.arange(256, dtype=torch.int64).to(torch.uint8)
+    w = torch.stack([codes, codes.flip(0), codes.roll(3), codes.roll(77)])
+    w = torch.cat([w, w[:, :37]], dim=1).contiguous()  # [4, 293]: 3 column blocks, the last partial
+    scale_inv = torch.tensor([[1.0, 2.0**-140, 3.0e38], [-0.7, 1.0 / 3.0, 2.0**-126]])
+    assert_same_floats(_dequant(w, scale_inv, (2, 128), dtype, backend), _expected(w, scale_inv, (2, 128), dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
@@ -73,11 +98,11 @@ def test_random_odd_shapes_partial_blocks(backend, dtype, shape, block):
     w = torch.randint(0, 256, shape, dtype=torch.uint8)
     scale_shape = (*shape[:-2], -(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
     scale_inv = torch.randn(scale_shape) * 3
-    out = fp8_dequant(w, scale_inv, block_size=block, dtype=dtype, backend=backend)
+    out = _dequant(w, scale_inv, block, dtype, backend)
     assert_same_floats(out, _expected(w, scale_inv, block, dtype))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
 def test_float8_input_bf16_scales_and_strides(backend):
     w = torch.randint(0, 256, (40, 24), dtype=torch.uint8).view(torch.float8_e4m3fn).t()  # [24, 40], strided
     scale_inv = torch.randn(3, 5).to(torch.bfloat16)
@@ -93,7 +118,7 @@ def test_reference_matches_oracle():
         assert_same_floats(fp8_dequant_reference(w, scale_inv, dtype=dtype), _expected(w, scale_inv, (128, 128), dtype))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
 def test_empty_and_out_reuse(backend):
     assert fp8_dequant(torch.zeros(0, 5, dtype=torch.uint8), torch.zeros(0, 1), backend=backend).shape == (0, 5)
     w = torch.randint(0, 256, (5, 9), dtype=torch.uint8)
