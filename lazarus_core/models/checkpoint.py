@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-from lazarus_core.models._memory import release_freed_memory
+from lazarus_core.models._memory import ResidentBudget
 from lazarus_core.models.errors import CheckpointError
 from lazarus_core.models.families import FamilySpec, detect_family
 from lazarus_core.models.resolve import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, ModelSource, resolve_model
@@ -181,17 +181,19 @@ class MoeCheckpoint:
 
         Notes
         -----
-        Only one expert's decoded weight is alive inside the iterator at a time, and freed heap pages are
-        returned to the OS between experts, so peak memory is the caller's own references plus about two
-        experts (the one the caller holds and the one being decoded).
+        Only one expert's decoded weight is alive inside the iterator at a time, and when resident memory
+        has grown by more than about three decoded experts since the stream began, freed heap pages are
+        returned to the OS; so peak memory is the caller's own references plus a few experts.
         """
         self._check_projection(projection)
         self._check_layer(layer)
         out = torch.empty(self.projection_shape(projection), dtype=dtype) if reuse else None
         scratch = torch.empty(0, dtype=torch.uint8) if reuse else None
+        rows, cols = self.projection_shape(projection)
+        budget = ResidentBudget(3 * rows * cols * max(torch.empty(0, dtype=dtype).element_size(), 4))
         for expert in range(self.spec.num_experts):
             if expert > 0:
-                release_freed_memory()  # the expert before last is gone by now; give its pages back
+                budget.enforce()  # past ~3 decoded experts above where we started, give freed pages back
             if reuse:
                 scratch = self._grown_scratch(scratch, layer, projection)
             yield expert, self._expert_weight(layer, projection, expert, dtype, out, scratch)
