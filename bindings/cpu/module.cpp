@@ -13,6 +13,7 @@ void bind_mxfp4_dequant(py::module_& m);
 void bind_mxfp4_quantize(py::module_& m);
 void bind_fp8_dequant(py::module_& m);
 void bind_dequant_axpby(py::module_& m);
+void bind_overlay_moe(py::module_& m);
 }  // namespace bindings
 }  // namespace lazarus
 
@@ -43,4 +44,5 @@ PYBIND11_MODULE(_C, m) {
   lazarus::bindings::bind_mxfp4_quantize(m);
   lazarus::bindings::bind_fp8_dequant(m);
   lazarus::bindings::bind_dequant_axpby(m);
+  lazarus::bindings::bind_overlay_moe(m);
 }

@@ -5,6 +5,7 @@ from lazarus_core.ops.dequant_axpby import dequant_axpby, dequant_axpby_referenc
 from lazarus_core.ops.fp8_dequant import fp8_dequant, fp8_dequant_reference
 from lazarus_core.ops.mxfp4_dequant import mxfp4_dequant, mxfp4_dequant_reference
 from lazarus_core.ops.mxfp4_quantize import mxfp4_quantize, mxfp4_quantize_reference
+from lazarus_core.ops.overlay_moe import OverlayExperts, overlay_moe_forward, overlay_moe_forward_reference
 
 __all__ = [
     "dequant_axpby",
@@ -15,4 +16,7 @@ __all__ = [
     "mxfp4_dequant_reference",
     "mxfp4_quantize",
     "mxfp4_quantize_reference",
+    "OverlayExperts",
+    "overlay_moe_forward",
+    "overlay_moe_forward_reference",
 ]

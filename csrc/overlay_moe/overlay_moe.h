@@ -1,0 +1,76 @@
+// Why: the contract of the fused low-rank part of the overlay MoE forward. The dense base GEMMs and
+// the grouped shrink products (x @ B[e]^T) go to BLAS/cuBLAS in the op layer; these kernels fuse what
+// follows each of them: the per-expert expand A[e] s, the bias, the activation and the routing-weighted
+// reduction over the k experts of each token, so the intermediate h never round-trips per expert.
+//
+// Layout (all fp32, dense, C-contiguous; the binding checks sizes). T tokens, K experts per token,
+// P = T * K (token, expert) pairs SORTED BY EXPERT: pairs offsets[e] .. offsets[e+1]-1 use expert e.
+//   gu0        [T, 2I]   base gate (columns 0..I-1) and up (I..2I-1) products x @ base^T
+//   s_gu       [P, rg+ru] shrink of each pair: B_gate[e] x (first rg) then B_up[e] x
+//   pair_token [P] int64  token of each sorted pair;  pair_weight [P] its routing weight
+//   offsets    [E+1] int64, offsets[0] = 0, offsets[E] = P, non-decreasing
+//   at_gate    [E, rg, I], at_up [E, ru, I]   expand factors TRANSPOSED (A[e]^T), rows contiguous
+//   bias_gate, bias_up [E, I] or nullptr
+//   activation 0: silu(g) * u;  1: GPT-OSS  g' = min(g, limit), u' = clamp(u, -limit, limit),
+//              g' * sigmoid(alpha * g') * (u' + 1)
+// overlay_gate_up writes h [P, I] (activation of each pair) and hw [T, I] = sum over a token's pairs
+// of pair_weight * h (overwritten, not accumulated).
+// overlay_down accumulates y [T, H] += sum over pairs pair_weight * (A_down[e] s_d + bias_down[e]) with
+// s_d [P, rd], at_down [E, rd, H], bias_down [E, H] or nullptr.
+// Ranks may be 0. The CPU functions cannot fail (the binding validated everything); the CUDA launchers
+// take device pointers plus the inverse permutation slot_pair [T*K] (slot t*K+k -> sorted pair) and
+// slot_expert [T*K], and return a cudaError_t as int.
+#pragma once
+
+#include <cstdint>
+
+namespace lazarus {
+
+struct OverlayGateUpArgs {
+  const float* gu0;
+  const float* s_gu;
+  const int64_t* pair_token;
+  const float* pair_weight;
+  const int64_t* offsets;
+  const float* at_gate;
+  const float* at_up;
+  const float* bias_gate;
+  const float* bias_up;
+  int64_t tokens, inter, pairs, experts, rank_gate, rank_up;
+  int activation;
+  float alpha, limit;
+  float* h;
+  float* hw;
+};
+
+struct OverlayDownArgs {
+  const float* s_d;
+  const int64_t* pair_token;
+  const float* pair_weight;
+  const int64_t* offsets;
+  const float* at_down;
+  const float* bias_down;
+  int64_t tokens, hidden, pairs, experts, rank_down;
+  float* y;
+};
+
+void overlay_gate_up_cpu(const OverlayGateUpArgs& a);
+void overlay_down_cpu(const OverlayDownArgs& a);
+
+#if defined(LAZARUS_WITH_CUDA)
+int overlay_gate_up_cuda(const OverlayGateUpArgs& a, const int64_t* slot_pair, const int64_t* slot_expert,
+                         int64_t top_k, void* stream);
+int overlay_down_cuda(const OverlayDownArgs& a, const int64_t* slot_pair, const int64_t* slot_expert, int64_t top_k,
+                      void* stream);
+#endif
+
+namespace detail {
+// The per-(token, column) arithmetic of the CUDA kernels (overlay_moe_math.h) run on the host, bound
+// for tests: same arguments as the CPU functions plus the inverse permutation.
+void overlay_gate_up_portable_cpu(const OverlayGateUpArgs& a, const int64_t* slot_pair, const int64_t* slot_expert,
+                                  int64_t top_k);
+void overlay_down_portable_cpu(const OverlayDownArgs& a, const int64_t* slot_pair, const int64_t* slot_expert,
+                               int64_t top_k);
+}  // namespace detail
+
+}  // namespace lazarus

@@ -1,0 +1,439 @@
+"""Overlay MoE forward: experts stored as ``W_e = base + A[e] @ B[e]``, run without rebuilding any ``W_e``.
+
+The algebra (per token x routed to experts S with weights w_e):
+- ``base_gate x`` and ``base_up x`` are shared by every selected expert: one dense GEMM over all tokens;
+- each expert adds its low-rank correction ``A[e] (B[e] x)`` (+ bias), then the family's activation;
+- the down projection is linear: ``sum_e w_e base_down h_e = base_down (sum_e w_e h_e)``, one dense GEMM on
+  the weighted sum plus the k low-rank corrections ``w_e (A_down[e] (B_down[e] h_e) + bias_down[e])``.
+Dense products (base GEMMs, the grouped shrinks ``x @ B[e]^T``) go to BLAS/cuBLAS through torch; the fused
+kernel (cpu/cuda/triton) does the expand + bias + activation + weighted reduction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lazarus_core.ops._backends import cpu_extension, cuda_extension, select_backend, triton_module
+
+ACTIVATIONS = {"swiglu": 0, "gpt_oss": 1}
+
+
+@dataclass
+class OverlayExperts:
+    """One MoE layer's routed experts in overlay form, in the layout the kernels read (fp32, contiguous).
+
+    Build with :meth:`from_factors`. ``I`` = expert intermediate size, ``H`` = hidden size.
+
+    Attributes
+    ----------
+    base_gate_up : torch.Tensor
+        ``[2I, H]``: base gate rows above base up rows.
+    base_down : torch.Tensor
+        ``[H, I]``.
+    b_gate_up : torch.Tensor
+        ``[E, rg + ru, H]``: ``B_gate[e]`` rows above ``B_up[e]`` rows (the shrink factors).
+    at_gate, at_up : torch.Tensor
+        ``[E, rg, I]``, ``[E, ru, I]``: expand factors transposed, ``A[e]^T``.
+    b_down : torch.Tensor
+        ``[E, rd, I]``.
+    at_down : torch.Tensor
+        ``[E, rd, H]``.
+    bias_gate, bias_up : torch.Tensor or None
+        ``[E, I]`` expert biases (GPT-OSS), else None.
+    bias_down : torch.Tensor or None
+        ``[E, H]``.
+    activation : {"swiglu", "gpt_oss"}
+        ``silu(g) * u``, or GPT-OSS's clamped ``g * sigmoid(alpha g) * (u + 1)``.
+    alpha, limit : float
+        GPT-OSS activation constants (``swiglu_alpha``, ``swiglu_limit``).
+    """
+
+    base_gate_up: torch.Tensor
+    base_down: torch.Tensor
+    b_gate_up: torch.Tensor
+    at_gate: torch.Tensor
+    at_up: torch.Tensor
+    b_down: torch.Tensor
+    at_down: torch.Tensor
+    bias_gate: torch.Tensor | None = None
+    bias_up: torch.Tensor | None = None
+    bias_down: torch.Tensor | None = None
+    activation: str = "swiglu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    @property
+    def num_experts(self) -> int:
+        return self.at_gate.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.base_down.shape[0]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.base_down.shape[1]
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {"gate": self.at_gate.shape[1], "up": self.at_up.shape[1], "down": self.at_down.shape[1]}
+
+    def nbytes(self) -> int:
+        """Bytes held by every tensor of this layer (the kernel layout, fp32)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        names = ("base_gate_up", "base_down", "b_gate_up", "at_gate", "at_up", "b_down", "at_down", "bias_gate",
+                 "bias_up", "bias_down")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def factors(self, projection: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(base [out, in], A [E, out, r], B [E, r, in])`` of one projection (views where possible)."""
+        i, rg = self.intermediate_size, self.at_gate.shape[1]
+        if projection == "gate":
+            return self.base_gate_up[:i], self.at_gate.transpose(1, 2), self.b_gate_up[:, :rg]
+        if projection == "up":
+            return self.base_gate_up[i:], self.at_up.transpose(1, 2), self.b_gate_up[:, rg:]
+        if projection == "down":
+            return self.base_down, self.at_down.transpose(1, 2), self.b_down
+        raise ValueError(f"projection must be gate, up or down, got {projection!r}")
+
+    def reconstruct(self, projection: str) -> torch.Tensor:
+        """``[E, out, in]`` full expert weights ``base + A[e] @ B[e]`` (for tests and checks only)."""
+        base, a, b = self.factors(projection)
+        return base.unsqueeze(0) + torch.bmm(a, b)
+
+    @classmethod
+    def from_factors(cls, base: dict[str, torch.Tensor], a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
+                     bias: dict[str, torch.Tensor | None] | None = None, *, activation: str = "swiglu",
+                     alpha: float = 1.702, limit: float = 7.0, device: torch.device | str | None = None
+                     ) -> "OverlayExperts":
+        """Build the kernel layout from the overlay checkpoint's per-projection tensors.
+
+        Parameters
+        ----------
+        base : dict
+            projection -> ``[out, in]`` (gate/up ``[I, H]``, down ``[H, I]``), any float dtype.
+        a : dict
+            projection -> ``[E, out, r]``.
+        b : dict
+            projection -> ``[E, r, in]``.
+        bias : dict, optional
+            projection -> ``[E, out]`` or None.
+        activation : {"swiglu", "gpt_oss"}
+        alpha, limit : float
+        device : optional
+            Where the fp32 tensors go (default: where ``base['gate']`` is).
+
+        Raises
+        ------
+        ValueError
+            Missing projection, inconsistent shapes (the message names the tensor), unknown activation.
+        """
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        bias = bias or {}
+        for p in ("gate", "up", "down"):
+            for name, d in (("base", base), ("A", a), ("B", b)):
+                if p not in d:
+                    raise ValueError(f"overlay factors: {name} of projection {p!r} is missing")
+        inter, hidden = base["gate"].shape
+        n_experts = a["gate"].shape[0]
+        expected = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+        for p, (out_dim, in_dim) in expected.items():
+            r = b[p].shape[1] if b[p].dim() == 3 else -1
+            checks = ((f"{p}.base", base[p], (out_dim, in_dim)), (f"{p}.A", a[p], (n_experts, out_dim, r)),
+                      (f"{p}.B", b[p], (n_experts, r, in_dim)))
+            for name, t, shape in checks:
+                if tuple(t.shape) != shape:
+                    raise ValueError(f"overlay factors: {name} has shape {list(t.shape)}, expected {list(shape)}")
+            if bias.get(p) is not None and tuple(bias[p].shape) != (n_experts, out_dim):
+                raise ValueError(f"overlay factors: {p}.bias has shape {list(bias[p].shape)}, expected "
+                                 f"{[n_experts, out_dim]}")
+        dev = torch.device(device) if device is not None else base["gate"].device
+
+        def f32(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=dev, dtype=torch.float32).contiguous()
+
+        return cls(
+            base_gate_up=f32(torch.cat([base["gate"], base["up"]], 0)), base_down=f32(base["down"]),
+            b_gate_up=f32(torch.cat([b["gate"], b["up"]], 1)),
+            at_gate=f32(a["gate"].transpose(1, 2)), at_up=f32(a["up"].transpose(1, 2)),
+            b_down=f32(b["down"]), at_down=f32(a["down"].transpose(1, 2)),
+            bias_gate=f32(bias.get("gate")), bias_up=f32(bias.get("up")), bias_down=f32(bias.get("down")),
+            activation=activation, alpha=float(alpha), limit=float(limit),
+        )
+
+
+def activation_reference(g: torch.Tensor, u: torch.Tensor, kind: str, alpha: float = 1.702, limit: float = 7.0
+                         ) -> torch.Tensor:
+    """The family activation on gate ``g`` and up ``u`` (same shapes): SwiGLU or GPT-OSS's clamped variant."""
+    if kind == "gpt_oss":
+        g = g.clamp(max=limit)
+        u = u.clamp(-limit, limit)
+        return g * torch.sigmoid(alpha * g) * (u + 1.0)
+    return torch.nn.functional.silu(g) * u
+
+
+def overlay_moe_forward_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                                  experts: OverlayExperts) -> torch.Tensor:
+    """Readable version: for every (token, expert) pair, the expert MLP through its factors, weighted and summed.
+
+    ``y[t] = sum_k w[t,k] * ((base_d + A_d[e] B_d[e]) h + b_d[e])`` with
+    ``h = act((base_g + A_g[e] B_g[e]) x + b_g[e], (base_u + A_u[e] B_u[e]) x + b_u[e])``, ``e = ids[t,k]``;
+    each product applied factor by factor (never forming ``W_e``), the down projection per pair.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``[T, H]`` float.
+    topk_ids : torch.Tensor
+        ``[T, K]`` integer expert ids.
+    topk_weights : torch.Tensor
+        ``[T, K]`` float routing weights.
+    experts : OverlayExperts
+
+    Returns
+    -------
+    torch.Tensor
+        ``[T, H]`` in ``x.dtype``.
+    """
+    t, k = topk_ids.shape
+    ids = topk_ids.reshape(-1).long()
+    xp = x.float().repeat_interleave(k, 0)  # [P, H], pair p = (token p // k, slot p % k)
+
+    def project(inp: torch.Tensor, projection: str) -> torch.Tensor:
+        base, a, b = experts.factors(projection)
+        low = torch.bmm(a[ids], torch.bmm(b[ids], inp.unsqueeze(-1))).squeeze(-1)
+        out = inp @ base.T + low
+        bias = {"gate": experts.bias_gate, "up": experts.bias_up, "down": experts.bias_down}[projection]
+        return out + bias[ids] if bias is not None else out
+
+    h = activation_reference(project(xp, "gate"), project(xp, "up"), experts.activation, experts.alpha, experts.limit)
+    y = project(h, "down") * topk_weights.reshape(-1, 1).float()
+    return y.reshape(t, k, -1).sum(1).to(x.dtype)
+
+
+@dataclass
+class _Routing:
+    """Pairs sorted by expert and the inverse map the per-token kernels use."""
+
+    pair_token: torch.Tensor   # [P] int64
+    pair_weight: torch.Tensor  # [P] fp32
+    offsets: torch.Tensor      # [E+1] int64
+    slot_pair: torch.Tensor    # [T*K] int64: slot t*K+k -> sorted pair
+    slot_expert: torch.Tensor  # [T*K] int64
+    counts: list[int]
+
+
+def _routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int) -> _Routing:
+    k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    offsets = torch.zeros(n_experts + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    slot_pair = torch.empty_like(order)
+    slot_pair[order] = torch.arange(order.numel(), device=flat.device)
+    return _Routing(pair_token=(order // k).contiguous(), pair_weight=topk_weights.reshape(-1)[order].float().contiguous(),
+                    offsets=offsets, slot_pair=slot_pair, slot_expert=flat.contiguous(), counts=counts.tolist())
+
+
+def _grouped_shrink(inp: torch.Tensor, factors: torch.Tensor, routing: _Routing) -> torch.Tensor:
+    """``out[p] = factors[e(p)] @ inp[p]`` for expert-sorted rows: one BLAS GEMM per expert that has tokens."""
+    out = torch.empty(inp.shape[0], factors.shape[1], dtype=torch.float32, device=inp.device)
+    start = 0
+    for e, n in enumerate(routing.counts):
+        if n:
+            torch.mm(inp[start:start + n], factors[e].T, out=out[start:start + n])
+            start += n
+    return out
+
+
+def _gate_up_torch(gu0, s_gu, r: _Routing, ex: OverlayExperts, h, hw):
+    i, rg = ex.intermediate_size, ex.at_gate.shape[1]
+    start = 0
+    for e, n in enumerate(r.counts):
+        if not n:
+            continue
+        rows = slice(start, start + n)
+        tok = r.pair_token[rows]
+        g = gu0[tok, :i] + s_gu[rows, :rg] @ ex.at_gate[e]
+        u = gu0[tok, i:] + s_gu[rows, rg:] @ ex.at_up[e]
+        if ex.bias_gate is not None:
+            g = g + ex.bias_gate[e]
+        if ex.bias_up is not None:
+            u = u + ex.bias_up[e]
+        h[rows] = activation_reference(g, u, ex.activation, ex.alpha, ex.limit)
+        start += n
+    hw.zero_().index_add_(0, r.pair_token, h * r.pair_weight[:, None])
+
+
+def _down_torch(s_d, r: _Routing, ex: OverlayExperts, y):
+    corr = torch.empty(s_d.shape[0], ex.hidden_size, dtype=torch.float32, device=y.device)
+    start = 0
+    for e, n in enumerate(r.counts):
+        if n:
+            rows = slice(start, start + n)
+            corr[rows] = s_d[rows] @ ex.at_down[e]
+            if ex.bias_down is not None:
+                corr[rows] += ex.bias_down[e]
+            start += n
+    y.index_add_(0, r.pair_token, corr * r.pair_weight[:, None])
+
+
+def _np(t: torch.Tensor | None):
+    return None if t is None else t.numpy()
+
+
+def _gate_up_cpu(gu0, s_gu, r: _Routing, ex: OverlayExperts, h, hw, portable: bool = False):
+    ext = cpu_extension()
+    args = (gu0.numpy(), s_gu.numpy(), r.pair_token.numpy(), r.pair_weight.numpy(), r.offsets.numpy(),
+            ex.at_gate.numpy(), ex.at_up.numpy(), _np(ex.bias_gate), _np(ex.bias_up), ACTIVATIONS[ex.activation],
+            ex.alpha, ex.limit, h.numpy(), hw.numpy())
+    if portable:
+        ext.overlay_gate_up_portable(*args, r.slot_pair.numpy(), r.slot_expert.numpy(), r.slot_pair.numel() // hw.shape[0])
+    else:
+        ext.overlay_gate_up(*args)
+
+
+def _down_cpu(s_d, r: _Routing, ex: OverlayExperts, y, portable: bool = False):
+    ext = cpu_extension()
+    args = (s_d.numpy(), r.pair_token.numpy(), r.pair_weight.numpy(), r.offsets.numpy(), ex.at_down.numpy(),
+            _np(ex.bias_down), y.numpy())
+    if portable:
+        ext.overlay_down_portable(*args, r.slot_pair.numpy(), r.slot_expert.numpy(), r.slot_pair.numel() // y.shape[0])
+    else:
+        ext.overlay_down(*args)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _gate_up_cuda(gu0, s_gu, r: _Routing, ex: OverlayExperts, h, hw):
+    ext = cuda_extension()
+    with torch.cuda.device(gu0.device):
+        stream = torch.cuda.current_stream(gu0.device).cuda_stream
+        ext.overlay_gate_up(gu0.data_ptr(), s_gu.data_ptr(), r.pair_token.data_ptr(), r.pair_weight.data_ptr(),
+                            r.offsets.data_ptr(), ex.at_gate.data_ptr(), ex.at_up.data_ptr(), _ptr(ex.bias_gate),
+                            _ptr(ex.bias_up), ACTIVATIONS[ex.activation], ex.alpha, ex.limit, h.data_ptr(),
+                            hw.data_ptr(), r.slot_pair.data_ptr(), r.slot_expert.data_ptr(), hw.shape[0],
+                            ex.intermediate_size, ex.num_experts, ex.at_gate.shape[1], ex.at_up.shape[1],
+                            r.slot_pair.numel() // max(hw.shape[0], 1), stream)
+
+
+def _down_cuda(s_d, r: _Routing, ex: OverlayExperts, y):
+    ext = cuda_extension()
+    with torch.cuda.device(y.device):
+        stream = torch.cuda.current_stream(y.device).cuda_stream
+        ext.overlay_down(s_d.data_ptr(), r.pair_token.data_ptr(), r.pair_weight.data_ptr(), r.offsets.data_ptr(),
+                         ex.at_down.data_ptr(), _ptr(ex.bias_down), y.data_ptr(), r.slot_pair.data_ptr(),
+                         r.slot_expert.data_ptr(), y.shape[0], ex.hidden_size, ex.num_experts, ex.at_down.shape[1],
+                         r.slot_pair.numel() // max(y.shape[0], 1), stream)
+
+
+def _gate_up_triton(gu0, s_gu, r: _Routing, ex: OverlayExperts, h, hw):
+    triton_module(gu0.device).overlay_gate_up_triton(gu0, s_gu, r.slot_pair, r.slot_expert, r.pair_weight, ex, h, hw)
+
+
+def _down_triton(s_d, r: _Routing, ex: OverlayExperts, y):
+    triton_module(y.device).overlay_down_triton(s_d, r.slot_pair, r.slot_expert, r.pair_weight, ex, y)
+
+
+# backend -> (fused gate/up stage, fused down stage)
+_IMPLS = {
+    "cpu": (_gate_up_cpu, _down_cpu),
+    "cuda": (_gate_up_cuda, _down_cuda),
+    "triton": (_gate_up_triton, _down_triton),
+    "torch": (_gate_up_torch, _down_torch),
+}
+
+
+def _check_inputs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, ex: OverlayExperts) -> None:
+    if not isinstance(ex, OverlayExperts):
+        raise TypeError(f"overlay_moe_forward: experts must be an OverlayExperts, got {type(ex).__name__}")
+    if x.dim() != 2 or x.shape[1] != ex.hidden_size:
+        raise ValueError(f"overlay_moe_forward: x must be [T, {ex.hidden_size}], got {list(x.shape)}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or topk_ids.shape[1] < 1:
+        raise ValueError(f"overlay_moe_forward: topk_ids must be [T={x.shape[0]}, K>=1], got {list(topk_ids.shape)}")
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        raise TypeError(f"overlay_moe_forward: topk_ids must be an integer tensor, got {topk_ids.dtype}")
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"overlay_moe_forward: topk_weights {list(topk_weights.shape)} must match topk_ids "
+                         f"{list(topk_ids.shape)}")
+    if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= ex.num_experts):
+        raise ValueError(f"overlay_moe_forward: topk_ids must be in [0, {ex.num_experts}), got "
+                         f"[{int(topk_ids.min())}, {int(topk_ids.max())}]")
+    devices = {x.device, topk_ids.device, topk_weights.device, ex.base_down.device}
+    if len(devices) != 1:
+        raise ValueError(f"overlay_moe_forward: tensors are on different devices: {sorted(map(str, devices))}")
+
+
+def overlay_moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: OverlayExperts,
+                        *, backend: str = "auto") -> torch.Tensor:
+    """Routed-experts output of one MoE layer in overlay form (the experts module's forward).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``[T, H]`` hidden states (any float dtype; computed in fp32).
+    topk_ids : torch.Tensor
+        ``[T, K]`` integer expert ids in ``[0, E)``.
+    topk_weights : torch.Tensor
+        ``[T, K]`` routing weights as the model mixes them (the family's convention already applied).
+    experts : OverlayExperts
+        The layer's overlay, fp32, on ``x``'s device.
+    backend : str
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"`` for the fused stages; the dense
+        products always go to BLAS/cuBLAS through torch.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[T, H]`` in ``x.dtype``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad shapes, dtypes, expert ids or devices (the message names the argument).
+    BackendUnavailableError
+        An explicitly requested backend cannot run here.
+    """
+    _check_inputs(x, topk_ids, topk_weights, experts)
+    gate_up, down = select_backend("overlay_moe_forward", backend, x.device, _IMPLS)
+    t, i = x.shape[0], experts.intermediate_size
+    xf = x.to(torch.float32).contiguous()
+    if t == 0:
+        return torch.zeros_like(x)
+    r = _routing(topk_ids, topk_weights, experts.num_experts)
+    gu0 = xf @ experts.base_gate_up.T                                    # [T, 2I]  BLAS, once per token
+    s_gu = _grouped_shrink(xf[r.pair_token], experts.b_gate_up, r)       # [P, rg+ru] BLAS per expert
+    h = torch.empty(r.pair_token.numel(), i, dtype=torch.float32, device=x.device)
+    hw = torch.empty(t, i, dtype=torch.float32, device=x.device)
+    gate_up(gu0, s_gu, r, experts, h, hw)                                # fused expand + bias + act + weighted sum
+    s_d = _grouped_shrink(h, experts.b_down, r)                          # [P, rd]
+    y = hw @ experts.base_down.T                                         # [T, H] BLAS on the weighted sum
+    down(s_d, r, experts, y)                                             # fused expand + bias + weighted sum
+    return y.to(x.dtype)
+
+
+def overlay_moe_flops(tokens: int, top_k: int, experts: OverlayExperts) -> int:
+    """Multiply-add flops (2 per MAC) of :func:`overlay_moe_forward` for ``tokens`` tokens."""
+    h, i = experts.hidden_size, experts.intermediate_size
+    r = experts.ranks
+    pairs = tokens * top_k
+    dense = tokens * (2 * i * h + h * i)
+    low = pairs * ((r["gate"] + r["up"]) * (h + i) + r["down"] * (i + h))
+    return 2 * (dense + low)
+
+
+def overlay_moe_bytes(tokens: int, top_k: int, experts: OverlayExperts) -> int:
+    """Weight bytes one forward must read at least: the bases plus the factors of the experts it touches
+    (``min(E, tokens * top_k)`` distinct experts), fp32."""
+    used = min(experts.num_experts, tokens * top_k)
+    per_expert = sum(t[0].numel() for t in (experts.b_gate_up, experts.at_gate, experts.at_up, experts.b_down,
+                                            experts.at_down))
+    return 4 * (experts.base_gate_up.numel() + experts.base_down.numel() + used * per_expert)
