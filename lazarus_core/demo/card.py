@@ -35,7 +35,7 @@ A native MoE: `OlmoeForCausalLM` with every expert initialised independently (no
 and trained from scratch as an MoE, next-token loss plus the load-balancing loss
 (`router_aux_loss_coef` {aux}, `output_router_logits=True`). AdamW (lr {lr}, betas 0.9/0.95,
 weight decay 0.05 on matrices), warm-up then cosine decay, batch {batch} x {seq} tokens, {steps} steps,
-fp32 on CPU ({threads} threads). Stored in bf16 with per-expert tensors
+fp32 on CPU (torch threads: {threads}). Stored in bf16 with per-expert tensors
 (`model.layers.L.mlp.experts.N.{{gate,up,down}}_proj.weight`), as OLMoE checkpoints are.
 """
 
@@ -55,7 +55,7 @@ router with bias, softmax over the top-k logits).
    materialised and written in MXFP4.
 
 **Why the low-rank structure survives MXFP4.** MXFP4 rounding adds full-rank noise to every expert
-(here about 12% of each weight's norm, i.e. ~1.4% of its energy). Two choices keep the learned
+({noise}). Two choices keep the learned
 differences far above it: (a) the factors start large, `||A_e B_e||_F = {init} ||base||_F`, carry
 no weight decay, and a hinge penalty `sum relu({floor} - ||A_e B_e|| / ||base||)^2` keeps every delta
 at least {floor} x the base norm (measured after training: min {rmin:.2f}, median {rmed:.2f}, max {rmax:.2f});
@@ -63,7 +63,7 @@ at least {floor} x the base norm (measured after training: min {rmin:.2f}, media
 1/E of the others') stays concentrated in few directions.
 
 Training: AdamW (lr {lr}, betas 0.9/0.95), warm-up then cosine decay, batch {batch} x {seq} tokens,
-fp32 on CPU ({threads} threads).
+fp32 on CPU (torch threads: {threads}).
 
 **On disk**, exactly like the gpt-oss hub checkpoints: `model.layers.L.mlp.experts.gate_up_proj_blocks`
 uint8 `[E, 2I, H/32, 16]` (gate/up rows interleaved: even = gate, odd = up), `..._scales` uint8
@@ -130,7 +130,12 @@ def render_card(model_dir: Path) -> str:
         note = ""
     else:
         up = meta["phases"]["upcycled"]
-        how = _UPCYCLED_HOW.format(dense_steps=meta["phases"]["dense"]["steps"], moe_steps=up["steps"],
+        if "mxfp4_relative_error" in up:
+            noise = (f"measured on these experts: {up['mxfp4_relative_error']:.1%} of the weights' norm, i.e. "
+                     f"{up['mxfp4_relative_error'] ** 2:.2%} of their energy")
+        else:
+            noise = "about 12% of a Gaussian-like matrix's norm, i.e. about 1.4% of its energy"
+        how = _UPCYCLED_HOW.format(noise=noise, dense_steps=meta["phases"]["dense"]["steps"], moe_steps=up["steps"],
                                    rank=up["delta_rank"], init=up["delta_init_ratio"], floor=up["delta_floor_ratio"],
                                    rmin=up["delta_ratio_min"], rmed=up["delta_ratio_median"], rmax=up["delta_ratio_max"],
                                    **fmt)

@@ -59,9 +59,12 @@ class Size:
     code_chars: int = 700_000
     eval_windows: int = 200
     delta_rank: int = 2
+    aux_native: float = 0.02
+    aux_upcycled: float = 0.1
 
 
 FULL = Size()
+DEFAULT_STEPS = {"native": 800, "upcycled": 800}
 MICRO = Size(hidden=64, intermediate=64, heads=2, kv_heads=1, vocab=384, seq=32, batch=4, steps=6,
              templated_docs=300, code_chars=20_000, eval_windows=8)
 
@@ -120,7 +123,7 @@ def native_config(size: Size, vocab: int, eos: int):
     return OlmoeConfig(vocab_size=vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
                        num_hidden_layers=size.layers, num_attention_heads=size.heads,
                        num_key_value_heads=size.heads, num_experts=size.experts,
-                       num_experts_per_tok=size.top_k, norm_topk_prob=False, router_aux_loss_coef=0.02,
+                       num_experts_per_tok=size.top_k, norm_topk_prob=False, router_aux_loss_coef=size.aux_native,
                        max_position_embeddings=4 * size.seq, tie_word_embeddings=False,
                        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
 
@@ -133,7 +136,7 @@ def gpt_oss_config(size: Size, vocab: int, eos: int, experts: int, top_k: int):
                         num_key_value_heads=size.kv_heads, head_dim=size.hidden // size.heads,
                         sliding_window=size.seq // 2,
                         layer_types=["sliding_attention", "full_attention"] * (size.layers // 2),
-                        num_local_experts=experts, num_experts_per_tok=top_k, router_aux_loss_coef=0.02,
+                        num_local_experts=experts, num_experts_per_tok=top_k, router_aux_loss_coef=size.aux_upcycled,
                         max_position_embeddings=4 * size.seq,
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                         tie_word_embeddings=False, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
@@ -211,9 +214,29 @@ def _optimizer(model, lr: float, no_decay_ids: set[int]):
                              lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
 
+def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """Switch-style load-balancing loss computed for each MoE layer separately, then averaged.
+
+    transformers' ``load_balancing_loss_func`` pools the counts and probabilities of all layers before
+    taking their product, so one layer's imbalance can hide behind another's. Here every layer must be
+    balanced on its own. Same scale: ``top_k`` when routing is uniform.
+    """
+    losses = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        num_experts = probs.shape[-1]
+        chosen = torch.nn.functional.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(1).float()
+        losses.append(num_experts * (chosen.mean(0) * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
 def train_loop(model, sampler: BatchSampler, steps: int, lr: float, log, extra_loss=None,
-               no_decay_ids: set[int] | None = None, label: str = "") -> list[float]:
-    """AdamW with linear warm-up and cosine decay; returns the LM loss of every step."""
+               no_decay_ids: set[int] | None = None, label: str = "", per_layer_balance: bool = False) -> list[float]:
+    """AdamW with linear warm-up and cosine decay; returns the LM loss of every step.
+
+    The balance term is transformers' own (``router_aux_loss_coef`` x the pooled loss) unless
+    ``per_layer_balance``, which swaps it for :func:`per_layer_balance_loss` with the same coefficient.
+    """
     model.train()
     opt = _optimizer(model, lr, no_decay_ids or set())
     warm = max(1, min(50, steps // 10))
@@ -227,6 +250,10 @@ def train_loop(model, sampler: BatchSampler, steps: int, lr: float, log, extra_l
         out = model(input_ids=x, labels=x, output_router_logits=True)
         loss = out.loss
         lm = loss.detach() - (coef * out.aux_loss.detach() if out.aux_loss is not None else 0.0)
+        aux = out.aux_loss
+        if per_layer_balance and out.router_logits:
+            aux = per_layer_balance_loss(out.router_logits, model.config.num_experts_per_tok)
+            loss = loss - coef * out.aux_loss + coef * aux
         if extra_loss is not None:
             loss = loss + extra_loss()
         opt.zero_grad(set_to_none=True)
@@ -236,8 +263,8 @@ def train_loop(model, sampler: BatchSampler, steps: int, lr: float, log, extra_l
         sched.step()
         losses.append(float(lm))
         if step % 50 == 0 or step == steps - 1:
-            aux = float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
-            log(f"{label} step {step + 1}/{steps} lm loss {float(lm):.3f} aux {aux:.3f} {time.time() - t0:.0f}s")
+            aux_value = float(aux.detach()) if aux is not None else 0.0
+            log(f"{label} step {step + 1}/{steps} lm loss {float(lm):.3f} aux {aux_value:.3f} {time.time() - t0:.0f}s")
     model.eval()
     return losses
 
@@ -275,6 +302,20 @@ def capture_topk(model, windows: torch.Tensor, batch: int = 16) -> dict[int, np.
 
 
 # ---------------------------------------------------------------- writing
+
+def mxfp4_relative_error(model) -> float:
+    """``||dequant(quant(W)) - W||_F / ||W||_F`` over every expert tensor of a GPT-OSS model."""
+    from lazarus_core.ops import mxfp4_dequant, mxfp4_quantize
+
+    err = ref = 0.0
+    for layer in model.model.layers:
+        for proj in ("gate_up_proj", "down_proj"):
+            w = getattr(layer.mlp.experts, proj).detach().float().transpose(1, 2).contiguous()
+            q = mxfp4_dequant(*mxfp4_quantize(w, backend="torch"), backend="torch")
+            err += float((q - w).pow(2).sum())
+            ref += float(w.pow(2).sum())
+    return math.sqrt(err / ref)
+
 
 def save_mxfp4_gpt_oss(model, out: Path) -> None:
     """Write a GPT-OSS model like the gpt-oss hub checkpoints: experts in MXFP4, everything else bf16.
@@ -409,7 +450,8 @@ def run(kind: str, out: Path, size: Size, seed: int, log=print) -> dict:
         family = "olmoe"
     elif kind == "upcycled":
         ratio, floor = 0.8, 0.6
-        dense_steps, moe_steps = size.steps // 2, size.steps - size.steps // 2
+        dense_steps = size.steps * 3 // 8
+        moe_steps = size.steps - dense_steps
         torch.manual_seed(seed)
         dense = GptOssForCausalLM(gpt_oss_config(size, vocab, eos, experts=1, top_k=1))
         losses = train_loop(dense, sampler, dense_steps, size.lr, log, label="dense")
@@ -423,15 +465,16 @@ def run(kind: str, out: Path, size: Size, seed: int, log=print) -> dict:
             return sum(torch.relu(floor - f.delta_ratio()).pow(2).sum() for f in factors)
 
         losses = train_loop(model, sampler, moe_steps, size.lr, log, extra_loss=keep_deltas_above_floor,
-                            no_decay_ids=no_decay, label="upcycled")
+                            no_decay_ids=no_decay, label="upcycled", per_layer_balance=True)
         ratios = torch.cat([f.delta_ratio().detach() for f in factors])
         phases["upcycled"] = {"steps": moe_steps, "final_train_loss": float(np.mean(losses[-20:])),
-                              "delta_rank": size.delta_rank, "delta_init_ratio": ratio, "delta_floor_ratio": floor,
+                              "balance_loss": "per layer", "delta_rank": size.delta_rank, "delta_init_ratio": ratio, "delta_floor_ratio": floor,
                               "delta_ratio_min": float(ratios.min()), "delta_ratio_median": float(ratios.median()),
                               "delta_ratio_max": float(ratios.max())}
         final_train_loss = phases["upcycled"]["final_train_loss"]
         materialise(model)
         train_seconds = time.time() - t_train
+        phases["upcycled"]["mxfp4_relative_error"] = mxfp4_relative_error(model)
         save_mxfp4_gpt_oss(model, out)
         family = "gpt_oss"
     else:
@@ -450,6 +493,8 @@ def run(kind: str, out: Path, size: Size, seed: int, log=print) -> dict:
         **props,
     }
     (out / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    for f in out.iterdir():
+        f.chmod(0o644)
     write_card(out)
     log(f"done: held-out ppl {props['heldout_perplexity']:.2f} vs unigram {unigram_ppl:.1f}; "
         f"rank fraction {props['delta_rank_95_median_fraction_min']:.3f}..{props['delta_rank_95_median_fraction_max']:.3f}; "
@@ -467,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    size = MICRO if args.micro else FULL
+    size = MICRO if args.micro else replace(FULL, steps=DEFAULT_STEPS[args.model])
     if args.steps is not None:
         size = replace(size, steps=args.steps)
     run(args.model, args.out, size, args.seed)
