@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 ENERGY_FRACTIONS = (0.90, 0.95, 0.99)
+GRAM_CHUNK = 512  # columns per float64 Gram update
 
 
 def singular_values(delta: torch.Tensor) -> torch.Tensor:
@@ -26,8 +27,12 @@ def singular_values(delta: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         float64 ``[min(out, in)]``, descending, non-negative.
     """
-    d = delta.to(torch.float64)
-    gram = d @ d.T if d.shape[0] <= d.shape[1] else d.T @ d
+    x = delta if delta.shape[0] <= delta.shape[1] else delta.T  # [small, large] view, no copy
+    gram = torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64)
+    # float64 columns in chunks: the same flops as one GEMM, without a float64 copy of the whole delta.
+    for start in range(0, x.shape[1], GRAM_CHUNK):
+        part = x[:, start:start + GRAM_CHUNK].to(torch.float64)
+        gram.addmm_(part, part.T)
     eig = torch.linalg.eigvalsh(gram).flip(0).clamp_min_(0.0)
     return eig.sqrt_()
 
