@@ -10,7 +10,7 @@ import argparse
 import importlib
 
 # Modules that implement actions, in the order their actions appear in --help.
-ACTION_MODULES = ("lazarus_core.cli.moe_type",)
+ACTION_MODULES = ("lazarus_core.cli.moe_type", "lazarus_core.cli.routing_taxonomy")
 
 
 def add_model_argument(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
