@@ -26,7 +26,7 @@ from lazarus_core.models.encoded import read_encoded_expert, read_expert_rows
 # projections of the 95%-energy rank of W_e - mean(W) divided by min(out, in); cosine is the mean
 # off-diagonal cosine similarity of the expert weights.
 PSEUDO_MAX_RANK_RATIO = 0.25
-NATIVE_MIN_RANK_RATIO = 0.40
+NATIVE_MIN_RANK_RATIO = 0.30
 PSEUDO_MIN_COSINE = 0.30
 NATIVE_MAX_COSINE = 0.30
 MOE_TYPES = ("pseudo-moe", "native-moe", "unknown")
@@ -138,17 +138,17 @@ def classify(rank_ratio: float, cosine: float) -> tuple[str, float]:
     """Layer type and confidence in [0, 1] from the two signals.
 
     pseudo-moe: low-rank deltas around a shared base (rank_ratio <= 0.25 and cosine >= 0.30);
-    native-moe: independent experts (rank_ratio >= 0.40 and cosine <= 0.30); otherwise unknown.
-    Confidence is 0.5 + 0.5 x the smaller normalised margin to the two thresholds, clipped to [0, 1].
+    native-moe: independent experts (rank_ratio >= 0.30 and cosine <= 0.30); otherwise unknown.
+    Confidence is 0.5 + 0.5 x the mean of the two margins to the thresholds (each normalised to [0, 1]).
     """
     if rank_ratio <= PSEUDO_MAX_RANK_RATIO and cosine >= PSEUDO_MIN_COSINE:
-        margin = min((PSEUDO_MAX_RANK_RATIO - rank_ratio) / PSEUDO_MAX_RANK_RATIO,
-                     (cosine - PSEUDO_MIN_COSINE) / (1.0 - PSEUDO_MIN_COSINE))
-        return "pseudo-moe", min(1.0, 0.5 + 0.5 * margin)
+        margins = ((PSEUDO_MAX_RANK_RATIO - rank_ratio) / PSEUDO_MAX_RANK_RATIO,
+                   (cosine - PSEUDO_MIN_COSINE) / (1.0 - PSEUDO_MIN_COSINE))
+        return "pseudo-moe", min(1.0, 0.5 + 0.25 * sum(margins))
     if rank_ratio >= NATIVE_MIN_RANK_RATIO and cosine <= NATIVE_MAX_COSINE:
-        margin = min((rank_ratio - NATIVE_MIN_RANK_RATIO) / (1.0 - NATIVE_MIN_RANK_RATIO),
-                     (NATIVE_MAX_COSINE - cosine) / NATIVE_MAX_COSINE)
-        return "native-moe", min(1.0, 0.5 + 0.5 * margin)
+        margins = ((rank_ratio - NATIVE_MIN_RANK_RATIO) / (1.0 - NATIVE_MIN_RANK_RATIO),
+                   min(1.0, (NATIVE_MAX_COSINE - cosine) / NATIVE_MAX_COSINE))
+        return "native-moe", min(1.0, 0.5 + 0.25 * sum(margins))
     return "unknown", 0.0
 
 

@@ -113,3 +113,13 @@ def test_parse_layers_errors():
         parse_layers("0", (1, 2))
     with pytest.raises(ValueError, match="comma-separated"):
         parse_layers("x", (1, 2))
+
+
+def test_builtin_native_model_is_native():
+    from lazarus_core.models.builtin import resolve_builtin
+
+    if resolve_builtin("demo:native") is None:
+        pytest.fail("the built-in native model is not installed")
+    report = analyze_moe_type(open_moe_checkpoint("demo:native"))
+    assert [layer.moe_type for layer in report.layers] == ["native-moe"] * len(report.layers)
+    assert len(report.layers) >= 4
