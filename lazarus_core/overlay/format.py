@@ -1,0 +1,141 @@
+"""The overlay checkpoint on disk (DESIGN.md section 6; docs/overlay_format.md): ``overlay_config.json`` plus
+one safetensors shard per MoE layer, each written atomically so an interrupted compress resumes.
+
+Per MoE layer L (the model's layer index) and projection P in gate/up/down, in ``[out, in]`` orientation:
+``layers.L.P.base [out, in]``, ``layers.L.P.A [E, out, r]``, ``layers.L.P.B [E, r, in]`` (expert
+e = base + A[e] @ B[e]) and ``layers.L.P.bias [E, out]`` when the source has expert biases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lazarus_core.models.checkpoint import PROJECTIONS
+
+FORMAT_NAME = "lazarus-overlay"
+FORMAT_VERSION = 1
+CONFIG_NAME = "overlay_config.json"
+MAX_HEADER_BYTES = 16 << 20
+
+
+class OverlayFormatError(ValueError):
+    """A malformed or incomplete overlay directory; the message names the file and tensor."""
+
+
+def shard_name(layer: int) -> str:
+    return f"overlay-layer-{layer:05d}.safetensors"
+
+
+def tensor_name(layer: int, projection: str, kind: str) -> str:
+    return f"layers.{layer}.{projection}.{kind}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_layer_shard(directory: Path, layer: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write one layer's tensors to ``overlay-layer-LLLLL.safetensors`` atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    path = directory / shard_name(layer)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """Parse and check ``overlay_config.json``.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such directory or no config in it.
+    OverlayFormatError
+        Not an overlay config, unknown version, or missing keys.
+    """
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: not an overlay checkpoint ({CONFIG_NAME} is missing)")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise OverlayFormatError(f"{path}: invalid JSON ({exc})") from None
+    if config.get("format") != FORMAT_NAME:
+        raise OverlayFormatError(f"{path}: format is {config.get('format')!r}, expected {FORMAT_NAME!r}")
+    if config.get("version") != FORMAT_VERSION:
+        raise OverlayFormatError(f"{path}: version {config.get('version')!r} is not supported (expected {FORMAT_VERSION})")
+    for key in ("source", "family", "num_experts", "moe_layers", "layers", "dtype", "activation"):
+        if key not in config:
+            raise OverlayFormatError(f"{path}: key {key!r} is missing")
+    return config
+
+
+@dataclass
+class LayerFactors:
+    """One layer's overlay tensors as stored: projection -> base ``[out, in]``, A ``[E, out, r]``,
+    B ``[E, r, in]``, bias ``[E, out]`` or None."""
+
+    layer: int
+    base: dict[str, torch.Tensor]
+    a: dict[str, torch.Tensor]
+    b: dict[str, torch.Tensor]
+    bias: dict[str, torch.Tensor | None]
+
+
+def read_layer(directory: str | os.PathLike, config: dict[str, Any], layer: int) -> LayerFactors:
+    """Read and validate one layer's factors against the config (shapes from the header before any data).
+
+    Raises
+    ------
+    OverlayFormatError
+        Missing shard or tensor, or a shape/dtype that disagrees with the config (names file and tensor).
+    """
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    entry = config["layers"].get(str(layer))
+    if entry is None:
+        raise OverlayFormatError(f"{directory / CONFIG_NAME}: layer {layer} is not in this overlay "
+                                 f"(layers {sorted(int(k) for k in config['layers'])})")
+    path = directory / entry["shard"]
+    if not path.is_file():
+        raise OverlayFormatError(f"{path}: shard of layer {layer} is missing (an interrupted compress? rerun it)")
+    with open(path, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+    if header_len > MAX_HEADER_BYTES or header_len > path.stat().st_size:
+        raise OverlayFormatError(f"{path}: safetensors header of {header_len} bytes is implausible")
+    e = int(config["num_experts"])
+    out = LayerFactors(layer, {}, {}, {}, {})
+    with safe_open(str(path), "pt") as f:
+        names = set(f.keys())
+        for p in PROJECTIONS:
+            info = entry["projections"][p]
+            (o, i), r = info["shape"], int(info["rank"])
+            expected = {"base": (o, i), "A": (e, o, r), "B": (e, r, i)}
+            if info.get("bias"):
+                expected["bias"] = (e, o)
+            for kind, shape in expected.items():
+                name = tensor_name(layer, p, kind)
+                if name not in names:
+                    raise OverlayFormatError(f"{path}: tensor {name!r} is missing")
+                got = tuple(f.get_slice(name).get_shape())
+                if got != shape:
+                    raise OverlayFormatError(f"{path}: tensor {name!r} has shape {list(got)}, the config says "
+                                             f"{list(shape)}")
+                t = f.get_tensor(name)
+                if not t.is_floating_point():
+                    raise OverlayFormatError(f"{path}: tensor {name!r} has dtype {t.dtype}, expected a float type")
+                {"base": out.base, "A": out.a, "B": out.b, "bias": out.bias}[kind][p] = t
+            out.bias.setdefault(p, None)
+    return out

@@ -1,0 +1,227 @@
+"""Run a transformers MoE model on an overlay: the experts modules keep only the overlay factors and run
+``lazarus_core.ops.overlay_moe_forward`` through transformers' experts-implementation interface, so
+``model.generate`` works unchanged. The full expert weights are never materialised: the model is built on
+the meta device, only the non-expert tensors are read from the source checkpoint, and each experts
+module receives its layer's overlay."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from lazarus_core.ops.overlay_moe import OverlayExperts, overlay_moe_forward
+from lazarus_core.overlay.format import read_config, read_layer
+
+IMPLEMENTATION = "lazarus_overlay"
+_EXPERT_PARAMS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias", "up_proj", "up_proj_bias")
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def overlay_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                            top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The experts forward registered as ``"lazarus_overlay"`` (``self`` is a transformers experts module
+    carrying ``_lazarus_overlay`` and ``_lazarus_backend``)."""
+    experts: OverlayExperts | None = getattr(self, "_lazarus_overlay", None)
+    if experts is None:
+        raise RuntimeError(f"{type(self).__name__} has no overlay attached; load the model with "
+                           f"lazarus_core.overlay.load_model")
+    return overlay_moe_forward(hidden_states, top_k_index, top_k_weights, experts,
+                               backend=getattr(self, "_lazarus_backend", "auto"))
+
+
+def register_experts_implementation() -> str:
+    """Register :func:`overlay_experts_forward` with transformers' ``ExpertsInterface``; returns its name."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(IMPLEMENTATION, overlay_experts_forward)
+    return IMPLEMENTATION
+
+
+def experts_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """Model layer index -> routed experts module (one holding 3-D ``gate_up_proj``/``down_proj`` or an overlay)."""
+    found = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("down_proj", False)
+        if name.endswith("experts") and (weight is None or isinstance(weight, torch.Tensor) and weight.dim() == 3):
+            m = _LAYER_RE.search(name)
+            if m:
+                found[int(m.group(1))] = module
+    return found
+
+
+def load_overlay_layers(overlay: str | os.PathLike, *, device: str | torch.device = "cpu",
+                        layers: list[int] | None = None) -> dict[int, OverlayExperts]:
+    """Read an overlay checkpoint into kernel-layout :class:`OverlayExperts` (fp32), per MoE layer."""
+    config = read_config(overlay)
+    out = {}
+    for layer in layers if layers is not None else config["moe_layers"]:
+        f = read_layer(overlay, config, int(layer))
+        out[int(layer)] = OverlayExperts.from_factors(f.base, f.a, f.b, f.bias, activation=config["activation"],
+                                                      alpha=config["swiglu_alpha"], limit=config["swiglu_limit"],
+                                                      device=device)
+    return out
+
+
+def attach_overlay(model: torch.nn.Module, layers: dict[int, OverlayExperts], *, backend: str = "auto") -> None:
+    """Replace the expert weights of ``model``'s MoE layers in ``layers`` by their overlays and switch the
+    model to the ``lazarus_overlay`` experts implementation (the freed weights are dropped).
+
+    Raises
+    ------
+    ValueError
+        An overlay layer has no experts module in the model, or its sizes disagree.
+    """
+    register_experts_implementation()
+    modules = experts_modules(model)
+    for layer, ov in layers.items():
+        module = modules.get(layer)
+        if module is None:
+            raise ValueError(f"the overlay has layer {layer} but the model has no experts module there "
+                             f"(experts at layers {sorted(modules)})")
+        n = getattr(module, "num_experts", ov.num_experts)
+        if n != ov.num_experts:
+            raise ValueError(f"layer {layer}: the model has {n} experts, the overlay {ov.num_experts}")
+        for pname in _EXPERT_PARAMS:
+            if pname in module._parameters:
+                module._parameters[pname] = None
+        module._lazarus_overlay = ov
+        module._lazarus_backend = backend
+    if len(layers) < len(modules):
+        # Layers without an overlay keep their weights: dispatch per module is not possible in transformers'
+        # interface, so their forward is the one the overlay forward falls back to.
+        missing = sorted(set(modules) - set(layers))
+        raise ValueError(f"the overlay covers layers {sorted(layers)} but the model has experts at {missing} too; "
+                         f"compress every MoE layer (--layers all) to run it")
+    model.set_experts_implementation(IMPLEMENTATION)
+
+
+def _renamings(model_type: str) -> list[tuple[str, str]]:
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return []
+    out = []
+    for t in get_checkpoint_conversion_mapping(model_type) or []:
+        if isinstance(t, WeightRenaming):
+            out.append((t.source_patterns[0], t.target_patterns[0]))
+    return out
+
+
+def _non_expert_state(root: Path, wanted: set[str], model_type: str, block: tuple[int, int] = (128, 128)
+                      ) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    index = root / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
+        ["model.safetensors"]
+    renames = _renamings(model_type)
+    state = {}
+    for filename in files:
+        with safe_open(str(root / filename), "pt") as f:
+            for name in f.keys():
+                if ".experts." in name and "shared_expert" not in name:
+                    continue
+                target = name
+                for src, dst in renames:
+                    if target not in wanted:
+                        target = re.sub(src, dst, target)
+                if target in wanted:
+                    state[target] = f.get_tensor(name)
+                    if state[target].dtype == torch.float8_e4m3fn:  # FP8 E4M3 linear + weight_scale_inv blocks
+                        state[target] = _fp8_weight(f, name, state[target], block)
+    return state
+
+
+def _fp8_weight(f, name: str, codes: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    from lazarus_core.ops import fp8_dequant
+
+    if name + "_scale_inv" not in f.keys():
+        raise ValueError(f"tensor {name!r} is FP8 but {name}_scale_inv is missing")
+    return fp8_dequant(codes.view(torch.uint8), f.get_tensor(name + "_scale_inv").float(), block_size=block)
+
+
+def _fresh_rotary(model: torch.nn.Module, device: torch.device) -> None:
+    """Rebuild modules whose non-persistent buffers (rotary ``inv_freq``) were left empty by ``to_empty``."""
+    for name, module in list(model.named_modules()):
+        if "inv_freq" in module._buffers and hasattr(module, "config"):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            fresh = type(module)(module.config).to(device)
+            setattr(parent, name.rsplit(".", 1)[-1], fresh)
+
+
+def load_model(model: str | os.PathLike | None = None, *, overlay: str | os.PathLike, backend: str = "auto",
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A transformers causal LM whose routed experts run the fused overlay forward.
+
+    Parameters
+    ----------
+    model : str or PathLike, optional
+        The source model (local directory or built-in alias); default: the one recorded in the overlay.
+    overlay : str or PathLike
+        Overlay checkpoint directory (written by ``moe-overlay-compress``).
+    backend : str
+        Kernel backend of the fused stages (``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"``, ``"torch"``).
+    dtype : torch.dtype
+        Dtype of the non-expert parameters (the overlay computes in fp32).
+    device : str or torch.device
+
+    Returns
+    -------
+    transformers.PreTrainedModel
+        In eval mode; ``model.generate`` works. Peak memory: the non-expert weights plus the overlay.
+
+    Raises
+    ------
+    FileNotFoundError
+        No overlay config, or the source model cannot be found.
+    ValueError
+        The overlay does not match the model (family, experts, layers, sizes), or a non-expert tensor is
+        missing from the checkpoint.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lazarus_core.models.families import detect_family
+    from lazarus_core.models.resolve import resolve_model
+
+    config = read_config(overlay)
+    spec = model if model is not None else config["source"]["model"]
+    source = resolve_model(str(spec), revision=config["source"].get("revision"))
+    if source.root is None:
+        source.local_path("config.json")
+    root = source.root if source.root is not None else source.local_path("config.json").parent
+    raw_config = json.loads((root / "config.json").read_text())
+    fam = detect_family(raw_config)
+    if fam.family != config["family"] or fam.num_experts != config["num_experts"]:
+        raise ValueError(f"overlay {overlay} was made from a {config['family']} model with {config['num_experts']} "
+                         f"experts; {spec} is {fam.family} with {fam.num_experts}")
+    device = torch.device(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_config = AutoConfig.from_pretrained(str(root))
+        if hasattr(hf_config, "quantization_config"):
+            del hf_config.quantization_config
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    for module in experts_modules(lm).values():
+        for pname in _EXPERT_PARAMS:
+            if pname in module._parameters:
+                module._parameters[pname] = None
+    lm.to_empty(device=device)
+    wanted = set(lm.state_dict().keys())
+    state = _non_expert_state(root, wanted, raw_config.get("model_type", ""), tuple(fam.fp8_block_size or (128, 128)))
+    missing = wanted - set(state)
+    tied = {k for k in missing if k.startswith("lm_head.") and getattr(hf_config, "tie_word_embeddings", False)}
+    if missing - tied:
+        raise ValueError(f"{root}: tensors missing for the non-expert part of the model: {sorted(missing - tied)[:8]}")
+    lm.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False)
+    if tied:
+        lm.tie_weights()
+    _fresh_rotary(lm, device)
+    attach_overlay(lm, load_overlay_layers(overlay, device=device), backend=backend)
+    return lm.eval()
