@@ -11,6 +11,8 @@ from benchmarks.harness import machine_header, print_table, write_json
 SUITES = {
     "mxfp4_dequant": "benchmarks.bench_mxfp4_dequant",
     "expert_spectra": "benchmarks.bench_expert_spectra",
+    "checkpoint_stream": "benchmarks.bench_checkpoint_stream",
+    "fp8_dequant": "benchmarks.bench_fp8_dequant",
 }
 
 
