@@ -42,6 +42,24 @@ def write_layer(directory: Path, experts: int = EXPERTS, inter: int = INTER, hid
     return directory
 
 
+def _builtin_rows() -> list[BenchRow]:
+    """Whole-model moe-type-analyze time on each installed built-in model."""
+    from lazarus_core.analysis.expert_structure import analyze_moe_type
+    from lazarus_core.models import open_moe_checkpoint
+    from lazarus_core.models.builtin import list_builtin_models
+
+    rows = []
+    for model in list_builtin_models():
+        ckpt = open_moe_checkpoint(model.alias)
+        t0 = time.perf_counter()
+        report = analyze_moe_type(ckpt)
+        seconds = time.perf_counter() - t0
+        rows.append(BenchRow("moe-type-analyze", "whole model", f"{model.alias} ({len(report.layers)} layers x "
+                             f"{ckpt.num_experts} experts x 3)", ckpt.storage_format(ckpt.moe_layers[0]),
+                             seconds * 1e3, extra={"moe_type": report.moe_type}))
+    return rows
+
+
 def run(repeats: int = 1) -> tuple[list[BenchRow], dict]:
     from lazarus_core.analysis.expert_structure import analyze_projection
     from lazarus_core.analysis.spectra import energy_rank, singular_values_reference
@@ -87,6 +105,7 @@ def run(repeats: int = 1) -> tuple[list[BenchRow], dict]:
         rows.append(BenchRow("expert_spectra", "pipeline, whole layer", f"3 x {EXPERTS} experts", "bf16->fp32/fp64",
                              total_pipeline * 1e3, pct_of_floor=100 * total_floor / total_pipeline,
                              ratio_to_reference=total_naive / total_pipeline))
+    rows.extend(_builtin_rows())
     floors = {"fp64_gram_gflops": fp64_rate / 1e9, "eigvalsh_1024_fp64_ms": eig_t * 1e3,
               "floor_layer_s": total_floor}
     return rows, floors
