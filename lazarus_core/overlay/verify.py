@@ -86,18 +86,27 @@ def reconstruction_errors(ckpt: MoeCheckpoint, overlay: str | Path, config: dict
     return out
 
 
-def heldout_text(max_chars: int = 200_000) -> tuple[str, str]:
-    """The built-in corpus's held-out split (what the demo models never trained on), and its description."""
-    from lazarus_core.demo.corpus import build_corpus
+def heldout_text(root: Path | None = None, max_chars: int = 200_000) -> tuple[str, str]:
+    """Held-out evaluation text: the model's shipped ``heldout.jsonl`` (built-in models) when ``root`` has one,
+    else the built-in corpus's held-out split; returns (text, description)."""
+    import json
 
-    corpus = build_corpus()
+    docs: list[str] = []
+    shipped = root / "heldout.jsonl" if root is not None else None
+    if shipped is not None and shipped.is_file():
+        docs = [json.loads(line)["text"] for line in shipped.read_text().splitlines() if line.strip()]
+        source = f"{shipped} (held-out split)"
+    else:
+        from lazarus_core.demo.corpus import build_corpus
+
+        docs, source = build_corpus().heldout, "built-in corpus, held-out split"
     text, total = [], 0
-    for doc in corpus.heldout:
+    for doc in docs:
         text.append(doc)
         total += len(doc)
         if total >= max_chars:
             break
-    return "\n\n".join(text), "built-in corpus, held-out split"
+    return "\n\n".join(text), source
 
 
 def _windows(ids: list[int], seq_len: int, max_tokens: int) -> list[torch.Tensor]:
@@ -158,11 +167,11 @@ def verify_overlay(model: str, overlay: str | Path, *, text: str | None = None, 
     if not outputs:
         report.seconds = time.perf_counter() - t0
         return report
-    original, tokenizer, _ = load_original(model, revision=revision)
+    original, tokenizer, source = load_original(model, revision=revision)
     if tokenizer is None:
         raise ValueError(f"{model} ships no tokenizer; moe-overlay-verify needs one to score text")
     if text is None:
-        text, text_source = heldout_text()
+        text, text_source = heldout_text(source.root)
     windows = _windows(tokenizer(text)["input_ids"], seq_len, max_tokens)
     if not windows:
         raise ValueError("the evaluation text has fewer than 2 tokens")

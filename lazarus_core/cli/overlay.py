@@ -1,0 +1,245 @@
+"""Actions moe-overlay-estimate / -compute / -compress / -verify: store pseudo-MoE experts as a shared base
+plus low-rank factors, check the loss, and say plainly when the overlay does not pay."""
+
+from __future__ import annotations
+
+import argparse
+
+from lazarus_core.cli.introspect import add_model_argument, add_output_argument
+from lazarus_core.cli.io import write_json
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
+
+
+def _layers_spec(args: argparse.Namespace) -> str | None:
+    if args.layer is not None and args.layers is not None:
+        raise ValueError("use --layer N or --layers LIST, not both")
+    return str(args.layer) if args.layer is not None else args.layers
+
+
+def _open(args: argparse.Namespace):
+    from lazarus_core.analysis.expert_structure import parse_layers
+    from lazarus_core.models import open_moe_checkpoint
+
+    ckpt = open_moe_checkpoint(args.model, revision=args.revision)
+    return ckpt, parse_layers(_layers_spec(args), ckpt.moe_layers)
+
+
+def _policy(args: argparse.Namespace):
+    from lazarus_core.overlay.ranks import make_policy
+
+    return make_policy(rank=args.rank, gate_rank=args.gate_rank, up_rank=args.up_rank, down_rank=args.down_rank,
+                       energy=args.energy, target_ratio=args.target_ratio, preset=getattr(args, "preset", None))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.3f} MB" if n < 1e9 else f"{n / 1e9:.3f} GB"
+
+
+def _bytes_table(title: str, rows: list[tuple[str, object]]):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("policy", "experts original", "experts overlay", "experts ratio", "model original", "model overlay",
+                "model ratio"):
+        table.add_column(col, justify="right" if col != "policy" else "left")
+    for label, b in rows:
+        table.add_row(label, _mb(b.original_expert_bytes), _mb(b.overlay_expert_bytes), f"{b.expert_ratio:.2f}x",
+                      _mb(b.original_model_bytes), _mb(b.overlay_model_bytes), f"{b.model_ratio:.2f}x")
+    return table
+
+
+def _preset_plans(ckpt, layers, spectra, dtype, model):
+    from lazarus_core.overlay.compute import plan_overlay
+    from lazarus_core.overlay.ranks import PRESETS, make_policy
+
+    return {name: plan_overlay(ckpt, layers, make_policy(preset=name), dtype=dtype, spectra=spectra, model_name=model)
+            for name in PRESETS}
+
+
+def _run_estimate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from lazarus_core.overlay.compute import compute_spectra, plan_overlay
+    from lazarus_core.overlay.sizes import FORMULA, byte_report
+
+    ckpt, layers = _open(args)
+    policy = _policy(args)
+    console = Console()
+    fixed = policy.rank is not None or bool(policy.projection_ranks)
+    if fixed:  # no spectra needed: ranks are given
+        ranks = {}
+        for layer in layers:
+            for p in ("gate", "up", "down"):
+                r = policy.projection_ranks[p] if policy.projection_ranks else policy.rank
+                ranks[(layer, p)] = min(r, min(ckpt.projection_shape(p)))
+        chosen = byte_report(ckpt, ranks, args.dtype, layers)
+        rows, presets = [(policy.describe(), chosen)], {}
+    else:
+        spectra = compute_spectra(ckpt, layers, backend=args.backend, progress=not args.no_progress)
+        chosen = plan_overlay(ckpt, layers, policy, dtype=args.dtype, spectra=spectra, model_name=args.model).bytes
+        presets = {k: v.bytes for k, v in _preset_plans(ckpt, layers, spectra, args.dtype, args.model).items()}
+        rows = [(policy.describe(), chosen)] + [(f"preset {k}", v) for k, v in presets.items()]
+    console.print(_bytes_table(f"{args.model} ({ckpt.family}, {ckpt.num_experts} experts, experts stored as "
+                               f"{chosen.source_storage}; overlay {args.dtype})", rows))
+    console.print(f"[dim]formula: {FORMULA}[/dim]")
+    if chosen.expert_ratio < 1:
+        console.print(f"[bold red]the overlay does not pay:[/bold red] {1 / chosen.expert_ratio:.2f}x larger than the "
+                      f"experts as stored")
+    if args.output:
+        write_json(args.output, {"model": args.model, "family": ckpt.family, "layers": layers,
+                                 "policy": policy.to_dict(), "policy_description": policy.describe(),
+                                 "bytes": chosen.to_dict(), "presets": {k: v.to_dict() for k, v in presets.items()}})
+    return 0
+
+
+def _plan_table(plan, verbose: bool):
+    from rich.table import Table
+
+    table = Table(title=f"{plan.model}: overlay plan ({plan.policy.describe()}, {plan.dtype})")
+    for col in ("layer", "proj", "shape", "rank", "energy kept", "err mean", "err max", "bytes"):
+        table.add_column(col, justify="right")
+    for p in plan.projections:
+        table.add_row(str(p.layer), p.projection, "x".join(map(str, p.shape)), f"{p.rank}/{p.max_rank}",
+                      f"{p.captured_energy:.4f}", f"{p.error['mean']:.2e}", f"{p.error['max']:.2e}", _mb(p.overlay_bytes))
+    return table
+
+
+def _print_plan(plan, console, verbose: bool) -> None:
+    from lazarus_core.overlay.sizes import FORMULA
+
+    console.print(_plan_table(plan, verbose))
+    b = plan.bytes
+    console.print(f"experts: {_mb(b.original_expert_bytes)} as stored ({b.source_storage}) -> {_mb(b.overlay_expert_bytes)} "
+                  f"overlay = [bold]{b.expert_ratio:.2f}x[/bold]; whole model {_mb(b.original_model_bytes)} -> "
+                  f"{_mb(b.overlay_model_bytes)} = {b.model_ratio:.2f}x")
+    console.print(f"[dim]formula: {FORMULA}[/dim]")
+    for note in plan.notes:
+        console.print(f"[bold red]{note}[/bold red]")
+
+
+def _run_compute(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from lazarus_core.overlay.compute import plan_overlay
+
+    ckpt, layers = _open(args)
+    plan = plan_overlay(ckpt, layers, _policy(args), dtype=args.dtype, backend=args.backend,
+                        progress=not args.no_progress, model_name=args.model)
+    _print_plan(plan, Console(), args.verbose)
+    if args.output:
+        write_json(args.output, plan.to_dict())
+    return 0
+
+
+def _run_compress(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from lazarus_core.overlay.compute import compute_spectra, plan_overlay, write_overlay
+    from lazarus_core.overlay.ranks import PRESETS
+
+    ckpt, layers = _open(args)
+    policy = _policy(args)
+    console = Console()
+    spectra = compute_spectra(ckpt, layers, backend=args.backend, progress=not args.no_progress)
+    plan = plan_overlay(ckpt, layers, policy, dtype=args.dtype, spectra=spectra, model_name=args.model)
+    presets = _preset_plans(ckpt, layers, spectra, args.dtype, args.model)
+    _print_plan(plan, console, args.verbose)
+    for name, p in presets.items():  # preset labels state the ratio they give on THIS model
+        mark = " (chosen)" if policy.preset == name else ""
+        console.print(f"preset {name} (energy {PRESETS[name]:g}): {p.bytes.expert_ratio:.2f}x experts, max error "
+                      f"{max(x.error['max'] for x in p.projections):.2e}{mark}")
+    result = write_overlay(ckpt, args.out, plan, model=args.model, revision=args.revision, backend=args.backend,
+                           resume=not args.no_resume, progress=not args.no_progress)
+    resumed = f" ({len(result['resumed_layers'])} layer(s) kept from an earlier run)" if result["resumed_layers"] else ""
+    console.print(f"wrote overlay to {result['path']}{resumed}")
+    if args.output:
+        write_json(args.output, {**plan.to_dict(), "out": result["path"], "written_layers": result["written_layers"],
+                                 "resumed_layers": result["resumed_layers"],
+                                 "presets": {k: {"energy": PRESETS[k], "expert_ratio": v.bytes.expert_ratio,
+                                                 "max_error": max(x.error["max"] for x in v.projections)}
+                                             for k, v in presets.items()}})
+    return 0
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from lazarus_core.overlay.verify import verify_overlay
+
+    text, source = None, ""
+    if args.text:
+        path = Path(args.text)
+        if not path.is_file():
+            raise FileNotFoundError(f"--text {args.text}: no such file")
+        text, source = path.read_text(), str(path)
+    report = verify_overlay(args.model, args.overlay, text=text, text_source=source, max_tokens=args.max_tokens,
+                            seq_len=args.seq_len, backend=args.backend, revision=args.revision,
+                            outputs=not args.weights_only)
+    console = Console()
+    table = Table(title=f"{args.model} vs overlay {args.overlay}: reconstruction (relative Frobenius)")
+    for col in ("layer", "proj", "rank", "err mean", "err max", "block output err"):
+        table.add_column(col, justify="right")
+    for r in report.reconstruction:
+        block = report.block_output_error.get(str(r.layer))
+        table.add_row(str(r.layer), r.projection, str(r.rank), f"{r.mean:.2e}", f"{r.max:.2e}",
+                      "-" if block is None or r.projection != "gate" else f"{block:.2e}")
+    console.print(table)
+    if report.passed is not None:
+        console.print(f"on {report.tokens} tokens of {report.text_source}: perplexity {report.perplexity_original:.4f} "
+                      f"-> {report.perplexity_overlay:.4f} ({100 * report.perplexity_increase:+.3f}%), top-1 agreement "
+                      f"{100 * report.top1_agreement:.2f}%, logit KL {report.logit_kl:.2e} nats/token")
+        t = report.thresholds
+        verdict = "[bold green]PASS[/bold green]" if report.passed else "[bold red]FAIL[/bold red]"
+        console.print(f"{verdict} (thresholds: perplexity increase <= {100 * t['max_perplexity_increase']:g}%, top-1 "
+                      f"agreement >= {100 * t['min_top1_agreement']:g}%)")
+    if args.output:
+        write_json(args.output, report.to_dict())
+    return 0 if report.passed is not False else 1
+
+
+def _common(parser: argparse.ArgumentParser, *, ranks: bool = True) -> None:
+    add_model_argument(parser)
+    parser.add_argument("--layer", type=int, default=None, help="one MoE layer (model layer index)")
+    parser.add_argument("--layers", default=None, help="'all' (default) or comma-separated layer indices")
+    if ranks:
+        parser.add_argument("--rank", type=int, default=None, help="same rank for every layer and projection")
+        parser.add_argument("--gate-rank", type=int, default=None)
+        parser.add_argument("--up-rank", type=int, default=None)
+        parser.add_argument("--down-rank", type=int, default=None)
+        parser.add_argument("--energy", type=float, default=None,
+                            help="per (layer, projection): smallest rank at which every expert keeps this delta energy")
+        parser.add_argument("--target-ratio", type=float, default=None,
+                            help="expert compression ratio to reach; ranks go where they keep most delta energy per byte")
+        parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="overlay storage dtype")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_output_argument(parser)
+
+
+def register(actions: argparse._SubParsersAction) -> None:
+    """Add the moe-overlay-* actions."""
+    est = actions.add_parser("moe-overlay-estimate", help="bytes and ratio of an overlay, by one stated formula")
+    _common(est)
+    est.set_defaults(func=_run_estimate)
+    comp = actions.add_parser("moe-overlay-compute", help="ranks, bytes and reconstruction errors per layer/projection")
+    _common(comp)
+    comp.set_defaults(func=_run_compute)
+    press = actions.add_parser("moe-overlay-compress", help="write the overlay checkpoint (resumable)")
+    _common(press)
+    press.add_argument("--out", required=True, metavar="DIR", help="overlay checkpoint directory")
+    press.add_argument("--preset", default=None, choices=("fast", "balanced", "quality"),
+                       help="energy 0.90 / 0.95 / 0.99 (the ratio each gives on this model is printed)")
+    press.add_argument("--no-resume", action="store_true", help="start over instead of keeping finished layers")
+    press.set_defaults(func=_run_compress)
+    ver = actions.add_parser("moe-overlay-verify", help="reconstruction, block outputs, logit KL, perplexity, top-1")
+    _common(ver, ranks=False)
+    ver.add_argument("--overlay", required=True, metavar="DIR", help="overlay checkpoint directory")
+    ver.add_argument("--text", default=None, metavar="FILE", help="evaluation text (default: built-in held-out corpus)")
+    ver.add_argument("--max-tokens", type=int, default=2048, help="tokens scored")
+    ver.add_argument("--seq-len", type=int, default=128, help="window length")
+    ver.add_argument("--weights-only", action="store_true", help="reconstruction errors only (no model run)")
+    ver.set_defaults(func=_run_verify)
