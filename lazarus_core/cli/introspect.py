@@ -10,7 +10,14 @@ import argparse
 import importlib
 
 # Modules that implement actions, in the order their actions appear in --help.
-ACTION_MODULES = ("lazarus_core.cli.moe_type", "lazarus_core.cli.overlay", "lazarus_core.cli.routing_explore", "lazarus_core.cli.routing_taxonomy", "lazarus_core.cli.routing_context")
+ACTION_MODULES = (
+    "lazarus_core.cli.moe_type",
+    "lazarus_core.cli.overlay",
+    "lazarus_core.cli.routing_explore",
+    "lazarus_core.cli.routing_taxonomy",
+    "lazarus_core.cli.routing_context",
+    "lazarus_core.cli.routing_stats",
+)
 
 
 def add_model_argument(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
