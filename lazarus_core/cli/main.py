@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=_cmd_models)
     __import__("lazarus_core.cli.capture", fromlist=["register"]).register(sub)
     __import__("lazarus_core.cli.introspect", fromlist=["register"]).register(sub)
+    __import__("lazarus_core.cli.generate", fromlist=["register"]).register(sub)
     return parser
 
 
