@@ -17,6 +17,7 @@ ACTION_MODULES = (
     "lazarus_core.cli.routing_taxonomy",
     "lazarus_core.cli.routing_context",
     "lazarus_core.cli.routing_stats",
+    "lazarus_core.cli.routing_interventions",
 )
 
 
