@@ -164,7 +164,7 @@ def render_card(model_dir: Path) -> str:
         f"{rank_rule}\n\n{_table(meta)}\n"
     )
     reproduce = (f"## Reproduce\n\n```bash\npython -m lazarus_core.demo.train --model {kind} --out DIR --seed {meta['seed']}"
-                 f" --steps {meta['steps']}\n```\n\nSeeded end to end (corpus, tokenizer, initialisation, batches); on another "
+                 f" --steps {meta['steps']} --threads {meta['torch_threads']}\n```\n\nSeeded end to end (corpus, tokenizer, initialisation, batches); on another "
                  "machine or thread count the floating-point results differ slightly.\n")
     return "\n".join([f"# `{meta['alias']}`: {meta['description']}\n", arch + "\n", how, _COMMON_CORPUS.format(**fmt),
                       results, props, _LOADING.format(mxfp4_note=note, alias=meta["alias"]), reproduce])
