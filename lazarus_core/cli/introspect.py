@@ -18,6 +18,7 @@ ACTION_MODULES = (
     "lazarus_core.cli.routing_context",
     "lazarus_core.cli.routing_stats",
     "lazarus_core.cli.routing_interventions",
+    "lazarus_core.cli.routing_attention",
 )
 
 

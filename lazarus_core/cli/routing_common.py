@@ -153,10 +153,10 @@ class Session:
         if tokenizer is None:
             raise ValueError(f"-m {self.spec}: the model has no tokenizer files; routing analyses need one")
         if self.attention:
-            model.config._attn_implementation = "eager"
-            for module in model.modules():
-                if hasattr(module, "config") and hasattr(module.config, "_attn_implementation"):
-                    module.config._attn_implementation = "eager"
+            if hasattr(model, "set_attn_implementation"):
+                model.set_attn_implementation("eager")
+            else:
+                model.config._attn_implementation = "eager"
         self._model, self._tokenizer, self.source_name = model, tokenizer, source.name
         self._info = find_moe_layers(model)
         return self

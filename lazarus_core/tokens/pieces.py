@@ -39,6 +39,9 @@ class PieceDecoder:
         vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
         sample = list(vocab)[:2000]
         self.byte_level = any("Ġ" in t for t in sample) or any("Ċ" in t for t in sample)
+        # A word-level vocabulary (no space markers at all): its pieces are whole words, spaced apart.
+        self.word_level = bool(sample) and not self.byte_level and not any(
+            "▁" in t or t.startswith("##") for t in sample)
         self._cache: dict[int, str] = {}
 
     def text(self, token_id: int) -> str:
@@ -56,6 +59,8 @@ class PieceDecoder:
                 out = bytes(table[c] for c in piece).decode("utf-8", errors="replace")
             else:
                 out = piece_text(piece)
+        elif self.word_level and token_id not in self.special_ids:
+            out = " " + piece
         else:
             out = piece_text(piece)
         self._cache[token_id] = out
