@@ -13,6 +13,7 @@ SUITES = {
     "expert_spectra": "benchmarks.bench_expert_spectra",
     "checkpoint_stream": "benchmarks.bench_checkpoint_stream",
     "fp8_dequant": "benchmarks.bench_fp8_dequant",
+    "capture": "benchmarks.bench_capture",
     "overlay_moe": "benchmarks.bench_overlay_moe",
 }
 
