@@ -51,8 +51,7 @@ router with bias, softmax over the top-k logits).
 3. **Low-rank specialisation** ({moe_steps} steps): expert e's weight is parametrised as
    `base + A_e @ B_e` with rank {rank} per expert and per fused tensor (`gate_up_proj`, `down_proj`);
    `base` (shared), the factors, the per-expert biases, the router and the rest of the model are
-   trained with the load-balancing loss (`router_aux_loss_coef` {aux}). Then the experts are
-   materialised and written in MXFP4.
+   trained with {balance}. Then the experts are materialised and written in MXFP4.
 
 **Why the low-rank structure survives MXFP4.** MXFP4 rounding adds full-rank noise to every expert
 ({noise}). Two choices keep the learned
@@ -135,7 +134,13 @@ def render_card(model_dir: Path) -> str:
                      f"{up['mxfp4_relative_error'] ** 2:.2%} of their energy")
         else:
             noise = "about 12% of a Gaussian-like matrix's norm, i.e. about 1.4% of its energy"
-        how = _UPCYCLED_HOW.format(noise=noise, dense_steps=meta["phases"]["dense"]["steps"], moe_steps=up["steps"],
+        if up.get("balance_loss") == "per layer":
+            balance = (f"a load-balancing loss computed for every layer separately and averaged (coefficient "
+                       f"{cfg['router_aux_loss_coef']}; transformers' own loss pools the layers, which let the "
+                       "first layers stay unbalanced in an earlier run)")
+        else:
+            balance = f"the load-balancing loss (`router_aux_loss_coef` {cfg['router_aux_loss_coef']})"
+        how = _UPCYCLED_HOW.format(noise=noise, balance=balance, dense_steps=meta["phases"]["dense"]["steps"], moe_steps=up["steps"],
                                    rank=up["delta_rank"], init=up["delta_init_ratio"], floor=up["delta_floor_ratio"],
                                    rmin=up["delta_ratio_min"], rmed=up["delta_ratio_median"], rmax=up["delta_ratio_max"],
                                    **fmt)
@@ -164,8 +169,12 @@ def render_card(model_dir: Path) -> str:
         f"{rank_rule}\n\n{_table(meta)}\n"
     )
     reproduce = (f"## Reproduce\n\n```bash\npython -m lazarus_core.demo.train --model {kind} --out DIR --seed {meta['seed']}"
-                 f" --steps {meta['steps']} --threads {meta['torch_threads']}\n```\n\nSeeded end to end (corpus, tokenizer, initialisation, batches); on another "
-                 "machine or thread count the floating-point results differ slightly.\n")
+                 f" --steps {meta['steps']} --threads {meta['torch_threads']}\n```\n\n"
+                 "Seeded end to end (corpus, tokenizer, initialisation, batches). With one torch thread two runs "
+                 "write bit-identical files on the same machine and library versions (checked at the micro size); "
+                 "another thread count, CPU or library version changes floating-point rounding, so the numbers "
+                 "move slightly. The Python part of the corpus comes from the running interpreter's standard "
+                 "library (here Python 3.11), so another Python version gives a slightly different corpus.\n")
     return "\n".join([f"# `{meta['alias']}`: {meta['description']}\n", arch + "\n", how, _COMMON_CORPUS.format(**fmt),
                       results, props, _LOADING.format(mxfp4_note=note, alias=meta["alias"]), reproduce])
 

@@ -11,7 +11,8 @@ upcycled : GPT-OSS (GptOssForCausalLM). A dense model (one expert, top-1) is tra
            per expert) together with the router and the rest of the model; the experts are materialised
            and written in MXFP4 exactly like the gpt-oss checkpoints.
 
-Everything is seeded (corpus, tokenizer, initialisation, batches); fp32 on CPU.
+Everything is seeded (corpus, tokenizer, initialisation, batches); fp32 on CPU. With one torch thread
+(the default) two runs give bit-identical files on the same machine and library versions.
 """
 
 from __future__ import annotations
@@ -509,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the size's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--micro", action="store_true", help="tiny model, tiny corpus, a few steps (CI)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1, the default, is bit-for-bit repeatable; more change reduction order)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = MICRO if args.micro else replace(FULL, steps=DEFAULT_STEPS[args.model])
