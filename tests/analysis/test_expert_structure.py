@@ -115,11 +115,12 @@ def test_parse_layers_errors():
         parse_layers("x", (1, 2))
 
 
-def test_builtin_native_model_is_native():
+@pytest.mark.parametrize("alias,expected", [("demo:native", "native-moe"), ("demo:upcycled", "pseudo-moe")])
+def test_builtin_models_are_classified_on_every_layer(alias, expected):
     from lazarus_core.models.builtin import resolve_builtin
 
-    if resolve_builtin("demo:native") is None:
-        pytest.fail("the built-in native model is not installed")
-    report = analyze_moe_type(open_moe_checkpoint("demo:native"))
-    assert [layer.moe_type for layer in report.layers] == ["native-moe"] * len(report.layers)
+    assert resolve_builtin(alias) is not None, f"the built-in model {alias} is not installed"
+    report = analyze_moe_type(open_moe_checkpoint(alias))
     assert len(report.layers) >= 4
+    assert [layer.moe_type for layer in report.layers] == [expected] * len(report.layers)
+    assert report.moe_type == expected and report.agreement == 1.0
