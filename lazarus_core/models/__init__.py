@@ -1,6 +1,6 @@
 """Model access: built-in model aliases, MoE family detection and the streaming expert reader."""
 
-from lazarus_core.models.builtin import BuiltinModel, list_builtin_models
+from lazarus_core.models.builtin import BuiltinModel, list_builtin_models, resolve_builtin
 from lazarus_core.models.checkpoint import PROJECTIONS, MoeCheckpoint, RouterWeights, open_moe_checkpoint
 from lazarus_core.models.errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
 from lazarus_core.models.families import (
@@ -16,6 +16,7 @@ from lazarus_core.models.families import (
 __all__ = [
     "BuiltinModel",
     "list_builtin_models",
+    "resolve_builtin",
     "SUPPORTED_FAMILIES",
     "DiskNames",
     "FamilySpec",
