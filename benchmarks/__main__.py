@@ -9,6 +9,7 @@ from pathlib import Path
 from benchmarks.harness import machine_header, print_table, write_json
 
 SUITES = {
+    "trigram": "benchmarks.bench_trigram",
     "mxfp4_dequant": "benchmarks.bench_mxfp4_dequant",
     "expert_spectra": "benchmarks.bench_expert_spectra",
     "checkpoint_stream": "benchmarks.bench_checkpoint_stream",

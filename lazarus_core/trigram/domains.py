@@ -119,11 +119,10 @@ def domain_test(topk_ids: np.ndarray, doc_ids: np.ndarray, doc_domains: dict[int
     if len(domains) < 2:
         raise ValueError(f"a domain test needs at least two domains, got {domains}")
     docs = np.array(sorted(doc_domains), dtype=np.int64)
-    doc_index = {d: i for i, d in enumerate(docs)}
     keep = np.isin(doc_ids, docs)
     ids = np.asarray(topk_ids)[keep]
     ids = ids[:, :1] if slots == "primary" else ids
-    row = np.array([doc_index[int(d)] for d in np.asarray(doc_ids)[keep]], dtype=np.int64)
+    row = np.searchsorted(docs, np.asarray(doc_ids)[keep]).astype(np.int64)
     # doc x expert counts, then domain x expert by summing documents
     per_doc = np.bincount((row[:, None] * num_experts + ids).reshape(-1),
                           minlength=len(docs) * num_experts).reshape(len(docs), num_experts)

@@ -66,8 +66,9 @@ def coactivation_matrix(topk_ids: np.ndarray, num_experts: int, chunk: int = 1 <
     out = np.zeros((num_experts, num_experts), dtype=np.float64)
     for start in range(0, len(topk_ids), chunk):
         ids = np.asarray(topk_ids[start:start + chunk])
-        onehot = np.zeros((len(ids), num_experts), dtype=np.float32)
-        np.put_along_axis(onehot, ids.astype(np.int64), 1.0, axis=1)
+        onehot = np.zeros(len(ids) * num_experts, dtype=np.float32)
+        onehot[(np.arange(len(ids))[:, None] * num_experts + ids).reshape(-1)] = 1.0
+        onehot = onehot.reshape(len(ids), num_experts)
         out += onehot.T @ onehot
     return np.rint(out).astype(np.int64)
 
