@@ -2,7 +2,6 @@
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,15 +9,9 @@ from safetensors.torch import save_file
 
 from lazarus_core.analysis.expert_structure import analyze_projection
 from lazarus_core.models import open_moe_checkpoint
+from tests.memory import reset_peak, status_mb
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-
-
-def _status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
 
 
 def test_layer_analysis_peak_memory_is_a_few_experts(tmp_path):
@@ -33,13 +26,9 @@ def test_layer_analysis_peak_memory_is_a_few_experts(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     ckpt = open_moe_checkpoint(tmp_path)
     analyze_projection(ckpt, 0, "up")  # warm-up: lazy imports, allocator pools, BLAS/LAPACK workspaces
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current RSS
-    except OSError:
-        pytest.skip("cannot reset VmHWM here")
-    baseline = _status_mb("VmRSS")
+    baseline = reset_peak()
     result = analyze_projection(ckpt, 0, "up")
-    growth = _status_mb("VmHWM") - baseline
+    growth = status_mb("VmHWM") - baseline
     expert_mb = out_dim * in_dim * 4 / 2**20
     assert len(result.experts_rank_95) == experts
     assert growth < 8 * expert_mb, f"peak grew {growth:.1f} MiB = {growth / expert_mb:.1f} experts (of {experts})"

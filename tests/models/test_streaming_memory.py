@@ -2,22 +2,15 @@
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from lazarus_core.models import open_moe_checkpoint
+from tests.memory import reset_peak, status_mb
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-
-
-def _status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
 
 
 def test_peak_rss_stays_within_a_few_experts(tmp_path):
@@ -29,14 +22,10 @@ def test_peak_rss_stays_within_a_few_experts(tmp_path):
                for e in range(experts)}, str(tmp_path / "model.safetensors"))
     ckpt = open_moe_checkpoint(tmp_path)
     ckpt.expert_weight(0, "up", 0)  # warm up lazy imports and the file handle
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current RSS
-    except OSError:
-        pytest.skip("cannot reset VmHWM here")
-    baseline = _status_mb("VmRSS")
+    baseline = reset_peak()
     total = 0.0
     for _, w in ckpt.iter_experts(0, "up"):
         total += float(w[0, 0])
     expert_mb = out_dim * in_dim * 4 / 2**20
-    growth = _status_mb("VmHWM") - baseline
+    growth = status_mb("VmHWM") - baseline
     assert growth < 6 * expert_mb, f"peak grew {growth:.1f} MiB = {growth / expert_mb:.1f} experts (of {experts})"
