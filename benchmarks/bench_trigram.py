@@ -59,8 +59,19 @@ def _explore_rows(repeats: int) -> list[BenchRow]:
     it = iter(prompts * (repeats + 10))
     t = median_seconds(lambda: explorer.analyse(next(it)), repeats=max(repeats, 20), warmup=3)
     n_tok = np.mean([len(session.encode(p)) for p in prompts])
-    return [BenchRow("explore: new prompt (route + classify + render)", "cpu", f"demo:native, ~{n_tok:.0f} tokens", "fp32",
+    rows = [BenchRow("explore: new prompt (route + classify + render)", "cpu", f"demo:native, ~{n_tok:.0f} tokens", "fp32",
                      t * 1e3, extra={"model_load_s": round(load_s, 2)})]
+    # token classification throughput (what labelling a real trace costs), demo corpus prompts
+    from lazarus_core.tokens import PieceDecoder
+    from lazarus_core.trigram.prompts import taxonomy_corpus
+
+    docs = [session.encode(p) for p in taxonomy_corpus(list(CATEGORIES), 40, seed=3)[0]]
+    decoder = PieceDecoder(session.tokenizer)
+    n_cls = sum(map(len, docs))
+    t = median_seconds(lambda: [decoder.classify_ids(session.classifier, d) for d in docs], repeats=3, warmup=1)
+    rows.append(BenchRow("token classification (both views)", "python", f"{n_cls:,} tokens, {len(docs)} docs", "-",
+                         t * 1e3, extra={"tokens_per_s": round(n_cls / t)}))
+    return rows
 
 
 def run(repeats: int = 3) -> tuple[list[BenchRow], dict]:

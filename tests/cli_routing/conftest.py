@@ -18,6 +18,16 @@ def native_model():
 
 
 @pytest.fixture(scope="session")
+def upcycled_model():
+    """The built-in upcycled demo model's alias (GPT-OSS, MXFP4; skip when it is not installed)."""
+    from lazarus_core.models.builtin import resolve_builtin
+
+    if resolve_builtin("demo:upcycled") is None:
+        pytest.skip("demo:upcycled is not installed")
+    return "demo:upcycled"
+
+
+@pytest.fixture(scope="session")
 def other_family_model(tmp_path_factory):
     """A tiny random Qwen3-MoE checkpoint (another family, word-level tokenizer with <unk>) on disk."""
     from tests.routing.tiny_models import save_tiny_checkpoint

@@ -43,6 +43,33 @@ def test_every_action_on_demo_native(action, native_model, run_cli):
     assert payload["action"] == action
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("action", list(ACTIONS))
+def test_every_action_on_demo_upcycled(action, upcycled_model, run_cli):
+    code, payload, err = run_cli(*ACTIONS[action], "-m", upcycled_model)
+    assert code == 0, err
+    assert payload["action"] == action
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3", "gpt_oss"])
+def test_explore_and_weights_on_every_family(family, tmp_path, run_cli):
+    from tests.routing.tiny_models import save_tiny_checkpoint, tiny_config
+
+    path = str(save_tiny_checkpoint(family, tmp_path / family))
+    code, payload, err = run_cli("explore", "-m", path, "-p", "the man is to the water as one is to two")
+    assert code == 0, err
+    routed = payload["log"][0]
+    k = tiny_config(family).num_experts_per_tok
+    assert all(np.array(v["topk_ids"]).shape == (len(routed["token_ids"]), k) for v in routed["layers"].values())
+    # <s> the <unk>(man) is to the water as: specials are SP, words keep their types
+    assert routed["types"]["semantic"][:8] == ["SP", "FUNC", "SP", "FUNC", "TO", "FUNC", "NOUN", "AS"]
+    code, w, err = run_cli("weights", "-m", path, "-p", "it is what it is", "-p", "one two three")
+    assert code == 0, err
+    sums = [layer["row_sum_mean"] for layer in w["layers"]]
+    if family in ("mixtral", "gpt_oss"):                                     # softmax over the k best: rows sum to 1
+        assert sums == pytest.approx([1.0] * len(sums), abs=1e-5)
+
+
 def test_explore_routing_matches_a_batched_capture(native_model, run_cli, tmp_path):
     prompt = "King is to queen as man is to woman"
     code, payload, err = run_cli("explore", "-m", native_model, "-p", prompt)
