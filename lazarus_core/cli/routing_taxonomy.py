@@ -36,7 +36,11 @@ def run_full_taxonomy(args: argparse.Namespace) -> int:
                                     min_activations=args.min_activations, seed=args.seed)
     doc_ids = trace.doc_ids
     per_category = []
-    known = [c for c in categories if c in set(doc_labels.values())] if doc_labels else []
+    present = sorted(set(doc_labels.values()))
+    if args.trace and args.categories is None:          # a reused trace: every label it carries
+        known = present
+    else:
+        known = [c for c in categories if c in present]
     focus = layers[len(layers) // 2]
     for c in known:
         docs = np.array([d for d, lab in doc_labels.items() if lab == c])

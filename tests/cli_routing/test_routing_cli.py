@@ -226,3 +226,41 @@ def test_explore_repl_commands(other_family_model):
     assert ex.execute("l 7") and ex.layer == 0                             # error printed, state kept
     assert ex.execute("d 99") and ex.log[-1]["command"] == "deep-dive" and ex.log[-1]["position"] == 2
     assert not ex.execute("q")
+
+
+def test_reused_trace_gives_the_same_domain_test(native_model, run_cli, tmp_path):
+    code, first, err = run_cli("domain-test", "-m", native_model, "--prompts-per-domain", "3", "--permutations", "0",
+                               "--save-trace", str(tmp_path / "t"))
+    assert code == 0, err
+    code, again, err = run_cli("domain-test", "--trace", str(tmp_path / "t"), "--permutations", "0")
+    assert code == 0, err
+    assert [l["chi2"] for l in again["layers"]] == pytest.approx([l["chi2"] for l in first["layers"]])
+    code, tax, err = run_cli("full-taxonomy", "--trace", str(tmp_path / "t"), "--view", "structural")
+    assert code == 0, err
+    assert tax["specialisation"]["view"] == "structural"
+    # a reused trace's own labels (here the domains) become the categories
+    assert {c["category"] for c in tax["categories_detail"]} == {"math", "code", "language", "reasoning"}
+    assert all("→" in e["top_pattern"] for l in tax["specialisation"]["layers"] for e in l["experts"] if e["top_pattern"])
+
+
+def test_lexicon_file_reaches_the_commands(other_family_model, run_cli, tmp_path):
+    lex = tmp_path / "lex.txt"
+    lex.write_text("[SYN]\nwater\n")
+    code, payload, err = run_cli("explore", "-m", other_family_model, "-p", "the water", "--lexicon", str(lex))
+    assert code == 0, err
+    assert payload["log"][0]["types"]["semantic"] == ["SP", "FUNC", "SYN"]
+    code, payload, err = run_cli("explore", "-m", other_family_model, "-p", "the water", "--lexicon", str(lex),
+                                 "--lexicon-replace")
+    assert payload["log"][0]["types"]["semantic"] == ["SP", "CW", "SYN"]   # 'the' is no longer known
+    code, _, err = run_cli("explore", "-m", other_family_model, "-p", "x", "--lexicon", str(tmp_path / "nope.txt"),
+                           output=False)
+    assert code == 2 and "--lexicon file" in err
+
+
+def test_explore_repl_reads_lines_and_keeps_history(other_family_model, monkeypatch, tmp_path, run_cli):
+    lines = iter(["the water is long", "l 0", "a", "d 1", "q"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setenv("LAZARUS_EXPLORE_HISTORY", str(tmp_path / "history"))
+    code, payload, err = run_cli("explore", "-m", other_family_model)
+    assert code == 0, err
+    assert [e["command"] for e in payload["log"]] == ["prompt", "all-layers", "deep-dive"] and payload["layer"] == 0
