@@ -128,8 +128,6 @@ def run_attention_routing(args: argparse.Namespace) -> int:
     """Per position: where it attends and which experts it gets; per layer: attention similarity vs expert overlap."""
     from rich.table import Table
 
-    from lazarus_core.tokens import PieceDecoder
-
     session = Session(args, attention=True)
     prompts = args.prompt or ["King is to queen as man is to woman", "2 + 3 = 5", "If it rains, the grass gets wet."]
     layers = choose_layers(args, sorted(session.info.layers), many=True)
@@ -141,7 +139,7 @@ def run_attention_routing(args: argparse.Namespace) -> int:
     for p in prompts:
         ids = session.encode(p)
         attn, routed = attention_and_routing(session, ids, layers)
-        types = PieceDecoder(session.tokenizer).classify_ids(session.classifier, ids)
+        types = session.decoder.classify_ids(session.classifier, ids)
         for l in layers:
             rows_by_layer[l].append(attn[l].mean(0))
             sets_by_layer[l].append(routed[l][0])
@@ -176,8 +174,6 @@ def run_attention_pattern(args: argparse.Namespace) -> int:
     """Each head's attention from one position at one layer, and the experts that position gets there."""
     from rich.table import Table
 
-    from lazarus_core.tokens import PieceDecoder
-
     session = Session(args, attention=True)
     prompt = args.prompt or "King is to queen as man is to woman"
     ids = session.encode(prompt)
@@ -186,7 +182,7 @@ def run_attention_pattern(args: argparse.Namespace) -> int:
     if not 0 <= pos < len(ids):
         raise ValueError(f"--position {pos} is out of range: the prompt has {len(ids)} tokens (0..{len(ids) - 1})")
     attn, routed = attention_and_routing(session, ids, [layer])
-    types = PieceDecoder(session.tokenizer).classify_ids(session.classifier, ids)
+    types = session.decoder.classify_ids(session.classifier, ids)
     a = attn[layer][:, pos, : pos + 1]                              # [H, pos+1]
     con = console()
     con.print(f"layer {layer}, position {pos} {types.tokens[pos]!r} ({types.semantic[pos]}): experts "

@@ -147,9 +147,14 @@ class Session:
         from lazarus_core.routing.loading import load_model
         from lazarus_core.routing.locate import find_moe_layers
 
-        model, tokenizer, source = load_model(self.spec, revision=getattr(self.args, "revision", None),
-                                              device=getattr(self.args, "device", "cpu"),
-                                              trust_remote_code=getattr(self.args, "trust_remote_code", False))
+        try:
+            model, tokenizer, source = load_model(self.spec, revision=getattr(self.args, "revision", None),
+                                                  device=getattr(self.args, "device", "cpu"),
+                                                  trust_remote_code=getattr(self.args, "trust_remote_code", False))
+        except FileNotFoundError:
+            raise
+        except OSError as exc:            # a user error (unloadable checkpoint): one line, exit code 2
+            raise ValueError(str(exc)) from None
         if tokenizer is None:
             raise ValueError(f"-m {self.spec}: the model has no tokenizer files; routing analyses need one")
         if self.attention:
@@ -202,6 +207,15 @@ class Session:
                                                             replace=getattr(a, "lexicon_replace", False)), tagger)
         return self._classifier
 
+    @property
+    def decoder(self):
+        """A cached :class:`lazarus_core.tokens.PieceDecoder` for the tokenizer."""
+        if getattr(self, "_decoder", None) is None:
+            from lazarus_core.tokens import PieceDecoder
+
+            self._decoder = PieceDecoder(self.tokenizer)
+        return self._decoder
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (special tokens as the tokenizer adds them); empty text is a ValueError."""
         if not text or not text.strip():
@@ -226,10 +240,8 @@ class Session:
 
     def route(self, text: str, layers: list[int] | None = None) -> PromptRouting:
         """Tokenise, classify and route ``text`` (in memory)."""
-        from lazarus_core.tokens import PieceDecoder
-
         ids = self.encode(text)
-        types = PieceDecoder(self.tokenizer).classify_ids(self.classifier, ids)
+        types = self.decoder.classify_ids(self.classifier, ids)
         return PromptRouting(text, ids, types, self.route_ids(ids, layers))
 
     # ------------------------------------------------------------------------------------- traces

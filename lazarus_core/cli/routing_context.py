@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 from lazarus_core.cli.routing_common import Session, add_common, choose_layers, console, emit, experts_str
 
 
@@ -27,10 +25,9 @@ def _check_token(session: Session, token: str) -> None:
 
 
 def _occurrences(session: Session, trace, token: str, view: str, contexts: list[str] | None):
-    from lazarus_core.tokens import PieceDecoder
     from lazarus_core.trigram.context import find_occurrences
 
-    occ = find_occurrences(trace, PieceDecoder(session.tokenizer), session.classifier, token, view)
+    occ = find_occurrences(trace, session.decoder, session.classifier, token, view)
     if contexts:
         missing = sorted(set(range(len(contexts))) - {o.doc for o in occ})
         if missing:

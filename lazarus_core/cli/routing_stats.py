@@ -87,8 +87,6 @@ def run_trace(args: argparse.Namespace) -> int:
     """Every token of one prompt (or one document of a trace) through every layer: experts and weights."""
     from rich.table import Table
 
-    from lazarus_core.tokens import PieceDecoder
-
     session = Session(args)
     if args.trace:
         from lazarus_core.routing.trace_reader import load_trace
@@ -96,7 +94,7 @@ def run_trace(args: argparse.Namespace) -> int:
         trace = load_trace(args.trace)
         session.spec = session.spec or trace.meta.get("tokenizer") or trace.meta.get("model")
         span = trace.document(args.doc)
-        types = PieceDecoder(session.tokenizer).classify_ids(session.classifier, span.token_ids)
+        types = session.decoder.classify_ids(session.classifier, span.token_ids)
         layers = choose_layers(args, trace.layers, many=True)
         routing = {l: (span.layer(l).topk_ids, span.layer(l).topk_weights) for l in layers}
         text = "".join(types.tokens)

@@ -6,7 +6,7 @@ import argparse
 
 import numpy as np
 
-from lazarus_core.cli.routing_common import Session, add_common, choose_layers, console, emit, experts_str
+from lazarus_core.cli.routing_common import Session, add_common, choose_layers, console, emit
 
 
 def _labels(session: Session, trace):
