@@ -72,13 +72,33 @@ def code_line_mask(text: str) -> list[tuple[int, int, bool]]:
     return lines
 
 
+_PROSE_IN_CODE = re.compile(r"""#[^\n]*|"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'""")
+
+
+def _prose_ranges(text: str, lines: list[tuple[int, int, bool]]) -> list[tuple[int, int]]:
+    """Comment and string-literal contents on code lines: their words are prose, not identifiers."""
+    out = []
+    for start, end, code in lines:
+        if code:
+            for m in _PROSE_IN_CODE.finditer(text, start, end):
+                out.append((m.start() + 1, m.end() - (0 if m.group().startswith("#") else 1)))
+    return out
+
+
 def split_spans(text: str) -> list[Span]:
-    """Cut ``text`` into contiguous :class:`Span` objects that cover it exactly, in order."""
+    """Cut ``text`` into contiguous :class:`Span` objects that cover it exactly, in order.
+
+    A span is ``code`` when it sits on a code line outside comments and string literals.
+    """
     lines = code_line_mask(text)
-    spans, li = [], 0
+    prose = _prose_ranges(text, lines)
+    spans, li, pi = [], 0, 0
     for m in _SPAN_RE.finditer(text):
         while li < len(lines) - 1 and m.start() >= lines[li][1]:
             li += 1
+        while pi < len(prose) and m.start() >= prose[pi][1]:
+            pi += 1
+        in_prose = pi < len(prose) and prose[pi][0] <= m.start() < prose[pi][1]
         kind = "NUM" if m.lastgroup == "NUMDOT" else m.lastgroup
-        spans.append(Span(m.start(), m.end(), kind, m.group(), lines[li][2]))
+        spans.append(Span(m.start(), m.end(), kind, m.group(), lines[li][2] and not in_prose))
     return spans

@@ -130,3 +130,12 @@ def test_pos_tagger_hook_is_consulted_for_prose_words():
 
     t = TokenClassifier(pos_tagger=tagger).classify_pieces(["they", "Ġzorblax", "Ġthe", "Ġqueen"])
     assert t.semantic == ["FUNC", "VERB", "FUNC", "NOUN"] and seen == ["they", "zorblax", "the", "queen"]
+
+
+def test_comments_and_strings_in_code_are_prose(clf):
+    t = clf.classify_pieces(["def", "Ġf", "():", "Ċ", "ĠĠĠ", "Ġ#", "Ġif", "Ġnot", "Ċ", "ĠĠĠ", "Ġreturn", "Ġ\"", "as",
+                             "Ġhappy", "\"", "Ġif", "Ġx"])
+    by_word = {(w, i): s for i, (w, s) in enumerate(zip(t.words, t.semantic))}
+    assert by_word[("if", 6)] == "COND" and by_word[("not", 7)] == "NEG"          # in the comment
+    assert by_word[("as", 12)] == "AS" and by_word[("happy", 13)] == "ADJ"        # in the string
+    assert by_word[("if", 15)] == "KW" and by_word[("x", 16)] == "VAR"            # code again
