@@ -4,6 +4,10 @@
 #include <algorithm>
 #include <cstring>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
 #include "overlay_moe/overlay_moe.h"
 #include "overlay_moe/overlay_moe_math.h"
 
@@ -13,9 +17,9 @@ namespace {
 constexpr int64_t kCols = 64;   // columns per block (fits 4 pairs x 2 accumulators x 64 floats in L1)
 constexpr int64_t kTile = 4;    // pairs sharing one pass over an expert's expand rows
 
-// acc[q][c] += sum_j s[q][j] * at[j][c0 + c]   for q < n pairs, c < w columns
-inline void expand_tile(float (*acc)[kCols], const float* const* s, int64_t n, const float* at, int64_t rank,
-                        int64_t ld, int64_t c0, int64_t w) {
+// acc[q][c] += sum_j s[q][j] * at[j][c0 + c]   for q < n pairs, c < w columns (portable loop)
+inline void expand_tile_portable(float (*acc)[kCols], const float* const* s, int64_t n, const float* at, int64_t rank,
+                                 int64_t ld, int64_t c0, int64_t w) {
   for (int64_t j = 0; j < rank; ++j) {
     const float* row = at + j * ld + c0;
     for (int64_t q = 0; q < n; ++q) {
@@ -25,6 +29,60 @@ inline void expand_tile(float (*acc)[kCols], const float* const* s, int64_t n, c
       for (int64_t c = 0; c < w; ++c) out[c] += sj * row[c];
     }
   }
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+// Register-blocked AVX2/FMA micro-kernel: N pairs x 16 columns stay in 2N ymm accumulators for the whole
+// rank loop, so each expand row is loaded once per N pairs and no accumulator goes through memory.
+template <int N>
+__attribute__((target("avx2,fma"))) void expand_tile_avx2(float (*acc)[kCols], const float* const* s, const float* at,
+                                                          int64_t rank, int64_t ld, int64_t c0, int64_t w) {
+  int64_t c = 0;
+  for (; c + 16 <= w; c += 16) {
+    __m256 v[N][2];
+    for (int q = 0; q < N; ++q) {
+      v[q][0] = _mm256_loadu_ps(acc[q] + c);
+      v[q][1] = _mm256_loadu_ps(acc[q] + c + 8);
+    }
+    const float* col = at + c0 + c;
+    for (int64_t j = 0; j < rank; ++j) {
+      const __m256 r0 = _mm256_loadu_ps(col + j * ld);
+      const __m256 r1 = _mm256_loadu_ps(col + j * ld + 8);
+      for (int q = 0; q < N; ++q) {
+        const __m256 b = _mm256_broadcast_ss(s[q] + j);
+        v[q][0] = _mm256_fmadd_ps(b, r0, v[q][0]);
+        v[q][1] = _mm256_fmadd_ps(b, r1, v[q][1]);
+      }
+    }
+    for (int q = 0; q < N; ++q) {
+      _mm256_storeu_ps(acc[q] + c, v[q][0]);
+      _mm256_storeu_ps(acc[q] + c + 8, v[q][1]);
+    }
+  }
+  for (; c < w; ++c)
+    for (int q = 0; q < N; ++q)
+      for (int64_t j = 0; j < rank; ++j) acc[q][c] += s[q][j] * at[j * ld + c0 + c];
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#endif
+
+inline void expand_tile(float (*acc)[kCols], const float* const* s, int64_t n, const float* at, int64_t rank,
+                        int64_t ld, int64_t c0, int64_t w) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (cpu_has_avx2_fma()) {
+    switch (n) {
+      case 1: return expand_tile_avx2<1>(acc, s, at, rank, ld, c0, w);
+      case 2: return expand_tile_avx2<2>(acc, s, at, rank, ld, c0, w);
+      case 3: return expand_tile_avx2<3>(acc, s, at, rank, ld, c0, w);
+      default: return expand_tile_avx2<4>(acc, s, at, rank, ld, c0, w);
+    }
+  }
+#endif
+  expand_tile_portable(acc, s, n, at, rank, ld, c0, w);
 }
 
 }  // namespace

@@ -49,11 +49,12 @@ def _bytes_table(title: str, rows: list[tuple[str, object]]):
     return table
 
 
-def _preset_plans(ckpt, layers, spectra, dtype, model):
+def _preset_plans(ckpt, layers, spectra, dtype, model, args):
     from lazarus_core.overlay.compute import plan_overlay
     from lazarus_core.overlay.ranks import PRESETS, make_policy
 
-    return {name: plan_overlay(ckpt, layers, make_policy(preset=name), dtype=dtype, spectra=spectra, model_name=model)
+    return {name: plan_overlay(ckpt, layers, make_policy(preset=name), dtype=dtype, spectra=spectra, model_name=model,
+                               base_method=args.base_method, base_dtype=args.base_dtype)
             for name in PRESETS}
 
 
@@ -73,12 +74,14 @@ def _run_estimate(args: argparse.Namespace) -> int:
             for p in ("gate", "up", "down"):
                 r = policy.projection_ranks[p] if policy.projection_ranks else policy.rank
                 ranks[(layer, p)] = min(r, min(ckpt.projection_shape(p)))
-        chosen = byte_report(ckpt, ranks, args.dtype, layers)
+        chosen = byte_report(ckpt, ranks, args.dtype, layers, args.base_dtype)
         rows, presets = [(policy.describe(), chosen)], {}
     else:
-        spectra = compute_spectra(ckpt, layers, backend=args.backend, progress=not args.no_progress)
-        chosen = plan_overlay(ckpt, layers, policy, dtype=args.dtype, spectra=spectra, model_name=args.model).bytes
-        presets = {k: v.bytes for k, v in _preset_plans(ckpt, layers, spectra, args.dtype, args.model).items()}
+        spectra = compute_spectra(ckpt, layers, backend=args.backend, progress=not args.no_progress,
+                                  base_method=args.base_method)
+        chosen = plan_overlay(ckpt, layers, policy, dtype=args.dtype, spectra=spectra, model_name=args.model,
+                              base_method=args.base_method, base_dtype=args.base_dtype).bytes
+        presets = {k: v.bytes for k, v in _preset_plans(ckpt, layers, spectra, args.dtype, args.model, args).items()}
         rows = [(policy.describe(), chosen)] + [(f"preset {k}", v) for k, v in presets.items()]
     console.print(_bytes_table(f"{args.model} ({ckpt.family}, {ckpt.num_experts} experts, experts stored as "
                                f"{chosen.source_storage}; overlay {args.dtype})", rows))
@@ -96,7 +99,8 @@ def _run_estimate(args: argparse.Namespace) -> int:
 def _plan_table(plan, verbose: bool):
     from rich.table import Table
 
-    table = Table(title=f"{plan.model}: overlay plan ({plan.policy.describe()}, {plan.dtype})")
+    table = Table(title=f"{plan.model}: overlay plan ({plan.policy.describe()}, {plan.dtype}, base "
+                        f"{plan.base_method} in {plan.base_dtype or plan.dtype})")
     for col in ("layer", "proj", "shape", "rank", "energy kept", "err mean", "err max", "bytes"):
         table.add_column(col, justify="right")
     for p in plan.projections:
@@ -125,7 +129,8 @@ def _run_compute(args: argparse.Namespace) -> int:
 
     ckpt, layers = _open(args)
     plan = plan_overlay(ckpt, layers, _policy(args), dtype=args.dtype, backend=args.backend,
-                        progress=not args.no_progress, model_name=args.model)
+                        progress=not args.no_progress, model_name=args.model, base_method=args.base_method,
+                        base_dtype=args.base_dtype)
     _print_plan(plan, Console(), args.verbose)
     if args.output:
         write_json(args.output, plan.to_dict())
@@ -141,9 +146,11 @@ def _run_compress(args: argparse.Namespace) -> int:
     ckpt, layers = _open(args)
     policy = _policy(args)
     console = Console()
-    spectra = compute_spectra(ckpt, layers, backend=args.backend, progress=not args.no_progress)
-    plan = plan_overlay(ckpt, layers, policy, dtype=args.dtype, spectra=spectra, model_name=args.model)
-    presets = _preset_plans(ckpt, layers, spectra, args.dtype, args.model)
+    spectra = compute_spectra(ckpt, layers, backend=args.backend, progress=not args.no_progress,
+                              base_method=args.base_method)
+    plan = plan_overlay(ckpt, layers, policy, dtype=args.dtype, spectra=spectra, model_name=args.model,
+                        base_method=args.base_method, base_dtype=args.base_dtype)
+    presets = _preset_plans(ckpt, layers, spectra, args.dtype, args.model, args)
     _print_plan(plan, console, args.verbose)
     for name, p in presets.items():  # preset labels state the ratio they give on THIS model
         mark = " (chosen)" if policy.preset == name else ""
@@ -215,6 +222,10 @@ def _common(parser: argparse.ArgumentParser, *, ranks: bool = True) -> None:
         parser.add_argument("--target-ratio", type=float, default=None,
                             help="expert compression ratio to reach; ranks go where they keep most delta energy per byte")
         parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="overlay storage dtype")
+        parser.add_argument("--base", dest="base_method", default="refined", choices=("refined", "mean"),
+                            help="shared base: mean of the experts, or refined by alternating least squares (default)")
+        parser.add_argument("--base-dtype", default=None, choices=("bf16", "fp16", "fp32", "mxfp4"),
+                            help="storage of the base (default: --dtype); mxfp4 = 4.25 bits/value like gpt-oss experts")
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_output_argument(parser)

@@ -22,7 +22,8 @@ from lazarus_core.overlay.format import (CONFIG_NAME, FORMAT_NAME, FORMAT_VERSIO
                                          tensor_name, write_layer_shard)
 from lazarus_core.overlay.ranks import RankPolicy, choose_ranks
 from lazarus_core.overlay.sizes import DTYPES, ByteReport, byte_report, expert_bytes_as_stored, overlay_projection_bytes
-from lazarus_core.overlay.spectra import ProjectionSpectrum, error_summary, iter_deltas, mean_expert, projection_spectrum
+from lazarus_core.overlay.spectra import (ProjectionSpectrum, error_summary, iter_deltas, noise_edges, overlay_base,
+                                          projection_spectrum)
 
 
 @dataclass
@@ -57,6 +58,8 @@ class OverlayPlan:
     bytes: ByteReport
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    base_method: str = "refined"
+    base_dtype: str | None = None
 
     def ranks(self) -> dict[tuple[int, str], int]:
         return {(p.layer, p.projection): p.rank for p in self.projections}
@@ -64,7 +67,8 @@ class OverlayPlan:
     def to_dict(self) -> dict:
         return {"model": self.model, "family": self.family, "num_experts": self.num_experts, "top_k": self.top_k,
                 "layers": self.layers, "policy": self.policy.to_dict(), "policy_description": self.policy.describe(),
-                "dtype": self.dtype, "projections": [p.to_dict() for p in self.projections],
+                "dtype": self.dtype, "base_method": self.base_method, "base_dtype": self.base_dtype or self.dtype,
+                "projections": [p.to_dict() for p in self.projections],
                 "bytes": self.bytes.to_dict(), "seconds": self.seconds, "notes": self.notes}
 
 
@@ -104,21 +108,22 @@ def progress_bar(enabled: bool, total: int, description: str) -> Iterator[Callab
         yield advance
 
 
-def compute_spectra(ckpt: MoeCheckpoint, layers: list[int], *, backend: str = "auto", progress: bool = False
-                    ) -> dict[tuple[int, str], ProjectionSpectrum]:
-    """Delta spectra of every (layer, projection) in ``layers``."""
+def compute_spectra(ckpt: MoeCheckpoint, layers: list[int], *, backend: str = "auto", progress: bool = False,
+                    base_method: str = "refined") -> dict[tuple[int, str], ProjectionSpectrum]:
+    """Delta spectra (from the ``base_method`` base) of every (layer, projection) in ``layers``."""
     out = {}
     with progress_bar(progress, len(layers) * len(PROJECTIONS) * ckpt.num_experts, "delta spectra") as advance:
         for layer in layers:
             for p in PROJECTIONS:
-                out[(layer, p)] = projection_spectrum(ckpt, layer, p, backend=backend,
+                out[(layer, p)] = projection_spectrum(ckpt, layer, p, backend=backend, base_method=base_method,
                                                       on_expert=lambda: advance(f"spectra layer {layer} {p}"))
     return out
 
 
 def plan_overlay(ckpt: MoeCheckpoint, layers: list[int], policy: RankPolicy, *, dtype: str = "bf16",
                  backend: str = "auto", progress: bool = False, model_name: str | None = None,
-                 spectra: dict[tuple[int, str], ProjectionSpectrum] | None = None) -> OverlayPlan:
+                 spectra: dict[tuple[int, str], ProjectionSpectrum] | None = None, base_method: str = "refined",
+                 base_dtype: str | None = None) -> OverlayPlan:
     """Choose ranks for ``layers`` under ``policy`` and predict bytes and errors.
 
     Parameters
@@ -134,7 +139,12 @@ def plan_overlay(ckpt: MoeCheckpoint, layers: list[int], policy: RankPolicy, *, 
     progress : bool
     model_name : str, optional
     spectra : dict, optional
-        Precomputed spectra (computed when None).
+        Precomputed spectra (computed when None, from the ``base_method`` base).
+    base_method : {"refined", "mean"}
+        How the shared base is formed (see :func:`lazarus_core.overlay.spectra.overlay_base`).
+    base_dtype : {"bf16", "fp16", "fp32", "mxfp4"}, optional
+        Storage of the base (default: ``dtype``). ``"mxfp4"`` quantises the base like gpt-oss experts
+        (4.25 bits/value; needs ``in`` divisible by 32).
 
     Returns
     -------
@@ -144,25 +154,32 @@ def plan_overlay(ckpt: MoeCheckpoint, layers: list[int], policy: RankPolicy, *, 
     """
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if base_dtype not in (None, "mxfp4", *DTYPES):
+        raise ValueError(f"--base-dtype must be one of {sorted(DTYPES) + ['mxfp4']}, got {base_dtype!r}")
+    if base_dtype == "mxfp4":
+        bad = [p for p in PROJECTIONS if ckpt.projection_shape(p)[1] % 32]
+        if bad:
+            raise ValueError(f"--base-dtype mxfp4 needs input sizes divisible by 32; {bad} are not")
     t0 = time.perf_counter()
-    spectra = spectra if spectra is not None else compute_spectra(ckpt, layers, backend=backend, progress=progress)
+    spectra = spectra if spectra is not None else compute_spectra(ckpt, layers, backend=backend, progress=progress,
+                                                                  base_method=base_method)
     stored = expert_bytes_as_stored(ckpt)
     ranks = choose_ranks(policy, spectra, dtype=dtype, has_bias=ckpt.spec.expert_bias,
-                         original_expert_bytes=sum(stored[layer] for layer in layers))
+                         original_expert_bytes=sum(stored[layer] for layer in layers), base_dtype=base_dtype)
     projections = []
     for (layer, p), sp in spectra.items():
         r = ranks[(layer, p)]
         projections.append(ProjectionPlan(layer, p, list(sp.shape), r, sp.max_rank, sp.captured_energy(r),
                                           error_summary(sp.relative_errors(r)),
                                           overlay_projection_bytes(sp.shape, ckpt.num_experts, r,
-                                                                   ckpt.spec.expert_bias, dtype)))
-    report = byte_report(ckpt, ranks, dtype, layers)
+                                                                   ckpt.spec.expert_bias, dtype, base_dtype)))
+    report = byte_report(ckpt, ranks, dtype, layers, base_dtype)
     notes = []
     if report.expert_ratio < 1.0:
         notes.append(f"the overlay does not pay here: it is {1 / report.expert_ratio:.2f}x LARGER than the experts as "
                      f"stored ({report.source_storage})")
     return OverlayPlan(model_name or ckpt.source.name, ckpt.family, ckpt.num_experts, ckpt.spec.top_k, list(layers),
-                       policy, dtype, projections, report, time.perf_counter() - t0, notes)
+                       policy, dtype, projections, report, time.perf_counter() - t0, notes, base_method, base_dtype)
 
 
 def factorize(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +213,10 @@ def _config(ckpt: MoeCheckpoint, plan: OverlayPlan, model: str, revision: str | 
         "hidden_size": ckpt.spec.hidden_size, "intermediate_size": ckpt.spec.expert_intermediate_size,
         "moe_layers": plan.layers, "source_moe_layers": list(ckpt.moe_layers),
         "activation": activation, "swiglu_alpha": alpha, "swiglu_limit": limit,
-        "base": "mean of the layer's experts (per projection); A[e] @ B[e] = truncated SVD of W_e - base",
+        "base": ("mean of the layer's experts (per projection)" if plan.base_method == "mean" else
+                 "refined: alternating least squares from the mean, base = mean_e(W_e - low-rank part of W_e - base)")
+                + "; A[e] @ B[e] = truncated SVD of W_e - base",
+        "base_method": plan.base_method, "base_dtype": plan.base_dtype or plan.dtype,
         "orientation": "[out, in]; expert e = base + A[e] @ B[e]",
         "dtype": plan.dtype, "policy": plan.policy.to_dict(), "policy_description": plan.policy.describe(),
         "layers": layers, "bytes": plan.bytes.to_dict(), "complete": complete,
@@ -215,6 +235,7 @@ def _shard_is_current(path: Path, layer: int, plan: OverlayPlan) -> bool:
         return False
     want = {p.projection: p.rank for p in plan.projections if p.layer == layer}
     return meta.get("format") == FORMAT_NAME and meta.get("dtype") == plan.dtype and \
+        meta.get("base") == f"{plan.base_method}/{plan.base_dtype or plan.dtype}" and \
         json.loads(meta.get("ranks", "{}")) == want
 
 
@@ -270,20 +291,29 @@ def write_overlay(ckpt: MoeCheckpoint, out_dir: str | Path, plan: OverlayPlan, *
                 continue
             tensors = {}
             for pp in pps:
-                base = mean_expert(ckpt, layer, pp.projection, backend=backend)
+                base = overlay_base(ckpt, layer, pp.projection, method=plan.base_method, backend=backend,
+                                    edges=noise_edges(ckpt, layer, pp.projection))
                 a_all, b_all = [], []
                 for _, delta in iter_deltas(ckpt, layer, pp.projection, base, backend=backend):
                     a, b = factorize(delta, pp.rank)
                     a_all.append(a.to(dtype))
                     b_all.append(b.to(dtype))
                     advance(f"layer {layer} {pp.projection}")
-                tensors[tensor_name(layer, pp.projection, "base")] = base.to(dtype)
+                if plan.base_dtype == "mxfp4":
+                    from lazarus_core.ops import mxfp4_quantize
+
+                    blocks, scales = mxfp4_quantize(base.contiguous())
+                    tensors[tensor_name(layer, pp.projection, "base_blocks")] = blocks
+                    tensors[tensor_name(layer, pp.projection, "base_scales")] = scales
+                else:
+                    tensors[tensor_name(layer, pp.projection, "base")] = base.to(DTYPES[plan.base_dtype or plan.dtype])
                 tensors[tensor_name(layer, pp.projection, "A")] = torch.stack(a_all)
                 tensors[tensor_name(layer, pp.projection, "B")] = torch.stack(b_all)
                 bias = ckpt.expert_bias(layer, pp.projection)
                 if bias is not None:
                     tensors[tensor_name(layer, pp.projection, "bias")] = bias.to(dtype)
             meta = {"format": FORMAT_NAME, "layer": str(layer), "dtype": plan.dtype,
+                    "base": f"{plan.base_method}/{plan.base_dtype or plan.dtype}",
                     "ranks": json.dumps({pp.projection: pp.rank for pp in pps})}
             write_layer_shard(out, layer, tensors, meta)
             written.append(layer)

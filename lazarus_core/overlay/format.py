@@ -2,7 +2,8 @@
 one safetensors shard per MoE layer, each written atomically so an interrupted compress resumes.
 
 Per MoE layer L (the model's layer index) and projection P in gate/up/down, in ``[out, in]`` orientation:
-``layers.L.P.base [out, in]``, ``layers.L.P.A [E, out, r]``, ``layers.L.P.B [E, r, in]`` (expert
+``layers.L.P.base [out, in]`` (or, with an MXFP4 base, ``layers.L.P.base_blocks [out, in/32, 16]`` +
+``layers.L.P.base_scales [out, in/32]``), ``layers.L.P.A [E, out, r]``, ``layers.L.P.B [E, r, in]`` (expert
 e = base + A[e] @ B[e]) and ``layers.L.P.bias [E, out]`` when the source has expert biases.
 """
 
@@ -117,12 +118,18 @@ def read_layer(directory: str | os.PathLike, config: dict[str, Any], layer: int)
         raise OverlayFormatError(f"{path}: safetensors header of {header_len} bytes is implausible")
     e = int(config["num_experts"])
     out = LayerFactors(layer, {}, {}, {}, {})
+    raw: dict[str, torch.Tensor] = {}
     with safe_open(str(path), "pt") as f:
         names = set(f.keys())
         for p in PROJECTIONS:
             info = entry["projections"][p]
             (o, i), r = info["shape"], int(info["rank"])
-            expected = {"base": (o, i), "A": (e, o, r), "B": (e, r, i)}
+            mxfp4_base = config.get("base_dtype") == "mxfp4"
+            expected = {"A": (e, o, r), "B": (e, r, i)}
+            if mxfp4_base:
+                expected.update({"base_blocks": (o, i // 32, 16), "base_scales": (o, i // 32)})
+            else:
+                expected["base"] = (o, i)
             if info.get("bias"):
                 expected["bias"] = (e, o)
             for kind, shape in expected.items():
@@ -134,8 +141,16 @@ def read_layer(directory: str | os.PathLike, config: dict[str, Any], layer: int)
                     raise OverlayFormatError(f"{path}: tensor {name!r} has shape {list(got)}, the config says "
                                              f"{list(shape)}")
                 t = f.get_tensor(name)
-                if not t.is_floating_point():
-                    raise OverlayFormatError(f"{path}: tensor {name!r} has dtype {t.dtype}, expected a float type")
-                {"base": out.base, "A": out.a, "B": out.b, "bias": out.bias}[kind][p] = t
+                if t.is_floating_point() == kind.startswith("base_"):
+                    raise OverlayFormatError(f"{path}: tensor {name!r} has dtype {t.dtype}, expected "
+                                             f"{'uint8' if kind.startswith('base_') else 'a float type'}")
+                if kind.startswith("base_"):
+                    raw[kind] = t
+                else:
+                    {"base": out.base, "A": out.a, "B": out.b, "bias": out.bias}[kind][p] = t
+            if mxfp4_base:
+                from lazarus_core.ops import mxfp4_dequant
+
+                out.base[p] = mxfp4_dequant(raw["base_blocks"], raw["base_scales"]).reshape(o, i)
             out.bias.setdefault(p, None)
     return out

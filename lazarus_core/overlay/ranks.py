@@ -95,7 +95,8 @@ def make_policy(*, rank: int | None = None, gate_rank: int | None = None, up_ran
 
 
 def choose_ranks(policy: RankPolicy, spectra: dict[tuple[int, str], ProjectionSpectrum], *, dtype: str,
-                 has_bias: bool, original_expert_bytes: int | None = None) -> dict[tuple[int, str], int]:
+                 has_bias: bool, original_expert_bytes: int | None = None, base_dtype: str | None = None
+                 ) -> dict[tuple[int, str], int]:
     """Ranks per (layer, projection) under ``policy``.
 
     Parameters
@@ -116,7 +117,7 @@ def choose_ranks(policy: RankPolicy, spectra: dict[tuple[int, str], ProjectionSp
         ``target_ratio`` unreachable (the bases alone exceed the budget; the message gives the best ratio).
     """
     if policy.target_ratio is not None:
-        return _allocate(policy.target_ratio, spectra, dtype, has_bias, original_expert_bytes)
+        return _allocate(policy.target_ratio, spectra, dtype, has_bias, original_expert_bytes, base_dtype)
     ranks = {}
     for key, sp in spectra.items():
         if policy.energy is not None:
@@ -129,11 +130,12 @@ def choose_ranks(policy: RankPolicy, spectra: dict[tuple[int, str], ProjectionSp
     return ranks
 
 
-def _allocate(target: float, spectra, dtype, has_bias, original) -> dict[tuple[int, str], int]:
+def _allocate(target: float, spectra, dtype, has_bias, original, base_dtype=None) -> dict[tuple[int, str], int]:
     if original is None:
         raise ValueError("--target-ratio needs the original expert bytes")
     budget = original / target
-    fixed = sum(overlay_projection_bytes(sp.shape, sp.num_experts, 0, has_bias, dtype) for sp in spectra.values())
+    fixed = sum(overlay_projection_bytes(sp.shape, sp.num_experts, 0, has_bias, dtype, base_dtype)
+                for sp in spectra.values())
     if fixed > budget:
         raise ValueError(f"--target-ratio {target:g} is unreachable: the bases alone give {original / fixed:.2f}x")
     ranks = {key: 0 for key in spectra}

@@ -5,7 +5,8 @@ bytes = values x bits per value / 8.
   (their safetensors header sizes): MXFP4 = 4-bit codes + one 8-bit scale per 32 values = 4.25 bits/value,
   FP8 = 8 bits + its block scales, bf16/fp16 = 16 bits, fp32 = 32; expert biases included.
 - Overlay of one (layer, projection) ``[out, in]`` with E experts at rank r:
-  ``(out*in + E*r*(out + in) + E*out [bias, if the source has one]) x bits(overlay dtype) / 8``.
+  ``out*in x bits(base dtype) / 8 + (E*r*(out + in) + E*out [bias, if any]) x bits(overlay dtype) / 8``
+  (base dtype = the overlay dtype unless ``--base-dtype``; MXFP4 = 4.25 bits).
 - Whole model: the non-expert tensors as stored + the experts (original or overlay).
 - ratio = original bytes / overlay bytes.
 """
@@ -19,8 +20,9 @@ import torch
 from lazarus_core.models.checkpoint import PROJECTIONS, MoeCheckpoint
 
 FORMULA = ("bytes = values x bits/8; original experts as stored (MXFP4 4.25 bits/value incl. scales, FP8 8 bits + "
-           "scales, bf16 16); overlay per (layer, projection) = (out*in + E*r*(out+in) + E*out if biased) x bits of "
-           "the overlay dtype / 8; whole model = non-expert tensors as stored + experts; ratio = original / overlay")
+           "scales, bf16 16, biases included); overlay per (layer, projection) = out*in x bits of the base dtype / 8 + "
+           "(E*r*(out+in) + E*out if biased) x bits of the overlay dtype / 8; whole model = non-expert tensors as "
+           "stored + experts; ratio = original / overlay")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -51,11 +53,17 @@ def model_bytes_as_stored(ckpt: MoeCheckpoint) -> int:
     return sum(_all_tensors(ckpt).values())
 
 
-def overlay_projection_bytes(shape: tuple[int, int], num_experts: int, rank: int, has_bias: bool, dtype: str) -> int:
-    """Bytes of one (layer, projection) overlay: base + factors (+ biases) in ``dtype``."""
+def overlay_projection_bytes(shape: tuple[int, int], num_experts: int, rank: int, has_bias: bool, dtype: str,
+                             base_dtype: str | None = None) -> int:
+    """Bytes of one (layer, projection) overlay: base (in ``base_dtype``, default ``dtype``; ``"mxfp4"`` =
+    4.25 bits/value) + factors (+ biases) in ``dtype``."""
     out_dim, in_dim = shape
-    values = out_dim * in_dim + num_experts * rank * (out_dim + in_dim) + (num_experts * out_dim if has_bias else 0)
-    return values * dtype_bytes(dtype)
+    values = num_experts * rank * (out_dim + in_dim) + (num_experts * out_dim if has_bias else 0)
+    if base_dtype == "mxfp4":
+        base = out_dim * (in_dim // 32) * 17  # 16 bytes of codes + 1 scale byte per 32 values
+    else:
+        base = out_dim * in_dim * dtype_bytes(base_dtype or dtype)
+    return base + values * dtype_bytes(dtype)
 
 
 @dataclass
@@ -77,7 +85,7 @@ class ByteReport:
 
 
 def byte_report(ckpt: MoeCheckpoint, ranks: dict[tuple[int, str], int], dtype: str,
-                layers: list[int] | None = None) -> ByteReport:
+                layers: list[int] | None = None, base_dtype: str | None = None) -> ByteReport:
     """Original vs overlay bytes for ``ranks`` ((layer, projection) -> rank) over ``layers`` (default all).
 
     Layers not in ``layers`` keep their original experts in the whole-model figure.
@@ -86,7 +94,8 @@ def byte_report(ckpt: MoeCheckpoint, ranks: dict[tuple[int, str], int], dtype: s
     stored = expert_bytes_as_stored(ckpt)
     original = sum(stored[layer] for layer in layers)
     overlay = sum(overlay_projection_bytes(ckpt.projection_shape(p), ckpt.num_experts, ranks[(layer, p)],
-                                           ckpt.spec.expert_bias, dtype) for layer in layers for p in PROJECTIONS)
+                                           ckpt.spec.expert_bias, dtype, base_dtype)
+                  for layer in layers for p in PROJECTIONS)
     total = model_bytes_as_stored(ckpt)
     overlay_total = total - original + overlay
     return ByteReport(FORMULA, dtype, original, overlay, original / overlay if overlay else float("inf"), total,
