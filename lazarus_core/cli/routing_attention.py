@@ -143,20 +143,21 @@ def run_attention_routing(args: argparse.Namespace) -> int:
         for l in layers:
             rows_by_layer[l].append(attn[l].mean(0))
             sets_by_layer[l].append(routed[l][0])
-        mean = attn[focus].mean(0)
-        t = Table(title=f"layer {focus}: {p!r}")
-        for col in ("pos", "token", "type", "attends to (head mean)", "experts"):
-            t.add_column(col)
-        entry = []
-        for i, tok in enumerate(types.tokens):
-            top = np.argsort(-mean[i])[: args.top_attended]
-            t.add_row(str(i), repr(tok)[1:-1], types.semantic[i],
-                      " ".join(f"{types.tokens[j].strip() or repr(types.tokens[j])}@{j}:{mean[i, j]:.2f}" for j in top),
-                      experts_str(routed[focus][0][i], routed[focus][1][i]))
-            entry.append({"position": i, "token": tok, "attended": [[int(j), float(mean[i, j])] for j in top],
-                          "experts": routed[focus][0][i].tolist()})
-        con.print(t)
-        detail.append({"prompt": p, "layer": focus, "positions": entry})
+        for shown in (layers if args.verbose else [focus]):
+            mean = attn[shown].mean(0)
+            t = Table(title=f"layer {shown}: {p!r}")
+            for col in ("pos", "token", "type", "attends to (head mean)", "experts"):
+                t.add_column(col)
+            entry = []
+            for i, tok in enumerate(types.tokens):
+                top = np.argsort(-mean[i])[: args.top_attended]
+                t.add_row(str(i), repr(tok)[1:-1], types.semantic[i],
+                          " ".join(f"{types.tokens[j].strip() or repr(types.tokens[j])}@{j}:{mean[i, j]:.2f}" for j in top),
+                          experts_str(routed[shown][0][i], routed[shown][1][i]))
+                entry.append({"position": i, "token": tok, "attended": [[int(j), float(mean[i, j])] for j in top],
+                              "experts": routed[shown][0][i].tolist()})
+            con.print(t)
+            detail.append({"prompt": p, "layer": shown, "positions": entry})
     stats = [attention_routing_stats(rows_by_layer[l], sets_by_layer[l], l) for l in layers]
     t = Table(title="attention similarity vs expert overlap over position pairs")
     for col in ("layer", "pairs", "Spearman", "Jaccard | similar attention", "Jaccard | dissimilar"):
@@ -200,6 +201,9 @@ def run_attention_pattern(args: argparse.Namespace) -> int:
                   f"{ent:.2f}")
         heads.append({"head": h, "weights": a[h].tolist(), "entropy_bits": ent})
     con.print(t)
+    if args.verbose:
+        for h in range(a.shape[0]):
+            con.print(f"head {h}: " + " ".join(f"{j}:{a[h, j]:.3f}" for j in range(a.shape[1])))
     emit(args, {"action": "attention-pattern", "model": session.spec, "prompt": prompt, "layer": layer, "position": pos,
                 "tokens": types.tokens, "experts": routed[layer][0][pos].tolist(),
                 "expert_weights": routed[layer][1][pos].tolist(), "heads": heads})

@@ -61,8 +61,11 @@ def run_token_routing(args: argparse.Namespace) -> int:
     t = Table(title=f"{args.token!r} at layer {layer}: experts per context")
     for col in ("context", "trigram", f"top-{trace.top_k} experts"):
         t.add_column(col)
+    if args.verbose:
+        t.add_column("primary per layer " + " ".join(f"L{l}" for l in trace.layers))
     for o in occ[: args.max_rows]:
-        t.add_row(o.context, o.trigram, experts_str(lt.topk_ids[o.row], lt.topk_weights[o.row]))
+        extra = [" ".join(f"E{int(trace.layer(l).topk_ids[o.row][0])}" for l in trace.layers)] if args.verbose else []
+        t.add_row(o.context, o.trigram, experts_str(lt.topk_ids[o.row], lt.topk_weights[o.row]), *extra)
     con.print(t)
     rows = [o.row for o in occ]
     per_layer = [context_dependence(trace.layer(l).topk_ids, rows, [o.trigram for o in occ], trace.num_experts,
@@ -111,6 +114,13 @@ def run_context_test(args: argparse.Namespace) -> int:
     groups = {t: tris.count(t) for t in dict.fromkeys(tris)}
     con.print(f"{args.token!r}: {len(occ)} occurrences in {len(groups)} trigram contexts: "
               + ", ".join(f"{t}({n})" for t, n in sorted(groups.items(), key=lambda x: -x[1])[:8]))
+    if args.verbose:
+        t = Table(title="occurrences")
+        for col in ("context", "trigram", *(f"L{l}" for l in layers)):
+            t.add_column(col)
+        for o in occ:
+            t.add_row(o.context, o.trigram, *(experts_str(trace.layer(l).topk_ids[o.row]) for l in layers))
+        con.print(t)
     t = Table(title="context dependence per layer")
     for col in ("layer", "distinct primary", "agreement", "random pairs", "LOO: token mode",
                 "LOO: trigram mode"):
@@ -156,7 +166,7 @@ def run_context_window(args: argparse.Namespace) -> int:
             a, b = set(full[l][0][-1].tolist()), set(part[l][0][-1].tolist())
             jac = len(a & b) / len(a | b)
             same = int(full[l][0][-1][0]) == int(part[l][0][-1][0])
-            cells.append(f"{jac:.2f}{'' if same else '*'}")
+            cells.append(f"{jac:.2f}{'' if same else '*'}" + (f" {experts_str(part[l][0][-1])}" if args.verbose else ""))
             entry["layers"][str(l)] = {"jaccard": jac, "same_primary": same, "experts": part[l][0][-1].tolist()}
         rows.append(entry)
         t.add_row(str(w), *cells)

@@ -80,11 +80,14 @@ class Explorer:
         view = self.session.args.view
         tri = r.types.trigrams(view)
         t = Table(title=f"Layer {self.layer}: {r.text!r}")
-        for col in ("pos", "token", "type", "struct", "trigram", f"top-{ids.shape[1]} experts"):
+        verbose = getattr(self.session.args, "verbose", False)
+        other = r.types.trigrams("structural" if view == "semantic" else "semantic") if verbose else None
+        for col in ("pos", "token", "type", "struct", "trigram", *(("other view",) if verbose else ()),
+                    f"top-{ids.shape[1]} experts"):
             t.add_column(col)
         for i, tok in enumerate(r.types.tokens):
             t.add_row(str(i), repr(tok)[1:-1], r.types.semantic[i], r.types.structural[i], tri[i],
-                      experts_str(ids[i], weights[i]))
+                      *((other[i],) if verbose else ()), experts_str(ids[i], weights[i]))
         self.con.print(t)
         marks = [(i, r.types.semantic[i]) for i in range(len(r.types)) if r.types.semantic[i] in _MARKERS]
         if marks:

@@ -232,6 +232,8 @@ def run_compare(args: argparse.Namespace) -> int:
     con.print(t)
     con.print(f"next-token loss {loss.nll_base:.3f} -> {loss.nll_edit:.3f} nats/token (x{loss.perplexity_ratio:.2f} "
               f"perplexity), KL {loss.kl:.4f}, top-1 agreement {loss.top1_agreement:.0%} over {loss.tokens} tokens")
+    if args.verbose:
+        con.print(loss.to_dict())
     emit(args, {"action": "compare", "model": session.spec, "loss": loss.to_dict(), "prompts": rows})
     return 0
 
@@ -255,6 +257,8 @@ def run_ablate(args: argparse.Namespace) -> int:
         con.print(f"ablating experts {experts} at layers {layers or 'all'}: loss {res.nll_base:.3f} -> {res.nll_edit:.3f} "
                   f"nats/token (x{res.perplexity_ratio:.2f} perplexity), KL {res.kl:.4f}, "
                   f"top-1 agreement {res.top1_agreement:.0%} ({res.tokens} tokens)")
+        if args.verbose:
+            con.print(res.to_dict())
         emit(args, {"action": "ablate", "model": session.spec, "results": [res.to_dict()]})
         return 0
     layer = choose_layers(args, sorted(session.info.layers), many=False)[0]
@@ -262,12 +266,13 @@ def run_ablate(args: argparse.Namespace) -> int:
                for e in range(session.info.layers[layer].num_experts)]
     t = Table(title=f"ablate each expert of layer {layer} ({results[0].tokens} tokens, baseline "
                     f"{results[0].nll_base:.3f} nats/token)")
-    for col in ("expert", "delta loss", "perplexity x", "KL", "top-1 agreement"):
+    for col in ("expert", "delta loss", "perplexity x", "KL", "top-1 agreement", *(("loss",) if args.verbose else ())):
         t.add_column(col, justify="right")
     order = sorted(range(len(results)), key=lambda e: -results[e].delta_nll)
     for e in order:
         r = results[e]
-        t.add_row(f"E{e}", f"{r.delta_nll:+.4f}", f"{r.perplexity_ratio:.3f}", f"{r.kl:.4f}", f"{r.top1_agreement:.0%}")
+        t.add_row(f"E{e}", f"{r.delta_nll:+.4f}", f"{r.perplexity_ratio:.3f}", f"{r.kl:.4f}", f"{r.top1_agreement:.0%}",
+                  *((f"{r.nll_edit:.4f}",) if args.verbose else ()))
     con.print(t)
     emit(args, {"action": "ablate", "model": session.spec, "layer": layer,
                 "results": [dict(r.to_dict(), expert=e) for e, r in enumerate(results)]})

@@ -48,6 +48,10 @@ def run_analyze(args: argparse.Namespace) -> int:
                   " ".join(f"E{e}({u.load[e]:.0%})" for e in busiest),
                   " ".join(f"E{p.a}+E{p.b}({p.lift:.1f}x)" for p in u.top_pairs[:3]) or "-")
     con.print(t)
+    if args.verbose:
+        for u in res:
+            con.print(f"L{u.layer} pairs (count / expected if independent): " + ", ".join(
+                f"E{p.a}+E{p.b} {p.count}/{p.expected:.1f}" for p in u.top_pairs))
     emit(args, {"action": "analyze", "model": session.spec, "num_tokens": trace.num_tokens,
                 "layers": [u.to_dict() for u in res]})
     return 0
@@ -152,6 +156,16 @@ def run_heatmap(args: argparse.Namespace) -> int:
     con = console()
     con.print(f"expert load per layer ({args.slots} slots), {trace.num_tokens} tokens")
     con.print(render_heatmap(mat, [f"L{l}" for l in layers]), markup=False, highlight=False)
+    if args.verbose:
+        from rich.table import Table
+
+        t = Table(title="share of tokens routed to each expert")
+        t.add_column("layer")
+        for e in range(trace.num_experts):
+            t.add_column(f"E{e}", justify="right")
+        for l, row in zip(layers, mat):
+            t.add_row(str(l), *(f"{v:.3f}" for v in row))
+        con.print(t)
     if args.plot:
         import matplotlib
 

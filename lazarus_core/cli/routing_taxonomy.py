@@ -71,12 +71,15 @@ def run_full_taxonomy(args: argparse.Namespace) -> int:
     t = Table(title="Trigram specialists: concentration vs the layer's null (most significant first; q = BH over all experts)")
     for col in ("layer", "expert", "tokens", "top pattern", "conc.", "expected", "lift", "q"):
         t.add_column(col, justify="right" if col not in ("top pattern",) else "left")
+    if args.verbose:
+        t.add_column("next patterns (share, lift)")
     experts = sorted(report.experts(), key=lambda e: (e.q_value, -e.lift))
     shown = [e for e in experts if e.activations >= args.min_activations][: args.top]
     for e in shown:
         style = "bold" if e.q_value < 0.05 else "dim"
+        extra = [" ".join(f"{p.trigram}({p.share:.0%},{p.lift:.1f}x)" for p in e.top_patterns[1:])] if args.verbose else []
         t.add_row(str(e.layer), f"E{e.expert}", str(e.activations), e.top_pattern or "-", f"{e.concentration:.0%}",
-                  f"{e.expected:.1%}", f"{e.lift:.1f}x", f"{e.q_value:.1e}", style=style)
+                  f"{e.expected:.1%}", f"{e.lift:.1f}x", f"{e.q_value:.1e}", *extra, style=style)
     con.print(t)
     sig = report.significant()
     con.print(f"{len(sig)} of {len(report.experts())} (layer, expert) pairs specialise significantly (q < 0.05); "
@@ -114,17 +117,18 @@ def run_domain_test(args: argparse.Namespace) -> int:
         t.add_row(str(r.layer), str(r.num_tokens), f"{r.chi2:.1f}", str(r.dof), f"{r.p_value:.1e}",
                   "-" if r.permutation_p_value is None else f"{r.permutation_p_value:.3f}", f"{r.cramers_v:.3f}", reading)
     con.print(t)
-    focus = next(r for r in results if r.layer == layers[len(layers) // 2])
-    t = Table(title=f"Layer {focus.layer}: tokens of each domain per expert (share of that domain's tokens)")
-    t.add_column("expert")
-    for d in focus.domains:
-        t.add_column(d, justify="right")
-    t.add_column("top domain")
-    totals = {d: sum(e.counts[d] for e in focus.experts) for d in focus.domains}
-    for e in focus.experts[: args.top]:
-        t.add_row(f"E{e.expert}", *(f"{e.counts[d]} ({e.counts[d] / max(totals[d], 1):.0%})" for d in focus.domains),
-                  f"{e.top_domain} {e.top_domain_share:.0%}")
-    con.print(t)
+    shown = results if args.verbose else [next(r for r in results if r.layer == layers[len(layers) // 2])]
+    for focus in shown:
+        t = Table(title=f"Layer {focus.layer}: tokens of each domain per expert (share of that domain's tokens)")
+        t.add_column("expert")
+        for d in focus.domains:
+            t.add_column(d, justify="right")
+        t.add_column("top domain")
+        totals = {d: sum(e.counts[d] for e in focus.experts) for d in focus.domains}
+        for e in focus.experts[: None if args.verbose else args.top]:
+            t.add_row(f"E{e.expert}", *(f"{e.counts[d]} ({e.counts[d] / max(totals[d], 1):.0%})" for d in focus.domains),
+                      f"{e.top_domain} {e.top_domain_share:.0%}")
+        con.print(t)
     con.print("Cramer's V is the effect size (0: every expert serves every domain alike). The token-level p-value "
               "treats tokens as independent; the document permutation test does not.")
     emit(args, {"action": "domain-test", "model": session.spec, "layers": [r.to_dict() for r in results]})

@@ -30,7 +30,7 @@ ACTIONS = {
 
 @pytest.mark.parametrize("action", list(ACTIONS))
 def test_every_action_on_a_generated_qwen3_moe(action, other_family_model, run_cli):
-    code, payload, err = run_cli(*ACTIONS[action], "-m", other_family_model)
+    code, payload, err = run_cli(*ACTIONS[action], "-m", other_family_model, "-v")
     assert code == 0, err
     assert payload["action"] == action
 
