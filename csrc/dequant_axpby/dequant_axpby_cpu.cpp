@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "common/cpu_kernels.h"
 #include "common/float_bits.h"
 #include "common/mxfp4_codec.h"
 #include "common/mxfp4_simd.h"
@@ -13,13 +14,6 @@ namespace {
 
 constexpr int64_t kChunkBlocks = 512;
 constexpr int64_t kChunkValues = 16384;
-
-template <typename RangeFn>
-void parallel_chunks(int64_t n, int64_t chunk, RangeFn fn) {
-  const int64_t n_chunks = (n + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) if (n_chunks > 1)
-  for (int64_t c = 0; c < n_chunks; ++c) fn(c * chunk, std::min(n, (c + 1) * chunk));
-}
 
 void mxfp4_axpby_portable(const uint8_t* blocks, const uint8_t* scales, int64_t begin, int64_t end, float alpha,
                           const float* y, float beta, float* out) {
@@ -59,17 +53,17 @@ void mxfp4_axpby_cpu(const uint8_t* blocks, const uint8_t* scales, int64_t n_blo
                      float beta, float* out) {
 #if defined(LAZARUS_X86)
   if (mxfp4::cpu_has_avx2()) {
-    parallel_chunks(n_blocks, kChunkBlocks,
+    parallel_for_chunks(n_blocks, kChunkBlocks,
                     [&](int64_t b, int64_t e) { mxfp4_axpby_avx2(blocks, scales, b, e, alpha, y, beta, out); });
     return;
   }
 #endif
-  parallel_chunks(n_blocks, kChunkBlocks,
+  parallel_for_chunks(n_blocks, kChunkBlocks,
                   [&](int64_t b, int64_t e) { mxfp4_axpby_portable(blocks, scales, b, e, alpha, y, beta, out); });
 }
 
 void bf16_axpby_cpu(const uint16_t* src, int64_t n, float alpha, const float* y, float beta, float* out) {
-  parallel_chunks(n, kChunkValues, [&](int64_t b, int64_t e) {
+  parallel_for_chunks(n, kChunkValues, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) out[i] = alpha * bf16_bits_to_float(src[i]) + beta * y[i];
   });
 }
@@ -77,7 +71,7 @@ void bf16_axpby_cpu(const uint16_t* src, int64_t n, float alpha, const float* y,
 namespace detail {
 void mxfp4_axpby_portable_cpu(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, float alpha,
                               const float* y, float beta, float* out) {
-  parallel_chunks(n_blocks, kChunkBlocks,
+  parallel_for_chunks(n_blocks, kChunkBlocks,
                   [&](int64_t b, int64_t e) { mxfp4_axpby_portable(blocks, scales, b, e, alpha, y, beta, out); });
 }
 }  // namespace detail

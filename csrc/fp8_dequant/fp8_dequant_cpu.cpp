@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <array>
 
+#include "common/cpu_kernels.h"
 #include "common/fp8_codec.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -25,16 +26,6 @@ const std::array<float, 256>& e4m3_table() {
   }();
   return table;
 }
-
-struct F32Sink {
-  float* out;
-  void store(int64_t i, float v) const { out[i] = v; }
-};
-
-struct Bf16Sink {
-  uint16_t* out;
-  void store(int64_t i, float v) const { out[i] = float_to_bf16_bits(v); }
-};
 
 // Decodes row `gr` (columns [c0, c1) share one scale) with the portable table.
 template <typename Sink>

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 
+#include "common/cpu_kernels.h"
 #include "common/mxfp4_codec.h"
 #include "common/mxfp4_simd.h"
 
@@ -16,17 +17,6 @@ using mxfp4::kValuesPerBlock;
 
 // Blocks per OpenMP work item: 64 KiB of fp32 output, large enough to amortise scheduling.
 constexpr int64_t kChunkBlocks = 512;
-
-struct F32Sink {
-  float* out;
-  void store(int64_t i, float v) const { out[i] = v; }
-};
-
-struct Bf16Sink {
-  uint16_t* out;
-  // Every decoded MXFP4 value is exact in bf16, so rounding never changes it; RNE keeps this honest.
-  void store(int64_t i, float v) const { out[i] = float_to_bf16_bits(v); }
-};
 
 template <typename Sink>
 void decode_range_portable(const uint8_t* blocks, const uint8_t* scales, int64_t begin, int64_t end, Sink sink) {
@@ -93,12 +83,7 @@ constexpr int64_t kStreamingBytes = int64_t{32} << 20;
 
 template <typename RangeFn>
 void parallel_over_blocks(int64_t n_blocks, RangeFn fn) {
-  const int64_t n_chunks = (n_blocks + kChunkBlocks - 1) / kChunkBlocks;
-#pragma omp parallel for schedule(static) if (n_chunks > 1)
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    const int64_t begin = c * kChunkBlocks;
-    fn(begin, std::min(n_blocks, begin + kChunkBlocks));
-  }
+  parallel_for_chunks(n_blocks, kChunkBlocks, fn);
 }
 
 }  // namespace
