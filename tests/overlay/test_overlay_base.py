@@ -75,3 +75,16 @@ def test_quantised_source_counts_energy_above_noise(checkpoint_dir):
     assert sp.energy_rank(1.0) == max(above)  # components under the noise edge never count
     bf16 = projection_spectrum(open_moe_checkpoint(str(checkpoint_dir("gpt_oss"))), 0, "up", base_method="mean")
     assert bf16.noise_edge is None and bf16.rank_above_noise() is None
+
+
+@pytest.mark.slow
+def test_builtin_upcycled_ranks_are_the_trained_rank():
+    from lazarus_core.models.builtin import resolve_builtin
+
+    if resolve_builtin("demo:upcycled") is None:
+        pytest.skip("demo:upcycled is not installed")
+    ckpt = open_moe_checkpoint("demo:upcycled")
+    plan = plan_overlay(ckpt, [ckpt.moe_layers[-1]], make_policy(energy=0.99), dtype="bf16")
+    assert {p.rank for p in plan.projections} == {2}  # trained as base + rank-2 per expert, then MXFP4
+    mean = plan_overlay(ckpt, [0], make_policy(energy=0.99), dtype="bf16", base_method="mean")
+    assert min(p.rank for p in mean.projections) > 2
