@@ -70,9 +70,9 @@ def run_full_taxonomy(args: argparse.Namespace) -> int:
         con.print(t)
     t = Table(title="Trigram specialists: concentration vs the layer's null (most significant first; q = BH over all experts)")
     for col in ("layer", "expert", "tokens", "top pattern", "conc.", "expected", "lift", "q"):
-        t.add_column(col, justify="right" if col not in ("top pattern",) else "left")
+        t.add_column(col, justify="right" if col not in ("top pattern",) else "left", overflow="fold")
     if args.verbose:
-        t.add_column("next patterns (share, lift)")
+        t.add_column("next patterns (share, lift)", overflow="fold")
     experts = sorted(report.experts(), key=lambda e: (e.q_value, -e.lift))
     shown = [e for e in experts if e.activations >= args.min_activations][: args.top]
     for e in shown:

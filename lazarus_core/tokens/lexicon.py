@@ -12,7 +12,7 @@ from lazarus_core.tokens.types import MARKER_TYPES, POS_TYPES
 #: Shipped files, in package data ``lazarus_core/tokens/data``.
 SHIPPED_FILES = ("markers.txt", "function_words.txt", "keywords.txt", "nouns.txt", "verbs.txt", "adjectives.txt")
 #: Types a lexicon file may declare with a ``[TYPE]`` header.
-LEXICON_TYPES = (*MARKER_TYPES, "OP", "FUNC", "KW", *POS_TYPES)
+LEXICON_TYPES = (*MARKER_TYPES, "NUM", "OP", "FUNC", "KW", *POS_TYPES)
 
 
 @dataclass
@@ -34,9 +34,10 @@ class Lexicon:
         self._rebuild()
 
     def _rebuild(self) -> None:
-        # Precedence among types for a word listed under several: markers, OP words, FUNC, then KW, then POS.
+        # Precedence among types for a word listed under several: markers, number and operator words,
+        # FUNC, then KW, then POS.
         self.marker_of: dict[str, str] = {}
-        for t in (*MARKER_TYPES, "OP"):
+        for t in (*MARKER_TYPES, "NUM", "OP"):
             for w in self.words.get(t, ()):
                 self.marker_of.setdefault(w, t)
         self.function_words = set(self.words.get("FUNC", ()))

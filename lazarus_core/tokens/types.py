@@ -25,7 +25,7 @@ POS_TYPES: tuple[str, ...] = ("NOUN", "VERB", "ADJ")
 SEMANTIC_TYPES: tuple[str, ...] = ("NUM", "OP", "KW", "VAR", *POS_TYPES, "FUNC", *MARKER_TYPES, "CAP", "CW", "BR",
                                    "PN", "WS", SPECIAL)
 SEMANTIC_DESCRIPTIONS = {
-    "NUM": "number", "OP": "operator (symbols; plus/minus/times as words)", "KW": "code keyword (in code)",
+    "NUM": "number (digits, and number words: two, twelve)", "OP": "operator (symbols; plus/minus/times as words)", "KW": "code keyword (in code)",
     "VAR": "identifier (in code)", "NOUN": "noun (lexicon)", "VERB": "verb (lexicon)", "ADJ": "adjective (lexicon)",
     "FUNC": "function word", "AS": "analogy marker 'as'", "TO": "'to'", "SYN": "synonym marker (means, equals)",
     "ANT": "antonym marker (versus, opposite)", "THAN": "comparison marker 'than'",

@@ -44,6 +44,8 @@ TRICKY = [
     (",", "prose", "PN", "PN"),
     ("my_var", "code", "VAR", "VAR"),
     ("def", "prose", "KW", "KW"),             # not an English word: stays a keyword
+    ("Six", "prose", "NUM", "CAP"),           # number word: semantic NUM, still a (capitalised) word
+    ("plus", "prose", "OP", "OP"),
 ]
 
 
