@@ -11,7 +11,7 @@ SMALL = ["--prompts-per-category", "2"]
 ACTIONS = {
     "explore": ["explore", "-p", "the man is to the water as one is to two", "--all-layers", "--deep", "1",
                 "--compare", "it is what it is"],
-    "full-taxonomy": ["full-taxonomy", "--categories", "analogy,question", *SMALL],
+    "full-taxonomy": ["full-taxonomy", "--categories", "analogy,question", *SMALL, "--permutations", "5"],
     "domain-test": ["domain-test", "--prompts-per-domain", "3", "--permutations", "20"],
     "token-routing": ["token-routing", "--token", "the", "--contexts", "the man", "one of the water", "what the day"],
     "context-test": ["context-test", "--token", "is", "--categories", "analogy,question", *SMALL],
