@@ -55,6 +55,14 @@ def run_full_taxonomy(args: argparse.Namespace) -> int:
             entry["layers"][str(l)] = [e.to_dict() for e in enr]
         per_category.append(entry)
 
+    # The most frequent trigrams and the experts they over-use at the middle layer (lift over the layer's rate).
+    uniq_t, uniq_c = np.unique(trigrams, return_counts=True)
+    patterns = []
+    for i in np.argsort(-uniq_c, kind="stable")[: args.patterns]:
+        enr = expert_enrichment(trace.layer(focus).topk_ids, trigrams == uniq_t[i], trace.num_experts, top=3)
+        patterns.append({"trigram": trigram_name(uniq_t[i]), "count": int(uniq_c[i]), "layer": focus,
+                         "experts": [e.to_dict() for e in enr]})
+
     con = console()
     con.print(f"[bold]full-taxonomy[/bold]  {trace.num_tokens} tokens, {len(layers)} layers, {trace.num_experts} "
               f"experts, top-{trace.top_k}, {report.num_trigrams} distinct {args.view} trigrams, "
@@ -67,6 +75,14 @@ def run_full_taxonomy(args: argparse.Namespace) -> int:
             t.add_row(entry["category"], str(entry["num_tokens"]),
                       ", ".join(f"{x['trigram']}({x['count']})" for x in entry["top_trigrams"]),
                       " ".join(f"E{e['expert']}({e['lift']:.1f}x,{e['q_value']:.0e})" for e in entry["layers"][str(focus)]))
+        con.print(t)
+    if patterns:
+        t = Table(title=f"Frequent trigrams and the experts they over-use at layer {focus} (lift, q)")
+        for col in ("trigram", "tokens", "experts"):
+            t.add_column(col, overflow="fold")
+        for p in patterns:
+            t.add_row(p["trigram"], str(p["count"]),
+                      " ".join(f"E{e['expert']}({e['lift']:.1f}x,{e['q_value']:.0e})" for e in p["experts"]))
         con.print(t)
     t = Table(title="Trigram specialists: concentration vs the layer's null (most significant first; q = BH over all experts)")
     for col in ("layer", "expert", "tokens", "top pattern", "conc.", "expected", "lift", "q"):
@@ -87,7 +103,7 @@ def run_full_taxonomy(args: argparse.Namespace) -> int:
               + ", ".join(f"L{l.layer} {l.normalized_mutual_information:.3f}" for l in report.layers))
     emit(args, {"action": "full-taxonomy", "model": session.spec, "categories": categories,
                 "trace": str(trace.path) if args.trace or args.save_trace else None,
-                "specialisation": report.to_dict(), "categories_detail": per_category})
+                "specialisation": report.to_dict(), "categories_detail": per_category, "patterns": patterns})
     return 0
 
 
@@ -145,6 +161,7 @@ def register(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--permutations", type=int, default=0, help="permutation test rounds (default 0: binomial test)")
     p.add_argument("--min-activations", type=int, default=5, help="experts with fewer tokens are not tested")
     p.add_argument("--top", type=int, default=20, help="rows in the specialist table")
+    p.add_argument("--patterns", type=int, default=10, help="frequent trigrams listed with their experts (10)")
     p.set_defaults(func=run_full_taxonomy)
     p = actions.add_parser("domain-test", help="are there domain experts? chi-square and Cramer's V per layer")
     add_common(p, many_layers=True, classifier=False)

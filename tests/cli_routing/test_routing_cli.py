@@ -111,6 +111,15 @@ def test_full_taxonomy_numbers_recomputed_from_the_saved_trace(native_model, run
             assert e["expected"] == pytest.approx((layer_tri == top).mean())
     cats = {c["category"] for c in payload["categories_detail"]}
     assert cats == {"arithmetic", "analogy", "code"}
+    # the frequent-pattern table: counts and each expert's share among the pattern's tokens
+    focus = payload["patterns"][0]["layer"]
+    fids = trace.layer(focus).topk_ids
+    for pat in payload["patterns"]:
+        mask = np.array([trigram_name(t) == pat["trigram"] for t in tri])
+        assert pat["count"] == mask.sum()
+        for e in pat["experts"]:
+            assert e["count"] == (fids[mask] == e["expert"]).sum()
+            assert e["layer_share"] == pytest.approx((fids == e["expert"]).any(1).mean())
 
 
 def test_domain_test_chi_square_recomputed(native_model, run_cli, tmp_path):
