@@ -35,6 +35,20 @@ def add_output_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="more detail in the tables")
 
 
+DEFAULT_ACTION = "explore"
+
+
+def with_default_action(argv: list[str]) -> list[str]:
+    """``introspect moe-expert -m M ...`` (no ACTION, as in the reference toolkit) means ``... explore -m M``."""
+    for i in range(len(argv) - 1):
+        if argv[i] == "introspect" and argv[i + 1] == "moe-expert":
+            rest = argv[i + 2:]
+            if rest and rest[0].startswith("-") and rest[0] not in ("-h", "--help"):
+                return [*argv[: i + 2], DEFAULT_ACTION, *rest]
+            break
+    return argv
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``introspect moe-expert ACTION`` to the top-level parser."""
     introspect = sub.add_parser("introspect", help="introspection commands of the reference toolkit")

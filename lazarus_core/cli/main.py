@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    from lazarus_core.cli.introspect import with_default_action
+
+    args = parser.parse_args(with_default_action(list(sys.argv[1:] if argv is None else argv)))
     if not hasattr(args, "func"):
         parser.print_help()
         return 2

@@ -57,3 +57,12 @@ def test_unknown_model_is_a_clear_error(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "lazarus: error:" in err and "no such directory" in err and "Traceback" not in err
+
+
+def test_moe_expert_without_action_means_explore():
+    from lazarus_core.cli.introspect import with_default_action
+
+    assert with_default_action(["introspect", "moe-expert", "-m", "x", "-p", "hi"]) == \
+        ["introspect", "moe-expert", "explore", "-m", "x", "-p", "hi"]
+    assert with_default_action(["introspect", "moe-expert", "moe-type-analyze", "-m", "x"])[2] == "moe-type-analyze"
+    assert with_default_action(["introspect", "moe-expert", "--help"]) == ["introspect", "moe-expert", "--help"]
