@@ -64,6 +64,46 @@ __attribute__((target("avx2,fma"))) void expand_tile_avx2(float (*acc)[kCols], c
       for (int64_t j = 0; j < rank; ++j) acc[q][c] += s[q][j] * at[j * ld + c0 + c];
 }
 
+// exp(x) for 8 floats (Cephes expf polynomial, relative error ~2e-7; x clamped to [-88, 88]).
+__attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
+  const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+// h[c] = act(g[c], u[c]); hw[c] += wt * h[c] for c < w, 8 at a time (scalar tail: the shared arithmetic).
+__attribute__((target("avx2,fma"))) void activate_avx2(const float* g, const float* u, int64_t w, int kind, float alpha,
+                                                       float limit, float wt, float* h, float* hw) {
+  const __m256 one = _mm256_set1_ps(1.0f), lim = _mm256_set1_ps(limit), nlim = _mm256_set1_ps(-limit);
+  const __m256 scale = _mm256_set1_ps(kind == overlay::kGptOss ? -alpha : -1.0f), vw = _mm256_set1_ps(wt);
+  int64_t c = 0;
+  for (; c + 8 <= w; c += 8) {
+    __m256 gv = _mm256_loadu_ps(g + c), uv = _mm256_loadu_ps(u + c);
+    if (kind == overlay::kGptOss) {
+      gv = _mm256_min_ps(gv, lim);
+      uv = _mm256_add_ps(_mm256_min_ps(_mm256_max_ps(uv, nlim), lim), one);
+    }
+    const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_mul_ps(scale, gv))));
+    const __m256 hv = _mm256_mul_ps(_mm256_mul_ps(gv, sig), uv);
+    _mm256_storeu_ps(h + c, hv);
+    _mm256_storeu_ps(hw + c, _mm256_fmadd_ps(vw, hv, _mm256_loadu_ps(hw + c)));
+  }
+  for (; c < w; ++c) {
+    h[c] = overlay::activation(g[c], u[c], kind, alpha, limit);
+    hw[c] += wt * h[c];
+  }
+}
+
 bool cpu_has_avx2_fma() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return yes;
@@ -105,9 +145,15 @@ void overlay_gate_up_cpu(const OverlayGateUpArgs& a) {
         for (int64_t q = 0; q < n; ++q) {
           const int64_t t = a.pair_token[p0 + q];
           const float* base = a.gu0 + t * 2 * I + c0;
-          for (int64_t c = 0; c < w; ++c) {
-            g[q][c] = base[c] + (a.bias_gate ? a.bias_gate[e * I + c0 + c] : 0.0f);
-            u[q][c] = base[I + c] + (a.bias_up ? a.bias_up[e * I + c0 + c] : 0.0f);
+          std::memcpy(g[q], base, sizeof(float) * w);
+          std::memcpy(u[q], base + I, sizeof(float) * w);
+          if (a.bias_gate) {
+            const float* bg = a.bias_gate + e * I + c0;
+            for (int64_t c = 0; c < w; ++c) g[q][c] += bg[c];
+          }
+          if (a.bias_up) {
+            const float* bu = a.bias_up + e * I + c0;
+            for (int64_t c = 0; c < w; ++c) u[q][c] += bu[c];
           }
           sg[q] = a.s_gu + (p0 + q) * r;
           su[q] = sg[q] + rg;
@@ -119,6 +165,12 @@ void overlay_gate_up_cpu(const OverlayGateUpArgs& a) {
           const float wt = a.pair_weight[p];
           float* hp = a.h + p * I + c0;
           float* hwt = a.hw + t * I + c0;
+#if defined(__x86_64__) || defined(_M_X64)
+          if (cpu_has_avx2_fma()) {
+            activate_avx2(g[q], u[q], w, a.activation, a.alpha, a.limit, wt, hp, hwt);
+            continue;
+          }
+#endif
           for (int64_t c = 0; c < w; ++c) {
             const float v = overlay::activation(g[q][c], u[q][c], a.activation, a.alpha, a.limit);
             hp[c] = v;
