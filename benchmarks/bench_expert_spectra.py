@@ -3,7 +3,9 @@ bf16 on disk): the streaming pipeline vs the naive path (load all experts, stack
 and vs the floor (Gram GEMM flops over the measured matmul rate, plus the measured eigensolver time).
 
 The naive path takes minutes per projection here, so it runs on a sample of experts and its time is
-extrapolated to all of them (the table says so); ranks are compared on the sampled experts.
+extrapolated to all of them (the table says so); ranks are compared on the sampled experts. Everything
+runs with one torch thread: on a shared 2-core machine, 2-thread LAPACK calls slow down by up to 30x
+when another process holds a core, which would flatter whichever path ran at the wrong moment.
 Run: `python -m benchmarks expert_spectra`.
 """
 
@@ -66,6 +68,7 @@ def run(repeats: int = 1) -> tuple[list[BenchRow], dict]:
     from lazarus_core.models import open_moe_checkpoint
 
     rows: list[BenchRow] = []
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = open_moe_checkpoint(write_layer(Path(tmp) / "olmoe_layer"))
         a = torch.randn(INTER, HIDDEN, dtype=torch.float64)
