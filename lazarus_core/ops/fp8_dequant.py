@@ -12,6 +12,7 @@ import importlib
 
 import torch
 
+from lazarus_core.ops._validate import check_out
 from lazarus_core.ops._backends import cpu_extension, cuda_extension, select_backend, triton_module
 
 OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
@@ -79,16 +80,7 @@ def _check_inputs(weight, scale_inv, block_size, dtype, out) -> tuple[int, ...]:
         raise TypeError(f"fp8_dequant: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
     out_shape = tuple(weight.shape)
     if out is not None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"fp8_dequant: out must be a torch.Tensor, got {type(out).__name__}")
-        if out.dtype != dtype:
-            raise TypeError(f"fp8_dequant: out has dtype {out.dtype} but dtype={dtype} was requested")
-        if tuple(out.shape) != out_shape:
-            raise ValueError(f"fp8_dequant: out has shape {list(out.shape)}, expected {list(out_shape)}")
-        if out.device != weight.device:
-            raise ValueError(f"fp8_dequant: out on {out.device} but weight on {weight.device}")
-        if not out.is_contiguous():
-            raise ValueError("fp8_dequant: out must be contiguous")
+        check_out("fp8_dequant", out, dtype, out_shape, weight.device, "weight")
     return out_shape
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from lazarus_core.ops._validate import check_out
 from lazarus_core.ops._backends import cpu_extension, cuda_extension, select_backend, triton_module
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -62,16 +63,7 @@ def _check_inputs(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
         raise TypeError(f"mxfp4_dequant: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
     out_shape = (*scales.shape[:-1], scales.shape[-1] * 32)
     if out is not None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"mxfp4_dequant: out must be a torch.Tensor, got {type(out).__name__}")
-        if out.dtype != dtype:
-            raise TypeError(f"mxfp4_dequant: out has dtype {out.dtype} but dtype={dtype} was requested")
-        if tuple(out.shape) != out_shape:
-            raise ValueError(f"mxfp4_dequant: out has shape {list(out.shape)}, expected {list(out_shape)}")
-        if out.device != blocks.device:
-            raise ValueError(f"mxfp4_dequant: out on {out.device} but blocks on {blocks.device}")
-        if not out.is_contiguous():
-            raise ValueError("mxfp4_dequant: out must be contiguous")
+        check_out("mxfp4_dequant", out, dtype, out_shape, blocks.device, "blocks")
     return out_shape
 
 
