@@ -16,25 +16,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import (  # noqa: E402
-    BenchRow, machine_header, measure_copy_bandwidth, median_seconds, print_table, write_json)
-from lazarus_core import BackendUnavailableError  # noqa: E402
+    BenchRow, available_backends, machine_header, measure_copy_bandwidth, median_seconds, print_table, write_json)
 from lazarus_core.ops import fp8_dequant, fp8_dequant_reference  # noqa: E402
-from lazarus_core.ops._backends import select_backend  # noqa: E402
 from lazarus_core.ops.fp8_dequant import _IMPLS  # noqa: E402
 
 # DeepSeek-V3 routed expert gate/up [2048, 7168] and down [7168, 2048], 128 x 128 blocks.
 SHAPES = {"deepseek-v3 expert gate [2048,7168]": (2048, 7168), "deepseek-v3 expert down [7168,2048]": (7168, 2048)}
-
-
-def _available_backends(device: torch.device) -> list[str]:
-    names = []
-    for name in ("cpu", "cuda", "triton"):
-        try:
-            select_backend("fp8_dequant", name, device, _IMPLS)
-            names.append(name)
-        except (BackendUnavailableError, ValueError):
-            pass
-    return names
 
 
 def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
@@ -52,7 +39,7 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
             ref_t = median_seconds(lambda: fp8_dequant_reference(weight, scale_inv, dtype=dtype), repeats=3, warmup=1)
             rows.append(BenchRow("fp8_dequant", "torch (reference)", label, name, ref_t * 1e3, moved / ref_t / 1e9,
                                  100 * moved / ref_t / copy_bw, 1.0))
-            for backend in _available_backends(device):
+            for backend in available_backends("fp8_dequant", _IMPLS, device):
                 check = fp8_dequant(weight[:256], scale_inv[:2], dtype=dtype, backend=backend)  # correctness first
                 expected = fp8_dequant_reference(weight[:256], scale_inv[:2], dtype=dtype)
                 torch.testing.assert_close(check, expected, equal_nan=True, rtol=0, atol=0)

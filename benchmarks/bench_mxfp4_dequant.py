@@ -9,10 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.harness import BenchRow, measure_copy_bandwidth, median_seconds
-from lazarus_core import BackendUnavailableError
+from benchmarks.harness import BenchRow, available_backends, measure_copy_bandwidth, median_seconds
 from lazarus_core.ops import mxfp4_dequant, mxfp4_dequant_reference
-from lazarus_core.ops._backends import select_backend
 from lazarus_core.ops.mxfp4_dequant import _IMPLS
 
 # gpt-oss-20b gate_up_proj: 32 experts x 5760 rows x 90 blocks (2880 inputs); and one expert of it.
@@ -32,17 +30,6 @@ def _bytes_moved(lead: tuple[int, ...], dtype: torch.dtype) -> int:
     return n_blocks * (16 + 1) + n_blocks * 32 * torch.finfo(dtype).bits // 8
 
 
-def _available_backends(device: torch.device) -> list[str]:
-    names = []
-    for name in ("cpu", "cuda", "triton"):
-        try:
-            select_backend("mxfp4_dequant", name, device, _IMPLS)
-            names.append(name)
-        except (BackendUnavailableError, ValueError):
-            pass
-    return names
-
-
 def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
     """Measure every shape x output dtype x available backend; returns (rows, floors)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -58,7 +45,7 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
                                    warmup=1)
             rows.append(BenchRow("mxfp4_dequant", "torch (reference)", label, str(dtype).replace("torch.", ""),
                                  ref_t * 1e3, moved / ref_t / 1e9, 100 * moved / ref_t / copy_bw, 1.0))
-            for backend in _available_backends(device):
+            for backend in available_backends("mxfp4_dequant", _IMPLS, device):
                 expected = mxfp4_dequant_reference(blocks[:2], scales[:2], dtype)
                 check = mxfp4_dequant(blocks[:2], scales[:2], dtype=dtype, backend=backend)
                 torch.testing.assert_close(check, expected, equal_nan=True, rtol=0, atol=0)  # correctness first

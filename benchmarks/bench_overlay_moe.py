@@ -16,10 +16,8 @@ import warnings
 import pytest
 import torch
 
-from benchmarks.harness import BenchRow, measure_copy_bandwidth, median_seconds
-from lazarus_core import BackendUnavailableError
+from benchmarks.harness import BenchRow, available_backends, measure_copy_bandwidth, median_seconds
 from lazarus_core.ops import OverlayExperts, overlay_moe_forward
-from lazarus_core.ops._backends import select_backend
 from lazarus_core.ops.overlay_moe import _IMPLS, overlay_moe_bytes, overlay_moe_flops
 
 E, H, I, K, RANK = 32, 2880, 2880, 4, 64
@@ -63,19 +61,6 @@ def _routing(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.softmax(torch.randn(tokens, K, generator=g), -1)
 
 
-def _backends() -> list[str]:
-    names = []
-    for name in ("cpu", "cuda", "triton"):
-        try:
-            select_backend("overlay_moe_forward", name, torch.device("cpu"), _IMPLS)
-            if name == "triton":
-                continue  # the interpreter measures Python, not a GPU kernel
-            names.append(name)
-        except (BackendUnavailableError, ValueError):
-            pass
-    return names
-
-
 def measure_matmul_rate() -> float:
     """fp32 FLOP/s of torch.matmul on the layer's largest product ([256, 2880] @ [2880, 5760])."""
     x, w = torch.randn(256, H), torch.randn(H, 2 * I)
@@ -110,7 +95,7 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
                                      ref_times[fastest] / t, {"tokens": tokens}))
             moved, flops = overlay_moe_bytes(tokens, K, ov), overlay_moe_flops(tokens, K, ov)
             floor = {1: moved / copy_bw, 256: flops / flop_rate}.get(tokens, max(moved / copy_bw, flops / flop_rate))
-            for backend in _backends() + ["torch"]:
+            for backend in available_backends("overlay_moe_forward", _IMPLS, torch.device("cpu")) + ["torch"]:
                 out = overlay_moe_forward(x, ids, w, ov, backend=backend)
                 torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)  # correctness first
                 t = median_seconds(lambda: overlay_moe_forward(x, ids, w, ov, backend=backend), repeats=reps, warmup=1)

@@ -40,6 +40,24 @@ def measure_copy_bandwidth(n_bytes: int = 1 << 30, device: str = "cpu") -> float
     return 2 * n_bytes / t
 
 
+def available_backends(op: str, impls: dict, device: torch.device) -> list[str]:
+    """The compiled backends of ``op`` that run on ``device`` (never Triton's CPU interpreter, which
+    measures Python rather than a kernel)."""
+    from lazarus_core import BackendUnavailableError
+    from lazarus_core.ops._backends import select_backend
+
+    names = []
+    for name in ("cpu", "cuda", "triton"):
+        if name == "triton" and device.type == "cpu":
+            continue
+        try:
+            select_backend(op, name, device, impls)
+        except (BackendUnavailableError, ValueError):
+            continue
+        names.append(name)
+    return names
+
+
 def git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -6,7 +6,7 @@ import torch
 from lazarus_core.analysis.expert_structure import analyze_moe_type, analyze_projection, classify, parse_layers
 from lazarus_core.analysis.spectra import energy_rank, singular_values, singular_values_reference
 from lazarus_core.models import open_moe_checkpoint
-from tests.fixtures.checkpoints import CONFIGS, write_checkpoint
+from tests.fixtures.checkpoints import CONFIGS
 
 from .known_rank import EXPECTED_RANKS, write_known_rank_checkpoint
 
@@ -56,7 +56,7 @@ def test_known_ranks_on_every_layout(family, storage, tmp_path):
             assert cos[0, 2] == pytest.approx(0.0, abs=1e-9)  # distinct Hadamard rows are orthogonal
         assert result.delta_energy_fraction == pytest.approx(1.0, abs=1e-9)  # the mean expert is exactly zero
         if family == "gpt_oss":
-            assert result.bias is not None and result.bias["norm_mean"] > 10 * max(result.expert_norms) / 10
+            assert result.bias is not None and result.bias["norm_mean"] > max(result.expert_norms)  # large biases
         if storage in ("mxfp4", "fp8"):
             assert result.noise_floor is not None and result.noise_floor.rank_above_noise == [4] * n
         else:
