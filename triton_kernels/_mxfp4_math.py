@@ -14,13 +14,18 @@ def e8m0_to_f32(s):
 
 @triton.jit
 def e2m1_to_f32(code):
-    """4-bit E2M1 code (int32 tensor) -> fp32 value; bit 3 is the sign."""
-    magnitude_bits = code & 7
-    exponent = magnitude_bits >> 1
-    mantissa = (magnitude_bits & 1).to(tl.float32)
-    normal = (1 << tl.maximum(exponent - 1, 0)).to(tl.float32) * (1.0 + 0.5 * mantissa)
-    magnitude = tl.where(exponent == 0, 0.5 * mantissa, normal)
-    return tl.where((code & 8) != 0, -magnitude, magnitude)
+    """4-bit E2M1 code (int32 tensor) -> fp32 value, built bit by bit; bit 3 is the sign.
+
+    Exponent field 0 is the subnormal 0.5 * mantissa, otherwise ``2^(exponent-1) * (1 + mantissa/2)``.
+    The sign goes in as a bit, never as ``-x``: Triton lowers float negation to ``0 - x`` on the GPU,
+    which loses the sign of zero (code 8 is -0.0).
+    """
+    exponent = (code >> 1) & 3
+    mantissa = code & 1
+    normal = ((exponent + 126) << 23) | (mantissa << 22)
+    subnormal = mantissa * 0x3F000000                      # 0.5 or +0.0
+    magnitude = tl.where(exponent == 0, subnormal, normal)
+    return (magnitude | ((code & 8) << 28)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

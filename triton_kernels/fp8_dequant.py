@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-DEFAULT_BLOCK_R = 16
+DEFAULT_BLOCK_R = 32
 DEFAULT_BLOCK_C = 128
 
 
@@ -36,14 +36,20 @@ def _f32_to_bf16_bits(x):
 
 @triton.jit
 def _fp8_dequant_kernel(weight_ptr, scale_ptr, out_ptr, total_rows, rows, cols, block_rows, block_cols,
-                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BF16_BITS: tl.constexpr):
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BF16_BITS: tl.constexpr,
+                        ROW_SCALE: tl.constexpr):
     gr = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # global row
-    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    mask = (gr < total_rows)[:, None] & (c < cols)[None, :]
+    c0 = tl.program_id(1).to(tl.int64) * BLOCK_C
+    c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+    row_ok = gr < total_rows
+    mask = row_ok[:, None] & (c < cols)[None, :]
     scale_rows = (rows + block_rows - 1) // block_rows
     scale_cols = (cols + block_cols - 1) // block_cols
     scale_row = (gr // rows) * scale_rows + (gr % rows) // block_rows
-    scale = tl.load(scale_ptr + scale_row[:, None] * scale_cols + (c // block_cols)[None, :], mask=mask, other=1.0)
+    if ROW_SCALE:  # the tile lies inside one scale column: one scale per row
+        scale = tl.load(scale_ptr + scale_row * scale_cols + c0 // block_cols, mask=row_ok, other=1.0)[:, None]
+    else:
+        scale = tl.load(scale_ptr + scale_row[:, None] * scale_cols + (c // block_cols)[None, :], mask=mask, other=1.0)
     offsets = gr[:, None] * cols + c[None, :]
     byte = tl.load(weight_ptr + offsets, mask=mask, other=0).to(tl.int32)
     value = _e4m3fn_to_f32(byte) * scale
@@ -76,4 +82,4 @@ def fp8_dequant_triton(weight: torch.Tensor, scale_inv: torch.Tensor, out: torch
     bf16 = out.dtype == torch.bfloat16
     target = out.view(torch.int16) if bf16 else out
     _fp8_dequant_kernel[grid](weight, scale_inv, target, total_rows, rows, cols, block_rows, block_cols,
-                              BLOCK_R=block_r, BLOCK_C=block_c, BF16_BITS=bf16)
+                              BLOCK_R=block_r, BLOCK_C=block_c, BF16_BITS=bf16, ROW_SCALE=block_cols % block_c == 0)

@@ -171,9 +171,11 @@ from lazarus_core.triton_kernels.fp8_dequant import _fp8_dequant_kernel
 for out_ty, bits in (("*fp32", False), ("*i16", True)):
     sig = {"weight_ptr": "*u8", "scale_ptr": "*fp32", "out_ptr": out_ty, "total_rows": "i64", "rows": "i64",
            "cols": "i64", "block_rows": "i64", "block_cols": "i64",
-           "BLOCK_R": "constexpr", "BLOCK_C": "constexpr", "BF16_BITS": "constexpr"}
-    src = ASTSource(fn=_fp8_dequant_kernel, signature=sig, constexprs={"BLOCK_R": 16, "BLOCK_C": 128, "BF16_BITS": bits})
-    assert triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+           "BLOCK_R": "constexpr", "BLOCK_C": "constexpr", "BF16_BITS": "constexpr", "ROW_SCALE": "constexpr"}
+    for row_scale in (False, True):
+        src = ASTSource(fn=_fp8_dequant_kernel, signature=sig,
+                        constexprs={"BLOCK_R": 32, "BLOCK_C": 128, "BF16_BITS": bits, "ROW_SCALE": row_scale})
+        assert triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
 print("compiled")
 """
 
