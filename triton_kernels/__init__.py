@@ -12,7 +12,7 @@ if __name__ != "lazarus_core.triton_kernels":
 from lazarus_core.triton_kernels.dequant_axpby import dequant_axpby_triton
 from lazarus_core.triton_kernels.mxfp4_dequant import mxfp4_dequant_triton
 from lazarus_core.triton_kernels.mxfp4_quantize import mxfp4_quantize_triton
-from lazarus_core.triton_kernels.overlay_moe import overlay_down_triton, overlay_gate_up_triton
+from lazarus_core.triton_kernels.overlay_moe import overlay_down_triton, overlay_gate_up_triton, overlay_shrink_triton
 
 __all__ = [
     "dequant_axpby_triton",
@@ -20,4 +20,5 @@ __all__ = [
     "mxfp4_quantize_triton",
     "overlay_down_triton",
     "overlay_gate_up_triton",
+    "overlay_shrink_triton",
 ]

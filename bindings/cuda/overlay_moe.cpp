@@ -62,6 +62,23 @@ void bind_overlay_moe(py::module_& m) {
         }
         raise_on_cuda_error(code, "overlay_down");
       });
+  m.def(
+      "overlay_shrink",
+      [](uintptr_t inp, uintptr_t rows, uintptr_t pair_expert, uintptr_t b, uintptr_t s, int64_t pairs, int64_t in_dim,
+         int64_t rank, uintptr_t stream) {
+        if (pairs < 0 || in_dim < 0 || rank < 0)
+          throw py::value_error("overlay_shrink: sizes must be non-negative");
+        for (auto [v, name] : {std::pair{inp, "inp"}, {pair_expert, "pair_expert"}, {b, "b"}, {s, "s"}})
+          check_device_pointer(v, name, pairs * rank);
+        int code;
+        {
+          py::gil_scoped_release release;
+          code = overlay_shrink_cuda(p<const float>(inp), p<const int64_t>(rows), p<const int64_t>(pair_expert),
+                                     p<const float>(b), p<float>(s), pairs, in_dim, rank,
+                                     reinterpret_cast<void*>(stream));
+        }
+        raise_on_cuda_error(code, "overlay_shrink");
+      });
 }
 
 }  // namespace bindings

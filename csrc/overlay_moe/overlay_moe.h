@@ -62,6 +62,10 @@ int overlay_gate_up_cuda(const OverlayGateUpArgs& a, const int64_t* slot_pair, c
                          int64_t top_k, void* stream);
 int overlay_down_cuda(const OverlayDownArgs& a, const int64_t* slot_pair, const int64_t* slot_expert, int64_t top_k,
                       void* stream);
+// s [P, rank] = B[pair_expert[p]] @ inp[rows[p]] (rows == nullptr: row p) with b [E, rank, in_dim] and inp
+// [*, in_dim]: the grouped shrink of every pair in one launch (device pointers).
+int overlay_shrink_cuda(const float* inp, const int64_t* rows, const int64_t* pair_expert, const float* b, float* s,
+                        int64_t pairs, int64_t in_dim, int64_t rank, void* stream);
 #endif
 
 namespace detail {

@@ -11,6 +11,8 @@ kernel (cpu/cuda/triton) does the expand + bias + activation + weighted reductio
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -221,11 +223,17 @@ class _Routing:
     """Pairs sorted by expert and the inverse map the per-token kernels use."""
 
     pair_token: torch.Tensor   # [P] int64
+    pair_expert: torch.Tensor  # [P] int64
     pair_weight: torch.Tensor  # [P] fp32
     offsets: torch.Tensor      # [E+1] int64
     slot_pair: torch.Tensor    # [T*K] int64: slot t*K+k -> sorted pair
     slot_expert: torch.Tensor  # [T*K] int64
-    counts: list[int]
+    counts_t: torch.Tensor     # [E] int64
+
+    @functools.cached_property
+    def counts(self) -> list[int]:
+        """Pairs per expert on the host (a device sync on GPUs; only the BLAS shrink needs it)."""
+        return self.counts_t.tolist()
 
 
 def _routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int) -> _Routing:
@@ -237,18 +245,36 @@ def _routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int)
     torch.cumsum(counts, 0, out=offsets[1:])
     slot_pair = torch.empty_like(order)
     slot_pair[order] = torch.arange(order.numel(), device=flat.device)
-    return _Routing(pair_token=(order // k).contiguous(), pair_weight=topk_weights.reshape(-1)[order].float().contiguous(),
-                    offsets=offsets, slot_pair=slot_pair, slot_expert=flat.contiguous(), counts=counts.tolist())
+    return _Routing(pair_token=(order // k).contiguous(), pair_expert=flat[order].contiguous(),
+                    pair_weight=topk_weights.reshape(-1)[order].float().contiguous(), offsets=offsets,
+                    slot_pair=slot_pair, slot_expert=flat.contiguous(), counts_t=counts)
 
 
-def _grouped_shrink(inp: torch.Tensor, factors: torch.Tensor, routing: _Routing) -> torch.Tensor:
-    """``out[p] = factors[e(p)] @ inp[p]`` for expert-sorted rows: one BLAS GEMM per expert that has tokens."""
+def _shrink_blas(inp: torch.Tensor, rows: torch.Tensor | None, factors: torch.Tensor, routing: _Routing) -> torch.Tensor:
+    """``out[p] = factors[e(p)] @ inp[rows[p]]`` for expert-sorted pairs: one BLAS GEMM per expert that has pairs."""
+    if rows is not None:
+        inp = inp[rows]
     out = torch.empty(inp.shape[0], factors.shape[1], dtype=torch.float32, device=inp.device)
     start = 0
     for e, n in enumerate(routing.counts):
         if n:
             torch.mm(inp[start:start + n], factors[e].T, out=out[start:start + n])
             start += n
+    return out
+
+
+def _shrink_cuda(inp: torch.Tensor, rows: torch.Tensor | None, factors: torch.Tensor, routing: _Routing) -> torch.Tensor:
+    out = torch.empty(routing.pair_expert.numel(), factors.shape[1], dtype=torch.float32, device=inp.device)
+    with torch.cuda.device(inp.device):
+        cuda_extension().overlay_shrink(inp.data_ptr(), _ptr(rows), routing.pair_expert.data_ptr(), factors.data_ptr(),
+                                        out.data_ptr(), out.shape[0], inp.shape[1], out.shape[1],
+                                        torch.cuda.current_stream(inp.device).cuda_stream)
+    return out
+
+
+def _shrink_triton(inp: torch.Tensor, rows: torch.Tensor | None, factors: torch.Tensor, routing: _Routing) -> torch.Tensor:
+    out = torch.empty(routing.pair_expert.numel(), factors.shape[1], dtype=torch.float32, device=inp.device)
+    triton_module(inp.device).overlay_shrink_triton(inp, rows, routing.pair_expert, factors, out)
     return out
 
 
@@ -343,12 +369,12 @@ def _down_triton(s_d, r: _Routing, ex: OverlayExperts, y):
     triton_module(y.device).overlay_down_triton(s_d, r.slot_pair, r.slot_expert, r.pair_weight, ex, y)
 
 
-# backend -> (fused gate/up stage, fused down stage)
+# backend -> (grouped shrink, fused gate/up stage, fused down stage)
 _IMPLS = {
-    "cpu": (_gate_up_cpu, _down_cpu),
-    "cuda": (_gate_up_cuda, _down_cuda),
-    "triton": (_gate_up_triton, _down_triton),
-    "torch": (_gate_up_torch, _down_torch),
+    "cpu": (_shrink_blas, _gate_up_cpu, _down_cpu),
+    "cuda": (_shrink_cuda, _gate_up_cuda, _down_cuda),
+    "triton": (_shrink_triton, _gate_up_triton, _down_triton),
+    "torch": (_shrink_blas, _gate_up_torch, _down_torch),
 }
 
 
@@ -364,9 +390,10 @@ def _check_inputs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     if tuple(topk_weights.shape) != tuple(topk_ids.shape):
         raise ValueError(f"overlay_moe_forward: topk_weights {list(topk_weights.shape)} must match topk_ids "
                          f"{list(topk_ids.shape)}")
-    if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= ex.num_experts):
-        raise ValueError(f"overlay_moe_forward: topk_ids must be in [0, {ex.num_experts}), got "
-                         f"[{int(topk_ids.min())}, {int(topk_ids.max())}]")
+    if topk_ids.numel():
+        lo, hi = (int(v) for v in torch.stack(torch.aminmax(topk_ids)).tolist())   # one device sync
+        if lo < 0 or hi >= ex.num_experts:
+            raise ValueError(f"overlay_moe_forward: topk_ids must be in [0, {ex.num_experts}), got [{lo}, {hi}]")
     devices = {x.device, topk_ids.device, topk_weights.device, ex.base_down.device}
     if len(devices) != 1:
         raise ValueError(f"overlay_moe_forward: tensors are on different devices: {sorted(map(str, devices))}")
@@ -403,18 +430,18 @@ def overlay_moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
         An explicitly requested backend cannot run here.
     """
     _check_inputs(x, topk_ids, topk_weights, experts)
-    gate_up, down = select_backend("overlay_moe_forward", backend, x.device, _IMPLS)
+    shrink, gate_up, down = select_backend("overlay_moe_forward", backend, x.device, _IMPLS)
     t, i = x.shape[0], experts.intermediate_size
     xf = x.to(torch.float32).contiguous()
     if t == 0:
         return torch.zeros_like(x)
     r = _routing(topk_ids, topk_weights, experts.num_experts)
     gu0 = xf @ experts.base_gate_up.T                                    # [T, 2I]  BLAS, once per token
-    s_gu = _grouped_shrink(xf[r.pair_token], experts.b_gate_up, r)       # [P, rg+ru] BLAS per expert
+    s_gu = shrink(xf, r.pair_token, experts.b_gate_up, r)                # [P, rg+ru] grouped shrink
     h = torch.empty(r.pair_token.numel(), i, dtype=torch.float32, device=x.device)
     hw = torch.empty(t, i, dtype=torch.float32, device=x.device)
     gate_up(gu0, s_gu, r, experts, h, hw)                                # fused expand + bias + act + weighted sum
-    s_d = _grouped_shrink(h, experts.b_down, r)                          # [P, rd]
+    s_d = shrink(h, None, experts.b_down, r)                             # [P, rd]
     y = hw @ experts.base_down.T                                         # [T, H] BLAS on the weighted sum
     down(s_d, r, experts, y)                                             # fused expand + bias + weighted sum
     return y.to(x.dtype)

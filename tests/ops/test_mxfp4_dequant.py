@@ -175,12 +175,14 @@ k = triton.compile(ASTSource(fn=_mxfp4_quantize_kernel, signature=sig, constexpr
 assert k.asm["cubin"]
 from lazarus_core.triton_kernels.dequant_axpby import _float_axpby_kernel, _mxfp4_axpby_kernel
 sig = {"blocks_ptr": "*u8", "scales_ptr": "*u8", "y_ptr": "*fp32", "out_ptr": "*fp32", "n_blocks": "i64",
-       "alpha": "fp32", "beta": "fp32", "BLOCK_G": "constexpr"}
-assert triton.compile(ASTSource(fn=_mxfp4_axpby_kernel, signature=sig, constexprs={"BLOCK_G": 64}), target=target).asm["cubin"]
+       "alpha": "fp32", "beta": "fp32", "BLOCK_G": "constexpr", "EXACT": "constexpr"}
+assert triton.compile(ASTSource(fn=_mxfp4_axpby_kernel, signature=sig, constexprs={"BLOCK_G": 64, "EXACT": True}),
+                      target=target).asm["cubin"]
 for src in ("*bf16", "*fp16", "*fp32"):
     sig = {"src_ptr": src, "y_ptr": "*fp32", "out_ptr": "*fp32", "n": "i64", "alpha": "fp32", "beta": "fp32",
-           "BLOCK_N": "constexpr"}
-    assert triton.compile(ASTSource(fn=_float_axpby_kernel, signature=sig, constexprs={"BLOCK_N": 4096}), target=target).asm["cubin"]
+           "BLOCK_N": "constexpr", "EXACT": "constexpr"}
+    assert triton.compile(ASTSource(fn=_float_axpby_kernel, signature=sig, constexprs={"BLOCK_N": 4096, "EXACT": True}),
+                          target=target).asm["cubin"]
 print("compiled")
 """
 
