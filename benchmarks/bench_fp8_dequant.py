@@ -20,8 +20,10 @@ from benchmarks.harness import (  # noqa: E402
 from lazarus_core.ops import fp8_dequant, fp8_dequant_reference  # noqa: E402
 from lazarus_core.ops.fp8_dequant import _IMPLS  # noqa: E402
 
-# DeepSeek-V3 routed expert gate/up [2048, 7168] and down [7168, 2048], 128 x 128 blocks.
-SHAPES = {"deepseek-v3 expert gate [2048,7168]": (2048, 7168), "deepseek-v3 expert down [7168,2048]": (7168, 2048)}
+# DeepSeek-V3 routed expert gate/up [2048, 7168] and down [7168, 2048], 128 x 128 blocks: (batch, rows, cols).
+SHAPES = {"deepseek-v3 expert gate [2048,7168]": (1, 2048, 7168), "deepseek-v3 expert down [7168,2048]": (1, 7168, 2048)}
+# On a GPU one expert is a few microseconds of work: also time 16 experts' gate tensors at once.
+GPU_SHAPES = {"deepseek-v3 16 experts gate [16,2048,7168]": (16, 2048, 7168)}
 
 
 def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
@@ -29,19 +31,21 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     copy_bw = measure_copy_bandwidth(256 << 20, device=device.type)
     rows = []
-    for label, (r, c) in SHAPES.items():
-        weight = torch.randint(0, 256, (r, c), dtype=torch.uint8, device=device)
-        scale_inv = torch.rand(-(-r // 128), -(-c // 128), device=device)
+    shapes = {**SHAPES, **(GPU_SHAPES if device.type == "cuda" else {})}
+    for label, (b, r, c) in shapes.items():
+        lead = (b,) if b > 1 else ()
+        weight = torch.randint(0, 256, (*lead, r, c), dtype=torch.uint8, device=device)
+        scale_inv = torch.rand(*lead, -(-r // 128), -(-c // 128), device=device)
         for dtype in (torch.float32, torch.bfloat16):
-            out = torch.empty(r, c, dtype=dtype, device=device)
-            moved = r * c * (1 + torch.finfo(dtype).bits // 8) + scale_inv.numel() * 4
+            out = torch.empty(*lead, r, c, dtype=dtype, device=device)
+            moved = b * r * c * (1 + torch.finfo(dtype).bits // 8) + scale_inv.numel() * 4
             name = str(dtype).replace("torch.", "")
             ref_t = median_seconds(lambda: fp8_dequant_reference(weight, scale_inv, dtype=dtype), repeats=3, warmup=1)
             rows.append(BenchRow("fp8_dequant", "torch (reference)", label, name, ref_t * 1e3, moved / ref_t / 1e9,
                                  100 * moved / ref_t / copy_bw, 1.0))
             for backend in available_backends("fp8_dequant", _IMPLS, device):
-                check = fp8_dequant(weight[:256], scale_inv[:2], dtype=dtype, backend=backend)  # correctness first
-                expected = fp8_dequant_reference(weight[:256], scale_inv[:2], dtype=dtype)
+                check = fp8_dequant(weight[..., :256, :], scale_inv[..., :2, :], dtype=dtype, backend=backend)  # correct first
+                expected = fp8_dequant_reference(weight[..., :256, :], scale_inv[..., :2, :], dtype=dtype)
                 torch.testing.assert_close(check, expected, equal_nan=True, rtol=0, atol=0)
                 t = median_seconds(lambda: fp8_dequant(weight, scale_inv, dtype=dtype, out=out, backend=backend),
                                    repeats=repeats)

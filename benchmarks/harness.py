@@ -17,18 +17,30 @@ import torch
 
 
 def median_seconds(fn: Callable[[], object], *, repeats: int = 10, warmup: int = 2, min_time: float = 0.0) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs (CUDA-synchronised)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    """Median time of ``fn()`` over ``repeats`` runs after ``warmup`` runs.
+
+    Host clock on a CPU-only machine; with a CUDA device, CUDA events on the current stream around each call
+    (the GPU timeline from the first launch to the last, host launch gaps included, without a host sync's
+    own latency)."""
+    cuda = torch.cuda.is_available()
     for _ in range(warmup):
         fn()
-    sync()
+    if cuda:
+        torch.cuda.synchronize()
     times = []
     start_all = time.perf_counter()
     while len(times) < repeats or time.perf_counter() - start_all < min_time:
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 

@@ -18,8 +18,9 @@
 // overlay_down accumulates y [T, H] += sum over pairs pair_weight * (A_down[e] s_d + bias_down[e]) with
 // s_d [P, rd], at_down [E, rd, H], bias_down [E, H] or nullptr.
 // Ranks may be 0. The CPU functions cannot fail (the binding validated everything); the CUDA launchers
-// take device pointers plus the inverse permutation slot_pair [T*K] (slot t*K+k -> sorted pair) and
-// slot_expert [T*K], and return a cudaError_t as int.
+// take device pointers plus the map slot_pair [T*K] (slot t*K+k -> pair) and slot_expert [T*K], and
+// return a cudaError_t as int. They need no sorted order and never read offsets (it may be null): the op
+// passes pairs in slot order on the GPU.
 #pragma once
 
 #include <cstdint>

@@ -220,25 +220,33 @@ def overlay_moe_forward_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_
 
 @dataclass
 class _Routing:
-    """Pairs sorted by expert and the inverse map the per-token kernels use."""
+    """The (token, expert) pairs, and the map from each token's k slots to its pairs.
+
+    Sorted routings order the pairs by expert (the BLAS shrink runs one GEMM per expert); unsorted ones keep
+    slot order (pair = t*K + k), which the GPU kernels need no sort, bincount or host sync for.
+    """
 
     pair_token: torch.Tensor   # [P] int64
     pair_expert: torch.Tensor  # [P] int64
     pair_weight: torch.Tensor  # [P] fp32
-    offsets: torch.Tensor      # [E+1] int64
-    slot_pair: torch.Tensor    # [T*K] int64: slot t*K+k -> sorted pair
+    offsets: torch.Tensor | None  # [E+1] int64 (sorted routings only)
+    slot_pair: torch.Tensor    # [T*K] int64: slot t*K+k -> pair
     slot_expert: torch.Tensor  # [T*K] int64
-    counts_t: torch.Tensor     # [E] int64
+    counts_t: torch.Tensor | None  # [E] int64 (sorted routings only)
 
     @functools.cached_property
     def counts(self) -> list[int]:
-        """Pairs per expert on the host (a device sync on GPUs; only the BLAS shrink needs it)."""
+        """Pairs per expert on the host (sorted routings; a device sync on GPUs)."""
         return self.counts_t.tolist()
 
 
-def _routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int) -> _Routing:
+def _routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int, *, sort: bool = True) -> _Routing:
     k = topk_ids.shape[1]
-    flat = topk_ids.reshape(-1).long()
+    flat = topk_ids.reshape(-1).long().contiguous()
+    if not sort:
+        slots = torch.arange(flat.numel(), device=flat.device)
+        return _Routing(pair_token=slots // k, pair_expert=flat, pair_weight=topk_weights.reshape(-1).float().contiguous(),
+                        offsets=None, slot_pair=slots, slot_expert=flat, counts_t=None)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=n_experts)
     offsets = torch.zeros(n_experts + 1, dtype=torch.int64, device=flat.device)
@@ -247,7 +255,7 @@ def _routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int)
     slot_pair[order] = torch.arange(order.numel(), device=flat.device)
     return _Routing(pair_token=(order // k).contiguous(), pair_expert=flat[order].contiguous(),
                     pair_weight=topk_weights.reshape(-1)[order].float().contiguous(), offsets=offsets,
-                    slot_pair=slot_pair, slot_expert=flat.contiguous(), counts_t=counts)
+                    slot_pair=slot_pair, slot_expert=flat, counts_t=counts)
 
 
 def _shrink_blas(inp: torch.Tensor, rows: torch.Tensor | None, factors: torch.Tensor, routing: _Routing) -> torch.Tensor:
@@ -344,7 +352,7 @@ def _gate_up_cuda(gu0, s_gu, r: _Routing, ex: OverlayExperts, h, hw):
     with torch.cuda.device(gu0.device):
         stream = torch.cuda.current_stream(gu0.device).cuda_stream
         ext.overlay_gate_up(gu0.data_ptr(), s_gu.data_ptr(), r.pair_token.data_ptr(), r.pair_weight.data_ptr(),
-                            r.offsets.data_ptr(), ex.at_gate.data_ptr(), ex.at_up.data_ptr(), _ptr(ex.bias_gate),
+                            _ptr(r.offsets), ex.at_gate.data_ptr(), ex.at_up.data_ptr(), _ptr(ex.bias_gate),
                             _ptr(ex.bias_up), ACTIVATIONS[ex.activation], ex.alpha, ex.limit, h.data_ptr(),
                             hw.data_ptr(), r.slot_pair.data_ptr(), r.slot_expert.data_ptr(), hw.shape[0],
                             ex.intermediate_size, ex.num_experts, ex.at_gate.shape[1], ex.at_up.shape[1],
@@ -355,7 +363,7 @@ def _down_cuda(s_d, r: _Routing, ex: OverlayExperts, y):
     ext = cuda_extension()
     with torch.cuda.device(y.device):
         stream = torch.cuda.current_stream(y.device).cuda_stream
-        ext.overlay_down(s_d.data_ptr(), r.pair_token.data_ptr(), r.pair_weight.data_ptr(), r.offsets.data_ptr(),
+        ext.overlay_down(s_d.data_ptr(), r.pair_token.data_ptr(), r.pair_weight.data_ptr(), _ptr(r.offsets),
                          ex.at_down.data_ptr(), _ptr(ex.bias_down), y.data_ptr(), r.slot_pair.data_ptr(),
                          r.slot_expert.data_ptr(), y.shape[0], ex.hidden_size, ex.num_experts, ex.at_down.shape[1],
                          r.slot_pair.numel() // max(y.shape[0], 1), stream)
@@ -435,7 +443,7 @@ def overlay_moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     xf = x.to(torch.float32).contiguous()
     if t == 0:
         return torch.zeros_like(x)
-    r = _routing(topk_ids, topk_weights, experts.num_experts)
+    r = _routing(topk_ids, topk_weights, experts.num_experts, sort=shrink is _shrink_blas)
     gu0 = xf @ experts.base_gate_up.T                                    # [T, 2I]  BLAS, once per token
     s_gu = shrink(xf, r.pair_token, experts.b_gate_up, r)                # [P, rg+ru] grouped shrink
     h = torch.empty(r.pair_token.numel(), i, dtype=torch.float32, device=x.device)
