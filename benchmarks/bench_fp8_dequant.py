@@ -29,6 +29,7 @@ GPU_SHAPES = {"deepseek-v3 16 experts gate [16,2048,7168]": (16, 2048, 7168)}
 def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
     """Measure every shape x output dtype x available backend; returns (rows, floors)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
     copy_bw = measure_copy_bandwidth(256 << 20, device=device.type)
     rows = []
     shapes = {**SHAPES, **(GPU_SHAPES if device.type == "cuda" else {})}
@@ -40,7 +41,8 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
             out = torch.empty(*lead, r, c, dtype=dtype, device=device)
             moved = b * r * c * (1 + torch.finfo(dtype).bits // 8) + scale_inv.numel() * 4
             name = str(dtype).replace("torch.", "")
-            ref_t = median_seconds(lambda: fp8_dequant_reference(weight, scale_inv, dtype=dtype), repeats=3, warmup=1)
+            ref_t = median_seconds(lambda: fp8_dequant_reference(weight, scale_inv, dtype=dtype), repeats=3, warmup=1,
+                                   cuda_events=gpu)
             rows.append(BenchRow("fp8_dequant", "torch (reference)", label, name, ref_t * 1e3, moved / ref_t / 1e9,
                                  100 * moved / ref_t / copy_bw, 1.0))
             for backend in available_backends("fp8_dequant", _IMPLS, device):
@@ -48,7 +50,7 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
                 expected = fp8_dequant_reference(weight[..., :256, :], scale_inv[..., :2, :], dtype=dtype)
                 torch.testing.assert_close(check, expected, equal_nan=True, rtol=0, atol=0)
                 t = median_seconds(lambda: fp8_dequant(weight, scale_inv, dtype=dtype, out=out, backend=backend),
-                                   repeats=repeats)
+                                   repeats=repeats, cuda_events=gpu)
                 rows.append(BenchRow("fp8_dequant", backend, label, name, t * 1e3, moved / t / 1e9,
                                      100 * moved / t / copy_bw, ref_t / t))
     return rows, {"copy_bandwidth_gb_s": copy_bw / 1e9, "device": device.type}

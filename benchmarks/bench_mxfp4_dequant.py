@@ -33,6 +33,7 @@ def _bytes_moved(lead: tuple[int, ...], dtype: torch.dtype) -> int:
 def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
     """Measure every shape x output dtype x available backend; returns (rows, floors)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
     copy_bw = measure_copy_bandwidth(device=device.type)
     rows = []
     for label, lead in SHAPES.items():
@@ -42,7 +43,7 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
             moved = _bytes_moved(lead, dtype)
             big = blocks.numel() > 50_000_000
             ref_t = median_seconds(lambda: mxfp4_dequant_reference(blocks, scales, dtype), repeats=3 if big else repeats,
-                                   warmup=1)
+                                   warmup=1, cuda_events=gpu)
             rows.append(BenchRow("mxfp4_dequant", "torch (reference)", label, str(dtype).replace("torch.", ""),
                                  ref_t * 1e3, moved / ref_t / 1e9, 100 * moved / ref_t / copy_bw, 1.0))
             for backend in available_backends("mxfp4_dequant", _IMPLS, device):
@@ -50,7 +51,7 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
                 check = mxfp4_dequant(blocks[:2], scales[:2], dtype=dtype, backend=backend)
                 torch.testing.assert_close(check, expected, equal_nan=True, rtol=0, atol=0)  # correctness first
                 t = median_seconds(lambda: mxfp4_dequant(blocks, scales, dtype=dtype, out=out, backend=backend),
-                                   repeats=repeats)
+                                   repeats=repeats, cuda_events=gpu)
                 rows.append(BenchRow("mxfp4_dequant", backend, label, str(dtype).replace("torch.", ""), t * 1e3,
                                      moved / t / 1e9, 100 * moved / t / copy_bw, ref_t / t))
             del out

@@ -64,7 +64,7 @@ def _routing(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def measure_matmul_rate(device: str = "cpu") -> float:
     """fp32 FLOP/s of torch.matmul on the layer's largest product ([256, 2880] @ [2880, 5760])."""
     x, w = torch.randn(256, H, device=device), torch.randn(H, 2 * I, device=device)
-    return 2 * 256 * H * 2 * I / median_seconds(lambda: x @ w, repeats=10)
+    return 2 * 256 * H * 2 * I / median_seconds(lambda: x @ w, repeats=10, cuda_events=device == "cuda")
 
 
 def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
@@ -72,6 +72,7 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
 
     On a machine with a CUDA device everything runs there (fp32, TF32 off: torch's default for matmul)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = device == "cuda"
     copy_bw = measure_copy_bandwidth(device=device)
     flop_rate = measure_matmul_rate(device)
     ov, experts = make_layer(device=device)
@@ -95,7 +96,8 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
                     continue
                 expected = out if expected is None else expected
                 torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
-                ref_times[impl] = median_seconds(lambda: experts(x, ids, w), repeats=reps, warmup=1)
+                ref_times[impl] = median_seconds(lambda: experts(x, ids, w), repeats=reps, warmup=1,
+                                                cuda_events=gpu)
             fastest = min(ref_times, key=ref_times.get)
             for impl, t in ref_times.items():
                 rows.append(BenchRow("transformers experts", impl, label, "fp32", t * 1e3, None, None,
@@ -105,7 +107,8 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
             for backend in available_backends("overlay_moe_forward", _IMPLS, torch.device(device)) + ["torch"]:
                 out = overlay_moe_forward(x, ids, w, ov, backend=backend)
                 torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)  # correctness first
-                t = median_seconds(lambda: overlay_moe_forward(x, ids, w, ov, backend=backend), repeats=reps, warmup=1)
+                t = median_seconds(lambda: overlay_moe_forward(x, ids, w, ov, backend=backend), repeats=reps,
+                                   warmup=1, cuda_events=gpu)
                 rows.append(BenchRow("overlay_moe_forward", backend, label, "fp32", t * 1e3, moved / t / 1e9,
                                      100 * floor / t, ref_times[fastest] / t,
                                      {"tokens": tokens, "floor_ms": floor * 1e3, "gflop_per_s": flops / t / 1e9,

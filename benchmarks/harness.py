@@ -16,12 +16,13 @@ from typing import Callable
 import torch
 
 
-def median_seconds(fn: Callable[[], object], *, repeats: int = 10, warmup: int = 2, min_time: float = 0.0) -> float:
+def median_seconds(fn: Callable[[], object], *, repeats: int = 10, warmup: int = 2, min_time: float = 0.0,
+                   cuda_events: bool = False) -> float:
     """Median time of ``fn()`` over ``repeats`` runs after ``warmup`` runs.
 
-    Host clock on a CPU-only machine; with a CUDA device, CUDA events on the current stream around each call
-    (the GPU timeline from the first launch to the last, host launch gaps included, without a host sync's
-    own latency)."""
+    By default the host clock (CUDA-synchronised where a device exists). With ``cuda_events`` (GPU work),
+    CUDA events on the current stream around each call: the GPU timeline from the first launch to the last,
+    host launch gaps included, without a host sync's own latency."""
     cuda = torch.cuda.is_available()
     for _ in range(warmup):
         fn()
@@ -30,7 +31,7 @@ def median_seconds(fn: Callable[[], object], *, repeats: int = 10, warmup: int =
     times = []
     start_all = time.perf_counter()
     while len(times) < repeats or time.perf_counter() - start_all < min_time:
-        if cuda:
+        if cuda_events:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -40,6 +41,8 @@ def median_seconds(fn: Callable[[], object], *, repeats: int = 10, warmup: int =
         else:
             t0 = time.perf_counter()
             fn()
+            if cuda:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -48,7 +51,7 @@ def measure_copy_bandwidth(n_bytes: int = 1 << 30, device: str = "cpu") -> float
     """Bytes read + written per second of ``dst.copy_(src)`` on ``n_bytes`` buffers (the memory floor)."""
     src = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    t = median_seconds(lambda: dst.copy_(src), repeats=7)
+    t = median_seconds(lambda: dst.copy_(src), repeats=7, cuda_events=device != "cpu")
     return 2 * n_bytes / t
 
 
