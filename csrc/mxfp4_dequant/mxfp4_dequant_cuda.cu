@@ -1,6 +1,6 @@
 // Why: MXFP4 -> fp32/bf16 on the GPU with the same host/device arithmetic the CPU tests check.
-// Fast path: one thread decodes one 32-bit word (4 packed bytes -> 8 values) and writes them with
-// 16-byte vector stores; a scalar kernel handles buffers that are not aligned for that.
+// Fast path: one thread decodes one 32-bit word (4 packed bytes -> 8 values; two words for bf16) and writes
+// them with 16-byte vector stores; a scalar kernel handles buffers that are not aligned for that.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -34,19 +34,25 @@ __global__ void dequant_f32_vec(const uint32_t* __restrict__ words, const uint8_
   }
 }
 
-__global__ void dequant_bf16_vec(const uint32_t* __restrict__ words, const uint8_t* __restrict__ scales,
-                                 int64_t n_words, uint4* __restrict__ out) {
+// Two words (16 values, 32 output bytes) per thread step: the same bytes in flight per thread as the fp32
+// kernel. Words 2q and 2q+1 lie in one block (4 words per block).
+__global__ void dequant_bf16_vec(const uint2* __restrict__ words, const uint8_t* __restrict__ scales,
+                                 int64_t n_pairs, uint4* __restrict__ out) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t w = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < n_words; w += stride) {
-    float v[8];
-    decode_word(words[w], mxfp4::e8m0_to_float(scales[w >> 2]), v);
-    uint32_t packed[4];
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n_pairs; q += stride) {
+    const uint2 two = words[q];
+    const float scale = mxfp4::e8m0_to_float(scales[q >> 1]);
+    float v[16];
+    decode_word(two.x, scale, v);
+    decode_word(two.y, scale, v + 8);
+    uint32_t packed[8];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
+    for (int k = 0; k < 8; ++k) {
       packed[k] = static_cast<uint32_t>(float_to_bf16_bits(v[2 * k])) |
                   (static_cast<uint32_t>(float_to_bf16_bits(v[2 * k + 1])) << 16);
     }
-    out[w] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    out[2 * q] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    out[2 * q + 1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
   }
 }
 
@@ -94,8 +100,9 @@ int mxfp4_dequant_bf16_cuda(const uint8_t* blocks, const uint8_t* scales, int64_
   if (n_blocks == 0) return 0;
   auto s = static_cast<cudaStream_t>(stream);
   const int64_t n_words = n_blocks * (mxfp4::kBytesPerBlock / 4);
-  if (aligned(blocks, 4) && aligned(out, 16)) {
-    dequant_bf16_vec<<<grid_for(n_words), kThreads, 0, s>>>(reinterpret_cast<const uint32_t*>(blocks), scales, n_words,
+  if (aligned(blocks, 8) && aligned(out, 16)) {
+    const int64_t n_pairs = n_words / 2;  // n_words = 4 * n_blocks is even
+    dequant_bf16_vec<<<grid_for(n_pairs), kThreads, 0, s>>>(reinterpret_cast<const uint2*>(blocks), scales, n_pairs,
                                                             reinterpret_cast<uint4*>(out));
   } else {
     const int64_t n_bytes = n_blocks * mxfp4::kBytesPerBlock;
