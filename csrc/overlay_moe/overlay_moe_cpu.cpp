@@ -14,7 +14,7 @@
 namespace lazarus {
 namespace {
 
-constexpr int64_t kCols = 64;   // columns per block (fits 4 pairs x 2 accumulators x 64 floats in L1)
+constexpr int64_t kCols = 256;  // columns per block: pair rows read as 1 KB runs; 4 pairs x 2 x 256 floats of accumulators
 constexpr int64_t kTile = 4;    // pairs sharing one pass over an expert's expand rows
 
 // acc[q][c] += sum_j s[q][j] * at[j][c0 + c]   for q < n pairs, c < w columns (portable loop)
