@@ -34,8 +34,8 @@ def _model_bytes(model) -> int:
 
 
 def generate(model: str, prompt: str, *, overlay: str | None = None, max_new_tokens: int = 32, backend: str = "auto",
-             revision: str | None = None) -> GenerationResult:
-    """Greedy-decode ``max_new_tokens`` after ``prompt`` with the model (or its overlay) and time it."""
+             revision: str | None = None, device: str = "cpu") -> GenerationResult:
+    """Greedy-decode ``max_new_tokens`` after ``prompt`` with the model (or its overlay) on ``device`` and time it."""
     import torch
     from transformers import AutoTokenizer
 
@@ -46,19 +46,21 @@ def generate(model: str, prompt: str, *, overlay: str | None = None, max_new_tok
     if overlay is not None:
         from lazarus_core.overlay import load_model
 
-        lm = load_model(model, overlay=overlay, backend=backend)
+        lm = load_model(model, overlay=overlay, backend=backend, device=device)
     else:
         from lazarus_core.routing.loading import load_model as load_original
 
-        lm, _, _ = load_original(model, revision=revision)
+        lm, _, _ = load_original(model, revision=revision, device=device)
     tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
     if ids.numel() == 0:
         raise ValueError("-p/--prompt encodes to no tokens")
     with torch.no_grad():
         t0 = time.perf_counter()
         out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                           pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
     new = out[0, ids.shape[1]:]
     return GenerationResult(model, overlay, backend, prompt, tokenizer.decode(new, skip_special_tokens=True),
@@ -73,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
     result = generate(args.model, args.prompt, overlay=args.overlay, max_new_tokens=args.max_new_tokens,
-                      backend=args.backend, revision=args.revision)
+                      backend=args.backend, revision=args.revision, device=args.device)
     console = Console()
     console.print(f"[bold]{result.prompt}[/bold]{result.completion}", highlight=False)
     what = f"overlay {result.overlay} ({result.backend})" if result.overlay else "original experts"
@@ -94,5 +96,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "triton", "torch"),
                    help="kernel backend of the overlay forward")
+    p.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, cuda:1, ...)")
     p.add_argument("-o", "--output", default=None, metavar="FILE.json")
     p.set_defaults(func=_run)

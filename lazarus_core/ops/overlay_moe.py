@@ -386,7 +386,8 @@ _IMPLS = {
 }
 
 
-def _check_inputs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, ex: OverlayExperts) -> None:
+def _check_inputs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, ex: OverlayExperts,
+                  check_ids: bool = True) -> None:
     if not isinstance(ex, OverlayExperts):
         raise TypeError(f"overlay_moe_forward: experts must be an OverlayExperts, got {type(ex).__name__}")
     if x.dim() != 2 or x.shape[1] != ex.hidden_size:
@@ -398,7 +399,7 @@ def _check_inputs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     if tuple(topk_weights.shape) != tuple(topk_ids.shape):
         raise ValueError(f"overlay_moe_forward: topk_weights {list(topk_weights.shape)} must match topk_ids "
                          f"{list(topk_ids.shape)}")
-    if topk_ids.numel():
+    if check_ids and topk_ids.numel():
         lo, hi = (int(v) for v in torch.stack(torch.aminmax(topk_ids)).tolist())   # one device sync
         if lo < 0 or hi >= ex.num_experts:
             raise ValueError(f"overlay_moe_forward: topk_ids must be in [0, {ex.num_experts}), got [{lo}, {hi}]")
@@ -408,7 +409,7 @@ def _check_inputs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
 
 
 def overlay_moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: OverlayExperts,
-                        *, backend: str = "auto") -> torch.Tensor:
+                        *, backend: str = "auto", check_ids: bool = True) -> torch.Tensor:
     """Routed-experts output of one MoE layer in overlay form (the experts module's forward).
 
     Parameters
@@ -424,6 +425,10 @@ def overlay_moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     backend : str
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"`` for the fused stages; the dense
         products always go to BLAS/cuBLAS through torch.
+    check_ids : bool
+        Check that every id is in ``[0, E)`` (one device-to-host copy, a sync on GPUs). Callers whose ids come
+        from a top-k over the layer's own E router scores (the model integration) may skip it so the host
+        can launch ahead of the GPU.
 
     Returns
     -------
@@ -437,7 +442,7 @@ def overlay_moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     BackendUnavailableError
         An explicitly requested backend cannot run here.
     """
-    _check_inputs(x, topk_ids, topk_weights, experts)
+    _check_inputs(x, topk_ids, topk_weights, experts, check_ids)
     shrink, gate_up, down = select_backend("overlay_moe_forward", backend, x.device, _IMPLS)
     t, i = x.shape[0], experts.intermediate_size
     xf = x.to(torch.float32).contiguous()

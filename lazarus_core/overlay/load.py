@@ -30,8 +30,9 @@ def overlay_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, 
     if experts is None:
         raise RuntimeError(f"{type(self).__name__} has no overlay attached; load the model with "
                            f"lazarus_core.overlay.load_model")
+    # The ids are a top-k over this layer's own router scores, so always in range: no sync to check them.
     return overlay_moe_forward(hidden_states, top_k_index, top_k_weights, experts,
-                               backend=getattr(self, "_lazarus_backend", "auto"))
+                               backend=getattr(self, "_lazarus_backend", "auto"), check_ids=False)
 
 
 def register_experts_implementation() -> str:
