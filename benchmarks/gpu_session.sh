@@ -3,7 +3,7 @@
 # with Triton compiled for real (not the interpreter), then the GPU benchmarks. Logs and JSON go to $OUT
 # (or ./gpu-out). Uses the machine's own python3, torch and triton; installs nothing from the network.
 #
-#   bash benchmarks/gpu_session.sh [build] [tests] [suite] [profile] [bench SUITE...]
+#   bash benchmarks/gpu_session.sh [build] [tests] [suite] [profile] [generate] [bench SUITE...]
 #
 # With no arguments: build, tests, bench mxfp4_dequant fp8_dequant overlay_moe.
 set -uo pipefail
@@ -34,6 +34,14 @@ for s in "${steps[@]}"; do
       # The whole suite as CI runs it (Triton in the interpreter), on this machine's library versions.
       python3 -m pytest -q -p no:cacheprovider -x -n 8 2>&1 | tee "$OUT/tests_all.log" | tail -25 ;;
     bench) mode="bench" ;;
+    generate) mode="" ;
+      # End to end on the GPU: the built-in upcycled model, original vs its overlay on each GPU backend.
+      lazarus introspect moe-expert moe-overlay-compress -m demo:upcycled --energy 0.99 --out "$OUT/../ov-upcycled" \
+        --no-progress >"$OUT/compress.log" 2>&1 || { tail -20 "$OUT/compress.log"; exit 1; }
+      for run in "" "--overlay $OUT/../ov-upcycled --backend cuda" "--overlay $OUT/../ov-upcycled --backend triton"; do
+        # shellcheck disable=SC2086
+        lazarus generate -m demo:upcycled -p "def main():" --max-new-tokens 64 --device cuda $run 2>&1 | tail -2
+      done ;;
     profile) mode="" ;
       python3 -m benchmarks.profile_overlay_gpu --tokens 1 16 256 --backends cuda triton >"$OUT/profile.log" 2>&1
       grep "===" "$OUT/profile.log" ;;
