@@ -36,9 +36,9 @@ for s in "${steps[@]}"; do
     bench) mode="bench" ;;
     generate) mode="" ;
       # End to end on the GPU: the built-in upcycled model, original vs its overlay on each GPU backend.
-      lazarus introspect moe-expert moe-overlay-compress -m demo:upcycled --energy 0.99 --out "$OUT/../ov-upcycled" \
+      lazarus introspect moe-expert moe-overlay-compress -m demo:upcycled --energy 0.99 --out "${TMPDIR:-/tmp}/lazarus-ov-upcycled" \
         --no-progress >"$OUT/compress.log" 2>&1 || { tail -20 "$OUT/compress.log"; exit 1; }
-      for run in "" "--overlay $OUT/../ov-upcycled --backend cuda" "--overlay $OUT/../ov-upcycled --backend triton"; do
+      for run in "" "--overlay ${TMPDIR:-/tmp}/lazarus-ov-upcycled --backend cuda" "--overlay ${TMPDIR:-/tmp}/lazarus-ov-upcycled --backend triton"; do
         # shellcheck disable=SC2086
         lazarus generate -m demo:upcycled -p "def main():" --max-new-tokens 64 --device cuda $run 2>&1 | tail -2
       done ;;
