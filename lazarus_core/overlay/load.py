@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lazarus_core.models.non_expert import read_non_expert_state
 from lazarus_core.ops.overlay_moe import OverlayExperts, overlay_moe_forward
 from lazarus_core.overlay.format import read_config, read_layer
 
@@ -101,52 +102,6 @@ def attach_overlay(model: torch.nn.Module, layers: dict[int, OverlayExperts], *,
     model.set_experts_implementation(IMPLEMENTATION)
 
 
-def _renamings(model_type: str) -> list[tuple[str, str]]:
-    try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
-    except ImportError:
-        return []
-    out = []
-    for t in get_checkpoint_conversion_mapping(model_type) or []:
-        if isinstance(t, WeightRenaming):
-            out.append((t.source_patterns[0], t.target_patterns[0]))
-    return out
-
-
-def _non_expert_state(root: Path, wanted: set[str], model_type: str, block: tuple[int, int] = (128, 128)
-                      ) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    index = root / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
-        ["model.safetensors"]
-    renames = _renamings(model_type)
-    state = {}
-    for filename in files:
-        with safe_open(str(root / filename), "pt") as f:
-            for name in f.keys():
-                if ".experts." in name and "shared_expert" not in name:
-                    continue
-                target = name
-                for src, dst in renames:
-                    if target not in wanted:
-                        target = re.sub(src, dst, target)
-                if target in wanted:
-                    state[target] = f.get_tensor(name)
-                    if state[target].dtype == torch.float8_e4m3fn:  # FP8 E4M3 linear + weight_scale_inv blocks
-                        state[target] = _fp8_weight(f, name, state[target], block)
-    return state
-
-
-def _fp8_weight(f, name: str, codes: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    from lazarus_core.ops import fp8_dequant
-
-    if name + "_scale_inv" not in f.keys():
-        raise ValueError(f"tensor {name!r} is FP8 but {name}_scale_inv is missing")
-    return fp8_dequant(codes.view(torch.uint8), f.get_tensor(name + "_scale_inv").float(), block_size=block)
-
-
 def _fresh_rotary(model: torch.nn.Module, device: torch.device) -> None:
     """Rebuild modules whose non-persistent buffers (rotary ``inv_freq``) were left empty by ``to_empty``."""
     for name, module in list(model.named_modules()):
@@ -215,7 +170,8 @@ def load_model(model: str | os.PathLike | None = None, *, overlay: str | os.Path
                 module._parameters[pname] = None
     lm.to_empty(device=device)
     wanted = set(lm.state_dict().keys())
-    state = _non_expert_state(root, wanted, raw_config.get("model_type", ""), tuple(fam.fp8_block_size or (128, 128)))
+    state = read_non_expert_state(root, wanted, raw_config.get("model_type", ""),
+                                  tuple(fam.fp8_block_size or (128, 128)))
     missing = wanted - set(state)
     tied = {k for k in missing if k.startswith("lm_head.") and getattr(hf_config, "tie_word_embeddings", False)}
     if missing - tied:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from lazarus_core.models.non_expert import read_non_expert_state
 from lazarus_core.models.resolve import ModelSource, resolve_model
 
 
@@ -57,12 +58,38 @@ def load_model(spec: str, *, revision: str | None = None, dtype: torch.dtype = t
                                                          use_safetensors=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise OSError(f"-m {spec}: cannot load the model from {location} ({exc})") from exc
+    if not getattr(model, "is_quantized", False) and source.root is not None:
+        _exact_fp8_weights(model, source.root, dtype)
     model.to(device).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
         tokenizer = None
     return model, tokenizer, source
+
+
+def _exact_fp8_weights(model, root: Path, dtype: torch.dtype) -> None:
+    """Where transformers decoded an FP8 checkpoint itself (no GPU), redo the non-expert FP8 weights exactly.
+
+    Its CPU fallback decodes to bf16 whatever ``dtype`` asks (a second rounding, and mixed dtypes that break the
+    first matmul) and misplaces the scales of partial edge blocks (DeepSeek-V3's kv_a_proj_with_mqa has 576 rows
+    in 128-row blocks). Routed experts keep transformers' decode (their sizes are whole blocks in real
+    checkpoints).
+    """
+    try:
+        config = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    quant = config.get("quantization_config") or {}
+    if quant.get("quant_method") != "fp8":
+        return
+    model.to(dtype)
+    params = dict(model.named_parameters())
+    block = tuple(quant.get("weight_block_size") or (128, 128))
+    exact = read_non_expert_state(root, set(params), config.get("model_type", ""), block, fp8_only=True)
+    with torch.no_grad():
+        for name, value in exact.items():
+            params[name].copy_(value.to(dtype))
 
 
 def _needs_own_mxfp4_decode(root: Path) -> bool:

@@ -40,6 +40,32 @@ def test_full_rank_overlay_model_matches_original(checkpoint_dir, tmp_path, name
     assert out.shape == (1, 9) and torch.equal(out, original.generate(ids[:1, :5], **kw))
 
 
+def test_fp8_overlay_model_matches_original(checkpoint_dir, tmp_path):
+    # DeepSeek-V3 FP8 end to end, with 16x16 scale blocks and a 24-row q_a_proj (a partial edge block).
+    src = str(checkpoint_dir("deepseek_v3_fp8_b16"))
+    ckpt = _compress(src, tmp_path / "ov", rank=64)
+    original, _, _ = load_original(src)
+    q_a = original.model.layers[0].self_attn.q_a_proj.weight
+    assert q_a.shape[0] % 16 and q_a.dtype == torch.float32
+    torch.testing.assert_close(q_a, _exact_fp8(src, "model.layers.0.self_attn.q_a_proj.weight"), rtol=0, atol=0)
+    for layer, module in experts_modules(original).items():  # transformers' decode of the experts is exact too
+        torch.testing.assert_close(module.down_proj[1], ckpt.expert_weight(layer, "down", 1), rtol=0, atol=0)
+    model = load_model(overlay=tmp_path / "ov", backend="cpu")
+    ids = torch.randint(0, original.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits, atol=2e-5, rtol=1e-4)
+
+
+def _exact_fp8(root: str, name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    from lazarus_core.ops import fp8_dequant_reference
+
+    with safe_open(f"{root}/model.safetensors", "pt") as f:
+        return fp8_dequant_reference(f.get_tensor(name).view(torch.uint8), f.get_tensor(name + "_scale_inv").float(),
+                                     block_size=(16, 16))
+
+
 def test_low_rank_overlay_changes_outputs_and_mismatch_is_refused(checkpoint_dir, tmp_path):
     src = str(checkpoint_dir("olmoe"))
     _compress(src, tmp_path / "ov", rank=1)
