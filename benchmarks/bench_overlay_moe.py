@@ -19,6 +19,7 @@ import torch
 from benchmarks.harness import BenchRow, available_backends, measure_copy_bandwidth, median_seconds
 from lazarus_core.ops import OverlayExperts, overlay_moe_forward
 from lazarus_core.ops.overlay_moe import _IMPLS, overlay_moe_bytes, overlay_moe_flops
+from lazarus_core.overlay.graphs import GraphCache
 
 E, H, I, K, RANK = 32, 2880, 2880, 4, 64
 TOKENS = (1, 16, 256)
@@ -67,6 +68,19 @@ def measure_matmul_rate(device: str = "cpu") -> float:
     return 2 * 256 * H * 2 * I / median_seconds(lambda: x @ w, repeats=10, cuda_events=device == "cuda")
 
 
+def _graphed_reference(experts, impl: str, x, ids, w, reps: int) -> float | None:
+    """Median time of transformers' ``impl`` replayed from a CUDA graph, or None if it cannot be captured."""
+    experts.config._experts_implementation = impl
+    graphs = GraphCache(max_tokens=max(TOKENS))
+    try:
+        graphs.run(experts, x, ids, w)
+    except (RuntimeError, NotImplementedError) as exc:  # a host sync inside: not capturable
+        print(f"transformers {impl} not capturable in a CUDA graph: {str(exc).splitlines()[0][:120]}")
+        torch.cuda.synchronize()
+        return None
+    return median_seconds(lambda: graphs.run(experts, x, ids, w), repeats=reps, warmup=1, cuda_events=True)
+
+
 def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
     """Measure transformers' implementations and the overlay at every T; returns (rows, floors).
 
@@ -102,6 +116,11 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
             for impl, t in ref_times.items():
                 rows.append(BenchRow("transformers experts", impl, label, "fp32", t * 1e3, None, None,
                                      ref_times[fastest] / t, {"tokens": tokens}))
+            graphed_ref = _graphed_reference(experts, fastest, x, ids, w, reps) if gpu else None
+            if graphed_ref is not None:
+                rows.append(BenchRow("transformers experts", f"{fastest} + CUDA graph", label, "fp32",
+                                     graphed_ref * 1e3, None, None, ref_times[fastest] / graphed_ref,
+                                     {"tokens": tokens}))
             moved, flops = overlay_moe_bytes(tokens, K, ov), overlay_moe_flops(tokens, K, ov)
             floor = {1: moved / copy_bw, 256: flops / flop_rate}.get(tokens, max(moved / copy_bw, flops / flop_rate))
             for backend in available_backends("overlay_moe_forward", _IMPLS, torch.device(device)) + ["torch"]:
@@ -113,6 +132,17 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
                                      100 * floor / t, ref_times[fastest] / t,
                                      {"tokens": tokens, "floor_ms": floor * 1e3, "gflop_per_s": flops / t / 1e9,
                                       "reference": f"transformers {fastest}"}))
+                if gpu and backend in ("cuda", "triton"):  # as the model integration runs decode: a CUDA graph
+                    graphs = GraphCache(max_tokens=max(TOKENS))
+                    fwd = lambda a, b, c: overlay_moe_forward(a, b, c, ov, backend=backend, check_ids=False)  # noqa: E731,B023
+                    torch.testing.assert_close(graphs.run(fwd, x, ids, w), expected, atol=2e-3, rtol=2e-3)
+                    t = median_seconds(lambda: graphs.run(fwd, x, ids, w), repeats=reps, warmup=1, cuda_events=True)
+                    ref_t, ref_name = (graphed_ref, f"transformers {fastest} + CUDA graph") if graphed_ref else \
+                        (ref_times[fastest], f"transformers {fastest}")
+                    rows.append(BenchRow("overlay_moe_forward", f"{backend} + CUDA graph", label, "fp32", t * 1e3,
+                                         moved / t / 1e9, 100 * floor / t, ref_t / t,
+                                         {"tokens": tokens, "floor_ms": floor * 1e3, "gflop_per_s": flops / t / 1e9,
+                                          "reference": ref_name}))
     return rows, {"device": device, "copy_bandwidth_gb_s": copy_bw / 1e9, "matmul_gflop_per_s": flop_rate / 1e9,
                   "overlay_bytes_fp32": ov.nbytes(), "full_expert_bytes_fp32": E * full_bytes_per_expert}
 

@@ -17,6 +17,7 @@ import torch
 from lazarus_core.models.non_expert import read_non_expert_state
 from lazarus_core.ops.overlay_moe import OverlayExperts, overlay_moe_forward
 from lazarus_core.overlay.format import read_config, read_layer
+from lazarus_core.overlay.graphs import GraphCache
 
 IMPLEMENTATION = "lazarus_overlay"
 _EXPERT_PARAMS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias", "up_proj", "up_proj_bias")
@@ -31,9 +32,16 @@ def overlay_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, 
     if experts is None:
         raise RuntimeError(f"{type(self).__name__} has no overlay attached; load the model with "
                            f"lazarus_core.overlay.load_model")
-    # The ids are a top-k over this layer's own router scores, so always in range: no sync to check them.
-    return overlay_moe_forward(hidden_states, top_k_index, top_k_weights, experts,
-                               backend=getattr(self, "_lazarus_backend", "auto"), check_ids=False)
+    backend = getattr(self, "_lazarus_backend", "auto")
+
+    def forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # The ids are a top-k over this layer's own router scores, so always in range: no sync to check them.
+        return overlay_moe_forward(x, ids, weights, experts, backend=backend, check_ids=False)
+
+    graphs: GraphCache | None = getattr(self, "_lazarus_graphs", None)
+    if graphs is not None and graphs.applies(hidden_states):
+        return graphs.run(forward, hidden_states, top_k_index, top_k_weights)
+    return forward(hidden_states, top_k_index, top_k_weights)
 
 
 def register_experts_implementation() -> str:
@@ -69,9 +77,13 @@ def load_overlay_layers(overlay: str | os.PathLike, *, device: str | torch.devic
     return out
 
 
-def attach_overlay(model: torch.nn.Module, layers: dict[int, OverlayExperts], *, backend: str = "auto") -> None:
+def attach_overlay(model: torch.nn.Module, layers: dict[int, OverlayExperts], *, backend: str = "auto",
+                   cuda_graphs: bool = True) -> None:
     """Replace the expert weights of ``model``'s MoE layers in ``layers`` by their overlays and switch the
     model to the ``lazarus_overlay`` experts implementation (the freed weights are dropped).
+
+    With ``cuda_graphs`` (and the ``auto``, ``cuda`` or ``triton`` backend), calls of at most 8 tokens on a
+    CUDA device replay captured graphs (:class:`lazarus_core.overlay.graphs.GraphCache`).
 
     Raises
     ------
@@ -93,6 +105,7 @@ def attach_overlay(model: torch.nn.Module, layers: dict[int, OverlayExperts], *,
                 module._parameters[pname] = None
         module._lazarus_overlay = ov
         module._lazarus_backend = backend
+        module._lazarus_graphs = GraphCache() if cuda_graphs and backend in ("auto", "cuda", "triton") else None
     if len(layers) < len(modules):
         # Layers without an overlay keep their weights: dispatch per module is not possible in transformers'
         # interface, so their forward is the one the overlay forward falls back to.
@@ -112,7 +125,7 @@ def _fresh_rotary(model: torch.nn.Module, device: torch.device) -> None:
 
 
 def load_model(model: str | os.PathLike | None = None, *, overlay: str | os.PathLike, backend: str = "auto",
-               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", cuda_graphs: bool = True):
     """A transformers causal LM whose routed experts run the fused overlay forward.
 
     Parameters
@@ -126,6 +139,9 @@ def load_model(model: str | os.PathLike | None = None, *, overlay: str | os.Path
     dtype : torch.dtype
         Dtype of the non-expert parameters (the overlay computes in fp32).
     device : str or torch.device
+    cuda_graphs : bool
+        On a CUDA device, replay captured CUDA graphs for decode-sized calls (at most 8 tokens) of the
+        ``auto``/``cuda``/``triton`` backends; the forward is then bound by the GPU, not by kernel launches.
 
     Returns
     -------
@@ -180,5 +196,5 @@ def load_model(model: str | os.PathLike | None = None, *, overlay: str | os.Path
     if tied:
         lm.tie_weights()
     _fresh_rotary(lm, device)
-    attach_overlay(lm, load_overlay_layers(overlay, device=device), backend=backend)
+    attach_overlay(lm, load_overlay_layers(overlay, device=device), backend=backend, cuda_graphs=cuda_graphs)
     return lm.eval()
