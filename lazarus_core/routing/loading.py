@@ -58,8 +58,13 @@ def load_model(spec: str, *, revision: str | None = None, dtype: torch.dtype = t
                                                          use_safetensors=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise OSError(f"-m {spec}: cannot load the model from {location} ({exc})") from exc
-    if not getattr(model, "is_quantized", False) and source.root is not None:
-        _exact_fp8_weights(model, source.root, dtype)
+    if not getattr(model, "is_quantized", False):
+        if any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
+            # transformers dequantises MXFP4 / FP8 checkpoints to bf16 where it has no kernels for them,
+            # whatever `dtype` asks: one dtype for every layer, or the first mixed matmul fails.
+            model.to(dtype)
+        if source.root is not None:
+            _exact_fp8_weights(model, source.root, dtype)
     model.to(device).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
@@ -83,7 +88,6 @@ def _exact_fp8_weights(model, root: Path, dtype: torch.dtype) -> None:
     quant = config.get("quantization_config") or {}
     if quant.get("quant_method") != "fp8":
         return
-    model.to(dtype)
     params = dict(model.named_parameters())
     block = tuple(quant.get("weight_block_size") or (128, 128))
     exact = read_non_expert_state(root, set(params), config.get("model_type", ""), block, fp8_only=True)
