@@ -36,6 +36,10 @@ LZ_HD float e8m0_to_float(uint8_t s) {
   return bits_to_float(static_cast<uint32_t>(s) << 23);
 }
 
+// A decoded MXFP4 value -> its bf16 bits. Decoded values have at most 2 significant bits, so the upper half
+// of the fp32 pattern IS the bf16 value (subnormals, Inf and NaN included): no rounding step.
+LZ_HD uint16_t decoded_to_bf16_bits(float v) { return static_cast<uint16_t>(float_to_bits(v) >> 16); }
+
 // Decode one packed byte: element 2j in the low nibble, element 2j+1 in the high nibble.
 LZ_HD void decode_byte(uint8_t byte, float scale, float* lo, float* hi) {
   *lo = e2m1_to_float(byte & 0xFu) * scale;

@@ -15,6 +15,12 @@ namespace {
 using mxfp4::kBytesPerBlock;
 using mxfp4::kValuesPerBlock;
 
+// bf16 bits of decoded values as the CUDA kernels write them (the shared exact upper-half rule).
+struct DecodedBf16Sink {
+  uint16_t* out;
+  void store(int64_t i, float v) const { out[i] = mxfp4::decoded_to_bf16_bits(v); }
+};
+
 // Blocks per OpenMP work item: 64 KiB of fp32 output, large enough to amortise scheduling.
 constexpr int64_t kChunkBlocks = 512;
 
@@ -107,7 +113,7 @@ void mxfp4_dequant_bf16_cpu(const uint8_t* blocks, const uint8_t* scales, int64_
     return;
   }
 #endif
-  parallel_over_blocks(n_blocks, [&](int64_t b, int64_t e) { decode_range_portable(blocks, scales, b, e, Bf16Sink{out}); });
+  parallel_over_blocks(n_blocks, [&](int64_t b, int64_t e) { decode_range_portable(blocks, scales, b, e, DecodedBf16Sink{out}); });
 }
 
 namespace detail {
@@ -116,7 +122,7 @@ void mxfp4_dequant_f32_portable(const uint8_t* blocks, const uint8_t* scales, in
   parallel_over_blocks(n_blocks, [&](int64_t b, int64_t e) { decode_range_portable(blocks, scales, b, e, F32Sink{out}); });
 }
 void mxfp4_dequant_bf16_portable(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, uint16_t* out) {
-  parallel_over_blocks(n_blocks, [&](int64_t b, int64_t e) { decode_range_portable(blocks, scales, b, e, Bf16Sink{out}); });
+  parallel_over_blocks(n_blocks, [&](int64_t b, int64_t e) { decode_range_portable(blocks, scales, b, e, DecodedBf16Sink{out}); });
 }
 }  // namespace detail
 

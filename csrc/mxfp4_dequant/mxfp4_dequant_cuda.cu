@@ -48,8 +48,8 @@ __global__ void dequant_bf16_vec(const uint2* __restrict__ words, const uint8_t*
     uint32_t packed[8];
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-      packed[k] = static_cast<uint32_t>(float_to_bf16_bits(v[2 * k])) |
-                  (static_cast<uint32_t>(float_to_bf16_bits(v[2 * k + 1])) << 16);
+      packed[k] = static_cast<uint32_t>(mxfp4::decoded_to_bf16_bits(v[2 * k])) |
+                  (static_cast<uint32_t>(mxfp4::decoded_to_bf16_bits(v[2 * k + 1])) << 16);
     }
     out[2 * q] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
     out[2 * q + 1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
@@ -67,8 +67,8 @@ __global__ void dequant_scalar(const uint8_t* __restrict__ blocks, const uint8_t
       out[2 * i] = lo;
       out[2 * i + 1] = hi;
     } else {
-      out[2 * i] = float_to_bf16_bits(lo);
-      out[2 * i + 1] = float_to_bf16_bits(hi);
+      out[2 * i] = mxfp4::decoded_to_bf16_bits(lo);
+      out[2 * i + 1] = mxfp4::decoded_to_bf16_bits(hi);
     }
   }
 }
