@@ -46,12 +46,19 @@ A pseudo-MoE made the way upcycled MoEs are made, in the GPT-OSS architecture (`
 attention biases and sinks, alternating sliding/full attention, interleaved gate/up, clamped SwiGLU,
 router with bias, softmax over the top-k logits).
 
-1. **Dense** ({dense_steps} steps): a GPT-OSS with one expert and top-1 routing, i.e. a dense model.
-2. **Upcycle**: its MLP (weights and biases) is copied into all {experts} experts; the router is new.
+1. **Dense** ({dense_steps} steps): a GPT-OSS with one expert and top-1 routing, i.e. a dense model{embed_init}.
+2. **Upcycle**: its MLP (weights and biases) is copied into all {experts} experts (top-{top_k} routing); the
+   router is new.
 3. **Low-rank specialisation** ({moe_steps} steps): expert e's weight is parametrised as
    `base + A_e @ B_e` with rank {rank} per expert and per fused tensor (`gate_up_proj`, `down_proj`);
    `base` (shared), the factors, the per-expert biases, the router and the rest of the model are
-   trained with {balance}. Then the experts are materialised and written in MXFP4.
+   trained with {balance}.{qat} Then the experts are materialised and written in MXFP4.
+
+**Why {experts} experts and top-{top_k}.** For overlay compression (`moe-overlay-*`): the overlay stores one
+bf16 base per projection plus rank-{rank} factors per expert, and the base only pays once it is shared by
+many experts (with 8 it alone cost as much as 3.8 MXFP4 experts); and the overlay recovers the noise-free
+`base + A_e @ B_e`, so it differs from this file by the experts' MXFP4 rounding noise, which is independent
+from expert to expert and averages over the {top_k} experts mixed per token.
 
 **Why the low-rank structure survives MXFP4.** MXFP4 rounding adds full-rank noise to every expert
 ({noise}). Two choices keep the learned
@@ -91,6 +98,27 @@ falls back to dequantising, which is what we want here); it needs the `accelerat
 """
 
 
+def _qat_text(phase: dict) -> str:
+    """Step 3's sentences on quantisation-aware training ('' when the run had none)."""
+    if not phase.get("qat_consistency"):
+        return ""
+    text = ("\n   **Quantisation-aware**, as gpt-oss was post-trained with its experts in MXFP4: every step runs the batch "
+            "with the clean experts `base + A_e @ B_e` and its first half again with their MXFP4 form "
+            "`W + (Q(W) - W).detach()` (`Q` = MXFP4 quantise + dequantise along the input axis exactly as the file "
+            "stores it; straight-through gradient), and minimises the mean of the two losses plus "
+            f"{phase['qat_consistency']:g} x the symmetric KL divergence between their next-token distributions on "
+            "that half, so that the file's MXFP4 experts and the noise-free low-rank experts an overlay recovers "
+            "predict alike")
+    if "clean_mxfp4_kl_first" in phase:
+        text += (f" (that KL: {phase['clean_mxfp4_kl_first']:.1e} nats/token over the first 20 steps, "
+                 f"{phase['clean_mxfp4_kl_final']:.1e} over the last 20)")
+    text += "."
+    if "heldout_loss_clean_experts" in phase:
+        text += (f" Held-out loss with the clean fp32 experts before writing: "
+                 f"{phase['heldout_loss_clean_experts']:.3f} nats/token.")
+    return text
+
+
 def _table(meta: dict) -> str:
     lines = ["| layer.projection | median 95%-energy rank | max rank | fraction |", "|---|---|---|---|"]
     for key, v in meta["delta_rank_95"].items():
@@ -115,7 +143,8 @@ def render_card(model_dir: Path) -> str:
     experts = cfg.get("num_experts", cfg.get("num_local_experts"))
     total_bytes = sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file() and f.name != "README.md")
     fmt = dict(aux=cfg["router_aux_loss_coef"], lr=size["lr"], batch=size["batch"], seq=size["seq"],
-               steps=meta["steps"], threads=meta["torch_threads"], experts=experts, alias=meta["alias"],
+               steps=meta["steps"], threads=meta["torch_threads"], experts=experts, top_k=cfg["num_experts_per_tok"],
+               alias=meta["alias"],
                vocab=cfg["vocab_size"], **meta["corpus"])
     arch = (f"| | |\n|---|---|\n| architecture | `{cfg['architectures'][0]}` (`{cfg['model_type']}`) |\n"
             f"| layers | {cfg['num_hidden_layers']} (all MoE) |\n| hidden / expert intermediate | "
@@ -140,7 +169,12 @@ def render_card(model_dir: Path) -> str:
                        "first layers stay unbalanced in an earlier run)")
         else:
             balance = f"the load-balancing loss (`router_aux_loss_coef` {cfg['router_aux_loss_coef']})"
-        how = _UPCYCLED_HOW.format(noise=noise, balance=balance, dense_steps=meta["phases"]["dense"]["steps"], moe_steps=up["steps"],
+        embed_init = ""
+        if size.get("embed_init_std") is not None:
+            embed_init = (f"; token embeddings initialised with std {size['embed_init_std']:g} (the other weights "
+                          f"{cfg['initializer_range']:g}), so that they, not layer 0's MoE output, set the scale "
+                          "of the residual stream")
+        how = _UPCYCLED_HOW.format(noise=noise, balance=balance, qat=_qat_text(up), embed_init=embed_init, dense_steps=meta["phases"]["dense"]["steps"], moe_steps=up["steps"],
                                    rank=up["delta_rank"], init=up["delta_init_ratio"], floor=up["delta_floor_ratio"],
                                    rmin=up["delta_ratio_min"], rmed=up["delta_ratio_median"], rmax=up["delta_ratio_max"],
                                    **fmt)

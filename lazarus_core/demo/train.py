@@ -8,8 +8,9 @@ native   : OLMoE (OlmoeForCausalLM), experts initialised independently, trained 
            with the load-balancing loss.
 upcycled : GPT-OSS (GptOssForCausalLM). A dense model (one expert, top-1) is trained first; its MLP is
            copied into every expert; then each expert is trained as ``base + A_e @ B_e`` (rank-r factors,
-           per expert) together with the router and the rest of the model; the experts are materialised
-           and written in MXFP4 exactly like the gpt-oss checkpoints.
+           per expert) together with the router and the rest of the model, quantisation-aware (the clean
+           and the MXFP4 form of the experts trained to agree); the experts are materialised and written in
+           MXFP4 exactly like the gpt-oss checkpoints.
 
 Everything is seeded (corpus, tokenizer, initialisation, batches); fp32 on CPU. With one torch thread
 (the default) two runs give bit-identical files on the same machine and library versions.
@@ -62,12 +63,24 @@ class Size:
     delta_rank: int = 2
     aux_native: float = 0.02
     aux_upcycled: float = 0.1
+    qat_consistency: float = 0.0  # upcycled: > 0 trains clean and MXFP4 experts together, this x their KL
+    embed_init_std: float | None = None  # upcycled: token-embedding init std (None: the config's initializer_range)
 
 
-FULL = Size()
-DEFAULT_STEPS = {"native": 800, "upcycled": 800}
+# upcycled, for overlay compression of it (issue 9; moe-overlay-verify at --energy 0.99 on its held-out text):
+# - 48 experts, so that one bf16 base per projection amortises: base + rank-2 factors is 4.57x smaller than the
+#   MXFP4 experts (with 8 experts the base alone cost as much as 3.8 MXFP4 experts; 64 would break 8 MB);
+# - the overlay recovers the noise-free `base + A_e @ B_e`, so it differs from the file by the experts' MXFP4
+#   rounding noise, independent from expert to expert: top-20 averages it over 20 experts in the block output
+#   (next-token agreement overlay vs file, measured on earlier runs: top-4 97.9-98.4%, top-12 98.8-98.9%,
+#   top-20 99.3%);
+# - token embeddings initialised at std 1 (norm ~11, the scale of the RMS-normalised activations): at std 0.02
+#   they stayed at norm ~0.5, layer 0's MoE output (norm ~19) became the whole residual stream and its rounding
+#   noise alone caused most of the argmax flips.
+FULL_SIZES = {"native": Size(steps=800),
+              "upcycled": Size(experts=48, top_k=20, steps=800, qat_consistency=50.0, embed_init_std=1.0)}
 MICRO = Size(hidden=64, intermediate=64, heads=2, kv_heads=1, vocab=384, seq=32, batch=4, steps=6,
-             templated_docs=300, code_chars=20_000, eval_windows=8)
+             templated_docs=300, code_chars=20_000, eval_windows=8, qat_consistency=50.0)
 
 
 # ---------------------------------------------------------------- data
@@ -143,8 +156,22 @@ def gpt_oss_config(size: Size, vocab: int, eos: int, experts: int, top_k: int):
                         tie_word_embeddings=False, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
 
 
+def mxfp4_round_trip(w: torch.Tensor) -> torch.Tensor:
+    """GPT-OSS experts ``[E, in, out]`` (in-memory layout) through MXFP4 and back, quantised along ``in``
+    exactly as :func:`save_mxfp4_gpt_oss` writes them (backend "auto": the C++ kernel, bit-identical to the
+    torch reference and about 3x faster, which matters when every training step quantises every expert)."""
+    from lazarus_core.ops import mxfp4_dequant, mxfp4_quantize
+
+    on_disk = w.detach().float().transpose(1, 2).contiguous()
+    return mxfp4_dequant(*mxfp4_quantize(on_disk)).transpose(1, 2)
+
+
 class LowRankExperts(torch.nn.Module):
-    """Parametrisation of a fused expert tensor ``[E, rows, cols]`` as ``base + A_e @ B_e`` (rank r)."""
+    """Parametrisation of a fused expert tensor ``[E, rows, cols]`` as ``base + A_e @ B_e`` (rank r).
+
+    With ``fake_quant`` set, the forward returns the MXFP4 round trip of that tensor with a straight-through
+    gradient, ``W + (Q(W) - W).detach()`` (quantisation-aware training, as in gpt-oss post-training).
+    """
 
     def __init__(self, base: torch.Tensor, experts: int, rank: int, ratio: float, gen: torch.Generator):
         super().__init__()
@@ -154,16 +181,52 @@ class LowRankExperts(torch.nn.Module):
         sigma = math.sqrt(ratio * float(base.norm()) / math.sqrt(rows * cols * rank))
         self.A = torch.nn.Parameter(torch.randn(experts, rows, rank, generator=gen) * sigma)
         self.B = torch.nn.Parameter(torch.randn(experts, rank, cols, generator=gen) * sigma)
+        self.fake_quant = False
 
     def delta(self) -> torch.Tensor:
         return self.A @ self.B
 
     def forward(self, _original: torch.Tensor) -> torch.Tensor:
-        return self.base.unsqueeze(0) + self.delta()
+        w = self.base.unsqueeze(0) + self.delta()
+        if self.fake_quant:
+            w = w + (mxfp4_round_trip(w) - w).detach()
+        return w
 
     def delta_ratio(self) -> torch.Tensor:
         """``||A_e B_e||_F / ||base||_F`` per expert."""
         return self.delta().flatten(1).norm(dim=1) / self.base.norm()
+
+
+LOW_RANK_EXPERTS = "lazarus_demo_low_rank"
+
+
+def _low_rank_part(x: torch.Tensor, f: LowRankExperts, idx: torch.Tensor) -> torch.Tensor:
+    """``x_tk @ A_e @ B_e`` for each token t and its k-th expert e = ``idx[t, k]``: x ``[T, in]`` or
+    ``[T, k, in]`` -> ``[T, k, out]``, as two dense products over all experts' factors side by side."""
+    experts, rows, rank = f.A.shape
+    xa_all = x @ f.A.transpose(0, 1).reshape(rows, experts * rank)  # column e*r + j: x @ A_e[:, j]
+    if x.dim() == 2:
+        xa_all = xa_all[:, None].expand(-1, idx.shape[1], -1)
+    cols = idx[..., None] * rank + torch.arange(rank)  # [T, k, r]
+    spread = torch.zeros_like(xa_all).scatter(2, cols, xa_all.gather(2, cols))  # only e's r columns kept
+    return spread @ f.B.reshape(experts * rank, -1)
+
+
+def low_rank_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                             top_k_weights: torch.Tensor) -> torch.Tensor:
+    """GPT-OSS experts forward on the clean ``base + A_e @ B_e`` parametrisation without forming any expert.
+
+    The overlay algebra: ``x @ base`` once per token, plus each selected expert's rank-r term and bias, the
+    clamped SwiGLU per expert, and the down projection's base applied once to the routing-weighted sum of the
+    activations. Equal to transformers' forward on the materialised weights up to float rounding, at about the
+    cost of a dense MLP whatever the top-k (registered as an experts implementation for training only).
+    """
+    gate_up, down = self.parametrizations.gate_up_proj[0], self.parametrizations.down_proj[0]
+    x, idx, w = hidden_states, top_k_index, top_k_weights
+    pre = (x @ gate_up.base)[:, None] + _low_rank_part(x, gate_up, idx) + self.gate_up_proj_bias[idx]
+    act = self._apply_gate(pre)  # [T, k, I]
+    mixed = torch.einsum("tk,tki->ti", w, act) @ down.base
+    return mixed + torch.einsum("tk,tko->to", w, _low_rank_part(act, down, idx) + self.down_proj_bias[idx])
 
 
 def upcycle(dense, size: Size, vocab: int, eos: int, gen: torch.Generator, ratio: float):
@@ -231,30 +294,43 @@ def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) 
     return torch.stack(losses).mean()
 
 
-def train_loop(model, sampler: BatchSampler, steps: int, lr: float, log, extra_loss=None,
-               no_decay_ids: set[int] | None = None, label: str = "", per_layer_balance: bool = False) -> list[float]:
-    """AdamW with linear warm-up and cosine decay; returns the LM loss of every step.
+def model_loss(model, x: torch.Tensor, per_layer_balance: bool = False):
+    """One forward on the batch ``x``: (loss to minimise, next-token loss, balance term, logits).
 
     The balance term is transformers' own (``router_aux_loss_coef`` x the pooled loss) unless
     ``per_layer_balance``, which swaps it for :func:`per_layer_balance_loss` with the same coefficient.
+    """
+    out = model(input_ids=x, labels=x, output_router_logits=True)
+    coef = model.config.router_aux_loss_coef
+    loss, aux = out.loss, out.aux_loss
+    lm = loss.detach() - (coef * aux.detach() if aux is not None else 0.0)
+    if per_layer_balance and out.router_logits:
+        aux = per_layer_balance_loss(out.router_logits, model.config.num_experts_per_tok)
+        loss = loss - coef * out.aux_loss + coef * aux
+    return loss, float(lm), float(aux.detach()) if aux is not None else 0.0, out.logits
+
+
+def train_loop(model, sampler: BatchSampler, steps: int, lr: float, log, extra_loss=None,
+               no_decay_ids: set[int] | None = None, label: str = "", per_layer_balance: bool = False,
+               step_loss=None) -> list[float]:
+    """AdamW with linear warm-up and cosine decay; returns the next-token loss of every step.
+
+    Each step minimises :func:`model_loss` (or ``step_loss(model, x)``, same return values, when given)
+    plus ``extra_loss()``.
     """
     model.train()
     opt = _optimizer(model, lr, no_decay_ids or set())
     warm = max(1, min(50, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
-    coef = model.config.router_aux_loss_coef
     losses: list[float] = []
     t0 = time.time()
     for step in range(steps):
         x = sampler()
-        out = model(input_ids=x, labels=x, output_router_logits=True)
-        loss = out.loss
-        lm = loss.detach() - (coef * out.aux_loss.detach() if out.aux_loss is not None else 0.0)
-        aux = out.aux_loss
-        if per_layer_balance and out.router_logits:
-            aux = per_layer_balance_loss(out.router_logits, model.config.num_experts_per_tok)
-            loss = loss - coef * out.aux_loss + coef * aux
+        if step_loss is None:
+            loss, lm, aux, _ = model_loss(model, x, per_layer_balance)
+        else:
+            loss, lm, aux, _ = step_loss(model, x)
         if extra_loss is not None:
             loss = loss + extra_loss()
         opt.zero_grad(set_to_none=True)
@@ -262,10 +338,9 @@ def train_loop(model, sampler: BatchSampler, steps: int, lr: float, log, extra_l
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(lm))
+        losses.append(lm)
         if step % 50 == 0 or step == steps - 1:
-            aux_value = float(aux.detach()) if aux is not None else 0.0
-            log(f"{label} step {step + 1}/{steps} lm loss {float(lm):.3f} aux {aux_value:.3f} {time.time() - t0:.0f}s")
+            log(f"{label} step {step + 1}/{steps} lm loss {lm:.3f} aux {aux:.3f} {time.time() - t0:.0f}s")
     model.eval()
     return losses
 
@@ -306,14 +381,11 @@ def capture_topk(model, windows: torch.Tensor, batch: int = 16) -> dict[int, np.
 
 def mxfp4_relative_error(model) -> float:
     """``||dequant(quant(W)) - W||_F / ||W||_F`` over every expert tensor of a GPT-OSS model."""
-    from lazarus_core.ops import mxfp4_dequant, mxfp4_quantize
-
     err = ref = 0.0
     for layer in model.model.layers:
         for proj in ("gate_up_proj", "down_proj"):
-            w = getattr(layer.mlp.experts, proj).detach().float().transpose(1, 2).contiguous()
-            q = mxfp4_dequant(*mxfp4_quantize(w, backend="torch"), backend="torch")
-            err += float((q - w).pow(2).sum())
+            w = getattr(layer.mlp.experts, proj).detach().float()
+            err += float((mxfp4_round_trip(w) - w).pow(2).sum())
             ref += float(w.pow(2).sum())
     return math.sqrt(err / ref)
 
@@ -455,6 +527,8 @@ def run(kind: str, out: Path, size: Size, seed: int, log=print) -> dict:
         moe_steps = size.steps - dense_steps
         torch.manual_seed(seed)
         dense = GptOssForCausalLM(gpt_oss_config(size, vocab, eos, experts=1, top_k=1))
+        if size.embed_init_std is not None:
+            torch.nn.init.normal_(dense.model.embed_tokens.weight, std=size.embed_init_std)
         losses = train_loop(dense, sampler, dense_steps, size.lr, log, label="dense")
         phases["dense"] = {"steps": dense_steps, "final_train_loss": float(np.mean(losses[-20:])),
                            "heldout_loss": heldout_loss(dense, heldout)}
@@ -465,16 +539,49 @@ def run(kind: str, out: Path, size: Size, seed: int, log=print) -> dict:
             # hinge: only active while some expert's delta falls below `floor` * ||base||
             return sum(torch.relu(floor - f.delta_ratio()).pow(2).sum() for f in factors)
 
+        kl_log: list[float] = []
+
+        from transformers.integrations.moe import ExpertsInterface
+
+        ExpertsInterface.register(LOW_RANK_EXPERTS, low_rank_experts_forward)
+        default_experts = model.config._experts_implementation
+
+        def clean_and_mxfp4_loss(model, x):
+            # quantisation-aware training: every step runs the experts in both forms, clean `base + A_e B_e`
+            # (the low-rank forward) on the whole batch and its MXFP4 round trip (straight-through, transformers'
+            # own forward on the full weights; the costly pass) on the batch's first half, and adds the two
+            # forms' symmetric KL on that half so that they agree
+            forms = []
+            for fake_quant, experts, rows in ((False, LOW_RANK_EXPERTS, len(x)), (True, default_experts, len(x) // 2)):
+                model.config._experts_implementation = experts
+                for f in factors:
+                    f.fake_quant = fake_quant
+                forms.append(model_loss(model, x[:rows], per_layer_balance=True))
+            (loss_c, lm_c, aux_c, logits_c), (loss_q, _, aux_q, logits_q) = forms
+            lp_c, lp_q = logits_c[: len(logits_q)].float().log_softmax(-1), logits_q.float().log_softmax(-1)
+            kl = 0.5 * ((lp_c.exp() * (lp_c - lp_q)).sum(-1) + (lp_q.exp() * (lp_q - lp_c)).sum(-1)).mean()
+            kl_log.append(float(kl.detach()))
+            return 0.5 * (loss_c + loss_q) + size.qat_consistency * kl, lm_c, 0.5 * (aux_c + aux_q), logits_c
+
         losses = train_loop(model, sampler, moe_steps, size.lr, log, extra_loss=keep_deltas_above_floor,
-                            no_decay_ids=no_decay, label="upcycled", per_layer_balance=True)
+                            no_decay_ids=no_decay, label="upcycled", per_layer_balance=True,
+                            step_loss=clean_and_mxfp4_loss if size.qat_consistency > 0 else None)
+        model.config._experts_implementation = default_experts
+        for f in factors:
+            f.fake_quant = False
         ratios = torch.cat([f.delta_ratio().detach() for f in factors])
         phases["upcycled"] = {"steps": moe_steps, "final_train_loss": float(np.mean(losses[-20:])),
                               "balance_loss": "per layer", "delta_rank": size.delta_rank, "delta_init_ratio": ratio, "delta_floor_ratio": floor,
                               "delta_ratio_min": float(ratios.min()), "delta_ratio_median": float(ratios.median()),
-                              "delta_ratio_max": float(ratios.max())}
+                              "delta_ratio_max": float(ratios.max()),
+                              "qat_consistency": size.qat_consistency}
+        if kl_log:
+            phases["upcycled"]["clean_mxfp4_kl_first"] = float(np.mean(kl_log[:20]))
+            phases["upcycled"]["clean_mxfp4_kl_final"] = float(np.mean(kl_log[-20:]))
         final_train_loss = phases["upcycled"]["final_train_loss"]
         materialise(model)
         train_seconds = time.time() - t_train
+        phases["upcycled"]["heldout_loss_clean_experts"] = heldout_loss(model, heldout)  # fp32, before MXFP4
         phases["upcycled"]["mxfp4_relative_error"] = mxfp4_relative_error(model)
         save_mxfp4_gpt_oss(model, out)
         family = "gpt_oss"
@@ -514,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads (1, the default, is bit-for-bit repeatable; more change reduction order)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    size = MICRO if args.micro else replace(FULL, steps=DEFAULT_STEPS[args.model])
+    size = MICRO if args.micro else FULL_SIZES[args.model]
     if args.steps is not None:
         size = replace(size, steps=args.steps)
     run(args.model, args.out, size, args.seed)

@@ -74,8 +74,10 @@ def test_cli_models_json_lists_aliases():
         assert main(["models", "--json"]) == 0
     rows = {r["alias"]: r for r in json.loads(buf.getvalue())}
     for alias, family in (("demo:native", "olmoe"), ("demo:upcycled", "gpt_oss")):
+        cfg = _config(MODELS[alias])
         assert rows[alias]["family"] == family
-        assert rows[alias]["num_experts"] == 8 and rows[alias]["top_k"] == 2
+        assert rows[alias]["num_experts"] == cfg.get("num_experts", cfg.get("num_local_experts"))
+        assert rows[alias]["top_k"] == cfg["num_experts_per_tok"]
         assert rows[alias]["size_bytes"] <= MAX_BYTES
 
 
