@@ -12,7 +12,6 @@ kernel (cpu/cuda/triton) does the expand + bias + activation + weighted reductio
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 
 import torch
@@ -204,7 +203,8 @@ def overlay_moe_forward_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_
     """
     t, k = topk_ids.shape
     ids = topk_ids.reshape(-1).long()
-    xp = x.float().repeat_interleave(k, 0)  # [P, H], pair p = (token p // k, slot p % k)
+    dtype = experts.base_down.dtype          # fp32; float64 for an oracle built from a float64 copy
+    xp = x.to(dtype).repeat_interleave(k, 0)  # [P, H], pair p = (token p // k, slot p % k)
 
     def project(inp: torch.Tensor, projection: str) -> torch.Tensor:
         base, a, b = experts.factors(projection)
@@ -214,7 +214,7 @@ def overlay_moe_forward_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_
         return out + bias[ids] if bias is not None else out
 
     h = activation_reference(project(xp, "gate"), project(xp, "up"), experts.activation, experts.alpha, experts.limit)
-    y = project(h, "down") * topk_weights.reshape(-1, 1).float()
+    y = project(h, "down") * topk_weights.reshape(-1, 1).to(dtype)
     return y.reshape(t, k, -1).sum(1).to(x.dtype)
 
 
