@@ -40,13 +40,18 @@ def singular_values(delta: torch.Tensor) -> torch.Tensor:
     for start in range(0, x.shape[1], GRAM_CHUNK):
         part = x[:, start:start + GRAM_CHUNK].to(torch.float64)
         gram.addmm_(part, part.T)
-    with _one_thread():
+    with one_thread():
         eig = torch.linalg.eigvalsh(gram)
     return eig.flip(0).clamp_min_(0.0).sqrt_()
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
+    """Run the block with one torch thread (then restore the count).
+
+    Small dense LAPACK calls (eigh/eigvalsh on Grams of a few hundred rows) are faster on one thread here,
+    and with two threads on a busy 2-core machine they spin-wait for minutes.
+    """
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

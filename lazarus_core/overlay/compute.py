@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from lazarus_core.analysis.spectra import one_thread
 from lazarus_core.models.checkpoint import PROJECTIONS, MoeCheckpoint
 from lazarus_core.overlay.format import (CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, atomic_write_text, shard_name,
                                          tensor_name, write_layer_shard)
@@ -190,10 +191,12 @@ def factorize(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     if rank == 0:
         return d.new_zeros(out_dim, 0), d.new_zeros(0, in_dim)
     if out_dim <= in_dim:
-        _, vecs = torch.linalg.eigh(d @ d.T)
+        with one_thread():
+            _, vecs = torch.linalg.eigh(d @ d.T)
         u = vecs[:, -rank:].flip(1)
         return u, u.T @ d
-    _, vecs = torch.linalg.eigh(d.T @ d)
+    with one_thread():
+        _, vecs = torch.linalg.eigh(d.T @ d)
     v = vecs[:, -rank:].flip(1)
     return d @ v, v.T
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lazarus_core.analysis.expert_structure import analyze_moe_type, analyze_projection, classify, parse_layers
-from lazarus_core.analysis.spectra import energy_rank, singular_values, singular_values_reference
+from lazarus_core.analysis.spectra import energy_rank, one_thread, singular_values, singular_values_reference
 from lazarus_core.models import open_moe_checkpoint
 from tests.fixtures.checkpoints import CONFIGS
 
@@ -20,6 +20,20 @@ def test_gram_spectrum_matches_float64_svd(shape):
         # back as ~sqrt(eps) * sigma_1, i.e. an energy of ~eps * sigma_1^2.
         fast, ref = singular_values(delta).square(), singular_values_reference(delta).square()
         torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-12 * float(ref.sum()))
+
+
+def test_one_thread_restores_the_thread_count():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(KeyError), one_thread():
+            raise KeyError("inside")
+        assert torch.get_num_threads() == 2  # restored on an error too
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_energy_rank_edges():
