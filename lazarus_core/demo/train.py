@@ -77,8 +77,12 @@ class Size:
 # - token embeddings initialised at std 1 (norm ~11, the scale of the RMS-normalised activations): at std 0.02
 #   they stayed at norm ~0.5, layer 0's MoE output (norm ~19) became the whole residual stream and its rounding
 #   noise alone caused most of the argmax flips.
+# - the clean and MXFP4 forms' symmetric KL weighted 2000x (quantisation-aware phase): measured on the whole held-out
+#   split (45,875 tokens), overlay vs file top-1 agreement 99.10% at 50x, 99.32% at 500x and 99.64% at 2000x, with
+#   6, 1 and 0 of its 22 slices of 2,032 tokens below 99%, for a held-out perplexity of 6.10, 6.36 and 7.07 (the
+#   KL term penalises the logits' sensitivity to the rounding noise: their median difference std fell 0.028 -> 0.014).
 FULL_SIZES = {"native": Size(steps=800),
-              "upcycled": Size(experts=48, top_k=20, steps=800, qat_consistency=50.0, embed_init_std=1.0)}
+              "upcycled": Size(experts=48, top_k=20, steps=800, qat_consistency=2000.0, embed_init_std=1.0)}
 MICRO = Size(hidden=64, intermediate=64, heads=2, kv_heads=1, vocab=384, seq=32, batch=4, steps=6,
              templated_docs=300, code_chars=20_000, eval_windows=8, qat_consistency=50.0)
 

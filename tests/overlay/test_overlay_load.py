@@ -101,12 +101,17 @@ def test_cli_estimate_compute_compress_verify(checkpoint_dir, tmp_path, capsys):
     assert "choose one of" in capsys.readouterr().err
 
 
+def _compress_builtin(alias: str, tmp_path) -> dict:
+    """``moe-overlay-compress -m alias --energy 0.99 --out tmp_path/ov``; returns its JSON report."""
+    assert main(["introspect", "moe-expert", "moe-overlay-compress", "-m", alias, "--energy", "0.99",
+                 "--out", str(tmp_path / "ov"), "--no-progress", "-o", str(tmp_path / "p.json")]) == 0
+    return json.loads((tmp_path / "p.json").read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(resolve_builtin("demo:native") is None, reason="demo:native is not installed")
 def test_verify_and_generate_on_builtin_native(tmp_path):
-    assert main(["introspect", "moe-expert", "moe-overlay-compress", "-m", "demo:native", "--energy", "0.99",
-                 "--out", str(tmp_path / "ov"), "--no-progress", "-o", str(tmp_path / "p.json")]) == 0
-    plan = json.loads((tmp_path / "p.json").read_text())
+    plan = _compress_builtin("demo:native", tmp_path)
     assert plan["bytes"]["expert_ratio"] < 1.0 and plan["notes"]  # native MoE: the overlay does not pay
     code = main(["introspect", "moe-expert", "moe-overlay-verify", "-m", "demo:native", "--overlay",
                  str(tmp_path / "ov"), "--max-tokens", "256", "-o", str(tmp_path / "v.json")])
@@ -117,3 +122,18 @@ def test_verify_and_generate_on_builtin_native(tmp_path):
                  "--max-new-tokens", "4", "-o", str(tmp_path / "g.json")]) == 0
     gen = json.loads((tmp_path / "g.json").read_text())
     assert gen["new_tokens"] == 4 and gen["tokens_per_second"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(resolve_builtin("demo:upcycled") is None, reason="demo:upcycled is not installed")
+def test_builtin_upcycled_meets_the_acceptance_bar(tmp_path):
+    # issue 9's bar: at --energy 0.99, experts >= 4x smaller than the MXFP4 file, and on the whole held-out split
+    # perplexity within 1% of the original and top-1 agreement >= 99%
+    plan = _compress_builtin("demo:upcycled", tmp_path)
+    assert plan["bytes"]["source_storage"] == "mxfp4" and plan["bytes"]["expert_ratio"] >= 4.0
+    code = main(["introspect", "moe-expert", "moe-overlay-verify", "-m", "demo:upcycled", "--overlay",
+                 str(tmp_path / "ov"), "--max-tokens", "1000000", "-o", str(tmp_path / "v.json")])
+    ver = json.loads((tmp_path / "v.json").read_text())
+    assert ver["tokens"] > 40_000  # every token of the shipped held-out split
+    assert abs(ver["perplexity_overlay"] / ver["perplexity_original"] - 1) <= 0.01
+    assert ver["top1_agreement"] >= 0.99 and ver["verdict"] == "PASS" and code == 0
