@@ -196,10 +196,15 @@ def _run_verify(args: argparse.Namespace) -> int:
                       "-" if block is None or r.projection != "gate" else f"{block:.2e}")
     console.print(table)
     if report.passed is not None:
+        lo, hi = report.top1_agreement_ci95
         console.print(f"on {report.tokens} tokens of {report.text_source}: perplexity {report.perplexity_original:.4f} "
                       f"-> {report.perplexity_overlay:.4f} ({100 * report.perplexity_increase:+.3f}%), top-1 agreement "
-                      f"{100 * report.top1_agreement:.2f}%, logit KL {report.logit_kl:.2e} nats/token")
+                      f"{100 * report.top1_agreement:.2f}% (95% interval {100 * lo:.2f}-{100 * hi:.2f}%), logit KL "
+                      f"{report.logit_kl:.2e} nats/token")
         t = report.thresholds
+        if lo < t["min_top1_agreement"] <= hi:
+            console.print(f"[yellow]the top-1 interval straddles the {100 * t['min_top1_agreement']:g}% threshold: "
+                          "the verdict could flip on another sample; score more tokens (--max-tokens, --text)[/yellow]")
         verdict = "[bold green]PASS[/bold green]" if report.passed else "[bold red]FAIL[/bold red]"
         console.print(f"{verdict} (thresholds: perplexity increase <= {100 * t['max_perplexity_increase']:g}%, top-1 "
                       f"agreement >= {100 * t['min_top1_agreement']:g}%)")

@@ -24,6 +24,30 @@ def thresholds() -> dict[str, float]:
     return {"max_perplexity_increase": MAX_PERPLEXITY_INCREASE, "min_top1_agreement": MIN_TOP1_AGREEMENT}
 
 
+def agreement_interval(agree: int, count: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a share ``agree / count`` (95 % for the default ``z``).
+
+    Parameters
+    ----------
+    agree, count : int
+        Positions that agree, positions scored (``0 <= agree <= count``, ``count > 0``).
+    z : float
+        Normal quantile of the interval.
+
+    Returns
+    -------
+    (float, float)
+        Lower and upper bound, within [0, 1]. The positions of one text are not independent draws (neighbouring
+        tokens share context), so the interval understates the uncertainty of a short sample, never overstates it.
+    """
+    if count <= 0 or not 0 <= agree <= count:
+        raise ValueError(f"agreement_interval needs 0 <= agree <= count and count > 0, got {agree} of {count}")
+    p = agree / count
+    centre = (p + z * z / (2 * count)) / (1 + z * z / count)
+    half = z * math.sqrt(p * (1 - p) / count + z * z / (4 * count * count)) / (1 + z * z / count)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 @dataclass
 class ReconstructionError:
     layer: int
@@ -50,6 +74,7 @@ class VerifyReport:
     perplexity_original: float | None = None
     perplexity_overlay: float | None = None
     top1_agreement: float | None = None
+    top1_agreement_ci95: tuple[float, float] | None = None  # Wilson interval (agreement_interval)
     thresholds: dict = field(default_factory=thresholds)
     passed: bool | None = None
     seconds: float = 0.0
@@ -210,6 +235,7 @@ def verify_overlay(model: str, overlay: str | Path, *, text: str | None = None, 
     report.perplexity_original = math.exp(nll_o / count)
     report.perplexity_overlay = math.exp(nll_v / count)
     report.top1_agreement = agree / count
+    report.top1_agreement_ci95 = agreement_interval(agree, count)
     report.passed = report.perplexity_increase <= MAX_PERPLEXITY_INCREASE and report.top1_agreement >= MIN_TOP1_AGREEMENT
     report.seconds = time.perf_counter() - t0
     return report

@@ -118,6 +118,8 @@ def test_verify_and_generate_on_builtin_native(tmp_path):
     ver = json.loads((tmp_path / "v.json").read_text())
     assert code == (0 if ver["verdict"] == "PASS" else 1) and ver["tokens"] > 200
     assert ver["top1_agreement"] > 0.9 and set(ver["block_output_error"]) == {"0", "1", "2", "3"}
+    lo, hi = ver["top1_agreement_ci95"]
+    assert lo < ver["top1_agreement"] < hi or ver["top1_agreement"] == hi == 1.0
     assert main(["generate", "-m", "demo:native", "--overlay", str(tmp_path / "ov"), "-p", "A cat is",
                  "--max-new-tokens", "4", "-o", str(tmp_path / "g.json")]) == 0
     gen = json.loads((tmp_path / "g.json").read_text())
@@ -137,3 +139,4 @@ def test_builtin_upcycled_meets_the_acceptance_bar(tmp_path):
     assert ver["tokens"] > 40_000  # every token of the shipped held-out split
     assert abs(ver["perplexity_overlay"] / ver["perplexity_original"] - 1) <= 0.01
     assert ver["top1_agreement"] >= 0.99 and ver["verdict"] == "PASS" and code == 0
+    assert ver["top1_agreement_ci95"][0] >= 0.99  # the whole 95% interval clears the bar
