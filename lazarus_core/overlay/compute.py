@@ -190,15 +190,11 @@ def factorize(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     out_dim, in_dim = d.shape
     if rank == 0:
         return d.new_zeros(out_dim, 0), d.new_zeros(0, in_dim)
-    if out_dim <= in_dim:
-        with one_thread():
-            _, vecs = torch.linalg.eigh(d @ d.T)
-        u = vecs[:, -rank:].flip(1)
-        return u, u.T @ d
+    wide = out_dim <= in_dim
     with one_thread():
-        _, vecs = torch.linalg.eigh(d.T @ d)
-    v = vecs[:, -rank:].flip(1)
-    return d @ v, v.T
+        _, vecs = torch.linalg.eigh(d @ d.T if wide else d.T @ d)
+    top = vecs[:, -rank:].flip(1)  # left (wide) or right singular vectors, largest first
+    return (top, top.T @ d) if wide else (d @ top, top.T)
 
 
 def _config(ckpt: MoeCheckpoint, plan: OverlayPlan, model: str, revision: str | None, complete: bool) -> dict:

@@ -137,6 +137,6 @@ def test_builtin_upcycled_meets_the_acceptance_bar(tmp_path):
                  str(tmp_path / "ov"), "--max-tokens", "1000000", "-o", str(tmp_path / "v.json")])
     ver = json.loads((tmp_path / "v.json").read_text())
     assert ver["tokens"] > 40_000  # every token of the shipped held-out split
-    assert abs(ver["perplexity_overlay"] / ver["perplexity_original"] - 1) <= 0.01
+    assert abs(ver["perplexity_increase"]) <= 0.01
     assert ver["top1_agreement"] >= 0.99 and ver["verdict"] == "PASS" and code == 0
     assert ver["top1_agreement_ci95"][0] >= 0.99  # the whole 95% interval clears the bar
