@@ -19,6 +19,9 @@ ACTION_MODULES = (
     "lazarus_core.cli.routing_stats",
     "lazarus_core.cli.routing_interventions",
     "lazarus_core.cli.routing_attention",
+    "lazarus_core.cli.routing_metrics",
+    "lazarus_core.cli.routing_activations",
+    "lazarus_core.cli.routing_experts",
 )
 
 
