@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
-from dataclasses import dataclass, field
-from pathlib import Path
-
-import numpy as np
 
 from lazarus_core.cli.introspect import add_output_argument
+from lazarus_core.routing.session import LABELS_FILE, PromptRouting, RoutingSession
 
-LABELS_FILE = "lazarus_labels.json"
+__all__ = ["LABELS_FILE", "PromptRouting", "RoutingSession", "Session", "add_common", "add_model_flags",
+           "add_layer_flags", "add_classifier_flags", "add_trace_flags", "parse_int_list", "middle_layer",
+           "choose_layers", "console", "emit", "experts_str"]
 
 
 # --------------------------------------------------------------------------------------------- flags
@@ -105,178 +102,33 @@ def choose_layers(args: argparse.Namespace, available: list[int], *, many: bool)
 
 
 # ---------------------------------------------------------------------------------------- session
-@dataclass
-class PromptRouting:
-    """One prompt routed through the model (no trace on disk: for explore, trace, chat).
+class Session(RoutingSession):
+    """A :class:`lazarus_core.routing.session.RoutingSession` built from an action's parsed flags.
 
-    Attributes
-    ----------
-    text : str
-    token_ids : list of int
-    types : lazarus_core.tokens.TokenTypes
-    layers : dict[int, (np.ndarray int [n, k], np.ndarray float32 [n, k])]
-        Experts (sorted by weight) and weights per MoE layer.
+    Keeps ``.args`` (the actions read ``--view``, ``-v``) and reads ``--trace`` / ``--save-trace`` in
+    :meth:`trace`.
     """
 
-    text: str
-    token_ids: list[int]
-    types: object
-    layers: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {"text": self.text, "token_ids": self.token_ids, "types": self.types.to_dict(),
-                "layers": {str(l): {"topk_ids": i.tolist(), "topk_weights": np.round(w, 6).tolist()}
-                           for l, (i, w) in self.layers.items()}}
-
-
-class Session:
-    """The model, tokenizer, MoE layout and token classifier an action works with (loaded lazily)."""
-
     def __init__(self, args: argparse.Namespace, *, attention: bool = False) -> None:
+        super().__init__(getattr(args, "model", None), revision=getattr(args, "revision", None),
+                         device=getattr(args, "device", "cpu"),
+                         trust_remote_code=getattr(args, "trust_remote_code", False),
+                         lexicon=getattr(args, "lexicon", []) or [],
+                         lexicon_replace=getattr(args, "lexicon_replace", False),
+                         pos_tagger=getattr(args, "pos_tagger", "none"), attention=attention)
         self.args = args
-        self.spec = args.model
-        self.attention = attention
-        self._model = self._tokenizer = self._info = self._classifier = None
-        self.source_name = None
 
-    def load(self) -> "Session":
-        if self._model is not None:
-            return self
-        if not self.spec:
-            raise ValueError("-m/--model is required (or --trace with a trace that names its model)")
-        from lazarus_core.routing.loading import load_model
-        from lazarus_core.routing.locate import find_moe_layers
-
-        try:
-            model, tokenizer, source = load_model(self.spec, revision=getattr(self.args, "revision", None),
-                                                  device=getattr(self.args, "device", "cpu"),
-                                                  trust_remote_code=getattr(self.args, "trust_remote_code", False))
-        except FileNotFoundError:
-            raise
-        except OSError as exc:            # a user error (unloadable checkpoint): one line, exit code 2
-            raise ValueError(str(exc)) from None
-        if tokenizer is None:
-            raise ValueError(f"-m {self.spec}: the model has no tokenizer files; routing analyses need one")
-        if self.attention:
-            if hasattr(model, "set_attn_implementation"):
-                model.set_attn_implementation("eager")
-            else:
-                model.config._attn_implementation = "eager"
-        self._model, self._tokenizer, self.source_name = model, tokenizer, source.name
-        self._info = find_moe_layers(model)
-        return self
-
-    @property
-    def model(self):
-        return self.load()._model
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None and not self.spec:
-            raise ValueError("-m/--model is required")
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            from lazarus_core.models.resolve import resolve_model
-
-            source = resolve_model(self.spec, revision=getattr(self.args, "revision", None))
-            location = str(source.root) if source.root is not None else source.name
-            try:
-                self._tokenizer = AutoTokenizer.from_pretrained(location, revision=getattr(self.args, "revision", None))
-            except (OSError, ValueError, TypeError) as exc:
-                raise ValueError(f"-m {self.spec}: cannot load its tokenizer ({exc})") from None
-        return self._tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, value) -> None:
-        self._tokenizer = value
-
-    @property
-    def info(self):
-        return self.load()._info
-
-    @property
-    def classifier(self):
-        if self._classifier is None:
-            from lazarus_core.tokens import TokenClassifier, load_lexicon
-            from lazarus_core.tokens.pos import nltk_pos_tagger
-
-            a = self.args
-            tagger = nltk_pos_tagger() if getattr(a, "pos_tagger", "none") == "nltk" else None
-            self._classifier = TokenClassifier(load_lexicon(getattr(a, "lexicon", []) or [],
-                                                            replace=getattr(a, "lexicon_replace", False)), tagger)
-        return self._classifier
-
-    @property
-    def decoder(self):
-        """A cached :class:`lazarus_core.tokens.PieceDecoder` for the tokenizer."""
-        if getattr(self, "_decoder", None) is None:
-            from lazarus_core.tokens import PieceDecoder
-
-            self._decoder = PieceDecoder(self.tokenizer)
-        return self._decoder
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (special tokens as the tokenizer adds them); empty text is a ValueError."""
-        if not text or not text.strip():
-            raise ValueError("the prompt is empty (-p)")
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        if not ids:
-            raise ValueError(f"the prompt {text!r} tokenises to zero tokens")
-        return list(ids)
-
-    def route_ids(self, ids: list[int], layers: list[int] | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """Routing of one sequence: layer -> (topk_ids int [n, k], topk_weights float32 [n, k])."""
-        import torch
-
-        from lazarus_core.routing.capture import decoder_of
-        from lazarus_core.routing.recorder import RoutingRecorder
-
-        device = next(self.model.parameters()).device
-        with RoutingRecorder(self.model, layers, info=self.info) as rec, torch.inference_mode():
-            decoder_of(self.model)(input_ids=torch.tensor([ids], device=device), use_cache=False)
-            routed = rec.pop()
-        return {l: (r.topk_ids.cpu().numpy().astype(np.int32), r.topk_weights.cpu().numpy()) for l, r in routed.items()}
-
-    def route(self, text: str, layers: list[int] | None = None) -> PromptRouting:
-        """Tokenise, classify and route ``text`` (in memory)."""
-        ids = self.encode(text)
-        types = self.decoder.classify_ids(self.classifier, ids)
-        return PromptRouting(text, ids, types, self.route_ids(ids, layers))
-
-    # ------------------------------------------------------------------------------------- traces
-    def trace(self, prompts: list[str], labels: list[str] | None = None, *, layers: list[int] | None = None):
-        """A trace for this action: ``--trace DIR`` if given, else a capture of ``prompts``.
+    def trace(self, prompts: list[str], labels: list[str] | None = None, *, layers: list[int] | None = None,
+              logits: bool = False):
+        """A trace for this action: ``--trace DIR`` if given, else a capture of ``prompts`` (kept in ``--save-trace``).
 
         Returns
         -------
         (Trace, dict[int, str])
-            The trace and its document labels (category or domain; from ``lazarus_labels.json`` when
-            reusing a trace; empty if it has none).
+            The trace and its document labels (empty if it has none).
         """
-        from lazarus_core.routing.capture import capture_routing
-        from lazarus_core.routing.corpus import corpus_from_prompts
-        from lazarus_core.routing.trace_reader import load_trace
-
-        if getattr(self.args, "trace", None):
-            trace = load_trace(self.args.trace)
-            if not self.spec:
-                self.spec = trace.meta.get("tokenizer") or trace.meta.get("model")
-            labels_path = Path(self.args.trace) / LABELS_FILE
-            doc_labels = ({int(k): v for k, v in json.loads(labels_path.read_text()).items()}
-                          if labels_path.is_file() else {})
-            return trace, doc_labels
-        out = getattr(self.args, "save_trace", None)
-        if out is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="lazarus-trace-")
-            out = Path(self._tmp.name) / "trace"
-        capture_routing(self.model, self.tokenizer, corpus_from_prompts(prompts), out, layers=layers,
-                        seq_len=512, batch_size=8, progress=False,
-                        model_meta={"model": self.source_name, "tokenizer": self.spec})
-        doc_labels = {i: l for i, l in enumerate(labels)} if labels else {}
-        if labels:
-            (Path(out) / LABELS_FILE).write_text(json.dumps({str(k): v for k, v in doc_labels.items()}, indent=1))
-        return load_trace(out), doc_labels
+        return super().trace(prompts, labels, layers=layers, trace_dir=getattr(self.args, "trace", None),
+                             save_to=getattr(self.args, "save_trace", None), logits=logits)
 
 
 def console():

@@ -4,37 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+from lazarus_core.analysis.context_routing import (check_token, context_test, context_window,  # noqa: F401
+                                                   default_contexts, token_occurrences, token_routing)
 from lazarus_core.cli.routing_common import Session, add_common, choose_layers, console, emit, experts_str
 
 
-def default_contexts(token: str) -> list[str]:
-    """Contexts for ``token`` of every kind (alone, after a number, after an operator, in a sentence, in code)."""
-    return [token, f"111 {token}", f"= {token}", f"The value is {token}.", f"{token} + 5 = 9",
-            f"x = {token}", f"I saw {token} birds in the park.", f"if count > {token}:\n    return {token}",
-            f"Is {token} bigger than ten?", f"{token}, {token} and more"]
-
-
 def _check_token(session: Session, token: str) -> None:
-    if not token or not token.strip():
-        raise ValueError("--token is empty")
-    tok = session.tokenizer
-    ids = tok(token, add_special_tokens=False)["input_ids"]
-    unk = getattr(tok, "unk_token_id", None)
-    if not ids or (unk is not None and unk in ids):
-        raise ValueError(f"--token {token!r} is not in the tokenizer's vocabulary (it encodes to the unknown token)")
+    check_token(session.tokenizer, token)
 
 
 def _occurrences(session: Session, trace, token: str, view: str, contexts: list[str] | None):
-    from lazarus_core.trigram.context import find_occurrences
-
-    occ = find_occurrences(trace, session.decoder, session.classifier, token, view)
-    if contexts:
-        missing = sorted(set(range(len(contexts))) - {o.doc for o in occ})
-        if missing:
-            raise ValueError(f"--token {token!r} does not occur in context(s) " + ", ".join(repr(contexts[i]) for i in missing))
-    if not occ:
-        raise ValueError(f"--token {token!r} does not occur in the trace {trace.path}")
-    return occ
+    return token_occurrences(trace, session.decoder, session.classifier, token, view, contexts)
 
 
 def _capture(args: argparse.Namespace, session: Session, contexts: list[str] | None):
@@ -49,41 +29,33 @@ def run_token_routing(args: argparse.Namespace) -> int:
     """The experts one token gets in each context, at one layer, and the spread over layers."""
     from rich.table import Table
 
-    from lazarus_core.trigram.context import context_dependence
-
     session = Session(args)
     trace, contexts = _capture(args, session, args.contexts)
     _check_token(session, args.token)
     layer = choose_layers(args, trace.layers, many=False)[0]
     occ = _occurrences(session, trace, args.token, args.view, contexts)
-    lt = trace.layer(layer)
+    res = token_routing(trace, occ, args.token, layer, seed=args.seed)
     con = console()
     t = Table(title=f"{args.token!r} at layer {layer}: experts per context")
     for col in ("context", "trigram", f"top-{trace.top_k} experts"):
         t.add_column(col)
     if args.verbose:
         t.add_column("primary per layer " + " ".join(f"L{l}" for l in trace.layers))
-    for o in occ[: args.max_rows]:
+    for o, e, w in list(zip(occ, res.experts, res.weights))[: args.max_rows]:
         extra = [" ".join(f"E{int(trace.layer(l).topk_ids[o.row][0])}" for l in trace.layers)] if args.verbose else []
-        t.add_row(o.context, o.trigram, experts_str(lt.topk_ids[o.row], lt.topk_weights[o.row]), *extra)
+        t.add_row(o.context, o.trigram, experts_str(e, w), *extra)
     con.print(t)
-    rows = [o.row for o in occ]
-    per_layer = [context_dependence(trace.layer(l).topk_ids, rows, [o.trigram for o in occ], trace.num_experts,
-                                    layer=l, seed=args.seed) for l in trace.layers]
     t = Table(title="every layer: distinct primary experts over the occurrences, and top-k agreement vs random tokens")
     for col in ("layer", "occurrences", "distinct primary", "agreement (Jaccard)", "random pairs"):
         t.add_column(col, justify="right")
-    for d in per_layer:
+    for d in res.layers:
         t.add_row(str(d.layer), str(d.occurrences), f"{d.distinct_primary}/{trace.num_experts}", f"{d.consistency:.2f}",
                   f"{d.baseline:.2f}")
     con.print(t)
-    focus = next(d for d in per_layer if d.layer == layer)
+    focus = res.layer_result(layer)
     con.print(f"{args.token!r} routes to {focus.distinct_primary} different primary experts in {len(occ)} occurrences "
               f"at layer {layer}.")
-    emit(args, {"action": "token-routing", "model": session.spec, "token": args.token, "layer": layer,
-                "occurrences": [dict(o.to_dict(), experts=lt.topk_ids[o.row].tolist(),
-                                     weights=lt.topk_weights[o.row].tolist()) for o in occ],
-                "layers": [d.to_dict() for d in per_layer]})
+    emit(args, {"action": "token-routing", "model": session.spec, **res.to_dict()})
     return 0
 
 
@@ -91,7 +63,6 @@ def run_context_test(args: argparse.Namespace) -> int:
     """Does the trigram context predict a token's expert better than the token alone? Per layer, with a baseline."""
     from rich.table import Table
 
-    from lazarus_core.trigram.context import context_dependence
     from lazarus_core.trigram.prompts import resolve_categories, taxonomy_corpus
 
     session = Session(args)
@@ -107,13 +78,12 @@ def run_context_test(args: argparse.Namespace) -> int:
     _check_token(session, args.token)
     layers = choose_layers(args, trace.layers, many=True)
     occ = _occurrences(session, trace, args.token, args.view, contexts)
-    rows, tris = [o.row for o in occ], [o.trigram for o in occ]
-    res = [context_dependence(trace.layer(l).topk_ids, rows, tris, trace.num_experts, layer=l, seed=args.seed)
-           for l in layers]
+    result = context_test(trace, occ, args.token, layers, seed=args.seed)
+    res = result.layers
     con = console()
-    groups = {t: tris.count(t) for t in dict.fromkeys(tris)}
+    groups = result.trigram_counts()
     con.print(f"{args.token!r}: {len(occ)} occurrences in {len(groups)} trigram contexts: "
-              + ", ".join(f"{t}({n})" for t, n in sorted(groups.items(), key=lambda x: -x[1])[:8]))
+              + ", ".join(f"{t}({n})" for t, n in list(groups.items())[:8]))
     if args.verbose:
         t = Table(title="occurrences")
         for col in ("context", "trigram", *(f"L{l}" for l in layers)):
@@ -131,8 +101,7 @@ def run_context_test(args: argparse.Namespace) -> int:
     con.print(t)
     con.print("agreement near the random-pair level means the token alone does not fix its experts; a trigram-mode "
               "share well above the token-mode share means the context (trigram) predicts the expert.")
-    emit(args, {"action": "context-test", "model": session.spec, "token": args.token,
-                "occurrences": [o.to_dict() for o in occ], "layers": [d.to_dict() for d in res]})
+    emit(args, {"action": "context-test", "model": session.spec, **result.to_dict()})
     return 0
 
 
@@ -147,33 +116,20 @@ def run_context_window(args: argparse.Namespace) -> int:
         args.prompt = category_prompts("analogy", 1, args.seed)[0]
     ids = session.encode(args.prompt)
     pos = len(ids) - 1 if args.position is None else args.position
-    if not 0 <= pos < len(ids):
-        raise ValueError(f"--position {pos} is out of range: the prompt has {len(ids)} tokens (0..{len(ids) - 1})")
     layers = choose_layers(args, sorted(session.info.layers), many=True)
-    full = session.route_ids(ids[: pos + 1], layers)
-    windows = sorted({0, *[w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256) if w < pos], pos})
+    res = context_window(session.model, ids, pos, layers, info=session.info)
     con = console()
     piece = session.tokenizer.convert_ids_to_tokens(ids[pos])
     t = Table(title=f"position {pos} ({piece!r}): top-k overlap (Jaccard) with the full context, per left-context size")
     t.add_column("left tokens", justify="right")
     for l in layers:
         t.add_column(f"L{l}", justify="right")
-    rows = []
-    for w in windows:
-        part = session.route_ids(ids[pos - w: pos + 1], layers)
-        cells, entry = [], {"window": w, "layers": {}}
-        for l in layers:
-            a, b = set(full[l][0][-1].tolist()), set(part[l][0][-1].tolist())
-            jac = len(a & b) / len(a | b)
-            same = int(full[l][0][-1][0]) == int(part[l][0][-1][0])
-            cells.append(f"{jac:.2f}{'' if same else '*'}" + (f" {experts_str(part[l][0][-1])}" if args.verbose else ""))
-            entry["layers"][str(l)] = {"jaccard": jac, "same_primary": same, "experts": part[l][0][-1].tolist()}
-        rows.append(entry)
-        t.add_row(str(w), *cells)
+    for row in res.windows:
+        t.add_row(str(row.window), *(f"{row.jaccard[l]:.2f}{'' if row.same_primary[l] else '*'}"
+                                     + (f" {experts_str(row.experts[l])}" if args.verbose else "") for l in layers))
     con.print(t)
     con.print("* = a different primary expert than with the full context")
-    emit(args, {"action": "context-window", "model": session.spec, "prompt": args.prompt, "position": pos,
-                "full_context_experts": {str(l): full[l][0][-1].tolist() for l in layers}, "windows": rows})
+    emit(args, {"action": "context-window", "model": session.spec, "prompt": args.prompt, **res.to_dict()})
     return 0
 
 

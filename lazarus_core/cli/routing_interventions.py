@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from lazarus_core.analysis.loss_comparison import (LossComparison, generate, intervention,  # noqa: F401
+                                                   loss_comparison, next_token_logprobs)
 from lazarus_core.cli.routing_common import (Session, add_common, choose_layers, console, emit, experts_str,
                                              parse_int_list)
 
@@ -48,15 +48,6 @@ def edit_from_args(args: argparse.Namespace):
     return edit
 
 
-def intervention(session: Session, edit, layers: list[int] | None):
-    """Context manager applying ``edit`` (a no-op when None)."""
-    from lazarus_core.routing import RoutingIntervention
-
-    if edit is None:
-        return contextlib.nullcontext()
-    return RoutingIntervention(session.model, edit, layers, info=session.info)
-
-
 def _intervene_layers(args: argparse.Namespace, session: Session) -> list[int] | None:
     layers = parse_int_list(args.intervene_layers, "--intervene-layers")
     if layers is not None:
@@ -67,89 +58,21 @@ def _intervene_layers(args: argparse.Namespace, session: Session) -> list[int] |
 
 
 # ---------------------------------------------------------------------------------- computations
-def generate(session: Session, prompt: str, max_new_tokens: int, layer: int, edit=None, layers=None):
-    """Greedy continuation of ``prompt`` and the routing at ``layer`` of every token fed to the model.
-
-    Returns
-    -------
-    (text, new_ids list[int], routed_ids int [n, k], routed_weights float32 [n, k])
-    """
-    import torch
-
-    from lazarus_core.routing.recorder import RoutingRecorder
-
-    ids = session.encode(prompt)
-    tok = session.tokenizer
-    model = session.model
-    device = next(model.parameters()).device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    with intervention(session, edit, layers), RoutingRecorder(model, [layer], info=session.info) as rec, \
-            torch.inference_mode():
-        out = model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long,
-                             device=device), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-        routed = rec.pop()[layer]
-    new = out[0, len(ids):].tolist()
-    return tok.decode(new, skip_special_tokens=True), new, routed.topk_ids.numpy(), routed.topk_weights.numpy()
+def _generate(session: Session, prompt: str, max_new_tokens: int, layer: int, edit=None, layers=None):
+    g = generate(session.model, session.tokenizer, session.encode(prompt), max_new_tokens, layer, edit, layers,
+                 info=session.info)
+    return g.text, g.new_ids, g.topk_ids, g.topk_weights
 
 
-def next_token_logprobs(session: Session, ids: list[int], edit=None, layers=None) -> np.ndarray:
-    """float64 [n, V] log-probabilities of the next token at each position (with the intervention, if any)."""
-    import torch
-
-    device = next(session.model.parameters()).device
-    with intervention(session, edit, layers), torch.inference_mode():
-        logits = session.model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0]
-    return torch.log_softmax(logits.double(), -1).cpu().numpy()
+def _loss(session: Session, prompts: list[str], edit, layers, seed: int = 0):
+    return loss_comparison(session.model, [session.encode(p) for p in prompts], edit, layers, info=session.info,
+                           seed=seed)
 
 
-@dataclass
-class LossComparison:
-    """Next-token loss of the prompts with and without an intervention.
-
-    Attributes
-    ----------
-    nll_base, nll_edit : float
-        Mean negative log-likelihood (nats/token) of the prompts' own next tokens.
-    kl : float
-        Mean KL(base || edited) of the next-token distributions (nats).
-    top1_agreement : float
-        Share of positions where both predict the same most likely token.
-    """
-
-    edit: dict
-    layers: list[int] | None
-    tokens: int
-    nll_base: float
-    nll_edit: float
-    delta_nll: float
-    perplexity_ratio: float
-    kl: float
-    top1_agreement: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def loss_comparison(session: Session, prompts: list[str], edit, layers) -> LossComparison:
-    """Compare the prompts' next-token loss with and without ``edit`` (teacher forcing)."""
-    nb = ne = kl = agree = n = 0.0
-    for p in prompts:
-        ids = session.encode(p)
-        if len(ids) < 2:
-            continue
-        base = next_token_logprobs(session, ids)
-        edited = next_token_logprobs(session, ids, edit, layers)
-        tgt = np.array(ids[1:])
-        rows = np.arange(len(tgt))
-        nb += -base[rows, tgt].sum()
-        ne += -edited[rows, tgt].sum()
-        kl += (np.exp(base[:-1]) * (base[:-1] - edited[:-1])).sum()
-        agree += (base[:-1].argmax(1) == edited[:-1].argmax(1)).sum()
-        n += len(tgt)
-    if n == 0:
-        raise ValueError("the prompts are too short: each needs at least two tokens")
-    return LossComparison(edit.to_dict() if edit is not None else {}, layers, int(n), nb / n, ne / n, (ne - nb) / n,
-                          float(np.exp((ne - nb) / n)), kl / n, agree / n)
+def _ci_text(res) -> str:
+    ci = res.delta_nll_ci
+    return (f"delta {res.delta_nll:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}] nats/token "
+            f"({ci.level:.0%} {ci.method}{', includes 0' if res.includes_zero else ''})")
 
 
 # ---------------------------------------------------------------------------------------- actions
@@ -171,7 +94,7 @@ def run_chat(args: argparse.Namespace) -> int:
     turns = []
 
     def turn(prompt: str) -> None:
-        text, new, rids, rw = generate(session, prompt, args.max_new_tokens, layer, edit, layers)
+        text, new, rids, rw = _generate(session, prompt, args.max_new_tokens, layer, edit, layers)
         con.print(f"[bold]{prompt}[/bold]{text}")
         n_prompt = len(session.encode(prompt))
         if args.verbose:
@@ -216,22 +139,23 @@ def run_compare(args: argparse.Namespace) -> int:
         raise ValueError("compare needs an intervention: --ablate, --force, --boost, --suppress or --top-k")
     prompts = args.prompt or ["King is to queen as man is to woman", "2 + 3 = 5"]
     layer = choose_layers(args, sorted(session.info.layers), many=False)[0]
-    loss = loss_comparison(session, prompts, edit, layers)
+    loss = _loss(session, prompts, edit, layers)
     con = console()
     rows = []
     t = Table(title=f"compare: baseline vs intervention ({_edit_text(edit)}) at layers {layers or 'all'}")
     for col in ("prompt", "baseline continuation", "intervened continuation", f"L{layer} top-k changed"):
         t.add_column(col)
     for p in prompts:
-        base = generate(session, p, args.max_new_tokens, layer)
-        edited = generate(session, p, args.max_new_tokens, layer, edit, layers)
+        base = _generate(session, p, args.max_new_tokens, layer)
+        edited = _generate(session, p, args.max_new_tokens, layer, edit, layers)
         n = min(len(base[2]), len(edited[2]), len(session.encode(p)))
         changed = float(np.mean([set(base[2][i]) != set(edited[2][i]) for i in range(n)])) if n else 0.0
         rows.append({"prompt": p, "baseline": base[0], "intervened": edited[0], "topk_changed_on_prompt": changed})
         t.add_row(p, base[0], edited[0], f"{changed:.0%}")
     con.print(t)
     con.print(f"next-token loss {loss.nll_base:.3f} -> {loss.nll_edit:.3f} nats/token (x{loss.perplexity_ratio:.2f} "
-              f"perplexity), KL {loss.kl:.4f}, top-1 agreement {loss.top1_agreement:.0%} over {loss.tokens} tokens")
+              f"perplexity), {_ci_text(loss)}, KL {loss.kl:.4f}, top-1 agreement {loss.top1_agreement:.0%} over "
+              f"{loss.tokens} tokens")
     if args.verbose:
         con.print(loss.to_dict())
     emit(args, {"action": "compare", "model": session.spec, "loss": loss.to_dict(), "prompts": rows})
@@ -253,25 +177,28 @@ def run_ablate(args: argparse.Namespace) -> int:
         layers = _intervene_layers(args, session)
         if args.layer is not None:
             layers = choose_layers(args, sorted(session.info.layers), many=False)
-        res = loss_comparison(session, prompts, RoutingEdit(ablate=tuple(experts)), layers)
+        res = _loss(session, prompts, RoutingEdit(ablate=tuple(experts)), layers, args.seed)
         con.print(f"ablating experts {experts} at layers {layers or 'all'}: loss {res.nll_base:.3f} -> {res.nll_edit:.3f} "
-                  f"nats/token (x{res.perplexity_ratio:.2f} perplexity), KL {res.kl:.4f}, "
+                  f"nats/token (x{res.perplexity_ratio:.2f} perplexity), {_ci_text(res)}, KL {res.kl:.4f}, "
                   f"top-1 agreement {res.top1_agreement:.0%} ({res.tokens} tokens)")
         if args.verbose:
             con.print(res.to_dict())
         emit(args, {"action": "ablate", "model": session.spec, "results": [res.to_dict()]})
         return 0
     layer = choose_layers(args, sorted(session.info.layers), many=False)[0]
-    results = [loss_comparison(session, prompts, RoutingEdit(ablate=(e,)), [layer])
+    results = [_loss(session, prompts, RoutingEdit(ablate=(e,)), [layer], args.seed)
                for e in range(session.info.layers[layer].num_experts)]
     t = Table(title=f"ablate each expert of layer {layer} ({results[0].tokens} tokens, baseline "
                     f"{results[0].nll_base:.3f} nats/token)")
-    for col in ("expert", "delta loss", "perplexity x", "KL", "top-1 agreement", *(("loss",) if args.verbose else ())):
+    for col in ("expert", "delta loss", "95% CI", "perplexity x", "KL", "top-1 agreement",
+                *(("loss",) if args.verbose else ())):
         t.add_column(col, justify="right")
     order = sorted(range(len(results)), key=lambda e: -results[e].delta_nll)
     for e in order:
         r = results[e]
-        t.add_row(f"E{e}", f"{r.delta_nll:+.4f}", f"{r.perplexity_ratio:.3f}", f"{r.kl:.4f}", f"{r.top1_agreement:.0%}",
+        ci = r.delta_nll_ci
+        t.add_row(f"E{e}", f"{r.delta_nll:+.4f}", f"[{ci.low:+.4f}, {ci.high:+.4f}]{'' if r.includes_zero else ' *'}",
+                  f"{r.perplexity_ratio:.3f}", f"{r.kl:.4f}", f"{r.top1_agreement:.0%}",
                   *((f"{r.nll_edit:.4f}",) if args.verbose else ()))
     con.print(t)
     emit(args, {"action": "ablate", "model": session.spec, "layer": layer,
