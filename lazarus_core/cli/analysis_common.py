@@ -51,16 +51,16 @@ def default_corpus(args: argparse.Namespace, session: Session):
             args.field = "text"
     if jsonl is not None:
         corpus = corpus_from_jsonl(jsonl, getattr(args, "field", "text"))
-        return corpus, _jsonl_labels(Path(jsonl), getattr(args, "field", "text"), getattr(args, "label_field", "category"))
+        return corpus, jsonl_labels(Path(jsonl), getattr(args, "field", "text"), getattr(args, "label_field", "category"))
     from lazarus_core.trigram.prompts import resolve_categories, taxonomy_corpus
 
     texts, labels = taxonomy_corpus(resolve_categories(getattr(args, "categories", None)), 12, getattr(args, "seed", 0))
     return corpus_from_prompts(texts), labels
 
 
-def _jsonl_labels(path: Path, field: str, label_field: str) -> list[str] | None:
+def jsonl_labels(path: str | os.PathLike, field: str, label_field: str) -> list[str] | None:
     """Labels of the non-empty records of a JSONL corpus, in document order (None when a record lacks one)."""
-    labels = []
+    path, labels = Path(path), []
     with open(path, encoding="utf-8") as f:
         for line in f:
             if not line.strip():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def parse_layers(values: list[str] | None) -> list[int] | None:
@@ -38,12 +39,30 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     src.add_argument("--text", nargs="+", metavar="FILE", help="text files, one document each")
     src.add_argument("--jsonl", metavar="FILE", help="JSON-lines file, one document per record (with --field)")
     src.add_argument("-p", "--prompt", nargs="+", metavar="PROMPT", help="prompts, one document each")
-    p.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+    src.add_argument("--dataset", metavar="PATH_OR_NAME",
+                     help="a Hugging Face `datasets` dataset: local .parquet/.jsonl/.csv/.txt file(s) or a name "
+                          "(hub cache; needs the `datasets` extra), one document per record (with --field)")
+    p.add_argument("--split", default="train", help="--dataset split (default train)")
+    p.add_argument("--field", default="text", help="JSONL / dataset field holding the text (default: text)")
+    p.add_argument("--label-field", default=None,
+                   help="JSONL / dataset field with a per-document domain label, saved beside the trace for "
+                        "domain analyses (lazarus_labels.json)")
     p.add_argument("-o", "--output", required=True, metavar="TRACE_DIR", help="trace directory to write")
     p.add_argument("--max-tokens", type=int, default=None, help="stop after N tokens")
     p.add_argument("--seq-len", type=int, default=512, help="window length the model sees (default 512)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--logits", action="store_true", help="also store raw router logits (float16 [t, E])")
+    act = p.add_argument_group("activations (trace format version 2)")
+    act.add_argument("--hidden-states", action="store_true", help="store each layer's router input [s, H]")
+    act.add_argument("--expert-outputs", action="store_true",
+                     help="store each selected expert's output before weighting [s, k, H] (k extra expert runs per token)")
+    act.add_argument("--all-experts", action="store_true",
+                     help="store every expert's output on the sampled tokens [s, E, H] (needs --sample-tokens)")
+    act.add_argument("--sample-tokens", type=int, default=None, metavar="N",
+                     help="keep activations at N tokens drawn uniformly (seeded); default every token")
+    act.add_argument("--activation-dtype", default="fp16", choices=("fp16", "bf16", "fp32"),
+                     help="storage dtype of activations (default fp16)")
+    act.add_argument("--seed", type=int, default=0, help="seed of the token sample (default 0)")
     p.add_argument("--layers", nargs="+", metavar="L", help="MoE layers to record: 0,12,23 or all (default all)")
     p.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard (default: about 128 MiB)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted capture in TRACE_DIR")
@@ -65,16 +84,24 @@ def run_capture(args: argparse.Namespace) -> int:
     from lazarus_core.models.errors import CheckpointError
     from lazarus_core.models.families import UnsupportedModelError
     from lazarus_core.routing.capture import capture_routing
-    from lazarus_core.routing.corpus import corpus_from_jsonl, corpus_from_prompts, corpus_from_texts
+    from lazarus_core.routing.corpus import corpus_from_dataset, corpus_from_jsonl, corpus_from_prompts, corpus_from_texts
     from lazarus_core.routing.loading import load_model
     from lazarus_core.routing.trace_format import TraceError
 
     try:
         layers = parse_layers(args.layers)
+        labels = None
         if args.text:
             corpus = corpus_from_texts(args.text)
         elif args.jsonl:
             corpus = corpus_from_jsonl(args.jsonl, args.field)
+            if args.label_field:
+                from lazarus_core.cli.analysis_common import jsonl_labels
+
+                labels = jsonl_labels(args.jsonl, args.field, args.label_field)
+        elif args.dataset:
+            corpus, labels = corpus_from_dataset(args.dataset, args.field, split=args.split,
+                                                 label_field=args.label_field)
         else:
             corpus = corpus_from_prompts(args.prompt)
         model, tokenizer, source = load_model(args.model, revision=args.revision, dtype=getattr(torch, args.dtype),
@@ -83,12 +110,19 @@ def run_capture(args: argparse.Namespace) -> int:
             raise ValueError(f"-m {args.model}: the model has no tokenizer files; capture needs one")
         result = capture_routing(
             model, tokenizer, corpus, args.output, layers=layers, seq_len=args.seq_len, batch_size=args.batch_size,
-            max_tokens=args.max_tokens, logits=args.logits, shard_tokens=args.shard_tokens, resume=args.resume,
+            max_tokens=args.max_tokens, logits=args.logits, hidden_states=args.hidden_states,
+            expert_outputs=args.expert_outputs, all_experts=args.all_experts, sample_tokens=args.sample_tokens,
+            activation_dtype=args.activation_dtype, seed=args.seed, shard_tokens=args.shard_tokens, resume=args.resume,
             progress=not args.no_progress and not args.json,
             model_meta={"model": source.name, "revision": args.revision,
                         "tokenizer": str(source.root) if source.root is not None else source.name},
         )
-    except (ValueError, OSError, TraceError, UnsupportedModelError, CheckpointError) as exc:
+        if labels:
+            from lazarus_core.cli.routing_common import LABELS_FILE
+            from lazarus_core.routing.trace_format import atomic_write_json
+
+            atomic_write_json(Path(args.output) / LABELS_FILE, {str(i): label for i, label in enumerate(labels)})
+    except (ValueError, OSError, TraceError, UnsupportedModelError, CheckpointError, ImportError, TypeError) as exc:
         print(f"lazarus capture: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

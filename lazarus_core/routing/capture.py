@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from lazarus_core.routing.corpus import Corpus, Window, iter_windows
+from lazarus_core.routing.corpus import Corpus, Window, corpus_from_iterable, iter_windows
 from lazarus_core.routing.locate import find_moe_layers
 from lazarus_core.routing.recorder import RoutingRecorder
+from lazarus_core.routing.trace_format import ACTIVATION_DTYPES
 from lazarus_core.routing.trace_writer import LayerBatch, TraceWriter
 
 
@@ -75,7 +76,7 @@ def _pad(batch: list[Window], pad_id: int, device) -> tuple[torch.Tensor, torch.
 def capture_routing(
     model: nn.Module,
     tokenizer,
-    corpus: Corpus,
+    corpus: Corpus | Iterable[str],
     out_dir: str | Path,
     *,
     layers: Sequence[int] | None = None,
@@ -83,6 +84,12 @@ def capture_routing(
     batch_size: int = 8,
     max_tokens: int | None = None,
     logits: bool = False,
+    hidden_states: bool = False,
+    expert_outputs: bool = False,
+    all_experts: bool = False,
+    sample_tokens: int | None = None,
+    activation_dtype: str = "fp16",
+    seed: int = 0,
     shard_tokens: int | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -97,14 +104,21 @@ def capture_routing(
     Shards are written atomically as they fill, so memory stays bounded and an interrupted capture can
     continue with ``resume=True``.
 
+    On request it also stores activations (trace format version 2) at a seeded uniform sample of the
+    tokens (all tokens without ``sample_tokens``): the router input, each selected expert's output
+    before weighting, and every expert's output. Expert outputs cost extra expert evaluations
+    (k per sampled token for ``expert_outputs``, E for ``all_experts``); the model's own forward is
+    unchanged.
+
     Parameters
     ----------
     model : nn.Module
         A transformers MoE causal LM, in eval mode.
     tokenizer : transformers tokenizer
         Tokenises the documents (special tokens added as the tokenizer does).
-    corpus : Corpus
-        Documents; ``doc_id`` is the index in ``corpus.texts``.
+    corpus : Corpus or iterable of str
+        Documents; ``doc_id`` is the index in ``corpus.texts`` (an iterable of texts, e.g. a
+        generator or a ``datasets`` column, is read once into a :class:`Corpus`; empty texts skipped).
     out_dir : str or Path
         Trace directory; must not hold a trace unless ``resume``.
     layers : sequence of int, optional
@@ -115,6 +129,20 @@ def capture_routing(
         Stop after this many tokens.
     logits : bool
         Store ``layers.L.logits float16 [t, E]``.
+    hidden_states : bool
+        Store ``layers.L.hidden [s, H]``, the router input.
+    expert_outputs : bool
+        Store ``layers.L.expert_outputs [s, k, H]``, each selected expert's output before weighting
+        (slots in ``topk_ids`` order).
+    all_experts : bool
+        Store ``layers.L.all_expert_outputs [s, E, H]`` (needs ``sample_tokens``).
+    sample_tokens : int, optional
+        Keep activations at this many tokens, drawn uniformly without replacement with ``seed``
+        (``layers.L.sample_index`` holds their indices in the shard). None: every token.
+    activation_dtype : {"fp16", "bf16", "fp32"}
+        Storage dtype of the activations.
+    seed : int
+        Seed of the token sample.
     shard_tokens : int, optional
         Tokens per shard (default: about 128 MiB per shard).
     resume : bool
@@ -137,11 +165,27 @@ def capture_routing(
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if activation_dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"--activation-dtype must be one of {', '.join(ACTIVATION_DTYPES)}, got {activation_dtype!r}")
+    if sample_tokens is not None and sample_tokens < 1:
+        raise ValueError(f"--sample-tokens must be >= 1, got {sample_tokens}")
+    if all_experts and sample_tokens is None:
+        raise ValueError("--all-experts needs --sample-tokens N: it stores E x H values per sampled token")
+    if not isinstance(corpus, Corpus):
+        corpus = corpus_from_iterable(corpus)
     info = find_moe_layers(model)
     selected = sorted(info.select(list(layers) if layers is not None else None))
     tokenize = tokenize_fn(tokenizer)
     total = sum(len(w.token_ids) for w in iter_windows(tokenize, corpus.texts, seq_len, max_tokens))
     config = model.config
+    wants_activations = hidden_states or expert_outputs or all_experts
+    sampled = _sample(total, sample_tokens, seed) if wants_activations else None
+    activations = None
+    if wants_activations:
+        activations = {"hidden": hidden_states, "expert_outputs": expert_outputs, "all_expert_outputs": all_experts,
+                       "dtype": activation_dtype, "sample_tokens": sample_tokens, "seed": seed,
+                       "sample_fraction": round(len(sampled) / max(total, 1), 6),
+                       "expert_outputs_meaning": "each selected expert's output before its routing weight"}
     meta = {
         "model": (model_meta or {}).get("model", getattr(config, "_name_or_path", "") or config.model_type),
         "revision": (model_meta or {}).get("revision"),
@@ -157,8 +201,10 @@ def capture_routing(
         "seq_len": seq_len,
         "batch_size": batch_size,
         "max_tokens": max_tokens,
+        "hidden_size": int(getattr(config, "hidden_size", 0) or 0) or None,
     }
-    writer = TraceWriter(Path(out_dir), meta, selected, logits, shard_tokens=shard_tokens, resume=resume)
+    writer = TraceWriter(Path(out_dir), meta, selected, logits, shard_tokens=shard_tokens, resume=resume,
+                         activations=activations)
     skip = writer.sequences_done
     resumed = skip > 0
     device = next(model.parameters()).device
@@ -177,21 +223,32 @@ def capture_routing(
     try:
         if bar:
             bar.start()
-        with RoutingRecorder(model, selected, logits=logits, info=info) as recorder, torch.inference_mode():
+        with RoutingRecorder(model, selected, logits=logits, info=info, hidden_states=hidden_states,
+                             expert_outputs=expert_outputs, all_experts=all_experts) as recorder, torch.inference_mode():
             for batch in _batches(windows, batch_size):
                 input_ids, mask = _pad(batch, pad_id, device)
+                keep = mask.reshape(-1).bool()
+                n = int(keep.sum())
+                local = None
+                if sampled is not None:  # sampled tokens of this batch, as indices among its n real tokens
+                    lo, hi = np.searchsorted(sampled, [done_tokens, done_tokens + n])
+                    local = sampled[lo:hi] - done_tokens
+                    recorder.activation_rows = torch.nonzero(keep).reshape(-1)[torch.from_numpy(local)]
                 decoder(input_ids=input_ids, attention_mask=mask, use_cache=False)
                 routed = recorder.pop()
-                keep = mask.reshape(-1).bool()
+                act_dtype = getattr(torch, ACTIVATION_DTYPES[activation_dtype])
                 per_layer = {
                     layer: LayerBatch(
                         topk_ids=r.topk_ids[keep].to(torch.int32).cpu().numpy(),
                         topk_weights=r.topk_weights[keep].cpu().numpy(),
                         logits=r.logits[keep].to(torch.float16).cpu().numpy() if logits else None,
+                        sample_index=local,
+                        hidden=None if r.hidden is None else r.hidden.to(act_dtype).cpu(),
+                        expert_outputs=None if r.expert_outputs is None else r.expert_outputs.to(act_dtype).cpu(),
+                        all_expert_outputs=None if r.all_expert_outputs is None else r.all_expert_outputs.to(act_dtype).cpu(),
                     )
                     for layer, r in routed.items()
                 }
-                n = int(keep.sum())
                 writer.add(
                     token_ids=np.concatenate([w.token_ids for w in batch]).astype(np.int32),
                     doc_ids=np.concatenate([np.full(len(w.token_ids), w.doc_id, np.int32) for w in batch]),
@@ -200,6 +257,7 @@ def capture_routing(
                     num_sequences=len(batch),
                 )
                 run_tokens += n
+                done_tokens += n
                 if bar:
                     bar.advance(task, n)
         final = writer.close()
@@ -213,6 +271,14 @@ def capture_routing(
         seconds=round(seconds, 3), tokens_per_second=round(run_tokens / seconds, 1) if seconds > 0 else 0.0,
         resumed=resumed,
     )
+
+
+def _sample(total: int, sample_tokens: int | None, seed: int) -> np.ndarray:
+    """Ascending global token indices of the activation sample (every token when ``sample_tokens`` is None)."""
+    if sample_tokens is None or sample_tokens >= total:
+        return np.arange(total, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(total, size=sample_tokens, replace=False)).astype(np.int64)
 
 
 def _progress_bar(enabled: bool):

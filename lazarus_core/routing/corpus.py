@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 
 class EmptyInputError(ValueError):
@@ -116,6 +116,95 @@ def corpus_from_prompts(prompts: Sequence[str]) -> Corpus:
         if not p.strip():
             raise EmptyInputError(f"prompt {i} (-p) is empty: nothing to capture")
     return Corpus(list(prompts), [f"prompt {i}" for i in range(len(prompts))])
+
+
+def corpus_from_iterable(texts: Iterable[str], *, source: str = "iterable") -> Corpus:
+    """One document per item of any iterable of strings (a list, a generator, a ``datasets`` column).
+
+    The iterable is read once; empty or whitespace-only items are skipped and counted.
+
+    Raises
+    ------
+    TypeError
+        An item is not a string (the message gives its index).
+    EmptyInputError
+        No non-empty item.
+    """
+    if isinstance(texts, str):
+        raise TypeError("capture_routing: corpus is a single string; pass a list of documents")
+    kept, sources, skipped = [], [], 0
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{source} item {i} is {type(text).__name__}, not a string")
+        if not text.strip():
+            skipped += 1
+            continue
+        kept.append(text)
+        sources.append(f"{source}:{i}")
+    if not kept:
+        raise EmptyInputError(f"{source} has no non-empty text: nothing to capture")
+    return Corpus(kept, sources, skipped)
+
+
+def corpus_from_dataset(name_or_path: str, field_name: str, *, split: str = "train",
+                        label_field: str | None = None) -> tuple[Corpus, list[str] | None]:
+    """One document per record of a Hugging Face ``datasets`` dataset (local files or the hub cache).
+
+    A local ``.parquet``, ``.jsonl``/``.json``, ``.csv`` or ``.txt`` file (or a directory of them) is read
+    with the matching ``datasets`` builder; anything else is passed to ``datasets.load_dataset`` as a
+    dataset name (downloaded through the hub cache; ``HF_DATASETS_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``
+    are respected).
+
+    Parameters
+    ----------
+    name_or_path : str
+        Dataset name or local path.
+    field_name : str
+        Column holding the text.
+    split : str
+        Split to read (default ``train``; a local file has only ``train``).
+    label_field : str, optional
+        Column holding a per-document label (domain); returned in document order when present.
+
+    Returns
+    -------
+    (Corpus, list of str or None)
+
+    Raises
+    ------
+    ImportError
+        ``datasets`` is not installed (the message says ``pip install "lazarus-core[datasets]"``).
+    ValueError
+        The split or the field does not exist (the message lists the choices), or no record has text.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError('--dataset needs the optional package `datasets`: pip install "lazarus-core[datasets]"') from None
+    path = Path(name_or_path)
+    builders = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}
+    try:
+        if path.exists():
+            files = sorted(p for p in path.iterdir() if p.suffix in builders) if path.is_dir() else [path]
+            if not files or files[0].suffix not in builders:
+                raise ValueError(f"--dataset {path}: no {', '.join(builders)} file to read")
+            ds = datasets.load_dataset(builders[files[0].suffix], data_files=[str(f) for f in files], split=split)
+        else:
+            ds = datasets.load_dataset(name_or_path, split=split)
+    except (FileNotFoundError, ConnectionError) as exc:
+        raise ValueError(f"--dataset {name_or_path}: cannot load it ({exc})") from None
+    except ValueError as exc:
+        raise ValueError(f"--dataset {name_or_path} --split {split}: {exc}") from None
+    if field_name not in ds.column_names:
+        raise ValueError(f"--dataset {name_or_path} has no field {field_name!r} (--field); its columns are "
+                         f"{', '.join(ds.column_names)}")
+    texts = ds[field_name]
+    corpus = corpus_from_iterable(texts, source=str(name_or_path))
+    labels = None
+    if label_field and label_field in ds.column_names:
+        raw = ds[label_field]
+        labels = [str(raw[i]) for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+    return corpus, labels
 
 
 @dataclass

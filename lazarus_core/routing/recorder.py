@@ -32,11 +32,23 @@ class LayerRouting:
         float32 [T, k], the weights the experts module received, same order.
     logits : torch.Tensor or None
         float32 [T, E], the router's raw output (before softmax/sigmoid; GPT-OSS: with its bias).
+    activation_rows : torch.Tensor or None
+        int64 [s], the rows (of the T) the activations below were kept for (None: no activations).
+    hidden : torch.Tensor or None
+        [s, H], the router input (= the experts' input) at those rows, in the model's dtype.
+    expert_outputs : torch.Tensor or None
+        [s, k, H], each selected expert's output before weighting, slots in ``topk_ids`` order.
+    all_expert_outputs : torch.Tensor or None
+        [s, E, H], every expert's output on those rows.
     """
 
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
     logits: torch.Tensor | None = None
+    activation_rows: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    expert_outputs: torch.Tensor | None = None
+    all_expert_outputs: torch.Tensor | None = None
 
 
 def sort_by_weight(ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +85,11 @@ class RoutingRecorder:
         Model layer indices to record (default: every MoE layer). Unknown indices raise ValueError.
     logits : bool
         Also keep the raw router logits.
+    hidden_states, expert_outputs, all_experts : bool
+        Also keep, at the rows of :attr:`activation_rows` (all rows when None), the experts' input,
+        each selected expert's output before weighting, and every expert's output. Expert outputs
+        are computed by extra calls of the experts module's ``forward`` (hooks do not see them),
+        so the model's own output is unchanged.
 
     Examples
     --------
@@ -82,12 +99,16 @@ class RoutingRecorder:
     """
 
     def __init__(self, model: nn.Module, layers: list[int] | None = None, *, logits: bool = False,
-                 info: MoeModelInfo | None = None) -> None:
+                 info: MoeModelInfo | None = None, hidden_states: bool = False, expert_outputs: bool = False,
+                 all_experts: bool = False) -> None:
         self.info = info or find_moe_layers(model)
         self.layers: dict[int, MoeLayer] = self.info.select(layers)
         self.keep_logits = logits
+        self.keep_hidden, self.keep_expert_outputs, self.keep_all_experts = hidden_states, expert_outputs, all_experts
+        self.activation_rows: torch.Tensor | None = None
+        """int64 rows of the next forward call's flattened [batch x sequence] at which activations are kept."""
         self._logits: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers}
-        self._routed: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {l: [] for l in self.layers}
+        self._routed: dict[int, list[tuple]] = {l: [] for l in self.layers}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> "RoutingRecorder":
@@ -118,9 +139,28 @@ class RoutingRecorder:
             weights = _argument(args, kwargs, 2, _WEIGHT_NAMES)
             if ids is None or weights is None:
                 raise RuntimeError(f"layer {idx}: experts module called without (top_k_index, top_k_weights)")
-            store.append((ids.detach(), weights.detach()))
+            ids, weights = ids.detach(), weights.detach()
+            acts = self._activations(module, args, kwargs, ids, weights) if self._wants_activations else None
+            store.append((ids, weights, acts))
 
         return hook
+
+    @property
+    def _wants_activations(self) -> bool:
+        return self.keep_hidden or self.keep_expert_outputs or self.keep_all_experts
+
+    def _activations(self, module, args, kwargs, ids, weights) -> tuple:
+        from lazarus_core.routing.expert_outputs import each_expert_output, selected_expert_outputs
+
+        hidden = _argument(args, kwargs, 0, ("hidden_states", "hidden"))
+        hidden = hidden.detach().reshape(ids.shape[0], -1)
+        rows = self.activation_rows
+        rows = torch.arange(ids.shape[0], device=ids.device) if rows is None else rows.to(ids.device)
+        h = hidden[rows]
+        sorted_ids, _ = sort_by_weight(ids[rows], weights[rows])
+        outs = selected_expert_outputs(module, h, sorted_ids) if self.keep_expert_outputs else None
+        every = each_expert_output(module, h, self.info.num_experts) if self.keep_all_experts else None
+        return rows, (h if self.keep_hidden else None), outs, every
 
     def pop(self) -> dict[int, LayerRouting]:
         """Return the routing recorded since the last pop, concatenated over calls, and clear it.
@@ -143,6 +183,13 @@ class RoutingRecorder:
                 parts = self._logits[idx]
                 logits = (torch.cat(parts) if len(parts) > 1 else parts[0]).float()
             out[idx] = LayerRouting(ids, weights, logits)
+            if routed[0][2] is not None:
+                offsets = torch.cumsum(torch.tensor([0] + [r[0].shape[0] for r in routed[:-1]]), 0)
+                acts = [r[2] for r in routed]
+                out[idx].activation_rows = torch.cat([a[0].cpu() + int(o) for a, o in zip(acts, offsets)])
+                for slot, name in ((1, "hidden"), (2, "expert_outputs"), (3, "all_expert_outputs")):
+                    if acts[0][slot] is not None:
+                        setattr(out[idx], name, torch.cat([a[slot] for a in acts]))
             routed.clear()
             self._logits[idx].clear()
         return out

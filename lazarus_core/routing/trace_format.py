@@ -11,12 +11,32 @@ from pathlib import Path
 import numpy as np
 
 FORMAT_NAME = "lazarus-routing-trace"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META_FILE = "trace.json"
 SHARD_PATTERN = "trace-{:05d}.safetensors"
 
+# BF16 has no numpy dtype: it is mapped as its raw uint16 bits (see bf16_bits_to_float32).
 _ST_DTYPES = {"I32": np.int32, "I64": np.int64, "I16": np.int16, "F16": np.float16, "F32": np.float32,
-              "BF16": None, "U8": np.uint8}
+              "BF16": np.uint16, "U8": np.uint8}
+ACTIVATION_FIELDS = ("hidden", "expert_outputs", "all_expert_outputs")
+ACTIVATION_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Widen bfloat16 values held as their uint16 bit patterns to float32 (exact).
+
+    Parameters
+    ----------
+    bits : np.ndarray
+        uint16 [...], bfloat16 bit patterns.
+
+    Returns
+    -------
+    np.ndarray
+        float32 [...], same shape.
+    """
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -63,7 +83,8 @@ def mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
     Returns
     -------
     dict[str, np.ndarray]
-        Tensor name -> read-only ``np.memmap`` view (no data is read until used).
+        Tensor name -> read-only ``np.memmap`` view (no data is read until used); a BF16 tensor is
+        a uint16 view of its bits (``trace.json``'s ``activations.dtype`` says when activations are bf16).
 
     Raises
     ------
@@ -99,6 +120,8 @@ def mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
             raise TraceError(f"trace shard {path} is corrupt: bad header entry for {name!r}") from None
         if dtype is None:
             raise TraceError(f"trace shard {path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        if begin > end or any(s < 0 for s in shape):
+            raise TraceError(f"trace shard {path} is corrupt: bad shape or offsets for {name!r}")
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         if begin < 0 or end - begin != nbytes or data_start + end > size:
             raise TraceError(f"trace shard {path} is corrupt or truncated: tensor {name!r} needs bytes "

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from lazarus_core.routing.trace_format import FORMAT_NAME, META_FILE, TraceError, layer_key, mmap_safetensors
+from lazarus_core.routing.trace_format import (
+    ACTIVATION_FIELDS,
+    FORMAT_NAME,
+    META_FILE,
+    READABLE_VERSIONS,
+    TraceError,
+    bf16_bits_to_float32,
+    layer_key,
+    mmap_safetensors,
+)
 
 
 @dataclass
@@ -36,6 +45,32 @@ class LayerTrace:
 
 
 @dataclass
+class LayerActivations:
+    """Activations of one MoE layer at the sampled tokens of a span (trace format version 2).
+
+    Attributes
+    ----------
+    layer : int
+        Model layer index.
+    sample_index : np.ndarray
+        int64 [s], ascending indices of the sampled tokens in the span (the whole trace for
+        :meth:`Trace.activations`), so ``trace.token_ids[sample_index]`` are their tokens.
+    hidden : np.ndarray or None
+        float32 [s, H], the router input.
+    expert_outputs : np.ndarray or None
+        float32 [s, k, H], each selected expert's output before weighting, in ``topk_ids`` order.
+    all_expert_outputs : np.ndarray or None
+        float32 [s, E, H], every expert's output.
+    """
+
+    layer: int
+    sample_index: np.ndarray
+    hidden: np.ndarray | None = None
+    expert_outputs: np.ndarray | None = None
+    all_expert_outputs: np.ndarray | None = None
+
+
+@dataclass
 class TokenSpan:
     """Tokens of a trace (a shard, a document or the whole trace) and their routing at every layer.
 
@@ -44,12 +79,35 @@ class TokenSpan:
     token_ids, doc_ids, positions : np.ndarray
         int32 [t] each.
     layers : dict[int, LayerTrace]
+    raw_activations : dict[int, dict[str, np.ndarray]]
+        Per layer, the stored activation tensors as mapped (``sample_index`` local to this span;
+        bf16 as uint16 bits). Use :meth:`activations` for float32 arrays.
+    activation_dtype : str or None
+        ``fp16``, ``bf16`` or ``fp32`` (None: no activations).
     """
 
     token_ids: np.ndarray
     doc_ids: np.ndarray
     positions: np.ndarray
     layers: dict[int, LayerTrace]
+    raw_activations: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    activation_dtype: str | None = None
+
+    def activations(self, layer: int) -> LayerActivations:
+        """Float32 activations of one layer at this span's sampled tokens.
+
+        Raises
+        ------
+        ValueError
+            The layer is not in the span, or the trace holds no activations.
+        """
+        self.layer(layer)
+        raw = self.raw_activations.get(layer)
+        if raw is None:
+            raise ValueError("this trace holds no activations: capture with --hidden-states, --expert-outputs "
+                             "or --all-experts")
+        return LayerActivations(layer, np.asarray(raw["sample_index"], np.int64),
+                                **{f: _widen(raw.get(f), self.activation_dtype) for f in ACTIVATION_FIELDS})
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -85,6 +143,13 @@ class Trace:
         self.num_experts = int(meta["num_experts"])
         self.top_k = int(meta["top_k"])
         self.has_logits = bool(meta["has_logits"])
+        self.version = int(meta.get("version", 1))
+        acts = meta.get("activations") or {}
+        self.activation_meta: dict = acts
+        self.has_hidden = bool(acts.get("hidden"))
+        self.has_expert_outputs = bool(acts.get("expert_outputs"))
+        self.has_all_expert_outputs = bool(acts.get("all_expert_outputs"))
+        self.hidden_size: int | None = meta.get("hidden_size")
 
     def __len__(self) -> int:
         return self.num_tokens
@@ -128,6 +193,106 @@ class Trace:
                           self._concat([p.topk_weights for p in parts]),
                           self._concat([p.logits for p in parts]) if self.has_logits else None)
 
+    def activations(self, layer: int) -> LayerActivations:
+        """Activations of one layer at every sampled token of the trace, as float32.
+
+        Parameters
+        ----------
+        layer : int
+            Model layer index.
+
+        Returns
+        -------
+        LayerActivations
+            ``sample_index`` int64 [s] into the whole trace; the requested fields float32, others None.
+
+        Raises
+        ------
+        ValueError
+            The layer was not captured, or the trace has no activations (the message names the flags).
+        """
+        parts, offset = [], 0
+        for shard in self._shards:
+            part = shard.activations(layer)
+            part.sample_index = part.sample_index + offset
+            parts.append(part)
+            offset += len(shard)
+
+        def cat(name):
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else self._concat(values)
+
+        return LayerActivations(layer, cat("sample_index"), *(cat(f) for f in ACTIVATION_FIELDS))
+
+    def to_numpy(self, layer: int, name: str) -> np.ndarray:
+        """One per-layer array of the whole trace by name.
+
+        Parameters
+        ----------
+        layer : int
+            Model layer index.
+        name : {"topk_ids", "topk_weights", "logits", "sample_index", "hidden", "expert_outputs", "all_expert_outputs"}
+            ``topk_ids`` int32 [t, k], ``topk_weights`` float32 [t, k], ``logits`` float16 [t, E];
+            activations float32 ([s, H], [s, k, H], [s, E, H]) with ``sample_index`` int64 [s].
+
+        Raises
+        ------
+        ValueError
+            Unknown name, or a field the trace does not hold (naming the capture flag).
+        """
+        flags = {"logits": "--logits", "hidden": "--hidden-states", "expert_outputs": "--expert-outputs",
+                 "all_expert_outputs": "--all-experts"}
+        if name in ("topk_ids", "topk_weights", "logits"):
+            value = getattr(self.layer(layer), name)
+        elif name in ("sample_index", *ACTIVATION_FIELDS):
+            if not self.activation_meta and name == "sample_index":
+                raise ValueError(f"the trace {self.path} holds no activations (capture with --hidden-states, "
+                                 "--expert-outputs or --all-experts)")
+            value = getattr(self.activations(layer), name) if self.activation_meta else None
+        else:
+            raise ValueError(f"unknown trace field {name!r}; choose from topk_ids, topk_weights, logits, sample_index, "
+                             f"{', '.join(ACTIVATION_FIELDS)}")
+        if value is None:
+            raise ValueError(f"the trace {self.path} was captured without {flags[name]}")
+        return value
+
+    def to_pandas(self, layer: int):
+        """Routing of one layer in long format: one row per (token, slot).
+
+        Columns: ``token_index`` (int64, position in the trace), ``token_id``, ``doc_id``, ``position``,
+        ``slot`` (0 = the primary, highest-weight expert), ``expert``, ``weight`` (float32, as mixed),
+        and ``logit`` (float32, that expert's raw router logit) when the trace has logits.
+
+        Returns
+        -------
+        pandas.DataFrame
+            ``num_tokens * top_k`` rows.
+
+        Raises
+        ------
+        ImportError
+            pandas is not installed (``pip install "lazarus-core[pandas]"``).
+        """
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError('Trace.to_pandas needs pandas: pip install "lazarus-core[pandas]"') from None
+        lt = self.layer(layer)
+        t, k = lt.topk_ids.shape
+        columns = {
+            "token_index": np.repeat(np.arange(t, dtype=np.int64), k),
+            "token_id": np.repeat(self.token_ids, k),
+            "doc_id": np.repeat(self.doc_ids, k),
+            "position": np.repeat(self.positions, k),
+            "slot": np.tile(np.arange(k, dtype=np.int32), t),
+            "expert": np.asarray(lt.topk_ids).reshape(-1),
+            "weight": np.asarray(lt.topk_weights).reshape(-1),
+        }
+        if lt.logits is not None:
+            columns["logit"] = np.take_along_axis(np.asarray(lt.logits), np.asarray(lt.topk_ids, np.int64), 1) \
+                .astype(np.float32).reshape(-1)
+        return pd.DataFrame(columns)
+
     def document_ids(self) -> np.ndarray:
         """int32 [d], the documents present, ascending."""
         return np.unique(np.concatenate([np.unique(s.doc_ids) for s in self._shards]))
@@ -151,18 +316,36 @@ class Trace:
                              f"({self.meta['num_documents']} documents)")
         if len(pieces) == 1:
             return pieces[0]
+        raw: dict[int, dict[str, np.ndarray]] = {}
+        if pieces[0].raw_activations:
+            offsets = np.cumsum([0] + [len(p) for p in pieces[:-1]])
+            for l in self.layers:
+                names = pieces[0].raw_activations[l].keys()
+                raw[l] = {n: np.concatenate([p.raw_activations[l][n] + (o if n == "sample_index" else 0)
+                                             for p, o in zip(pieces, offsets)]) for n in names}
         return TokenSpan(np.concatenate([p.token_ids for p in pieces]), np.concatenate([p.doc_ids for p in pieces]),
                          np.concatenate([p.positions for p in pieces]),
                          {l: LayerTrace(l, np.concatenate([p.layers[l].topk_ids for p in pieces]),
                                         np.concatenate([p.layers[l].topk_weights for p in pieces]),
                                         np.concatenate([p.layers[l].logits for p in pieces]) if self.has_logits else None)
-                          for l in self.layers})
+                          for l in self.layers}, raw, pieces[0].activation_dtype)
+
+
+def _widen(values: np.ndarray | None, dtype: str | None) -> np.ndarray | None:
+    if values is None:
+        return None
+    return bf16_bits_to_float32(values) if dtype == "bf16" else np.asarray(values, dtype=np.float32)
 
 
 def _slice(span: TokenSpan, sl: slice) -> TokenSpan:
+    raw = {}
+    for l, fields in span.raw_activations.items():
+        idx = np.asarray(fields["sample_index"])
+        keep = (idx >= sl.start) & (idx < sl.stop)
+        raw[l] = {n: (v[keep] - sl.start if n == "sample_index" else v[keep]) for n, v in fields.items()}
     return TokenSpan(span.token_ids[sl], span.doc_ids[sl], span.positions[sl],
                      {l: LayerTrace(l, t.topk_ids[sl], t.topk_weights[sl], None if t.logits is None else t.logits[sl])
-                      for l, t in span.layers.items()})
+                      for l, t in span.layers.items()}, raw, span.activation_dtype)
 
 
 def load_trace(path: str | Path, *, verify: bool = False, allow_incomplete: bool = False) -> Trace:
@@ -196,6 +379,9 @@ def load_trace(path: str | Path, *, verify: bool = False, allow_incomplete: bool
         raise TraceError(f"{meta_path} is not valid JSON ({exc.msg})") from None
     if meta.get("format") != FORMAT_NAME:
         raise TraceError(f"{meta_path}: format is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
+    if int(meta.get("version", 1)) not in READABLE_VERSIONS:
+        raise TraceError(f"{meta_path}: trace format version {meta.get('version')} is not readable by this "
+                         f"lazarus-core (it reads versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade it")
     if not meta.get("complete") and not allow_incomplete:
         raise TraceError(f"{meta_path}: the capture did not finish ({meta.get('num_tokens', 0)} tokens in "
                          f"{len(meta.get('shards', []))} shards); resume it, or pass allow_incomplete=True")
@@ -226,6 +412,24 @@ def _open_shard(path: Path, entry: dict, meta: dict, verify: bool) -> TokenSpan:
         expected[layer_key(layer, "topk_weights")] = (t, k)
         if meta["has_logits"]:
             expected[layer_key(layer, "logits")] = (t, e)
+    acts = meta.get("activations") or {}
+    if acts:
+        h, dtype = int(meta["hidden_size"]), {"fp16": np.float16, "fp32": np.float32, "bf16": np.uint16}[acts["dtype"]]
+        for layer in meta["moe_layers"]:
+            index = arrays.get(layer_key(layer, "sample_index"))
+            s = None if index is None or index.ndim != 1 else int(index.shape[0])
+            if s is None:
+                raise TraceError(f"trace shard {path} is corrupt: {layer_key(layer, 'sample_index')!r} is missing")
+            if s and (int(index.min()) < 0 or int(index.max()) >= t or np.any(np.diff(index) <= 0)):
+                raise TraceError(f"trace shard {path} is corrupt: {layer_key(layer, 'sample_index')!r} is not an "
+                                 f"ascending index into its {t} tokens")
+            for name, shape in (("hidden", (s, h)), ("expert_outputs", (s, k, h)), ("all_expert_outputs", (s, e, h))):
+                if acts.get(name):
+                    expected[layer_key(layer, name)] = shape
+                    value = arrays.get(layer_key(layer, name))
+                    if value is not None and value.dtype != dtype:
+                        raise TraceError(f"trace shard {path} is corrupt: {layer_key(layer, name)!r} is "
+                                         f"{value.dtype}, trace.json says {acts['dtype']}")
     for name, shape in expected.items():
         if name not in arrays:
             raise TraceError(f"trace shard {path} is corrupt: tensor {name!r} is missing")
@@ -233,4 +437,9 @@ def _open_shard(path: Path, entry: dict, meta: dict, verify: bool) -> TokenSpan:
             raise TraceError(f"trace shard {path} is corrupt: {name!r} has shape {arrays[name].shape}, expected {shape}")
     layers = {l: LayerTrace(l, arrays[layer_key(l, "topk_ids")], arrays[layer_key(l, "topk_weights")],
                             arrays.get(layer_key(l, "logits"))) for l in meta["moe_layers"]}
-    return TokenSpan(arrays["token_ids"], arrays["doc_ids"], arrays["positions"], layers)
+    raw = {}
+    if acts:
+        raw = {l: {n: arrays[layer_key(l, n)] for n in ("sample_index", *ACTIVATION_FIELDS) if layer_key(l, n) in arrays}
+               for l in meta["moe_layers"]}
+    return TokenSpan(arrays["token_ids"], arrays["doc_ids"], arrays["positions"], layers, raw,
+                     acts.get("dtype") if acts else None)
