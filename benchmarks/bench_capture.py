@@ -90,13 +90,21 @@ def run(repeats: int = 7, model_spec: str | None = None, tokens: int = 4096, seq
 
     corpus = Corpus([" ".join(map(str, w.token_ids)) for w in windows], [f"w{i}" for i in range(len(windows))])
 
-    def full_capture():
-        with tempfile.TemporaryDirectory() as tmp:
-            capture_routing(model, _IdsTokenizer(), corpus, Path(tmp) / "t", seq_len=seq_len, batch_size=batch_size,
-                            progress=False)
+    def full_capture(**flags):
+        def go():
+            with tempfile.TemporaryDirectory() as tmp:
+                capture_routing(model, _IdsTokenizer(), corpus, Path(tmp) / "t", seq_len=seq_len,
+                                batch_size=batch_size, progress=False, **flags)
+        return go
 
+    # Activation flags (trace format v2): every token for hidden states and selected expert outputs,
+    # a 512-token sample for all experts (E expert runs per sampled token).
     modes = {"plain forward": plain, "forward + hooks": hooked(False), "forward + hooks + logits": hooked(True),
-             "capture_routing to disk": full_capture}
+             "capture_routing to disk": full_capture(),
+             "capture --hidden-states": full_capture(hidden_states=True),
+             "capture --expert-outputs": full_capture(expert_outputs=True),
+             "capture --all-experts --sample-tokens 512": full_capture(all_experts=True, sample_tokens=512),
+             "capture --hidden-states --sample-tokens 512": full_capture(hidden_states=True, sample_tokens=512)}
     for fn in modes.values():  # warm-up
         fn()
     wall: dict[str, list[float]] = {m: [] for m in modes}
