@@ -14,6 +14,37 @@ from lazarus_core.routing.locate import MoeLayer, MoeModelInfo, find_moe_layers
 _REGISTRY_ATTR = "_lazarus_routing_interventions"
 
 
+@dataclass(frozen=True)
+class WeightOverride:
+    """Set (or add to) one expert's post-softmax mixing weight, after the family's routing rule has run.
+
+    Unlike ``RoutingEdit.ablate`` (which removes the expert from the competition, so the next best
+    expert takes its slot), an override keeps the selection and changes only the mixing weight:
+
+    * the expert's weight becomes ``value`` (``add=True``: its current weight plus ``value``; an
+      expert that was not selected counts as weight 0 and is added as one more slot, so the experts
+      module receives k + 1 slots);
+    * families whose k weights are normalised (``rule.renormalize`` or top-k-then-softmax: Mixtral,
+      GPT-OSS, Qwen3, DeepSeek) keep their total: the other selected experts share what is left,
+      ``total - new``, in their old proportions; families that do not renormalise (OLMoE, Qwen2-MoE with
+      ``norm_topk_prob=False``) leave the other weights as they are. Ablation is ``value=0``.
+
+    Attributes
+    ----------
+    expert : int
+    value : float
+    add : bool
+    rows : tuple of int or None
+        Rows of each router call (token index in the flattened batch x sequence) that the override
+        applies to; None: every row. With one sequence and no KV cache a row is a position.
+    """
+
+    expert: int
+    value: float
+    add: bool = False
+    rows: tuple[int, ...] | None = None
+
+
 @dataclass
 class RoutingEdit:
     """One routing change at some layers; several active edits on a router combine.
@@ -30,12 +61,20 @@ class RoutingEdit:
         Experts always selected; their weight follows the family's rule from their (real) score.
     top_k : int or None
         Experts per token instead of the model's k.
+    weights : tuple of WeightOverride
+        Changes of post-softmax mixing weights, applied in order after the selection (see
+        :class:`WeightOverride`).
     """
 
     ablate: tuple[int, ...] = ()
     logit_delta: dict[int, float] = field(default_factory=dict)
     force: tuple[int, ...] = ()
     top_k: int | None = None
+    weights: tuple[WeightOverride, ...] = ()
+
+    def reroutes(self) -> bool:
+        """True when the edit changes the selection (ablate, logit_delta, force or top_k)."""
+        return bool(self.ablate or self.logit_delta or self.force or self.top_k is not None)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,7 +127,7 @@ class RoutingIntervention:
 
 
 def _check_edit(edit: RoutingEdit, layer: MoeLayer) -> None:
-    for e in (*edit.ablate, *edit.force, *edit.logit_delta):
+    for e in (*edit.ablate, *edit.force, *edit.logit_delta, *(w.expert for w in edit.weights)):
         if not 0 <= int(e) < layer.num_experts:
             raise ValueError(f"expert {e} is out of range: layer {layer.layer} has {layer.num_experts} experts")
     if edit.top_k is not None and not 1 <= edit.top_k <= layer.num_experts:
@@ -99,6 +138,13 @@ def _make_hook(layer: MoeLayer, info: MoeModelInfo):
     def hook(module, args, output):
         edits: list[RoutingEdit] = getattr(module, _REGISTRY_ATTR)["edits"]
         logits, weights, ids = output[0], output[1], output[2]
+        overrides = [w for e in edits for w in e.weights]
+        if not any(e.reroutes() for e in edits):
+            # Only weight overrides: keep the router's own selection and weights bit for bit.
+            new_weights, new_ids = weights.float(), ids.long()
+            for o in overrides:
+                new_weights, new_ids = override_weight(new_weights, new_ids, o, info.rule)
+            return (logits, new_weights.to(weights.dtype), new_ids.to(ids.dtype), *output[3:])
         delta = None
         if any(e.logit_delta for e in edits):
             delta = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
@@ -110,9 +156,65 @@ def _make_hook(layer: MoeLayer, info: MoeModelInfo):
             logits.reshape(-1, logits.shape[-1]), info.rule, top_k, correction_bias=layer.correction_bias,
             logit_delta=delta, exclude=[x for e in edits for x in e.ablate], force=[x for e in edits for x in e.force],
         )
+        for o in overrides:
+            new_weights, new_ids = override_weight(new_weights, new_ids, o, info.rule)
         return (logits, new_weights.to(weights.dtype), new_ids.to(ids.dtype), *output[3:])
 
     return hook
+
+
+def renormalises(rule) -> bool:
+    """True when the family's k mixing weights sum to a fixed total (normalised top-k or softmax over the k)."""
+    return bool(rule.renormalize or rule.order == "topk_then_softmax")
+
+
+def override_weight(weights: torch.Tensor, ids: torch.Tensor, override: WeightOverride,
+                    rule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply one :class:`WeightOverride` to a router's top-k output (the rule is described there).
+
+    Parameters
+    ----------
+    weights : torch.Tensor
+        float [T, k] mixing weights.
+    ids : torch.Tensor
+        int [T, k] experts.
+    override : WeightOverride
+    rule : RoutingConvention
+        The family's convention (decides whether the other weights keep the total).
+
+    Returns
+    -------
+    (weights float32 [T, k'], ids int64 [T, k'])
+        ``k' = k + 1`` when the expert gets a positive weight in a row where it was not selected; the
+        extra slot of the other rows repeats their first expert with weight 0 (it adds exactly 0).
+    """
+    weights, ids = weights.float(), ids.long()
+    n = weights.shape[0]
+    target = torch.ones(n, dtype=torch.bool, device=weights.device)
+    if override.rows is not None:
+        target = torch.zeros_like(target)
+        rows = torch.as_tensor([r for r in override.rows if 0 <= r < n], dtype=torch.long, device=weights.device)
+        target[rows] = True
+    selected = ids == int(override.expert)
+    old = (weights * selected).sum(-1)
+    new = old + float(override.value) if override.add else torch.full_like(old, float(override.value))
+    new = torch.where(target, new.clamp_min(0.0), old)
+    missing = target & ~selected.any(-1) & (new > 0)
+    if missing.any():
+        ids = torch.cat([ids, torch.where(missing, int(override.expert), ids[:, 0]).unsqueeze(1)], 1)
+        weights = torch.cat([weights, torch.zeros(n, 1, dtype=weights.dtype, device=weights.device)], 1)
+        selected = ids == int(override.expert)
+        selected[~missing, -1] = False
+    first = selected & (selected.cumsum(-1) == 1)            # one slot carries the expert's weight
+    if renormalises(rule):
+        total = weights.sum(-1)
+        others = total - old
+        scale = torch.where(others > 0, (total - new).clamp_min(0.0) / torch.where(others > 0, others, 1.0),
+                            torch.ones_like(others))
+        scale = torch.where(target, scale, torch.ones_like(scale))
+        weights = torch.where(selected, weights, weights * scale.unsqueeze(1))
+    weights = torch.where(first, new.unsqueeze(1), torch.where(selected, 0.0, weights))
+    return weights, ids
 
 
 def ablate_experts(model: nn.Module, experts: Sequence[int], layers: Sequence[int] | None = None) -> RoutingIntervention:
