@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     __import__("lazarus_core.cli.capture", fromlist=["register"]).register(sub)
     __import__("lazarus_core.cli.introspect", fromlist=["register"]).register(sub)
     __import__("lazarus_core.cli.generate", fromlist=["register"]).register(sub)
+    __import__("lazarus_core.cli.experiment", fromlist=["register"]).register(sub)
     return parser
 
 
