@@ -31,7 +31,8 @@ def _kernel_inner(xs: torch.Tensor) -> torch.Tensor:
     whichever costs less, and a pair-by-pair loop when neither fits in memory.
     """
     e, n, d = xs.shape
-    if (e * d) ** 2 <= _MAX_DENSE_ENTRIES and e * d * d <= e * n * n:
+    feature_cost, gram_cost = n * (e * d) ** 2, e * n * n * d + e * e * n * n
+    if (e * d) ** 2 <= _MAX_DENSE_ENTRIES and (feature_cost <= gram_cost or e * n * n > _MAX_DENSE_ENTRIES):
         z = xs.permute(1, 0, 2).reshape(n, e * d)
         m = (z.T @ z).reshape(e, d, e, d)
         return (m * m).sum(dim=(1, 3))
@@ -90,6 +91,45 @@ def hsic_matrix(xs, unbiased: bool = True) -> torch.Tensor:
     return (hsic + hsic.T) / 2.0
 
 
+def hsic_from_grams(grams: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Linear-kernel HSIC between every pair of precomputed Gram matrices (the same estimators as :func:`hsic_matrix`).
+
+    Parameters
+    ----------
+    grams : torch.Tensor
+        float64 [E, n, n], ``K_e = X_e X_e^T``.
+    unbiased : bool
+
+    Returns
+    -------
+    torch.Tensor
+        float64 [E, E].
+    """
+    e, n, _ = grams.shape
+    if not unbiased:
+        if n < 2:
+            raise ValueError(f"the biased HSIC needs at least 2 rows, got {n}")
+        kc = grams - grams.mean(dim=1, keepdim=True) - grams.mean(dim=2, keepdim=True) + grams.mean(dim=(1, 2), keepdim=True)
+        flat = kc.reshape(e, n * n)
+        return flat @ flat.T / float((n - 1) ** 2)
+    if n < 4:
+        raise ValueError(f"the unbiased HSIC needs at least 4 rows, got {n}")
+    kt = grams.clone()
+    kt.diagonal(dim1=1, dim2=2).zero_()                       # K~
+    flat = kt.reshape(e, n * n)
+    k_ones = kt.sum(dim=2)                                    # K~ 1, [E, n]
+    ones_k_ones = k_ones.sum(dim=1)
+    hsic = (flat @ flat.T + torch.outer(ones_k_ones, ones_k_ones) / ((n - 1) * (n - 2))
+            - 2.0 / (n - 2) * (k_ones @ k_ones.T)) / (n * (n - 3))
+    return (hsic + hsic.T) / 2.0
+
+
+def _cka_from_hsic(h: torch.Tensor) -> np.ndarray:
+    diag = torch.diagonal(h).clamp(min=0.0)
+    denom = torch.sqrt(torch.outer(diag, diag))
+    return torch.where(denom > 0, h / denom, torch.full_like(h, float("nan"))).numpy()
+
+
 def linear_cka_matrix(outputs, unbiased: bool = True) -> np.ndarray:
     """Linear CKA between every pair of experts on the same tokens.
 
@@ -114,11 +154,7 @@ def linear_cka_matrix(outputs, unbiased: bool = True) -> np.ndarray:
     xs = _as_float64(outputs)
     if xs.dim() != 3:
         raise ValueError(f"expert outputs must be [s, E, H], got shape {tuple(xs.shape)}")
-    h = hsic_matrix(xs.transpose(0, 1), unbiased=unbiased)
-    diag = torch.diagonal(h).clamp(min=0.0)
-    denom = torch.sqrt(torch.outer(diag, diag))
-    cka = torch.where(denom > 0, h / denom, torch.full_like(h, float("nan")))
-    return cka.numpy()
+    return _cka_from_hsic(hsic_matrix(xs.transpose(0, 1), unbiased=unbiased))
 
 
 def linear_cka(x, y, unbiased: bool = True) -> float:
@@ -495,22 +531,38 @@ def expert_similarity(outputs, method: str = "cka", seed: int = 0, random_output
     if s < min_rows:
         raise ValueError(f"expert similarity needs at least {min_rows} tokens, got {s}")
 
-    def sim(x: torch.Tensor) -> np.ndarray:
-        return similarity_matrix(x, method, unbiased=unbiased)
+    # For CKA on few tokens, each expert's Gram matrix is formed once and every half reads its sub-block.
+    widths = e + (0 if rand is None else rand.shape[1])
+    use_grams = method == "cka" and widths * s * s <= _MAX_DENSE_ENTRIES
+    grams = {}
+    if use_grams:
+        grams["out"] = torch.einsum("seh,teh->est", out, out)
+        if rand is not None:
+            grams["rand"] = torch.einsum("seh,teh->est", rand, rand)
 
-    matrix = sim(out)
-    floor_matrix = sim(rand) if rand is not None else None
+    def sim(which: str, rows: np.ndarray | None = None) -> np.ndarray:
+        if use_grams:
+            g = grams[which]
+            if rows is not None:
+                idx = torch.as_tensor(rows)
+                g = g[:, idx][:, :, idx]
+            return _cka_from_hsic(hsic_from_grams(g, unbiased=unbiased))
+        x = out if which == "out" else rand
+        return similarity_matrix(x if rows is None else x[torch.as_tensor(rows)], method, unbiased=unbiased)
+
+    matrix = sim("out")
+    floor_matrix = sim("rand") if rand is not None else None
     half_means, floor_half_means, excess_half, rs, abs_diffs = [], [], [], [], []
     for a, b in _half_splits(units, n_splits, seed):
         if min(a.size, b.size) < min_rows // 2:
             continue
-        sa, sb = sim(out[a]), sim(out[b])
+        sa, sb = sim("out", a), sim("out", b)
         oa, ob = _off_diagonal(sa), _off_diagonal(sb)
         half_means += [np.nanmean(oa), np.nanmean(ob)]
         rs.append(_pearson(oa, ob))
         abs_diffs.append(float(np.nanmean(np.abs(oa - ob))))
         if rand is not None:
-            fa, fb = _off_diagonal(sim(rand[a])), _off_diagonal(sim(rand[b]))
+            fa, fb = _off_diagonal(sim("rand", a)), _off_diagonal(sim("rand", b))
             floor_half_means += [np.nanmean(fa), np.nanmean(fb)]
             excess_half += [np.nanmean(oa) - np.nanmean(fa), np.nanmean(ob) - np.nanmean(fb)]
     summary = _summary(matrix, np.asarray(half_means, dtype=np.float64), level, interval_method, n_units)

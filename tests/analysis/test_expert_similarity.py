@@ -94,6 +94,21 @@ def test_dense_and_pairwise_kernel_inner_paths_agree(monkeypatch):
         np.testing.assert_allclose(pairwise, dense, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("unbiased", [True, False], ids=["unbiased", "biased"])
+def test_expert_similarity_via_cached_grams_matches_the_direct_path(monkeypatch, unbiased):
+    import lazarus_core.analysis.expert_similarity as es
+
+    rng = np.random.default_rng(11)
+    outputs, floor = _planted_groups(rng, s=60, h=6), rng.standard_normal((60, 8, 6))
+    cached = expert_similarity(outputs, "cka", random_outputs=floor, unbiased=unbiased).to_dict()
+    monkeypatch.setattr(es, "_MAX_DENSE_ENTRIES", 1000)       # no Gram cache, feature-space path
+    direct = expert_similarity(outputs, "cka", random_outputs=floor, unbiased=unbiased).to_dict()
+    np.testing.assert_allclose(cached["matrix"], direct["matrix"], atol=1e-9)
+    assert cached["floor"]["excess"] == pytest.approx(direct["floor"]["excess"], abs=1e-7)
+    assert cached["ceiling"]["split_half_r"] == pytest.approx(direct["ceiling"]["split_half_r"], abs=1e-7)
+    assert cached["ceiling"]["reliability"] == pytest.approx(direct["ceiling"]["reliability"], abs=1e-7)
+
+
 def test_cosine_on_planted_identical_opposite_and_independent_experts():
     rng = np.random.default_rng(6)
     v = rng.standard_normal((300, 64))
