@@ -80,7 +80,7 @@ class DomainSpecialisation:
         Mean of that maximum when document labels are permuted among documents (documents kept whole,
         domain sizes kept): the maximum that noise and load alone produce.
     p_value : float
-        Share of permutations whose maximum lift over the layer reaches the observed one (add-one).
+        Share of permutations whose maximum specialisation reaches the observed one (add-one).
     """
 
     label: str
@@ -468,19 +468,13 @@ def domain_specialisation(topk_ids: np.ndarray, doc_index: np.ndarray, doc_label
     uniform = k / e
     rng = np.random.default_rng(seed)
 
-    def max_lifts(labels: np.ndarray) -> np.ndarray:
+    def max_shares(labels: np.ndarray) -> np.ndarray:
         onehot = np.zeros((len(names), len(labels)))
         onehot[labels, np.arange(len(labels))] = 1.0
-        share = (onehot @ counts) / np.maximum(onehot @ tok, 1e-300)[:, None]
-        return np.where(layer_share > 0, share / np.where(layer_share > 0, layer_share, 1), 0).max(1), share.max(1)
+        return ((onehot @ counts) / np.maximum(onehot @ tok, 1e-300)[:, None]).max(1)
 
-    observed_lift, _ = max_lifts(label_of)
-    null_lift, null_max = [], []
-    for _ in range(n_perm):
-        lift, top = max_lifts(rng.permutation(label_of))
-        null_lift.append(lift)
-        null_max.append(top)
-    null_lift, null_max = np.array(null_lift).reshape(n_perm, len(names)), np.array(null_max).reshape(n_perm, len(names))
+    observed_max = max_shares(label_of)
+    null_max = np.array([max_shares(rng.permutation(label_of)) for _ in range(n_perm)]).reshape(n_perm, len(names))
     out = []
     for d, name in enumerate(names):
         rows = label_of == d
@@ -492,7 +486,7 @@ def domain_specialisation(topk_ids: np.ndarray, doc_index: np.ndarray, doc_label
         else:
             low, high = share, share
         lift = np.divide(share, layer_share, out=np.zeros(e), where=layer_share > 0)
-        p = (1 + np.sum(null_lift[:, d] >= observed_lift[d] - 1e-12)) / (1 + n_perm) if n_perm else float("nan")
+        p = (1 + np.sum(null_max[:, d] >= observed_max[d] - 1e-12)) / (1 + n_perm) if n_perm else float("nan")
         out.append(DomainSpecialisation(name, int(tok[rows].sum()), m, share, low, high, share / uniform, lift,
                                         float(share.max() / uniform),
                                         float(null_max[:, d].mean() / uniform) if n_perm else float("nan"), float(p)))
