@@ -32,7 +32,8 @@ def run_full_taxonomy(args: argparse.Namespace) -> int:
     labels = _labels(session, trace)
     trigrams = labels.trigrams(args.view)
     report = trigram_specialisation(trigrams, {l: trace.layer(l).topk_ids for l in layers}, trace.num_experts,
-                                    view=args.view, slots=args.slots, permutations=args.permutations,
+                                    token_ids=trace.token_ids, view=args.view, slots=args.slots,
+                                    permutations=args.permutations,
                                     min_activations=args.min_activations, seed=args.seed)
     doc_ids = trace.doc_ids
     per_category = []
@@ -84,23 +85,30 @@ def run_full_taxonomy(args: argparse.Namespace) -> int:
             t.add_row(p["trigram"], str(p["count"]),
                       " ".join(f"E{e['expert']}({e['lift']:.1f}x,{e['q_value']:.0e})" for e in p["experts"]))
         con.print(t)
-    t = Table(title="Trigram specialists: concentration vs the layer's null (most significant first; q = BH over all experts)")
-    for col in ("layer", "expert", "tokens", "top pattern", "conc.", "expected", "lift", "q"):
+    t = Table(title="Trigram specialists: concentration vs the layer's null and beyond the current token "
+                    "(context lift = conc. / expected given the token id; most significant in context first; "
+                    "q = BH over all experts)")
+    for col in ("layer", "expert", "tokens", "top pattern", "conc.", "expected", "lift", "q", "context lift",
+                "context q", "causal PREV→CUR (ctx lift, q)"):
         t.add_column(col, justify="right" if col not in ("top pattern",) else "left", overflow="fold")
     if args.verbose:
         t.add_column("next patterns (share, lift)", overflow="fold")
-    experts = sorted(report.experts(), key=lambda e: (e.q_value, -e.lift))
+    experts = sorted(report.experts(), key=lambda e: (e.context_q_value, -e.context_lift, e.q_value))
     shown = [e for e in experts if e.activations >= args.min_activations][: args.top]
     for e in shown:
-        style = "bold" if e.q_value < 0.05 else "dim"
         extra = [" ".join(f"{p.trigram}({p.share:.0%},{p.lift:.1f}x)" for p in e.top_patterns[1:])] if args.verbose else []
+        c = e.causal
         t.add_row(str(e.layer), f"E{e.expert}", str(e.activations), e.top_pattern or "-", f"{e.concentration:.0%}",
-                  f"{e.expected:.1%}", f"{e.lift:.1f}x", f"{e.q_value:.1e}", *extra, style=style)
+                  f"{e.expected:.1%}", f"{e.lift:.1f}x", f"{e.q_value:.1e}", f"{e.context_lift:.2f}x",
+                  f"{e.context_q_value:.1e}",
+                  f"{c.pattern} ({c.context_lift:.2f}x, {c.context_q_value:.1e})" if c else "-", *extra,
+                  style="bold" if e.context_q_value < 0.05 else "dim")
     con.print(t)
-    sig = report.significant()
-    con.print(f"{len(sig)} of {len(report.experts())} (layer, expert) pairs specialise significantly (q < 0.05); "
-              "mutual information I(expert; trigram) / H(trigram) per layer: "
-              + ", ".join(f"L{l.layer} {l.normalized_mutual_information:.3f}" for l in report.layers))
+    sig, ctx = report.significant(), report.significant(context=True)
+    con.print(f"{len(sig)} of {len(report.experts())} (layer, expert) pairs beat the layer's trigram distribution "
+              f"(q < 0.05); {len(ctx)} specialise beyond their tokens' ids (context q < 0.05). "
+              "NMI(expert; trigram) per layer, observed / shuffled labels: "
+              + ", ".join(f"L{l.layer} {l.normalized_mutual_information:.3f}/{l.shuffled_nmi:.3f}" for l in report.layers))
     emit(args, {"action": "full-taxonomy", "model": session.spec, "categories": categories,
                 "trace": str(trace.path) if args.trace or args.save_trace else None,
                 "specialisation": report.to_dict(), "categories_detail": per_category, "patterns": patterns})

@@ -82,9 +82,11 @@ def test_permutation_test_agrees_with_the_binomial_on_the_planted_specialist():
     tri, ids = _planted(n=4000, seed=1)
     rep = trigram_specialisation(tri, {0: ids}, 16, permutations=50)
     e = rep.layers[0].experts
-    assert rep.test == "permutation" and e[5].p_value == pytest.approx(1 / 51)
-    assert e[5].null_max_concentration < e[5].concentration
-    assert np.median([x.p_value for x in e if x.expert not in (5, 6)]) > 0.1
+    # the planted expert prefers trigram 0 among tokens of the same current type: the within-type
+    # shuffle never reaches its concentration
+    assert rep.test == "permutation" and e[5].context_p_value == pytest.approx(1 / 51)
+    assert e[5].null_max_concentration < e[5].concentration and e[5].p_value < 1e-6
+    assert np.median([x.context_p_value for x in e if x.expert not in (5, 6)]) > 0.1
 
 
 def test_primary_slot_only_and_bad_input():
@@ -97,3 +99,80 @@ def test_primary_slot_only_and_bad_input():
         trigram_specialisation(tri, {0: ids}, 4)
     with pytest.raises(ValueError, match="shape"):
         trigram_specialisation(tri[:10], {0: ids}, 16)
+
+
+def _by_hand_case():
+    """Two current-token ids of one type (NUM), each followed by OP or by $; expert 0 takes token 7 only."""
+    a, b = parse_trigram("OP→NUM→OP"), parse_trigram("OP→NUM→$")
+    tokens = np.array([7, 7, 7, 7, 8, 8, 8, 8])
+    tri = np.array([a, a, a, b, b, b, b, a])      # P(a | 7) = 3/4, P(a | 8) = 1/4, P(a | NUM) = 1/2
+    ids = np.array([[0], [0], [0], [0], [1], [1], [1], [1]])
+    return tri, ids, tokens
+
+
+def test_expected_given_type_and_token_by_hand():
+    tri, ids, tokens = _by_hand_case()
+    rep = trigram_specialisation(tri, {0: ids}, 2, token_ids=tokens, min_activations=1)
+    e0, e1 = rep.layers[0].experts
+    assert rep.condition == "token"
+    # expert 0: all its tokens are id 7; top trigram a with concentration 3/4
+    assert e0.top_pattern == "OP→NUM→OP" and e0.concentration == 0.75 and e0.expected == 0.5
+    assert e0.expected_given_type == pytest.approx(0.5) and e0.expected_given_token == pytest.approx(0.75)
+    assert e0.lift == pytest.approx(1.5) and e0.context_lift == pytest.approx(1.0)
+    # conservative binomial bound of the excess over the token: P[Bin(4, 3/4) >= 3] = 189/256, x 2 trigrams
+    assert e0.context_p_value == pytest.approx(min(1.0, 2 * 189 / 256))
+    assert e1.top_pattern == "OP→NUM→$" and e1.expected_given_token == pytest.approx(0.75)
+    # the causal pattern OP→NUM is the same for every token: concentration 1, nothing beyond the token
+    assert e0.causal.pattern == "OP→NUM" and e0.causal.concentration == 1.0 and e0.causal.context_lift == 1.0
+    without = trigram_specialisation(tri, {0: ids}, 2, min_activations=1).layers[0].experts[0]
+    assert without.expected_given_token is None and without.context_lift == pytest.approx(1.5)
+
+
+def _contextual_corpus(n=30000, seed=0):
+    """Random token ids (40 ids over 4 types); each token's trigram from random neighbour types."""
+    from lazarus_core.tokens.types import ALL_TYPES, NUM_TYPES
+
+    rng = np.random.default_rng(seed)
+    real = [TYPE_ID[t] for t in ("NUM", "OP", "FUNC", "NOUN")]
+    tokens = rng.integers(0, 40, n)
+    cur = np.array(real)[tokens % 4]
+    prev = np.array(real)[rng.integers(0, 4, n)]
+    nxt = np.array(real)[rng.integers(0, 4, n)]
+    del ALL_TYPES
+    return tokens, prev, (prev * NUM_TYPES + cur) * NUM_TYPES + nxt
+
+
+def test_routing_by_token_id_is_not_context_specialisation():
+    tokens, prev, tri = _contextual_corpus()
+    ids = (tokens % 16)[:, None]                      # the expert is a function of the token id alone
+    rep = trigram_specialisation(tri, {0: ids}, 16, token_ids=tokens)
+    experts = rep.layers[0].experts
+    assert sum(e.q_value < 0.05 for e in experts) >= 12            # the token-blind test calls nearly all "significant"
+    assert sum(e.context_q_value < 0.05 for e in experts) <= 1     # beyond the token: nothing there
+    assert all(abs(e.context_lift - 1) < 0.15 for e in experts)
+    perm = trigram_specialisation(tri[:6000], {0: ids[:6000]}, 16, token_ids=tokens[:6000], permutations=30)
+    assert sum(e.context_q_value < 0.05 for e in perm.layers[0].experts) <= 1
+
+
+def test_routing_by_previous_type_is_context_specialisation():
+    tokens, prev, tri = _contextual_corpus(seed=1)
+    rng = np.random.default_rng(2)
+    # expert = 4 * (previous type's rank) + random: the current token says nothing about the expert
+    rank = np.searchsorted(np.unique(prev), prev)
+    ids = (4 * rank + rng.integers(0, 4, len(prev)))[:, None]
+    rep = trigram_specialisation(tri, {0: ids}, 16, token_ids=tokens)
+    experts = rep.layers[0].experts
+    assert sum(e.context_q_value < 0.05 for e in experts) >= 12
+    assert all(e.causal.context_lift > 3 and e.causal.context_q_value < 1e-6 for e in experts)   # PREV→CUR explains it
+
+
+def test_shuffled_nmi_is_the_floor_of_random_routing():
+    tokens, prev, tri = _contextual_corpus(n=5000, seed=3)
+    rng = np.random.default_rng(4)
+    random_ids = np.stack([rng.permutation(16)[:2] for _ in range(len(tri))])
+    layer = trigram_specialisation(tri, {0: random_ids}, 16).layers[0]
+    assert layer.normalized_mutual_information > 0                    # the plug-in estimate is biased up...
+    assert abs(layer.nmi_excess) < 0.25 * layer.normalized_mutual_information   # ...and the shuffle shows it
+    rank = np.searchsorted(np.unique(prev), prev)
+    planted = trigram_specialisation(tri, {0: (4 * rank + rng.integers(0, 4, len(prev)))[:, None]}, 16).layers[0]
+    assert planted.nmi_excess > 10 * abs(layer.nmi_excess)
