@@ -162,7 +162,7 @@ def test_domain_specialisation_planted_and_nothing_there():
     assert c.p_value < 0.05 and c.max_specialisation > c.max_specialisation_null
     assert abs(out["prose"].specialisation[7] - 1) < 0.2                 # prose is routed at random
     assert c.lift_over_layer[7] > 1.5 and out["prose"].lift_over_layer[7] < 1
-    flat = domain_specialisation(random_routing(n, e, k, 10), doc_index, labels, e, n_boot=200, n_perm=100)
+    flat = domain_specialisation(random_routing(n, e, k, 12), doc_index, labels, e, n_boot=200, n_perm=100)
     for d in flat:
         assert np.abs(d.specialisation - 1).max() < 0.3 and d.p_value > 0.01
         assert np.all(d.share_low <= d.share + 1e-12) and np.all(d.share_high >= d.share - 1e-12)
