@@ -134,12 +134,14 @@ def run_domain_test(args: argparse.Namespace) -> int:
                            slots=args.slots, permutations=args.permutations, seed=args.seed) for l in layers]
     con = console()
     t = Table(title=f"domain-test: does the expert depend on the domain? ({args.slots} expert per token)")
-    for col in ("layer", "tokens", "chi2", "dof", "p (tokens)", "p (doc perm.)", "Cramer's V", "reading"):
+    for col in ("layer", "tokens", "chi2", "dof", "p (tokens)", "p (doc perm.)", "V (raw)", "V (bias-corrected)",
+                "reading"):
         t.add_column(col, justify="right")
     for r in results:
-        reading = "weak" if r.cramers_v < 0.1 else "moderate" if r.cramers_v < 0.3 else "strong"
-        t.add_row(str(r.layer), str(r.num_tokens), f"{r.chi2:.1f}", str(r.dof), f"{r.p_value:.1e}",
-                  "-" if r.permutation_p_value is None else f"{r.permutation_p_value:.3f}", f"{r.cramers_v:.3f}", reading)
+        perm = "-" if r.permutation_p_value is None else (
+            f"< 1/{r.permutations + 1}" if r.permutation_p_at_floor else f"{r.permutation_p_value:.3f}")
+        t.add_row(str(r.layer), str(r.num_tokens), f"{r.chi2:.1f}", str(r.dof), f"{r.p_value:.1e}", perm,
+                  f"{r.cramers_v:.3f}", f"{r.cramers_v_corrected:.3f}", r.strength)
     con.print(t)
     shown = results if args.verbose else [next(r for r in results if r.layer == layers[len(layers) // 2])]
     for focus in shown:
@@ -153,8 +155,9 @@ def run_domain_test(args: argparse.Namespace) -> int:
             t.add_row(f"E{e.expert}", *(f"{e.counts[d]} ({e.counts[d] / max(totals[d], 1):.0%})" for d in focus.domains),
                       f"{e.top_domain} {e.top_domain_share:.0%}")
         con.print(t)
-    con.print("Cramer's V is the effect size (0: every expert serves every domain alike). The token-level p-value "
-              "treats tokens as independent; the document permutation test does not.")
+    con.print("Cramer's V is the effect size (0: every expert serves every domain alike); the plug-in V is biased "
+              "upwards, the reading uses Bergsma's bias-corrected V. The token-level p-value treats tokens as "
+              "independent; the document permutation test does not.")
     emit(args, {"action": "domain-test", "model": session.spec, "layers": [r.to_dict() for r in results]})
     return 0
 

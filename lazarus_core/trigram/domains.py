@@ -39,6 +39,13 @@ class DomainTest:
         Domain labels shuffled across documents (the honest test), when permutations > 0.
     cramers_v : float
         Effect size in [0, 1]: 0 = experts are used alike in every domain, 1 = each expert serves one domain.
+        The plug-in estimate, biased upwards in finite samples (random routing gives V > 0).
+    cramers_v_corrected : float
+        Bergsma's (2013) bias-corrected V: the effect size to read; ``strength`` is worded from it.
+    strength : str
+        ``weak`` (< 0.1), ``moderate`` (< 0.3) or ``strong``, from ``cramers_v_corrected``.
+    permutation_p_at_floor : bool
+        The permutation p is ``1 / (permutations + 1)``, the smallest it can be: write it "< 1/(N+1)".
     """
 
     layer: int
@@ -52,6 +59,9 @@ class DomainTest:
     permutation_p_value: float | None
     permutations: int
     experts: list[ExpertDomains] = field(default_factory=list)
+    cramers_v_corrected: float = float("nan")
+    strength: str = ""
+    permutation_p_at_floor: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -82,6 +92,26 @@ def chi_square(table: np.ndarray) -> tuple[float, int, float, float]:
     dof = (r - 1) * (c - 1)
     v = float(np.sqrt(chi2 / (n * (min(r, c) - 1))))
     return chi2, dof, float(chi2_sf(chi2, dof)), v
+
+
+def cramers_v_corrected(chi2: float, n: float, rows: int, cols: int) -> float:
+    """Bergsma's bias-corrected Cramér's V of an [rows, cols] table with chi-square ``chi2`` over ``n`` counts.
+
+    ``phi2 = max(0, chi2 / n - (rows - 1)(cols - 1) / (n - 1))``, ``r~ = rows - (rows - 1)^2 / (n - 1)``,
+    ``c~ = cols - (cols - 1)^2 / (n - 1)``, ``V~ = sqrt(phi2 / min(r~ - 1, c~ - 1))`` (0 when undefined).
+    """
+    if n <= 1 or rows < 2 or cols < 2:
+        return 0.0
+    phi2 = max(0.0, chi2 / n - (rows - 1) * (cols - 1) / (n - 1))
+    r = rows - (rows - 1) ** 2 / (n - 1)
+    c = cols - (cols - 1) ** 2 / (n - 1)
+    denom = min(r - 1, c - 1)
+    return float(np.sqrt(phi2 / denom)) if denom > 0 else 0.0
+
+
+def effect_strength(v: float) -> str:
+    """``weak`` (< 0.1), ``moderate`` (< 0.3) or ``strong``: the words used for a (bias-corrected) V."""
+    return "weak" if v < 0.1 else "moderate" if v < 0.3 else "strong"
 
 
 def domain_test(topk_ids: np.ndarray, doc_ids: np.ndarray, doc_domains: dict[int, str], num_experts: int, *,
@@ -149,5 +179,9 @@ def domain_test(topk_ids: np.ndarray, doc_ids: np.ndarray, doc_domains: dict[int
         share = observed[e] / np.maximum(col_tot, 1)
         experts.append(ExpertDomains(int(e), total, {d: int(c) for d, c in zip(domains, observed[e])},
                                      domains[int(np.argmax(share))], float(share.max())))
+    t = observed[observed.sum(1) > 0][:, observed.sum(0) > 0]
+    v_corr = cramers_v_corrected(chi2, float(t.sum()), *t.shape) if t.size else 0.0
     return DomainTest(layer=int(layer), slots=slots, domains=domains, num_tokens=int(keep.sum()), chi2=chi2, dof=dof,
-                      p_value=p, cramers_v=v, permutation_p_value=perm_p, permutations=permutations, experts=experts)
+                      p_value=p, cramers_v=v, permutation_p_value=perm_p, permutations=permutations, experts=experts,
+                      cramers_v_corrected=v_corr, strength=effect_strength(v_corr),
+                      permutation_p_at_floor=perm_p is not None and perm_p <= 1.0 / (permutations + 1) + 1e-15)

@@ -114,3 +114,90 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
         out[order] = np.minimum(ranked, 1.0)
         q[ok] = out
     return q.reshape(p.shape)
+
+
+def _elementary_symmetric(w: np.ndarray, k: int) -> np.ndarray:
+    """e_0..e_k of the last axis of ``w`` (float64 [..., n]) -> [..., k + 1] (dynamic programming)."""
+    e = np.zeros(w.shape[:-1] + (k + 1,))
+    e[..., 0] = 1.0
+    for i in range(w.shape[-1]):
+        wi = w[..., i:i + 1]
+        e[..., 1:] = e[..., 1:] + wi * e[..., :-1]
+    return e
+
+
+def topk_pair_null(inclusion: np.ndarray, k: int, *, iterations: int = 500, tol: float = 1e-10) -> np.ndarray:
+    """Exact pair-inclusion probabilities of k distinct experts chosen independently given their loads.
+
+    The null is the maximum-entropy law over k-subsets with the observed inclusion probabilities
+    (conditional Poisson sampling: ``P(S) ∝ prod_{a in S} w_a`` over subsets of size k, with the weights
+    ``w`` fitted so that ``P(a in S) = inclusion[a]``). It respects that top-k picks are without
+    replacement, which ``p_a * p_b`` ignores: for uniform routing of E experts it gives
+    ``k (k - 1) / (E (E - 1))`` per pair, where ``(k / E)^2`` undercounts co-activation lift by
+    ``(k - 1) E / (k (E - 1))`` (0.57 at 8 experts, top-2).
+
+    Parameters
+    ----------
+    inclusion : np.ndarray
+        float [E], each expert's share of tokens whose top-k holds it (sums to k).
+    k : int
+        Experts per token (1 <= k <= number of experts with inclusion > 0).
+    iterations, tol : int, float
+        Fixed-point iterations ``w <- w * target / pi(w)`` and the stopping tolerance on ``pi``.
+
+    Returns
+    -------
+    np.ndarray
+        float64 [E, E], symmetric: ``P(a and b both chosen)``; the diagonal holds ``inclusion``.
+
+    Raises
+    ------
+    ValueError
+        ``inclusion`` does not sum to k, or fewer than k experts are ever chosen.
+    """
+    pi = np.clip(np.asarray(inclusion, dtype=np.float64).reshape(-1), 0.0, 1.0)
+    num = len(pi)
+    if not 1 <= k <= num or abs(pi.sum() - k) > 1e-6 * max(k, 1):
+        raise ValueError(f"inclusion probabilities must sum to k = {k} (got {pi.sum():.6f}) over {num} experts")
+    out = np.zeros((num, num))
+    live = np.flatnonzero(pi > 0)
+    if len(live) < k:
+        raise ValueError(f"only {len(live)} experts are ever chosen, fewer than k = {k}")
+    sure = live[pi[live] >= 1.0 - 1e-12]          # always chosen: pair probability is the other's inclusion
+    free = np.setdiff1d(live, sure)
+    kf = k - len(sure)
+    if kf > 0 and len(free) > kf:
+        target = pi[free]
+        w = target / (1.0 - target)
+        for _ in range(iterations):
+            w = w / w.mean()
+            e = _elementary_symmetric(w, kf)
+            # e_{kf-1} without expert a, for every a: the DP over the others (mask a's weight to 0)
+            without = np.where(np.eye(len(w), dtype=bool), 0.0, w[None, :])
+            e_minus = _elementary_symmetric(without, kf)
+            got = w * e_minus[:, kf - 1] / e[kf]
+            if np.max(np.abs(got - target)) < tol:
+                break
+            w = w * target / np.maximum(got, 1e-300)
+        w = w / w.mean()
+        e_k = _elementary_symmetric(w, kf)[kf]
+        if kf >= 2:
+            n_free = len(w)
+            idx = np.arange(n_free)
+            e_pair = np.empty((n_free, n_free))
+            for lo in range(0, n_free, 16):        # rows in chunks: memory O(16 E^2), not O(E^3)
+                rows = idx[lo:lo + 16]
+                keep = np.ones((len(rows), n_free, n_free), dtype=bool)
+                keep[np.arange(len(rows)), :, rows] = False      # drop a ...
+                keep[:, idx, idx] = False                        # ... and b
+                e_pair[rows] = _elementary_symmetric(np.where(keep, w[None, None, :], 0.0), kf - 2)[..., kf - 2]
+            pair = np.outer(w, w) * e_pair / e_k
+        else:
+            pair = np.zeros((len(w), len(w)))
+        out[np.ix_(free, free)] = pair
+    elif kf > 0:                                   # every free expert is always chosen too
+        out[np.ix_(free, free)] = 1.0
+    out[np.ix_(sure, live)] = pi[live][None, :]
+    out[np.ix_(live, sure)] = pi[live][:, None]
+    np.fill_diagonal(out, pi)
+    return out

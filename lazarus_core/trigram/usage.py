@@ -6,10 +6,16 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from lazarus_core.trigram.stats import topk_pair_null
+
 
 @dataclass
 class ExpertPair:
-    """Experts ``a`` and ``b`` chosen together for ``count`` tokens; ``expected`` if chosen independently."""
+    """Experts ``a`` and ``b`` chosen together for ``count`` tokens; ``expected`` if chosen independently.
+
+    ``expected`` is exact for k distinct picks per token given the experts' loads
+    (:func:`lazarus_core.trigram.stats.topk_pair_null`), so uniformly random routing gives lift about 1.
+    """
 
     a: int
     b: int
@@ -101,7 +107,8 @@ def layer_usage(topk_ids: np.ndarray, num_experts: int, *, layer: int, cold_thre
     cold = [int(e) for e in np.flatnonzero(load < cold_threshold * k / num_experts)]
     iu, ju = np.triu_indices(num_experts, 1)
     counts = co[iu, ju]
-    expected = n * load[iu] * load[ju]
+    pair = topk_pair_null(load, k) if n > 0 and k > 1 else np.zeros((num_experts, num_experts))
+    expected = n * pair[iu, ju]
     lift = np.where(expected > 0, counts / np.where(expected > 0, expected, 1), 0.0)
     ok = counts >= min_count
     order = [i for i in np.lexsort((-counts, -lift)) if ok[i]][:top_pairs]
