@@ -48,6 +48,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries(verbose: bool) -> None:
+    """Hide transformers' and huggingface_hub's progress bars and warnings unless ``-v`` asks for them.
+
+    Command output then holds only lazarus-core's own tables and messages (long-document tokenizer
+    warnings and "Loading weights" bars say nothing about the analysis).
+    """
+    import logging
+    import os
+
+    level = logging.INFO if verbose else logging.ERROR
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(level)
+        (hf_logging.enable_progress_bar if verbose else hf_logging.disable_progress_bar)()
+    except ImportError:
+        pass
+    if not verbose:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("huggingface_hub").setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     parser = build_parser()
@@ -57,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    quiet_libraries(bool(getattr(args, "verbose", False)))
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, IndexError, BackendUnavailableError) as exc:

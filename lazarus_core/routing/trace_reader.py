@@ -384,7 +384,7 @@ def load_trace(path: str | Path, *, verify: bool = False, allow_incomplete: bool
                          f"lazarus-core (it reads versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade it")
     if not meta.get("complete") and not allow_incomplete:
         raise TraceError(f"{meta_path}: the capture did not finish ({meta.get('num_tokens', 0)} tokens in "
-                         f"{len(meta.get('shards', []))} shards); resume it, or pass allow_incomplete=True")
+                         f"{len(meta.get('shards', []))} shards): finish it with the same `lazarus capture` command and --resume")
     if not meta.get("shards"):
         raise TraceError(f"{meta_path} lists no shards")
     shards = [_open_shard(path / entry["file"], entry, meta, verify) for entry in meta["shards"]]
