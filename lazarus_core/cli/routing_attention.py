@@ -6,8 +6,7 @@ import argparse
 
 import numpy as np
 
-from lazarus_core.analysis.attention_routing import (AttentionRoutingLayer, attention_and_routing,  # noqa: F401
-                                                     attention_routing_stats, head_entropy_bits, spearman)
+from lazarus_core.analysis.attention_routing import attention_and_routing, attention_routing_stats, head_entropy_bits
 from lazarus_core.cli.routing_common import Session, add_common, choose_layers, console, emit, experts_str
 
 

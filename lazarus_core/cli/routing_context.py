@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from lazarus_core.analysis.context_routing import (check_token, context_test, context_window,  # noqa: F401
-                                                   default_contexts, token_occurrences, token_routing)
+from lazarus_core.analysis.context_routing import (check_token, context_test, context_window, default_contexts,
+                                                   token_occurrences, token_routing)
 from lazarus_core.cli.routing_common import Session, add_common, choose_layers, console, emit, experts_str
 
 

@@ -6,8 +6,7 @@ import argparse
 
 import numpy as np
 
-from lazarus_core.analysis.loss_comparison import (LossComparison, generate, intervention,  # noqa: F401
-                                                   loss_comparison, next_token_logprobs)
+from lazarus_core.analysis.loss_comparison import generate, loss_comparison
 from lazarus_core.cli.routing_common import (Session, add_common, choose_layers, console, emit, experts_str,
                                              parse_int_list)
 

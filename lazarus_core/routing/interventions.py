@@ -26,7 +26,7 @@ class WeightOverride:
       module receives k + 1 slots);
     * families whose k weights are normalised (``rule.renormalize`` or top-k-then-softmax: Mixtral,
       GPT-OSS, Qwen3, DeepSeek) keep their total: the other selected experts share what is left,
-      ``total - new``, in their old proportions; families that do not renormalise (OLMoE, Qwen2-MoE with
+      ``max(total - new, 0)``, in their old proportions; families that do not renormalise (OLMoE, Qwen2-MoE with
       ``norm_topk_prob=False``) leave the other weights as they are. Ablation is ``value=0``.
 
     Attributes
