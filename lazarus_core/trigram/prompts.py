@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import random
 
-#: Taxonomy categories (the demo corpus's, plus the reference toolkit's spelling 'quantification').
-CATEGORIES = ("arithmetic", "analogy", "synonym", "antonym", "comparison", "causation", "conditional", "question",
-              "negation", "temporal", "quantifier", "hypernym", "prose", "code")
-_ALIASES = {"quantification": "quantifier", "hypernyms": "hypernym", "math": "arithmetic"}
+#: Taxonomy categories: the reference toolkit's names (its `full-taxonomy --categories`), plus `prose`.
+CATEGORIES = ("arithmetic", "code", "synonym", "antonym", "analogy", "hypernym", "comparison", "causation",
+              "conditional", "question", "negation", "temporal", "quantification", "context_switch", "position",
+              "coordination", "prose")
+#: Other spellings accepted by --categories (earlier lazarus-core names, plurals, dashes).
+_ALIASES = {"quantifier": "quantification", "quantifiers": "quantification", "hypernyms": "hypernym",
+            "math": "arithmetic", "context-switch": "context_switch", "contextswitch": "context_switch",
+            "coordinator": "coordination", "positions": "position"}
+#: The demo corpus's generator behind a category, where its name differs.
+_DEMO_NAME = {"quantification": "quantifier"}
 
 #: Domains of ``domain-test`` and the categories each draws its prompts from.
 DOMAINS = {"math": ("arithmetic",), "code": ("code",), "language": ("synonym", "antonym", "analogy", "hypernym"),
@@ -34,10 +40,49 @@ _FALLBACK = {
     "question": ["Where is Anna? Anna is at the park.", "What is a dog? A dog is an animal."],
     "negation": ["A cat is not a bird.", "Ben did not go to the market."],
     "temporal": ["Yesterday, Mia walked to the library.", "First Leo ran to the park, then later he went home."],
-    "quantifier": ["All dogs are animals.", "Some fruits are apples.", "Every rose is a flower."],
+    "quantification": ["All dogs are animals.", "Some fruits are apples.", "Every rose is a flower."],
     "hypernym": ["A rose is a kind of flower.", "A hammer is a type of tool."],
     "prose": ["It was a sunny day. Anna walked to the park with Ben. There they found an old book."],
 }
+
+
+_NAMES = ("Anna", "Ben", "Mia", "Leo", "Sara", "Tom", "Ivy", "Max")
+_THINGS = ("apple", "pear", "plum", "book", "lamp", "cup", "chair", "stone", "kite", "shell")
+_PLACES = ("the park", "the market", "the library", "school", "the river", "home")
+
+
+def _coordination(rng: random.Random) -> str:
+    a, b, c = rng.sample(_NAMES, 3)
+    x, y = rng.sample(_THINGS, 2)
+    return rng.choice([
+        f"{a} and {b} went to {rng.choice(_PLACES)}, but {c} stayed home.",
+        f"You can take the {x} or the {y}.",
+        f"{a} wanted the {x}, yet {b} took the {y}.",
+        f"{a} found a {x} and a {y}, and {b} found nothing.",
+        f"Neither {a} nor {b} saw the {x}.",
+    ])
+
+
+def _position(rng: random.Random) -> str:
+    words = rng.sample(_THINGS, 4)
+    ordinals = ("first", "second", "third", "fourth")
+    i = rng.randrange(4)
+    listing = ", ".join(words)
+    return rng.choice([
+        f"In the list {listing}, the {ordinals[i]} word is {words[i]}.",
+        f"The {ordinals[0]} item is {words[0]} and the last item is {words[-1]}.",
+        f"{listing}. The word before {words[2]} is {words[1]}, and the word after it is {words[3]}.",
+    ])
+
+
+def _context_switch(rng: random.Random) -> str:
+    """Two unrelated registers in one prompt (prose, arithmetic, code): the context changes mid-sequence."""
+    parts = [category_prompts(c, 1, rng.randrange(1 << 30))[0].strip()
+             for c in rng.sample(("prose", "arithmetic", "code", "question"), 2)]
+    return "\n".join(parts)
+
+
+_OWN_MAKERS = {"coordination": _coordination, "position": _position, "context_switch": _context_switch}
 
 
 def resolve_categories(spec: str | None) -> list[str]:
@@ -71,10 +116,12 @@ def category_prompts(category: str, count: int, seed: int = 0) -> list[str]:
     rng = random.Random(f"{seed}:{category}")
     if category == "code":
         return [_CODE[(i + rng.randrange(len(_CODE))) % len(_CODE)] for i in range(count)]
+    if category in _OWN_MAKERS:
+        return [_OWN_MAKERS[category](rng) for _ in range(count)]
     try:
         from lazarus_core.demo import corpus as demo
 
-        make = demo._prose if category == "prose" else demo._SENTENCE_MAKERS[category]
+        make = demo._prose if category == "prose" else demo._SENTENCE_MAKERS[_DEMO_NAME.get(category, category)]
         return [make(rng) for _ in range(count)]
     except (ImportError, AttributeError, KeyError):
         pool = _FALLBACK[category]
