@@ -16,6 +16,7 @@ SUITES = {
     "fp8_dequant": "benchmarks.bench_fp8_dequant",
     "capture": "benchmarks.bench_capture",
     "overlay_moe": "benchmarks.bench_overlay_moe",
+    "router_metrics": "benchmarks.bench_router_metrics",
 }
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from lazarus_core.analysis.intervals import Interval, bootstrap_mean_ci
 from lazarus_core.analysis.router_entropy import DocumentBootstrap, bootstrap_ratio_columns, check_layers, document_index
+from lazarus_core.trigram.stats import topk_pair_null
 from lazarus_core.trigram.usage import coactivation_matrix
 
 DEFAULT_MIN_COUNT = 10     # OLMoE lists a token id's experts when it occurs at least 10 times
@@ -176,12 +177,18 @@ class Coactivation:
     baseline : np.ndarray
         float64 [E, E], the same if the order within each token's top-k were random (same sets):
         ``cochosen(a, b) * 2 / k / count(a)``, exact since two of k slots are adjacent with probability 2/k.
+        For k = 2 every co-chosen pair is adjacent, so this equals ``matrix``; see ``independent``.
+    independent : np.ndarray
+        float64 [E, E], the same if each token's k experts were chosen independently of one another given
+        the loads, in random order: ``P(a, b both chosen) * 2 / k / P(a chosen)``, with the exact pair
+        probability of k distinct picks (:func:`lazarus_core.trigram.stats.topk_pair_null`).
     cochosen : np.ndarray
         int64 [E, E], tokens choosing both (any slots; :func:`lazarus_core.trigram.usage.coactivation_matrix`).
     """
 
     matrix: np.ndarray
     baseline: np.ndarray
+    independent: np.ndarray
     cochosen: np.ndarray
 
     def top_pairs(self, n: int = 10) -> list[dict]:
@@ -189,14 +196,18 @@ class Coactivation:
         iu, ju = np.nonzero(~np.eye(e, dtype=bool))
         order = np.argsort(-self.matrix[iu, ju], kind="stable")[:n]
         return [{"a": int(iu[i]), "b": int(ju[i]), "coactivation": _f(self.matrix[iu[i], ju[i]]),
-                 "baseline": _f(self.baseline[iu[i], ju[i]])} for i in order if self.matrix[iu[i], ju[i]] > 0]
+                 "baseline_random_order": _f(self.baseline[iu[i], ju[i]]),
+                 "baseline_independent": _f(self.independent[iu[i], ju[i]])}
+                for i in order if self.matrix[iu[i], ju[i]] > 0]
 
     def to_dict(self) -> dict:
         off = ~np.eye(len(self.matrix), dtype=bool)
         used = self.cochosen.diagonal() > 0
         best = np.where(off, self.matrix, -np.inf).max(1)[used] if used.any() else np.array([np.nan])
         best_null = np.where(off, self.baseline, -np.inf).max(1)[used] if used.any() else np.array([np.nan])
+        best_ind = np.where(off, self.independent, -np.inf).max(1)[used] if used.any() else np.array([np.nan])
         return {"coactivation_max_mean": _f(best.mean()), "coactivation_max_mean_baseline": _f(best_null.mean()),
+                "coactivation_max_mean_independent": _f(best_ind.mean()),
                 "coactivation_top_pairs": self.top_pairs(),
                 "coactivation_matrix": [_r(row, 4) for row in self.matrix]}
 
@@ -425,7 +436,14 @@ def olmoe_coactivation(topk_ids: np.ndarray, num_experts: int) -> Coactivation:
         matrix = np.where(count[:, None] > 0, adjacent / count[:, None], 0.0)
         off = cochosen * (1 - np.eye(e, dtype=np.int64))
         baseline = np.where(count[:, None] > 0, off * (2.0 / k) / count[:, None], 0.0) if k > 1 else np.zeros((e, e))
-    return Coactivation(matrix, baseline, cochosen)
+        independent = np.zeros((e, e))
+        if k > 1 and n > 0:
+            inclusion = count / n
+            pair = topk_pair_null(inclusion * (k / inclusion.sum()), k)
+            independent = np.where(inclusion[:, None] > 0, pair * (2.0 / k) / np.where(inclusion > 0, inclusion, 1)[:, None],
+                                   0.0)
+            np.fill_diagonal(independent, 0.0)
+    return Coactivation(matrix, baseline, independent, cochosen)
 
 
 def domain_specialisation(topk_ids: np.ndarray, doc_index: np.ndarray, doc_labels: Sequence[str | None],

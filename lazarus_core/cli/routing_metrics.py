@@ -199,7 +199,7 @@ def run_router_metrics(args: argparse.Namespace) -> int:
     t = Table(title=f"router metrics ({res.family}; {res.num_tokens} tokens, top-{k} of {e_count}; "
                     f"value vs chance baseline)")
     cols = ["layer", f"selection max/min ÷ k/E", f"vocab. spec. [95% CI] vs null (min count {args.min_count})",
-            "token overlap vs null", "co-activation (best partner) vs random order"]
+            "token overlap vs null", "co-activation (best partner) vs random order / independent"]
     if compare is not None:
         cols += ["saturation [95% CI] vs independent", "top-1 agreement vs independent"]
     for col in cols:
@@ -211,7 +211,8 @@ def run_router_metrics(args: argparse.Namespace) -> int:
         co = m.coactivation.to_dict()
         row = [str(m.layer), f"{sel.max():.2f} / {sel.min():.2f}", vocab,
                "-" if m.token_overlap is None else f"{m.token_overlap.mean:.3f} vs {m.token_overlap.null_mean:.3f}",
-               f"{co['coactivation_max_mean'] or 0:.3f} vs {co['coactivation_max_mean_baseline'] or 0:.3f}"]
+               f"{co['coactivation_max_mean'] or 0:.3f} vs {co['coactivation_max_mean_baseline'] or 0:.3f} / "
+               f"{co['coactivation_max_mean_independent'] or 0:.3f}"]
         if m.saturation is not None:
             s = m.saturation
             row += [f"{_ci(s.topk)} vs {s.topk_baseline:.3f}", f"{s.top1.estimate:.3f} vs {s.top1_baseline:.3f}"]
@@ -263,7 +264,8 @@ def _metrics_tables(res) -> dict[str, list[dict]]:
                 if a != b:
                     tables["router_metrics_pairs"].append({
                         "layer": m.layer, "a": a, "b": b, "coactivation": m.coactivation.matrix[a, b],
-                        "coactivation_baseline": m.coactivation.baseline[a, b],
+                        "coactivation_baseline_random_order": m.coactivation.baseline[a, b],
+                        "coactivation_baseline_independent": m.coactivation.independent[a, b],
                         "cochosen_tokens": int(m.coactivation.cochosen[a, b]),
                         "token_overlap": None if m.token_overlap is None else m.token_overlap.matrix[a, b]})
     return tables

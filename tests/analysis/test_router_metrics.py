@@ -122,12 +122,16 @@ def test_olmoe_coactivation_matches_the_reference_and_random_order_sits_on_the_b
     np.testing.assert_allclose(c.matrix, _olmoe_reference(ids, e))
     off = ~np.eye(e, dtype=bool)
     assert np.abs(c.matrix - c.baseline)[off].max() < 0.03          # random order: nothing there
+    assert np.abs(c.matrix - c.independent)[off].max() < 0.03       # independent picks: nothing there
+    assert c.independent[0, 1] == pytest.approx((k - 1) / (e - 1) * 2 / k, rel=0.05)
     # planted: expert 1 always right after expert 0 -> far above the random-order baseline
     planted = ids.copy()
     planted[:, 0], planted[:, 1] = 0, 1
     planted[:, 2:] = 2 + random_routing(n, e - 2, k - 2, 6)
     p = olmoe_coactivation(planted, e)
     assert p.matrix[0, 1] == 1.0 and p.baseline[0, 1] == pytest.approx(2 / k)
+    assert p.independent[0, 1] == pytest.approx(2 / k)             # both always chosen: adjacent 2/k of the time
+    assert p.independent[2, 3] < 0.5 * p.matrix[0, 1]
     assert p.to_dict()["coactivation_top_pairs"][0]["coactivation"] == 1.0
 
 

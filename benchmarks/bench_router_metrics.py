@@ -1,0 +1,143 @@
+"""Router entropy / distributions / metrics speed on a 1M-token x 16-layer x 64-expert synthetic trace (k = 8),
+entropy from fp16 logits as GB/s against the read bandwidth measured in the same run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from benchmarks.harness import BenchRow, measure_copy_bandwidth, median_seconds
+
+N_TOKENS, N_LAYERS, N_EXPERTS, TOP_K, DOC_TOKENS, VOCAB = 1_000_000, 16, 64, 8, 1000, 50_000
+
+
+def synthetic_layers(n: int = N_TOKENS, experts: int = N_EXPERTS, k: int = TOP_K, seed: int = 0):
+    """fp16 logits [n, E] (N(0, 2^2) plus a per-expert offset), their top-k ids and softmax weights, Zipf token ids.
+
+    One logits array stands for every layer (128 MB: far larger than the caches, so re-reading it costs
+    what reading a fresh layer would); each layer's ids are the top-k rotated by the layer index.
+    """
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((n, experts), dtype=np.float32) * 2 + rng.standard_normal(experts, dtype=np.float32))
+    logits = logits.astype(np.float16)
+    ids = np.empty((n, k), dtype=np.int32)
+    weights = np.empty((n, k), dtype=np.float32)
+    x = torch.from_numpy(logits)
+    for start in range(0, n, 1 << 16):
+        p = torch.softmax(x[start:start + (1 << 16)].float(), dim=1)
+        w, i = torch.topk(p, k, dim=1)
+        ids[start:start + len(i)], weights[start:start + len(i)] = i.numpy(), w.numpy()
+    token_ids = (rng.zipf(1.2, n) % VOCAB).astype(np.int32)
+    doc_ids = (np.arange(n) // DOC_TOKENS).astype(np.int32)
+    return logits, ids, weights, token_ids, doc_ids
+
+
+def measure_read_bandwidth(n_bytes: int = 1 << 30) -> float:
+    """Bytes per second of a streaming read (``sum`` of an fp32 buffer far larger than the caches)."""
+    src = torch.ones(n_bytes // 4, dtype=torch.float32)
+    t = median_seconds(lambda: src.sum(), repeats=7, warmup=2)
+    return n_bytes / t
+
+
+def _reference_entropy(logits: np.ndarray) -> np.ndarray:
+    """The plain way: float64 copy of the whole array, softmax, -sum p log p (the readable reference)."""
+    x = logits.astype(np.float64)
+    x -= x.max(1, keepdims=True)
+    p = np.exp(x)
+    p /= p.sum(1, keepdims=True)
+    return -(p * np.log(np.maximum(p, 1e-300))).sum(1)
+
+
+def run(repeats: int = 3) -> tuple[list[BenchRow], dict]:
+    """Rows: entropy kernel (GB/s, % of read bandwidth), its pieces, and every analysis over 16 layers."""
+    from lazarus_core.analysis.router_distributions import layer_distributions
+    from lazarus_core.analysis.router_entropy import (DocumentBootstrap, document_index, entropy_from_logits,
+                                                      layer_entropy)
+    from lazarus_core.analysis.router_metrics import (domain_specialisation, layer_metrics, olmoe_coactivation,
+                                                      router_saturation, selection_frequency, token_overlap,
+                                                      vocabulary_specialisation)
+
+    repeats = max(1, min(repeats, 5))
+    logits, ids, weights, token_ids, doc_ids = synthetic_layers()
+    layer_ids = {l: ((ids + l) % N_EXPERTS).astype(np.int32) for l in range(N_LAYERS)}
+    read_bw = measure_read_bandwidth()
+    copy_bw = measure_copy_bandwidth(1 << 28)
+    nbytes = logits.nbytes
+    one = f"{N_TOKENS:,} tok x {N_EXPERTS} E"
+    full = f"{N_TOKENS:,} tok x {N_LAYERS} layers x {N_EXPERTS} E, k={TOP_K}"
+    rows = []
+
+    # correctness first: the chunked kernel against the float64 reference on a slice
+    sub = 100_000
+    got, _ = entropy_from_logits(logits[:sub])
+    ref_sub = _reference_entropy(logits[:sub])
+    max_err = float(np.abs(got - ref_sub).max())
+    assert max_err < 1e-4, f"entropy kernel disagrees with the float64 reference by {max_err}"
+
+    t_ref = median_seconds(lambda: _reference_entropy(logits), repeats=1, warmup=0)
+    for scoring in ("softmax", "sigmoid"):
+        t = median_seconds(lambda: entropy_from_logits(logits, scoring=scoring), repeats=repeats, warmup=1)
+        gbs = nbytes / t / 1e9
+        rows.append(BenchRow(f"router entropy ({scoring}), 1 layer", "torch chunked fp32", one, "fp16", t * 1e3, gbs,
+                             100 * gbs * 1e9 / read_bw, ratio_to_reference=t_ref / t if scoring == "softmax" else None,
+                             extra={"max_abs_err_vs_float64": max_err, "tokens_per_s": round(N_TOKENS / t)}))
+    rows.append(BenchRow("  reference: float64 numpy, whole array", "numpy", one, "fp16->fp64", t_ref * 1e3,
+                         nbytes / t_ref / 1e9, 100 * nbytes / t_ref / read_bw, ratio_to_reference=1.0))
+    # what bounds the chunked kernel: the fp16 -> fp32 conversion and one exp over the same elements
+    x = torch.from_numpy(logits)
+    buf = torch.empty((8192, N_EXPERTS), dtype=torch.float32)
+    ebuf = torch.empty_like(buf)
+
+    def convert_only():
+        for start in range(0, N_TOKENS, 8192):
+            chunk = x[start:start + 8192]
+            buf[:len(chunk)].copy_(chunk)
+
+    def convert_exp():
+        for start in range(0, N_TOKENS, 8192):
+            chunk = x[start:start + 8192]
+            buf[:len(chunk)].copy_(chunk)
+            torch.exp(buf[:len(chunk)], out=ebuf[:len(chunk)])
+
+    for name, fn in (("  piece: fp16->fp32 chunk copy only", convert_only), ("  piece: copy + one exp", convert_exp)):
+        t = median_seconds(fn, repeats=repeats, warmup=1)
+        rows.append(BenchRow(name, "torch", one, "fp16", t * 1e3, nbytes / t / 1e9, 100 * nbytes / t / read_bw))
+
+    boot = DocumentBootstrap(*document_index(doc_ids, N_TOKENS), n_boot=1000)
+    heavy = max(1, min(repeats, 2))
+    t = median_seconds(lambda: [layer_entropy(logits, weights, doc_ids, layer=l) for l in range(N_LAYERS)],
+                       repeats=heavy, warmup=0)
+    rows.append(BenchRow("router_entropy: all 16 layers (+ top-k, CI, quantiles, histograms)", "torch+numpy", full,
+                         "fp16", t * 1e3, N_LAYERS * nbytes / t / 1e9, 100 * N_LAYERS * nbytes / t / read_bw))
+    t = median_seconds(lambda: [layer_distributions(logits, layer_ids[l], weights, doc_ids, layer=l)
+                                for l in range(N_LAYERS)], repeats=heavy, warmup=0)
+    rows.append(BenchRow("router_distributions: all 16 layers (4 histograms, 65,536-token sample)", "torch+numpy",
+                         full, "fp16", t * 1e3, N_LAYERS * nbytes / t / 1e9, 100 * N_LAYERS * nbytes / t / read_bw))
+
+    labels = [("math", "code", "prose", "dialogue")[d % 4] for d in range(N_TOKENS // DOC_TOKENS)]
+    compare = {l: layer_ids[(l + 1) % N_LAYERS] for l in range(N_LAYERS)}
+    pieces = {
+        "selection frequency (+ doc CI)": lambda l: selection_frequency(layer_ids[l], N_EXPERTS, boot),
+        "vocabulary specialisation (10 perms)": lambda l: vocabulary_specialisation(token_ids, layer_ids[l][:, 0],
+                                                                                    N_EXPERTS),
+        "token overlap / Jaccard (10 perms)": lambda l: token_overlap(token_ids, layer_ids[l], N_EXPERTS),
+        "OLMoE co-activation (+ both baselines)": lambda l: olmoe_coactivation(layer_ids[l], N_EXPERTS),
+        "domain specialisation (4 domains, 200 perms)": lambda l: domain_specialisation(layer_ids[l], boot.doc_index,
+                                                                                        labels, N_EXPERTS),
+        "router saturation vs a second trace": lambda l: router_saturation(layer_ids[l], compare[l], N_EXPERTS, boot),
+    }
+    ids_bytes = N_LAYERS * layer_ids[0].nbytes
+    for name, fn in pieces.items():
+        t = median_seconds(lambda: [fn(l) for l in range(N_LAYERS)], repeats=heavy, warmup=0)
+        rows.append(BenchRow(f"router_metrics: {name}", "numpy", full, "int32", t * 1e3, ids_bytes / t / 1e9,
+                             extra={"per_layer_ms": round(t * 1e3 / N_LAYERS, 1)}))
+    doc_labels = {d: labels[d] for d in range(len(labels))}
+    t = median_seconds(lambda: [layer_metrics(layer_ids[l], token_ids, N_EXPERTS, layer=l, doc_ids=doc_ids,
+                                              doc_labels=doc_labels, compare_ids=compare[l], boot=boot)
+                                for l in range(N_LAYERS)], repeats=1, warmup=0)
+    rows.append(BenchRow("router_metrics: everything, all 16 layers", "numpy", full, "int32", t * 1e3,
+                         ids_bytes / t / 1e9))
+    return rows, {"read_GB_per_s": read_bw / 1e9, "copy_GB_per_s": copy_bw / 1e9,
+                  "torch_threads": torch.get_num_threads(), "log_E": math.log(N_EXPERTS)}
