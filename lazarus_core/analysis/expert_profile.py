@@ -89,12 +89,11 @@ class CoActivation:
     count : int
         Tokens with both experts in their top-k.
     expected : float
-        Expected count if the two were chosen independently, preserving loads and top-k without
-        replacement: the k - 1 slots left by the profiled expert go to the others in proportion to
-        their selection counts on the tokens where it is absent,
-        ``n_e * (k - 1) / k * count_b(not e) / n(not e)``; the expected counts sum to the observed total
-        ``n_e * (k - 1)``. Falls back to the uniform ``n_e * (k - 1) / (E - 1)`` when the expert is on
-        every token.
+        Expected count if the k experts of each token were k distinct picks made independently given
+        the experts' loads: ``n * P(e and b)`` from the conditional-Poisson null of
+        :func:`lazarus_core.trigram.stats.topk_pair_null` (exact for top-k without replacement; uniform
+        routing gives ``n k (k - 1) / (E (E - 1))``, not ``n (k / E)^2``). Over b the expectations sum to
+        the observed total ``n_e (k - 1)``.
     ratio : float
         ``count / expected``.
     share : Interval
@@ -291,27 +290,25 @@ def coactivation(topk_ids: np.ndarray, expert: int, num_experts: int) -> list[Co
     list of CoActivation
         One per other expert, highest ratio first (see :class:`CoActivation` for the expectation).
     """
+    from lazarus_core.trigram.stats import topk_pair_null
+
     ids = np.asarray(topk_ids)
     t, k = ids.shape
-    has = (ids == expert).any(1)
-    n_e = int(has.sum())
     onehot = np.zeros((t, num_experts), dtype=bool)
     np.put_along_axis(onehot, ids.astype(np.int64), True, axis=1)
+    has = onehot[:, expert]
+    n_e = int(has.sum())
     with_e = onehot[has].sum(0)
-    without = onehot[~has].sum(0)
-    n_not = int((~has).sum())
+    load = onehot.sum(0) / max(t, 1)
+    pair = topk_pair_null(load, k) if t and k > 1 else np.zeros((num_experts, num_experts))
     rows = []
     for b in range(num_experts):
         if b == expert:
             continue
-        if n_not > 0:
-            expected = n_e * (k - 1) / k * without[b] / n_not
-        else:
-            expected = n_e * (k - 1) / (num_experts - 1)
+        expected = float(t * pair[expert, b])
         count = int(with_e[b])
         share = wilson_interval(count, n_e) if n_e else Interval(float("nan"), float("nan"), float("nan"), 0.95, "wilson", 0)
-        rows.append(CoActivation(b, count, float(expected), float(count / expected) if expected > 0 else float("nan"),
-                                 share))
+        rows.append(CoActivation(b, count, expected, float(count / expected) if expected > 0 else float("nan"), share))
     rows.sort(key=lambda r: -(r.ratio if np.isfinite(r.ratio) else -1.0))
     return rows
 
