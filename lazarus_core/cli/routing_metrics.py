@@ -68,11 +68,14 @@ def run_router_entropy(args: argparse.Namespace) -> int:
             "router_entropy_histograms": [row for e in res.layers for view, h in
                                           (("router", e.router.histogram), ("topk", e.topk.histogram))
                                           for row in _histogram_rows(e.layer, view, h)]}
-        doc, pos, tok = trace.doc_ids, trace.positions, trace.token_ids
+        doc, pos, tok = trace.doc_ids.tolist(), trace.positions.tolist(), trace.token_ids.tolist()
+        columns = {}
+        for layer, (router, topk) in res.token_entropy.items():
+            columns[f"entropy_nats_L{layer}"] = router.tolist()
+            columns[f"topk_entropy_nats_L{layer}"] = topk.tolist()
         tables["router_entropy_tokens"] = [
-            {"token": i, "doc_id": int(doc[i]), "position": int(pos[i]), "token_id": int(tok[i]), "layer": layer,
-             "entropy_nats": float(router[i]), "topk_entropy_nats": float(topk[i])}
-            for layer, (router, topk) in res.token_entropy.items() for i in range(len(router))]
+            {"token": i, "doc_id": doc[i], "position": pos[i], "token_id": tok[i],
+             **{name: values[i] for name, values in columns.items()}} for i in range(len(tok))]
         write_csv_tables(args, tables)
     if args.plot:
         _plot_entropy(res, args.plot)
