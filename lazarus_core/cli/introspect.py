@@ -22,6 +22,9 @@ ACTION_MODULES = (
     "lazarus_core.cli.routing_metrics",
     "lazarus_core.cli.routing_activations",
     "lazarus_core.cli.routing_experts",
+    "lazarus_core.cli.dynamics_usage",
+    "lazarus_core.cli.dynamics_interventions",
+    "lazarus_core.cli.dynamics_prediction",
 )
 
 
