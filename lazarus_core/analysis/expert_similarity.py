@@ -114,12 +114,13 @@ def hsic_from_grams(grams: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
         return flat @ flat.T / float((n - 1) ** 2)
     if n < 4:
         raise ValueError(f"the unbiased HSIC needs at least 4 rows, got {n}")
-    kt = grams.clone()
-    kt.diagonal(dim1=1, dim2=2).zero_()                       # K~
-    flat = kt.reshape(e, n * n)
-    k_ones = kt.sum(dim=2)                                    # K~ 1, [E, n]
-    ones_k_ones = k_ones.sum(dim=1)
-    hsic = (flat @ flat.T + torch.outer(ones_k_ones, ones_k_ones) / ((n - 1) * (n - 2))
+    # K~ = K with its diagonal zeroed, without copying K: subtract the diagonal's share from each term.
+    diag = torch.diagonal(grams, dim1=1, dim2=2)                # [E, n]
+    flat = grams.reshape(e, n * n)
+    k_ones = grams.sum(dim=2) - diag                           # K~ 1, [E, n]
+    ones_k_ones = k_ones.sum(dim=1)                            # 1^T K~ 1
+    trace_kl = flat @ flat.T - diag @ diag.T                   # tr(K~ L~)
+    hsic = (trace_kl + torch.outer(ones_k_ones, ones_k_ones) / ((n - 1) * (n - 2))
             - 2.0 / (n - 2) * (k_ones @ k_ones.T)) / (n * (n - 3))
     return (hsic + hsic.T) / 2.0
 
@@ -316,6 +317,10 @@ class OffDiagonalSummary:
 @dataclass
 class RandomFloor:
     """Independently initialised random experts of the same shape, run on the same hidden states.
+
+    What sharing the inputs alone gives. A reference rather than a guaranteed lower bound: under CKA,
+    random experts are close to random maps of the input and inherit its dominant directions, so trained
+    experts can score below them (a negative ``excess``).
 
     Attributes
     ----------
@@ -531,22 +536,26 @@ def expert_similarity(outputs, method: str = "cka", seed: int = 0, random_output
     if s < min_rows:
         raise ValueError(f"expert similarity needs at least {min_rows} tokens, got {s}")
 
-    # For CKA on few tokens, each expert's Gram matrix is formed once and every half reads its sub-block.
+    # For CKA, each expert's Gram matrix is formed once and every half reads its sub-block (float64 when it
+    # fits the dense budget, float32 up to 4x that; beyond, each half is computed from the outputs).
     widths = e + (0 if rand is None else rand.shape[1])
-    use_grams = method == "cka" and widths * s * s <= _MAX_DENSE_ENTRIES
+    cache_dtype = (torch.float64 if widths * s * s <= _MAX_DENSE_ENTRIES
+                   else torch.float32 if widths * s * s <= 4 * _MAX_DENSE_ENTRIES else None)
+    use_grams = method == "cka" and cache_dtype is not None
     grams = {}
     if use_grams:
-        grams["out"] = torch.einsum("seh,teh->est", out, out)
-        if rand is not None:
-            grams["rand"] = torch.einsum("seh,teh->est", rand, rand)
+        for which, x in (("out", out), ("rand", rand)):
+            if x is not None:
+                xt = x.transpose(0, 1).to(cache_dtype)                  # [E, s, H]
+                grams[which] = xt @ xt.transpose(1, 2)
 
     def sim(which: str, rows: np.ndarray | None = None) -> np.ndarray:
         if use_grams:
             g = grams[which]
             if rows is not None:
                 idx = torch.as_tensor(rows)
-                g = g[:, idx][:, :, idx]
-            return _cka_from_hsic(hsic_from_grams(g, unbiased=unbiased))
+                g = g.index_select(1, idx).index_select(2, idx)
+            return _cka_from_hsic(hsic_from_grams(g.to(torch.float64), unbiased=unbiased))
         x = out if which == "out" else rand
         return similarity_matrix(x if rows is None else x[torch.as_tensor(rows)], method, unbiased=unbiased)
 

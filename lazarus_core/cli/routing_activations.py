@@ -52,7 +52,8 @@ def _grid(n: int):
 
     cols = min(4, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.3 * rows), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat)[:n]
@@ -138,7 +139,7 @@ def _similarity_heatmap(results, path):
     low = min(0.0, float(np.nanmin([np.nanmin(r.matrix) for r in results])))
     for ax, r in zip(axes, results):
         im = ax.imshow(r.matrix, vmin=low, vmax=1.0, cmap="viridis")
-        floor = "" if r.floor is None else f", floor {r.floor.off_diagonal.mean.estimate:.2f}"
+        floor = "" if r.floor is None else f", random {r.floor.off_diagonal.mean.estimate:.2f}"
         ax.set_title(f"layer {r.layer}: mean {r.off_diagonal.mean.estimate:.2f}{floor}", fontsize=9)
         if r.num_experts <= 16:
             ax.set_xticks(range(r.num_experts))
@@ -165,19 +166,20 @@ def run_expert_projection(args: argparse.Namespace) -> int:
                                       n_permutations=args.permutations, max_points=args.max_points, seed=args.seed)
     con = console()
     t = Table(title=f"expert-projection ({args.method.upper()}) of every expert's output on the same tokens: "
-                    f"leave-one-out {args.k}-NN accuracy of the expert label in the 2-D map (95% intervals)")
-    for col in ("L", "points", "var PC1 PC2", "kNN accuracy", "majority", "null", "p"):
+                    f"leave-one-out {args.k}-NN accuracy of the expert label over {results[0].separation.num_points} "
+                    "points of the 2-D map (95% intervals)")
+    for col in ("L", "PC1 PC2", "kNN accuracy", "chance", "null", "p"):
         t.add_column(col, justify="right", no_wrap=True)
     for r in results:
         s = r.separation
         evr = "-" if r.explained_variance_ratio is None else " ".join(f"{v:.0%}" for v in r.explained_variance_ratio)
         acc = s.accuracy
-        t.add_row(str(r.layer), str(s.num_points), evr, f"{acc.estimate:.2f} ({acc.low:.2f}-{acc.high:.2f})",
+        t.add_row(str(r.layer), evr, f"{acc.estimate:.2f} ({acc.low:.2f}-{acc.high:.2f})",
                   f"{s.majority_rate:.2f}", f"{s.permuted_mean:.2f} ({s.permuted_low:.2f}-{s.permuted_high:.2f})",
                   f"{s.p_value:.3f}")
     con.print(t)
-    con.print("L: layer; var: share of the outputs' variance on each axis; majority: always guessing the commonest "
-              "expert; null: the same accuracy with the expert labels shuffled within each token "
+    con.print("L: layer; PC1 PC2: share of the outputs' variance on each axis; chance: always guessing the "
+              "commonest expert; null: the same accuracy with the expert labels shuffled within each token "
               f"({args.permutations} draws, 2.5-97.5%); p: one-sided, from the null")
     write_csv_tables(args, _projection_tables(results))
     if args.plot:
