@@ -12,6 +12,7 @@ from lazarus_core.analysis.intervals import Interval, bootstrap_mean_ci
 from lazarus_core.routing.locate import MoeModelInfo
 
 DEFAULT_WINDOW = 512
+MIN_BOOTSTRAP_DOCUMENTS = 5     # fewer documents: resample tokens (a bootstrap over 2-4 units is degenerate)
 
 
 def intervention(model, edit, layers: Sequence[int] | None = None, *, info: MoeModelInfo | None = None):
@@ -110,6 +111,52 @@ def _per_token(model, ids, edit, layers, info, window, *, with_base: bool):
     return np.concatenate(nll, axis=1), np.concatenate(kl), np.concatenate(agree)
 
 
+def ratio_interval(delta: Interval) -> Interval:
+    """The perplexity ratio's interval from the loss delta's: ``exp`` of the estimate and bounds.
+
+    ``exp(mean NLL delta)`` is exactly ``perplexity_edit / perplexity_base``; ``exp`` is monotone, so
+    the percentile bootstrap interval of the delta maps onto the ratio's (1 = no change).
+    """
+    return Interval(float(np.exp(delta.estimate)), float(np.exp(delta.low)), float(np.exp(delta.high)), delta.level,
+                    delta.method, delta.n_units)
+
+
+@dataclass
+class DocumentDelta:
+    """One document's loss change under an intervention, with a bootstrap interval over its tokens.
+
+    Attributes
+    ----------
+    document : int
+        Index of the document in the input.
+    tokens : int
+        Predicted tokens.
+    nll_base, nll_edit, delta_nll : float
+        Mean NLL (nats/token) without and with the edit, and the difference (baseline 0).
+    delta_nll_ci : Interval
+        Bootstrap interval of ``delta_nll`` over the document's tokens.
+    includes_zero : bool
+        ``delta_nll_ci`` covers 0.
+    perplexity_ratio_ci : Interval
+        ``exp`` of ``delta_nll_ci`` (1 = no change).
+    """
+
+    document: int
+    tokens: int
+    nll_base: float
+    nll_edit: float
+    delta_nll: float
+    delta_nll_ci: Interval
+    includes_zero: bool
+    perplexity_ratio_ci: Interval
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["delta_nll_ci"] = self.delta_nll_ci.to_dict()
+        d["perplexity_ratio_ci"] = self.perplexity_ratio_ci.to_dict()
+        return d
+
+
 @dataclass
 class LossComparison:
     """Next-token loss of a set of documents with and without an intervention.
@@ -129,15 +176,24 @@ class LossComparison:
     delta_nll : float
         ``nll_edit - nll_base`` (the baseline is 0: no change).
     delta_nll_ci : Interval
-        Bootstrap interval of ``delta_nll`` over documents (over tokens when there is one document).
+        Bootstrap interval of ``delta_nll`` over documents (over tokens when there are fewer than
+        ``MIN_BOOTSTRAP_DOCUMENTS``).
     includes_zero : bool
         ``delta_nll_ci`` covers 0: the change is not distinguishable from none.
     perplexity_ratio : float
-        ``exp(delta_nll)``.
+        ``exp(delta_nll)`` = perplexity with the edit / without (1 = no change).
+    perplexity_ratio_ci : Interval
+        ``exp`` of ``delta_nll_ci``'s estimate and bounds.
     kl : float
-        Mean KL(base || edited) of the next-token distributions (nats).
+        Mean KL(base || edited) of the next-token distributions (nats; baseline 0).
+    kl_ci : Interval
+        Bootstrap interval of ``kl`` (same units as ``delta_nll_ci``).
     top1_agreement : float
-        Share of positions where both predict the same most likely token.
+        Share of positions where both predict the same most likely token (baseline 1).
+    top1_agreement_ci : Interval
+        Bootstrap interval of ``top1_agreement``.
+    per_document : list of DocumentDelta or None
+        Each document's delta with an interval over its tokens (when asked for).
     """
 
     edit: dict
@@ -152,16 +208,23 @@ class LossComparison:
     documents: int = 0
     delta_nll_ci: Interval | None = None
     includes_zero: bool = True
+    perplexity_ratio_ci: Interval | None = None
+    kl_ci: Interval | None = None
+    top1_agreement_ci: Interval | None = None
+    per_document: list[DocumentDelta] | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["delta_nll_ci"] = self.delta_nll_ci.to_dict() if self.delta_nll_ci is not None else None
+        for key in ("delta_nll_ci", "perplexity_ratio_ci", "kl_ci", "top1_agreement_ci"):
+            value = getattr(self, key)
+            d[key] = value.to_dict() if value is not None else None
+        d["per_document"] = [x.to_dict() for x in self.per_document] if self.per_document is not None else None
         return d
 
 
 def loss_comparison(model, token_id_lists: Sequence[Sequence[int]], edit, layers: Sequence[int] | None = None, *,
                     info: MoeModelInfo | None = None, window: int = DEFAULT_WINDOW, n_boot: int = 2000,
-                    level: float = 0.95, seed: int = 0) -> LossComparison:
+                    level: float = 0.95, seed: int = 0, per_document: bool = False) -> LossComparison:
     """Compare the documents' next-token loss with and without ``edit`` (teacher forcing).
 
     Parameters
@@ -178,7 +241,12 @@ def loss_comparison(model, token_id_lists: Sequence[Sequence[int]], edit, layers
     window : int
         Longest sequence given to the model at once.
     n_boot, level, seed
-        Bootstrap replicates, coverage and seed of ``delta_nll_ci``.
+        Bootstrap replicates, coverage and seed of the intervals: over documents, or over tokens when
+        there are fewer than ``MIN_BOOTSTRAP_DOCUMENTS`` (5) documents with a prediction (a bootstrap
+        over two to four units cannot give an interval; resampling tokens ignores their correlation
+        within a document, the intervals' ``method`` says which was used).
+    per_document : bool
+        Also give each document's delta with a bootstrap interval over its tokens.
 
     Returns
     -------
@@ -202,11 +270,24 @@ def loss_comparison(model, token_id_lists: Sequence[Sequence[int]], edit, layers
         raise ValueError("the prompts are too short: each needs at least two tokens")
     pair, kl, agree, group = np.concatenate(nll, 1), np.concatenate(kls), np.concatenate(agrees), np.concatenate(groups)
     delta = pair[1] - pair[0]
-    ci = bootstrap_mean_ci(delta, group, n_boot=n_boot, level=level, seed=seed)
+    boot = dict(n_boot=n_boot, level=level, seed=seed)
+    if len(nll) < MIN_BOOTSTRAP_DOCUMENTS:
+        group = None                # tokens are the unit (documents too few to resample)
+    ci = bootstrap_mean_ci(delta, group, **boot)
+    docs = None
+    if per_document:
+        docs = []
+        for p, g in zip(nll, groups):
+            d_ci = bootstrap_mean_ci(p[1] - p[0], None, **boot)
+            docs.append(DocumentDelta(int(g[0]), int(p.shape[1]), float(p[0].mean()), float(p[1].mean()),
+                                      float((p[1] - p[0]).mean()), d_ci, d_ci.includes_zero, ratio_interval(d_ci)))
     nb, ne = float(pair[0].mean()), float(pair[1].mean())
     return LossComparison(edit.to_dict() if edit is not None else {}, list(layers) if layers is not None else None,
                           int(len(delta)), nb, ne, float(delta.mean()), float(np.exp(delta.mean())), float(kl.mean()),
-                          float(agree.mean()), documents=len(nll), delta_nll_ci=ci, includes_zero=ci.includes_zero)
+                          float(agree.mean()), documents=len(nll), delta_nll_ci=ci, includes_zero=ci.includes_zero,
+                          perplexity_ratio_ci=ratio_interval(ci), kl_ci=bootstrap_mean_ci(kl, group, **boot),
+                          top1_agreement_ci=bootstrap_mean_ci(agree.astype(np.float64), group, **boot),
+                          per_document=docs)
 
 
 @dataclass

@@ -79,6 +79,8 @@ def analysis_trace(args: argparse.Namespace, session: Session, *, logits: bool =
                    layers: list[int] | None = None):
     """The trace an analysis runs on: ``--trace DIR`` (checked for the fields asked for) or a fresh capture.
 
+    With ``--verify`` every shard of ``--trace`` is checked against its sha256 first.
+
     A fresh capture records ``--num-tokens`` tokens of :func:`default_corpus` with exactly the fields
     asked for, into ``--save-trace DIR`` or a temporary directory kept alive by ``session``.
 
@@ -90,15 +92,14 @@ def analysis_trace(args: argparse.Namespace, session: Session, *, logits: bool =
     Raises
     ------
     ValueError
-        The given trace lacks a field the analysis needs; the message names the capture flag.
+        The given trace lacks a field the analysis needs (the message names the capture flag), or is
+        not a sound trace (a TraceError naming the file: e.g. a shard that fails ``--verify``).
     """
     from lazarus_core.routing.capture import capture_routing
     from lazarus_core.routing.trace_reader import load_trace
 
     if getattr(args, "trace", None):
-        trace = load_trace(args.trace)
-        if not session.spec:
-            session.spec = trace.meta.get("tokenizer") or trace.meta.get("model")
+        trace = session.reuse_trace(args.trace, verify=getattr(args, "verify", False))
         require_fields(trace, logits=logits, hidden_states=hidden_states, expert_outputs=expert_outputs,
                        all_experts=all_experts)
         labels_path = Path(args.trace) / LABELS_FILE

@@ -133,12 +133,13 @@ def run_capture(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"Routing trace {result.trace_dir}")
+    table = Table(title=f"Routing trace {escape(str(result.trace_dir))}")
     table.add_column("field")
     table.add_column("value")
     for key, value in result.to_dict().items():
-        table.add_row(key, str(value))
-    Console().print(table)
+        table.add_row(escape(str(key)), escape(str(value)))
+    Console(emoji=False).print(table)
     return 0

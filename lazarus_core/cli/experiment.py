@@ -26,15 +26,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _table(index: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"experiment {index['name']} ({index['out_dir']}; trace {index['trace']})"
-              + ("" if index.get("complete", True) else " [incomplete]"))
+    t = Table(title=escape(f"experiment {index['name']} ({index['out_dir']}; trace {index['trace']})"
+                           + ("" if index.get("complete", True) else " [incomplete]")))
     for col in ("analysis", "action", "status", "seconds", "result / error"):
         t.add_column(col)
     for s in index["steps"]:
-        t.add_row(s["name"], s["action"], s["status"], f"{s['seconds']:.1f}", s["error"] or s["result"] or "-")
-    Console().print(t)
+        t.add_row(escape(str(s["name"])), escape(str(s["action"])), escape(str(s["status"])), f"{s['seconds']:.1f}",
+                  escape(str(s["error"] or s["result"] or "-")))
+    Console(emoji=False).print(t)
 
 
 def run_run(args: argparse.Namespace) -> int:

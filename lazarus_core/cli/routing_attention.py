@@ -7,7 +7,7 @@ import argparse
 import numpy as np
 
 from lazarus_core.analysis.attention_routing import attention_and_routing, attention_routing_stats, head_entropy_bits
-from lazarus_core.cli.routing_common import Session, add_common, choose_layers, console, emit, experts_str
+from lazarus_core.cli.routing_common import Session, add_common, choose_layers, console, emit, experts_str, lit
 
 
 def run_attention_routing(args: argparse.Namespace) -> int:
@@ -31,14 +31,15 @@ def run_attention_routing(args: argparse.Namespace) -> int:
             sets_by_layer[l].append(routed[l][0])
         for shown in (layers if args.verbose else [focus]):
             mean = attn[shown].mean(0)
-            t = Table(title=f"layer {shown}: {p!r}")
+            t = Table(title=f"layer {shown}: {lit(repr(p))}")
             for col in ("pos", "token", "type", "attends to (head mean)", "experts"):
                 t.add_column(col)
             entry = []
             for i, tok in enumerate(types.tokens):
                 top = np.argsort(-mean[i])[: args.top_attended]
-                t.add_row(str(i), repr(tok)[1:-1], types.semantic[i],
-                          " ".join(f"{types.tokens[j].strip() or repr(types.tokens[j])}@{j}:{mean[i, j]:.2f}" for j in top),
+                t.add_row(str(i), lit(repr(tok)[1:-1]), lit(types.semantic[i]),
+                          lit(" ".join(f"{types.tokens[j].strip() or repr(types.tokens[j])}@{j}:{mean[i, j]:.2f}"
+                                       for j in top)),
                           experts_str(routed[shown][0][i], routed[shown][1][i]))
                 entry.append({"position": i, "token": tok, "attended": [[int(j), float(mean[i, j])] for j in top],
                               "experts": routed[shown][0][i].tolist()})
@@ -52,7 +53,7 @@ def run_attention_routing(args: argparse.Namespace) -> int:
         t.add_row(str(s.layer), str(s.pairs), f"{s.spearman:.3f}", f"{s.same_expert_when_similar:.2f}",
                   f"{s.same_expert_when_dissimilar:.2f}")
     con.print(t)
-    emit(args, {"action": "attention-routing", "model": session.spec, "layers": [s.to_dict() for s in stats],
+    emit(args, {"action": "attention-routing", "model": session.model_name, "layers": [s.to_dict() for s in stats],
                 "prompts": detail})
     return 0
 
@@ -72,7 +73,7 @@ def run_attention_pattern(args: argparse.Namespace) -> int:
     types = session.decoder.classify_ids(session.classifier, ids)
     a = attn[layer][:, pos, : pos + 1]                              # [H, pos+1]
     con = console()
-    con.print(f"layer {layer}, position {pos} {types.tokens[pos]!r} ({types.semantic[pos]}): experts "
+    con.print(f"layer {layer}, position {pos} {lit(repr(types.tokens[pos]))} ({lit(types.semantic[pos])}): experts "
               f"{experts_str(routed[layer][0][pos], routed[layer][1][pos])}")
     t = Table(title="attention per head (top positions)")
     t.add_column("head")
@@ -82,14 +83,15 @@ def run_attention_pattern(args: argparse.Namespace) -> int:
     for h in range(a.shape[0]):
         top = np.argsort(-a[h])[: args.top_attended]
         ent = float(head_entropy_bits(a[h]))
-        t.add_row(str(h), " ".join(f"{types.tokens[j].strip() or repr(types.tokens[j])}@{j}:{a[h, j]:.2f}" for j in top),
+        t.add_row(str(h), lit(" ".join(f"{types.tokens[j].strip() or repr(types.tokens[j])}@{j}:{a[h, j]:.2f}"
+                                       for j in top)),
                   f"{ent:.2f}")
         heads.append({"head": h, "weights": a[h].tolist(), "entropy_bits": ent})
     con.print(t)
     if args.verbose:
         for h in range(a.shape[0]):
             con.print(f"head {h}: " + " ".join(f"{j}:{a[h, j]:.3f}" for j in range(a.shape[1])))
-    emit(args, {"action": "attention-pattern", "model": session.spec, "prompt": prompt, "layer": layer, "position": pos,
+    emit(args, {"action": "attention-pattern", "model": session.model_name, "prompt": prompt, "layer": layer, "position": pos,
                 "tokens": types.tokens, "experts": routed[layer][0][pos].tolist(),
                 "expert_weights": routed[layer][1][pos].tolist(), "heads": heads})
     return 0

@@ -9,7 +9,7 @@ from lazarus_core.routing.session import LABELS_FILE, PromptRouting, RoutingSess
 
 __all__ = ["LABELS_FILE", "PromptRouting", "RoutingSession", "Session", "add_common", "add_model_flags",
            "add_layer_flags", "add_classifier_flags", "add_trace_flags", "parse_int_list", "middle_layer",
-           "choose_layers", "console", "emit", "experts_str"]
+           "choose_layers", "console", "emit", "experts_str", "lit", "add_verify_flag"]
 
 
 # --------------------------------------------------------------------------------------------- flags
@@ -41,9 +41,16 @@ def add_classifier_flags(parser: argparse.ArgumentParser) -> None:
                         help="optional POS tagger for NOUN/VERB/ADJ (off by default; never downloads)")
 
 
+def add_verify_flag(parser: argparse.ArgumentParser) -> None:
+    """``--verify``: check every shard of a reused trace against its sha256 in ``trace.json``."""
+    parser.add_argument("--verify", action="store_true",
+                        help="with --trace: check every shard's sha256 against trace.json first (reads every byte)")
+
+
 def add_trace_flags(parser: argparse.ArgumentParser) -> None:
-    """``--trace DIR`` (reuse a capture) and ``--save-trace DIR`` (keep the capture this run makes)."""
+    """``--trace DIR`` (reuse a capture), ``--verify`` and ``--save-trace DIR`` (keep the capture this run makes)."""
     parser.add_argument("--trace", default=None, metavar="DIR", help="reuse a routing trace (lazarus capture)")
+    add_verify_flag(parser)
     parser.add_argument("--save-trace", default=None, metavar="DIR", help="keep the trace this run captures in DIR")
     parser.add_argument("--seed", type=int, default=0, help="seed of the default prompts and permutations")
 
@@ -128,13 +135,22 @@ class Session(RoutingSession):
             The trace and its document labels (empty if it has none).
         """
         return super().trace(prompts, labels, layers=layers, trace_dir=getattr(self.args, "trace", None),
-                             save_to=getattr(self.args, "save_trace", None), logits=logits)
+                             save_to=getattr(self.args, "save_trace", None), logits=logits,
+                             verify=getattr(self.args, "verify", False))
 
 
 def console():
+    """A rich console for action output (no ``:emoji:`` codes: user text stays literal)."""
     from rich.console import Console
 
-    return Console()
+    return Console(emoji=False)
+
+
+def lit(text) -> str:
+    """``text`` (a prompt, token piece, context, file name...) made literal inside rich markup."""
+    from rich.markup import escape
+
+    return escape(str(text))
 
 
 def emit(args: argparse.Namespace, payload: dict) -> None:
@@ -143,7 +159,7 @@ def emit(args: argparse.Namespace, payload: dict) -> None:
         from lazarus_core.cli.io import write_json
 
         write_json(args.output, payload)
-        console().print(f"wrote {args.output}")
+        console().print(f"wrote {lit(args.output)}")
 
 
 def experts_str(ids, weights=None, k: int | None = None) -> str:

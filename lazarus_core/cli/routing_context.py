@@ -6,7 +6,7 @@ import argparse
 
 from lazarus_core.analysis.context_routing import (check_token, context_test, context_window, default_contexts,
                                                    token_occurrences, token_routing)
-from lazarus_core.cli.routing_common import Session, add_common, choose_layers, console, emit, experts_str
+from lazarus_core.cli.routing_common import Session, add_common, choose_layers, console, emit, experts_str, lit
 
 
 def _check_token(session: Session, token: str) -> None:
@@ -36,14 +36,14 @@ def run_token_routing(args: argparse.Namespace) -> int:
     occ = _occurrences(session, trace, args.token, args.view, contexts)
     res = token_routing(trace, occ, args.token, layer, seed=args.seed)
     con = console()
-    t = Table(title=f"{args.token!r} at layer {layer}: experts per context")
+    t = Table(title=f"{lit(repr(args.token))} at layer {layer}: experts per context")
     for col in ("context", "trigram", f"top-{trace.top_k} experts"):
         t.add_column(col)
     if args.verbose:
         t.add_column("primary per layer " + " ".join(f"L{l}" for l in trace.layers))
     for o, e, w in list(zip(occ, res.experts, res.weights))[: args.max_rows]:
         extra = [" ".join(f"E{int(trace.layer(l).topk_ids[o.row][0])}" for l in trace.layers)] if args.verbose else []
-        t.add_row(o.context, o.trigram, experts_str(e, w), *extra)
+        t.add_row(lit(o.context), lit(o.trigram), experts_str(e, w), *extra)
     con.print(t)
     t = Table(title="every layer: distinct primary experts over the occurrences, and top-k agreement vs random tokens")
     for col in ("layer", "occurrences", "distinct primary", "agreement (Jaccard)", "random pairs"):
@@ -53,9 +53,9 @@ def run_token_routing(args: argparse.Namespace) -> int:
                   f"{d.baseline:.2f}")
     con.print(t)
     focus = res.layer_result(layer)
-    con.print(f"{args.token!r} routes to {focus.distinct_primary} different primary experts in {len(occ)} occurrences "
+    con.print(f"{lit(repr(args.token))} routes to {focus.distinct_primary} different primary experts in {len(occ)} occurrences "
               f"at layer {layer}.")
-    emit(args, {"action": "token-routing", "model": session.spec, **res.to_dict()})
+    emit(args, {"action": "token-routing", "model": session.model_name, **res.to_dict()})
     return 0
 
 
@@ -82,14 +82,14 @@ def run_context_test(args: argparse.Namespace) -> int:
     res = result.layers
     con = console()
     groups = result.trigram_counts()
-    con.print(f"{args.token!r}: {len(occ)} occurrences in {len(groups)} trigram contexts: "
-              + ", ".join(f"{t}({n})" for t, n in list(groups.items())[:8]))
+    con.print(f"{lit(repr(args.token))}: {len(occ)} occurrences in {len(groups)} trigram contexts: "
+              + ", ".join(f"{lit(t)}({n})" for t, n in list(groups.items())[:8]))
     if args.verbose:
         t = Table(title="occurrences")
         for col in ("context", "trigram", *(f"L{l}" for l in layers)):
             t.add_column(col)
         for o in occ:
-            t.add_row(o.context, o.trigram, *(experts_str(trace.layer(l).topk_ids[o.row]) for l in layers))
+            t.add_row(lit(o.context), lit(o.trigram), *(experts_str(trace.layer(l).topk_ids[o.row]) for l in layers))
         con.print(t)
     t = Table(title="context dependence per layer")
     for col in ("layer", "distinct primary", "agreement", "random pairs", "LOO: token mode",
@@ -101,7 +101,7 @@ def run_context_test(args: argparse.Namespace) -> int:
     con.print(t)
     con.print("agreement near the random-pair level means the token alone does not fix its experts; a trigram-mode "
               "share well above the token-mode share means the context (trigram) predicts the expert.")
-    emit(args, {"action": "context-test", "model": session.spec, **result.to_dict()})
+    emit(args, {"action": "context-test", "model": session.model_name, **result.to_dict()})
     return 0
 
 
@@ -120,7 +120,7 @@ def run_context_window(args: argparse.Namespace) -> int:
     res = context_window(session.model, ids, pos, layers, info=session.info)
     con = console()
     piece = session.tokenizer.convert_ids_to_tokens(ids[pos])
-    t = Table(title=f"position {pos} ({piece!r}): top-k overlap (Jaccard) with the full context, per left-context size")
+    t = Table(title=f"position {pos} ({lit(repr(piece))}): top-k overlap (Jaccard) with the full context, per left-context size")
     t.add_column("left tokens", justify="right")
     for l in layers:
         t.add_column(f"L{l}", justify="right")
@@ -129,7 +129,7 @@ def run_context_window(args: argparse.Namespace) -> int:
                                      + (f" {experts_str(row.experts[l])}" if args.verbose else "") for l in layers))
     con.print(t)
     con.print("* = a different primary expert than with the full context")
-    emit(args, {"action": "context-window", "model": session.spec, "prompt": args.prompt, **res.to_dict()})
+    emit(args, {"action": "context-window", "model": session.model_name, "prompt": args.prompt, **res.to_dict()})
     return 0
 
 

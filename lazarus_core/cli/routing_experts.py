@@ -38,7 +38,7 @@ def run_expert_profile(args: argparse.Namespace) -> int:
     write_csv_tables(args, prof.tables())
     if args.plot:
         _plot_profile(prof, args.plot)
-    emit(args, {"action": "expert-profile", "model": session.spec, **prof.to_dict()})
+    emit(args, {"action": "expert-profile", "model": session.model_name, **prof.to_dict()})
     return 0
 
 
@@ -176,7 +176,7 @@ def run_steer(args: argparse.Namespace) -> int:
                                            for i, (b, a) in enumerate(zip(res.top_before, res.top_after))]})
     if args.plot:
         _plot_steer(res, args.plot)
-    emit(args, {"action": "steer", "model": session.spec, "prompt": args.prompt, **res.to_dict()})
+    emit(args, {"action": "steer", "model": session.model_name, "prompt": args.prompt, **res.to_dict()})
     return 0
 
 

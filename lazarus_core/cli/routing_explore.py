@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lazarus_core.cli.routing_common import (PromptRouting, Session, add_common, choose_layers, console, emit,
-                                             experts_str)
+                                             experts_str, lit)
 
 HELP = """commands:
   PROMPT        analyse a new prompt            l N        switch to layer N
@@ -79,27 +79,28 @@ class Explorer:
         ids, weights = r.layers[self.layer]
         view = self.session.args.view
         tri = r.types.trigrams(view)
-        t = Table(title=f"Layer {self.layer}: {r.text!r}")
+        t = Table(title=f"Layer {self.layer}: {lit(repr(r.text))}")
         verbose = getattr(self.session.args, "verbose", False)
         other = r.types.trigrams("structural" if view == "semantic" else "semantic") if verbose else None
         for col in ("pos", "token", "type", "struct", "trigram", *(("other view",) if verbose else ()),
                     f"top-{ids.shape[1]} experts"):
             t.add_column(col)
         for i, tok in enumerate(r.types.tokens):
-            t.add_row(str(i), repr(tok)[1:-1], r.types.semantic[i], r.types.structural[i], tri[i],
-                      *((other[i],) if verbose else ()), experts_str(ids[i], weights[i]))
+            t.add_row(str(i), lit(repr(tok)[1:-1]), lit(r.types.semantic[i]), lit(r.types.structural[i]), lit(tri[i]),
+                      *((lit(other[i]),) if verbose else ()), experts_str(ids[i], weights[i]))
         self.con.print(t)
         marks = [(i, r.types.semantic[i]) for i in range(len(r.types)) if r.types.semantic[i] in _MARKERS]
         if marks:
             self.con.print("pattern summary: " + "; ".join(
-                f"pos {i} {r.types.tokens[i].strip()!r} ({tri[i]}): {_MARKERS[s]} -> E{int(ids[i][0])}" for i, s in marks))
+                f"pos {i} {lit(repr(r.types.tokens[i].strip()))} ({lit(tri[i])}): {_MARKERS[s]} -> E{int(ids[i][0])}"
+                for i, s in marks))
 
     def compare(self, text: str) -> PromptComparison:
         if self.current is None:
             raise ValueError("c: analyse a prompt first")
         other = self.session.route(text)
         cmp = compare_prompts(self.current, other, self.layer)
-        self.con.print(f"[bold]{cmp.prompt_a!r} vs {cmp.prompt_b!r}[/bold] at layer {self.layer}\n"
+        self.con.print(f"[bold]{lit(repr(cmp.prompt_a))} vs {lit(repr(cmp.prompt_b))}[/bold] at layer {self.layer}\n"
                        f"  shared experts: {cmp.shared}\n  only in first:  {cmp.only_a}\n"
                        f"  only in second: {cmp.only_b}\n  overlap (Jaccard): {cmp.overlap:.0%}")
         self.log.append({"command": "compare", **cmp.to_dict()})
@@ -112,14 +113,15 @@ class Explorer:
             raise ValueError("a: analyse a prompt first")
         r = self.current
         layers = sorted(r.layers)
-        t = Table(title=f"Primary (and second) expert per layer: {r.text!r}")
+        t = Table(title=f"Primary (and second) expert per layer: {lit(repr(r.text))}")
         t.add_column("pos")
         t.add_column("token")
         t.add_column("type")
         for l in layers:
             t.add_column(f"L{l}", justify="right")
         for i, tok in enumerate(r.types.tokens):
-            t.add_row(str(i), repr(tok)[1:-1], r.types.semantic[i], *(experts_str(r.layers[l][0][i], k=2) for l in layers))
+            t.add_row(str(i), lit(repr(tok)[1:-1]), lit(r.types.semantic[i]),
+                      *(experts_str(r.layers[l][0][i], k=2) for l in layers))
         self.con.print(t)
         self.log.append({"command": "all-layers", "text": r.text})
 
@@ -137,8 +139,8 @@ class Explorer:
             raise ValueError(f"position {pos} is out of range: the prompt has {len(r.token_ids)} tokens (0..{len(r.token_ids) - 1})")
         tri = r.types.trigrams(self.session.args.view)
         same = [i for i in range(len(tri)) if tri[i] == tri[pos] and i != pos]
-        self.con.print(f"position {pos}: {r.types.tokens[pos]!r} (word {r.types.words[pos]!r}), "
-                       f"{r.types.semantic[pos]} / {r.types.structural[pos]}, trigram {tri[pos]}"
+        self.con.print(f"position {pos}: {lit(repr(r.types.tokens[pos]))} (word {lit(repr(r.types.words[pos]))}), "
+                       f"{lit(r.types.semantic[pos])} / {lit(r.types.structural[pos])}, trigram {lit(tri[pos])}"
                        + (f"; same trigram at {same}" if same else ""))
         t = Table(title="experts and weights at every layer")
         t.add_column("layer")
@@ -175,7 +177,7 @@ class Explorer:
             else:
                 self.analyse(line)
         except ValueError as exc:
-            self.con.print(f"[red]error:[/red] {exc}")
+            self.con.print(f"[red]error:[/red] {lit(exc)}")
         return True
 
 
@@ -227,7 +229,7 @@ def run_explore(args: argparse.Namespace) -> int:
                 explorer.compare(other)
     else:
         _repl(explorer)
-    emit(args, {"action": "explore", "model": session.spec, "layer": explorer.layer, "log": explorer.log})
+    emit(args, {"action": "explore", "model": session.model_name, "layer": explorer.layer, "log": explorer.log})
     return 0
 
 

@@ -25,7 +25,7 @@ def _trace_and_layers(args: argparse.Namespace, *, logits: bool):
 
 
 def _source(args: argparse.Namespace, session: Session, trace) -> dict:
-    return {"model": session.spec, "trace": str(trace.path) if args.trace else None}
+    return {"model": session.model_name, "trace": str(trace.path) if args.trace else None}
 
 
 def _histogram_rows(layer: int, view: str, hist) -> list[dict]:
@@ -191,7 +191,7 @@ def run_router_metrics(args: argparse.Namespace) -> int:
     if args.min_count < 1:
         raise ValueError(f"--min-count must be at least 1, got {args.min_count}")
     session, trace, labels, layers = _trace_and_layers(args, logits=False)
-    compare = load_trace(args.compare_trace) if args.compare_trace else None
+    compare = load_trace(args.compare_trace, verify=args.verify) if args.compare_trace else None
     if compare is not None:
         missing = [l for l in layers if l not in compare.layers]
         if missing:
@@ -322,6 +322,7 @@ def register(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--min-count", type=int, default=10,
                    help="vocabulary specialisation: token ids with fewer occurrences are left out (default 10)")
     p.add_argument("--compare-trace", default=None, metavar="DIR",
-                   help="a second trace of the same tokens (another checkpoint): router saturation")
+                   help="a second trace of the same tokens (another checkpoint): router saturation "
+                        "(checked too with --verify)")
     p.add_argument("--permutations", type=int, default=10, help="permutations per baseline (default 10)")
     p.set_defaults(func=run_router_metrics)

@@ -6,7 +6,8 @@ import argparse
 
 import numpy as np
 
-from lazarus_core.cli.routing_common import Session, add_common, choose_layers, console, emit, experts_str
+from lazarus_core.cli.routing_common import (Session, add_common, add_verify_flag, choose_layers, console, emit,
+                                             experts_str, lit)
 
 
 def _corpus_trace(args: argparse.Namespace, session: Session):
@@ -52,7 +53,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         for u in res:
             con.print(f"L{u.layer} pairs (count / expected if independent): " + ", ".join(
                 f"E{p.a}+E{p.b} {p.count}/{p.expected:.1f}" for p in u.top_pairs))
-    emit(args, {"action": "analyze", "model": session.spec, "num_tokens": trace.num_tokens,
+    emit(args, {"action": "analyze", "model": session.model_name, "num_tokens": trace.num_tokens,
                 "layers": [u.to_dict() for u in res]})
     return 0
 
@@ -82,7 +83,7 @@ def run_weights(args: argparse.Namespace) -> int:
         for w in res:
             con.print(f"L{w.layer} mean weight when chosen: " + " ".join(
                 f"E{e}:{m:.2f}" for e, m in enumerate(w.expert_mean_weight) if m == m))
-    emit(args, {"action": "weights", "model": session.spec, "weight_convention": conv,
+    emit(args, {"action": "weights", "model": session.model_name, "weight_convention": conv,
                 "layers": [w.to_dict() for w in res]})
     return 0
 
@@ -93,10 +94,7 @@ def run_trace(args: argparse.Namespace) -> int:
 
     session = Session(args)
     if args.trace:
-        from lazarus_core.routing.trace_reader import load_trace
-
-        trace = load_trace(args.trace)
-        session.spec = session.spec or trace.meta.get("tokenizer") or trace.meta.get("model")
+        trace = session.reuse_trace(args.trace, verify=args.verify)
         span = trace.document(args.doc)
         types = session.decoder.classify_ids(session.classifier, span.token_ids)
         layers = choose_layers(args, trace.layers, many=True)
@@ -110,19 +108,19 @@ def run_trace(args: argparse.Namespace) -> int:
         layers = choose_layers(args, sorted(r.layers), many=True)
         types, routing, text, ids = r.types, {l: r.layers[l] for l in layers}, r.text, r.token_ids
     con = console()
-    t = Table(title=f"routing trace: {text[:60]!r}")
+    t = Table(title=f"routing trace: {lit(repr(text[:60]))}")
     for col in ("pos", "token", "type"):
         t.add_column(col)
     for l in layers:
         t.add_column(f"L{l}")
     for i, tok in enumerate(types.tokens):
-        t.add_row(str(i), repr(tok)[1:-1], types.view(args.view)[i],
+        t.add_row(str(i), lit(repr(tok)[1:-1]), lit(types.view(args.view)[i]),
                   *(experts_str(routing[l][0][i], routing[l][1][i] if args.verbose else None) for l in layers))
     con.print(t)
     prim = np.stack([routing[l][0][:, 0] for l in layers], 1)
     changes = (prim[:, 1:] != prim[:, :-1]).sum(1) if len(layers) > 1 else np.zeros(len(prim), int)
     con.print(f"distinct primary-expert paths: {len({tuple(p) for p in prim.tolist()})} over {len(prim)} tokens")
-    emit(args, {"action": "trace", "model": session.spec, "text": text, "token_ids": ids, "types": types.to_dict(),
+    emit(args, {"action": "trace", "model": session.model_name, "text": text, "token_ids": ids, "types": types.to_dict(),
                 "layers": {str(l): {"topk_ids": np.asarray(routing[l][0]).tolist(),
                                     "topk_weights": np.round(np.asarray(routing[l][1], dtype=float), 6).tolist()}
                            for l in layers},
@@ -182,8 +180,8 @@ def run_heatmap(args: argparse.Namespace) -> int:
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
         plt.close(fig)
-        con.print(f"wrote {args.plot}")
-    emit(args, {"action": "heatmap", "model": session.spec, "slots": args.slots, "layers": layers,
+        con.print(f"wrote {lit(args.plot)}")
+    emit(args, {"action": "heatmap", "model": session.model_name, "slots": args.slots, "layers": layers,
                 "num_experts": trace.num_experts, "load": mat.tolist()})
     return 0
 
@@ -206,6 +204,7 @@ def register(actions: argparse._SubParsersAction) -> None:
     p.add_argument("-p", "--prompt", default=None, help="the prompt")
     p.add_argument("--trace", default=None, metavar="DIR", help="show a document of this trace instead")
     p.add_argument("--doc", type=int, default=0, help="document of --trace (default 0)")
+    add_verify_flag(p)
     p.set_defaults(func=run_trace)
     p = actions.add_parser("heatmap", help="layer x expert load heatmap (terminal; --plot FILE.png)")
     add_common(p, many_layers=True, classifier=False)

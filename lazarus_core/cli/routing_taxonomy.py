@@ -6,7 +6,7 @@ import argparse
 
 import numpy as np
 
-from lazarus_core.cli.routing_common import Session, add_common, choose_layers, console, emit
+from lazarus_core.cli.routing_common import Session, add_common, choose_layers, console, emit, lit
 
 
 def _labels(session: Session, trace):
@@ -73,8 +73,8 @@ def run_full_taxonomy(args: argparse.Namespace) -> int:
         for col in ("category", "tokens", "top trigrams", f"L{focus} experts (lift, q)"):
             t.add_column(col)
         for entry in per_category:
-            t.add_row(entry["category"], str(entry["num_tokens"]),
-                      ", ".join(f"{x['trigram']}({x['count']})" for x in entry["top_trigrams"]),
+            t.add_row(lit(entry["category"]), str(entry["num_tokens"]),
+                      lit(", ".join(f"{x['trigram']}({x['count']})" for x in entry["top_trigrams"])),
                       " ".join(f"E{e['expert']}({e['lift']:.1f}x,{e['q_value']:.0e})" for e in entry["layers"][str(focus)]))
         con.print(t)
     if patterns:
@@ -82,7 +82,7 @@ def run_full_taxonomy(args: argparse.Namespace) -> int:
         for col in ("trigram", "tokens", "experts"):
             t.add_column(col, overflow="fold")
         for p in patterns:
-            t.add_row(p["trigram"], str(p["count"]),
+            t.add_row(lit(p["trigram"]), str(p["count"]),
                       " ".join(f"E{e['expert']}({e['lift']:.1f}x,{e['q_value']:.0e})" for e in p["experts"]))
         con.print(t)
     t = Table(title="Trigram specialists: concentration vs the layer's null and beyond the current token "
@@ -96,12 +96,12 @@ def run_full_taxonomy(args: argparse.Namespace) -> int:
     experts = sorted(report.experts(), key=lambda e: (e.context_q_value, -e.context_lift, e.q_value))
     shown = [e for e in experts if e.activations >= args.min_activations][: args.top]
     for e in shown:
-        extra = [" ".join(f"{p.trigram}({p.share:.0%},{p.lift:.1f}x)" for p in e.top_patterns[1:])] if args.verbose else []
+        extra = [lit(" ".join(f"{p.trigram}({p.share:.0%},{p.lift:.1f}x)" for p in e.top_patterns[1:]))] if args.verbose else []
         c = e.causal
-        t.add_row(str(e.layer), f"E{e.expert}", str(e.activations), e.top_pattern or "-", f"{e.concentration:.0%}",
+        t.add_row(str(e.layer), f"E{e.expert}", str(e.activations), lit(e.top_pattern or "-"), f"{e.concentration:.0%}",
                   f"{e.expected:.1%}", f"{e.lift:.1f}x", f"{e.q_value:.1e}", f"{e.context_lift:.2f}x",
                   f"{e.context_q_value:.1e}",
-                  f"{c.pattern} ({c.context_lift:.2f}x, {c.context_q_value:.1e})" if c else "-", *extra,
+                  f"{lit(c.pattern)} ({c.context_lift:.2f}x, {c.context_q_value:.1e})" if c else "-", *extra,
                   style="bold" if e.context_q_value < 0.05 else "dim")
     con.print(t)
     sig, ctx = report.significant(), report.significant(context=True)
@@ -109,7 +109,7 @@ def run_full_taxonomy(args: argparse.Namespace) -> int:
               f"(q < 0.05); {len(ctx)} specialise beyond their tokens' ids (context q < 0.05). "
               "NMI(expert; trigram) per layer, observed / shuffled labels: "
               + ", ".join(f"L{l.layer} {l.normalized_mutual_information:.3f}/{l.shuffled_nmi:.3f}" for l in report.layers))
-    emit(args, {"action": "full-taxonomy", "model": session.spec, "categories": categories,
+    emit(args, {"action": "full-taxonomy", "model": session.model_name, "categories": categories,
                 "trace": str(trace.path) if args.trace or args.save_trace else None,
                 "specialisation": report.to_dict(), "categories_detail": per_category, "patterns": patterns})
     return 0
@@ -148,17 +148,17 @@ def run_domain_test(args: argparse.Namespace) -> int:
         t = Table(title=f"Layer {focus.layer}: tokens of each domain per expert (share of that domain's tokens)")
         t.add_column("expert")
         for d in focus.domains:
-            t.add_column(d, justify="right")
+            t.add_column(lit(d), justify="right")
         t.add_column("top domain")
         totals = {d: sum(e.counts[d] for e in focus.experts) for d in focus.domains}
         for e in focus.experts[: None if args.verbose else args.top]:
             t.add_row(f"E{e.expert}", *(f"{e.counts[d]} ({e.counts[d] / max(totals[d], 1):.0%})" for d in focus.domains),
-                      f"{e.top_domain} {e.top_domain_share:.0%}")
+                      f"{lit(e.top_domain)} {e.top_domain_share:.0%}")
         con.print(t)
     con.print("Cramer's V is the effect size (0: every expert serves every domain alike); the plug-in V is biased "
               "upwards, the reading uses Bergsma's bias-corrected V. The token-level p-value treats tokens as "
               "independent; the document permutation test does not.")
-    emit(args, {"action": "domain-test", "model": session.spec, "layers": [r.to_dict() for r in results]})
+    emit(args, {"action": "domain-test", "model": session.model_name, "layers": [r.to_dict() for r in results]})
     return 0
 
 

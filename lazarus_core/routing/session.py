@@ -90,7 +90,44 @@ class RoutingSession:
         self.attention = attention
         self._model = self._tokenizer = self._info = self._classifier = self._decoder = None
         self.source_name: str | None = None
+        self.trace_model: str | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def model_name(self) -> str | None:
+        """The model a result is about: a reused trace's model (``trace.json`` ``model``), else ``-m``.
+
+        ``.spec`` may be a reused trace's tokenizer path (what loads); reports name the model instead.
+        """
+        return self.trace_model or self.spec
+
+    def reuse_trace(self, trace_dir: str | Path, *, verify: bool = False):
+        """Open an existing trace for this session: the model defaults to the one it names.
+
+        Parameters
+        ----------
+        trace_dir : str or Path
+            A trace directory (``lazarus capture``).
+        verify : bool
+            Check every shard's sha256 against ``trace.json`` first (``--verify``; reads every byte).
+
+        Returns
+        -------
+        Trace
+
+        Raises
+        ------
+        lazarus_core.routing.trace_format.TraceError
+            A ValueError naming the file: not a trace, an unfinished capture, a missing, truncated or
+            (with ``verify``) corrupt shard.
+        """
+        from lazarus_core.routing.trace_reader import load_trace
+
+        trace = load_trace(trace_dir, verify=verify)
+        if not self.spec:
+            self.spec = trace.meta.get("tokenizer") or trace.meta.get("model")
+        self.trace_model = trace.meta.get("model") or self.trace_model
+        return trace
 
     # ------------------------------------------------------------------------------------ loading
     def load(self) -> "RoutingSession":
@@ -219,7 +256,8 @@ class RoutingSession:
 
     # ------------------------------------------------------------------------------------- traces
     def trace(self, prompts: list[str], labels: list[str] | None = None, *, layers: list[int] | None = None,
-              trace_dir: str | Path | None = None, save_to: str | Path | None = None, logits: bool = False):
+              trace_dir: str | Path | None = None, save_to: str | Path | None = None, logits: bool = False,
+              verify: bool = False):
         """A trace to analyse: ``trace_dir`` when given (reused), else a capture of ``prompts``.
 
         Parameters
@@ -236,6 +274,8 @@ class RoutingSession:
             Where to keep the capture (default a temporary directory that lives as long as the session).
         logits : bool
             Also capture the raw router logits.
+        verify : bool
+            With ``trace_dir``: check every shard's sha256 first (see :meth:`reuse_trace`).
 
         Returns
         -------
@@ -247,10 +287,7 @@ class RoutingSession:
         from lazarus_core.routing.trace_reader import load_trace
 
         if trace_dir:
-            trace = load_trace(trace_dir)
-            if not self.spec:
-                self.spec = trace.meta.get("tokenizer") or trace.meta.get("model")
-            return trace, read_doc_labels(trace_dir)
+            return self.reuse_trace(trace_dir, verify=verify), read_doc_labels(trace_dir)
         out = save_to
         if out is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="lazarus-trace-")
