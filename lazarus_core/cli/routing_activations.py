@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from lazarus_core.cli.analysis_common import add_analysis_flags, analysis_trace, save_figure, write_csv_tables
-from lazarus_core.cli.routing_common import Session, add_common, choose_layers, console, emit
+from lazarus_core.cli.routing_common import Session, add_common, choose_layers, console, emit, lit
 
 NUM_TOKENS = 2048
 
@@ -101,8 +101,8 @@ def run_expert_similarity(args: argparse.Namespace) -> int:
             con.print(m)
     write_csv_tables(args, _similarity_tables(results))
     if args.plot:
-        con.print(f"wrote {_similarity_heatmap(results, args.plot)}")
-    emit(args, {"action": "expert-similarity", "model": session.spec, "trace": args.trace, "method": args.method,
+        con.print(f"wrote {lit(_similarity_heatmap(results, args.plot))}")
+    emit(args, {"action": "expert-similarity", "model": session.model_name, "trace": args.trace, "method": args.method,
                 "estimator": results[0].estimator, "layers": [r.to_dict() for r in results]})
     return 0
 
@@ -183,8 +183,8 @@ def run_expert_projection(args: argparse.Namespace) -> int:
               f"({args.permutations} draws, 2.5-97.5%); p: one-sided, from the null")
     write_csv_tables(args, _projection_tables(results))
     if args.plot:
-        con.print(f"wrote {_projection_scatter(results, args.plot)}")
-    emit(args, {"action": "expert-projection", "model": session.spec, "trace": args.trace, "method": args.method,
+        con.print(f"wrote {lit(_projection_scatter(results, args.plot))}")
+    emit(args, {"action": "expert-projection", "model": session.model_name, "trace": args.trace, "method": args.method,
                 "layers": [r.to_dict(points=args.points) for r in results]})
     return 0
 
