@@ -119,11 +119,16 @@ def generate_with_routing(model, tokenizer, prompt_ids: Sequence[int], max_new_t
             new.append(tok)
             if eos is not None and tok == eos:
                 break
-            out = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=out.past_key_values,
-                        use_cache=True)
+            out = model(input_ids=torch.tensor([[tok]], device=device), use_cache=True, **_cache_of(out))
         rec.pop()
     k = max((len(s[0]) for s in steps.values() if s), default=0)
     return new, {l: (np.stack(s) if s else np.zeros((0, k), np.int64)) for l, s in steps.items()}
+
+
+def _cache_of(out) -> dict:
+    """The KV cache of a forward output as the keyword the model takes back (``cache``, or the older ``past_key_values``)."""
+    cache = getattr(out, "cache", None)
+    return {"cache": cache} if cache is not None else {"past_key_values": out.past_key_values}
 
 
 # ------------------------------------------------------------------------------------------ statistics
