@@ -390,24 +390,26 @@ def _merged_scores(model, windows, base_lp, merges, freq, info):
     return np.concatenate(nll), np.concatenate(kl), np.concatenate(agree)
 
 
-def _outputs(trace, layer: int, experts, E: int, max_rows: int) -> np.ndarray | None:
-    if getattr(trace, "has_all_expert_outputs", False):
-        acts = trace.activations(layer)
-        return np.asarray(acts.all_expert_outputs[:max_rows], dtype=np.float32)
-    if getattr(trace, "has_hidden", False):
-        from lazarus_core.routing.expert_outputs import each_expert_output
+def _outputs(trace, layer: int, experts, E: int, max_rows: int, fit: np.ndarray) -> np.ndarray | None:
+    """Every expert's output [s, E, H] at the trace's sampled rows of the fit documents (None without activations)."""
+    if not getattr(trace, "has_hidden", False) and not getattr(trace, "has_all_expert_outputs", False):
+        return None
+    acts = trace.activations(layer)
+    keep = np.flatnonzero(fit[np.asarray(acts.sample_index)])[:max_rows]
+    if acts.all_expert_outputs is not None:
+        return np.asarray(acts.all_expert_outputs[keep], dtype=np.float32)
+    from lazarus_core.routing.expert_outputs import each_expert_output
 
-        hidden = torch.as_tensor(np.asarray(trace.activations(layer).hidden[:max_rows], dtype=np.float32))
-        dtype = next(experts.parameters()).dtype
-        with torch.inference_mode():
-            return each_expert_output(experts, hidden.to(dtype), E).float().numpy()
-    return None
+    hidden = torch.as_tensor(np.asarray(acts.hidden[keep], dtype=np.float32))
+    dtype = next(experts.parameters()).dtype
+    with torch.inference_mode():
+        return each_expert_output(experts, hidden.to(dtype), E).float().numpy()
 
 
 def expert_merging(model, trace, documents: Sequence[Sequence[int]] | None = None, *, threshold: float = 0.8,
                    measure: str = "weights", layers: Sequence[int] | None = None, max_merges: int | None = None,
                    random_repeats: int = 2, bytes_per_expert: dict[int, int] | None = None,
-                   max_output_rows: int = 512, null_draws: int = 64, info=None, n_boot: int = 2000, seed: int = 0,
+                   max_output_rows: int = 512, null_draws: int = 64, exclude_documents: Sequence[int] = (), info=None, n_boot: int = 2000, seed: int = 0,
                    progress: Callable[[], None] | None = None) -> ExpertMerging:
     """Expert similarity (weights, deltas, routing, outputs), merge candidates, and real merges vs random pairs.
 
@@ -436,6 +438,9 @@ def expert_merging(model, trace, documents: Sequence[Sequence[int]] | None = Non
         Rows of the output measure.
     null_draws : int
         Permutation draws per measure and layer.
+    exclude_documents : sequence of int
+        Trace documents left out of the similarity and the merge frequencies (the held-out loss
+        documents, so that nothing the merges are chosen from is evaluated on).
     info : MoeModelInfo, optional
     n_boot, seed : int
     progress : callable, optional
@@ -464,10 +469,13 @@ def expert_merging(model, trace, documents: Sequence[Sequence[int]] | None = Non
     distributions, candidates, freq = {}, [], {}
     bytes_per_expert = dict(bytes_per_expert or {})
     iu = np.triu_indices(E, 1)
+    fit = ~np.isin(np.asarray(trace.doc_ids), np.asarray(list(exclude_documents), dtype=np.int64))
+    if not fit.any():
+        raise ValueError("every trace document is held out for the loss: nothing is left to measure similarity on")
     for l in layers:
         layer = info.layers[l]
         lt = trace.layer(l)
-        counts = np.bincount(np.asarray(lt.topk_ids).reshape(-1).astype(np.int64), minlength=E)
+        counts = np.bincount(np.asarray(lt.topk_ids)[fit].reshape(-1).astype(np.int64), minlength=E)
         freq.update({(l, e): float(counts[e]) for e in range(E)})
         if l not in bytes_per_expert:
             bytes_per_expert[l] = int(sum(p.numel() * p.element_size() for p in layer.experts.parameters()
@@ -477,9 +485,9 @@ def expert_merging(model, trace, documents: Sequence[Sequence[int]] | None = Non
         flat = expert_parameters(layer.experts, E).numpy()
         data["weights"], data["deltas"] = flat, flat - flat.mean(0, keepdims=True)
         if lt.logits is not None:
-            probs = router_probabilities(np.asarray(lt.logits, dtype=np.float32), info.rule.scoring)
+            probs = router_probabilities(np.asarray(lt.logits, dtype=np.float32)[fit], info.rule.scoring)
             sims["routing"], data["routing"] = routing_similarity(probs), probs
-        outs = _outputs(trace, l, layer.experts, E, max_output_rows)
+        outs = _outputs(trace, l, layer.experts, E, max_output_rows, fit)
         if outs is not None and len(outs) >= 4:
             sims["outputs"], data["outputs"] = output_similarity(outs), outs
         if measure not in sims:
