@@ -355,7 +355,7 @@ def _serves(hit: np.ndarray, categories: dict[str, np.ndarray], names: dict[str,
 def expert_circuits(trace, *, layers: list[int] | None = None, length: int = 2, alpha: float = 0.05, top: int = 50,
                     min_count: int = 5, permuted_control: bool = True, seed: int = 0, tokenizer=None,
                     classifier=None, doc_labels: dict[int, str] | None = None, view: str = "semantic",
-                    serves_top: int = 3) -> ExpertCircuits:
+                    serves_top: int = 3, through: tuple[int, int] | None = None) -> ExpertCircuits:
     """Find chains of (layer, expert) that tokens follow over consecutive MoE layers more often than independence predicts.
 
     Parameters
@@ -382,6 +382,8 @@ def expert_circuits(trace, *, layers: list[int] | None = None, length: int = 2, 
     view : {"semantic", "structural"}
     serves_top : int
         Categories listed per kind.
+    through : (int, int), optional
+        List only circuits with this (layer, expert) hop (the test still covers every chain).
 
     Returns
     -------
@@ -390,7 +392,8 @@ def expert_circuits(trace, *, layers: list[int] | None = None, length: int = 2, 
     Raises
     ------
     ValueError
-        A layer is not in the trace, fewer layers than ``length``, or a bad ``length`` / ``alpha``.
+        A layer is not in the trace, fewer layers than ``length``, a bad ``length`` / ``alpha``, or
+        ``through`` names a layer not chained or an expert out of range.
     """
     chosen = sorted(trace.layers) if layers is None else list(layers)
     bad = [l for l in chosen if l not in trace.layers]
@@ -399,6 +402,13 @@ def expert_circuits(trace, *, layers: list[int] | None = None, length: int = 2, 
     if not 0 < alpha < 1:
         raise ValueError(f"--alpha must be in (0, 1), got {alpha}")
     E, k = trace.num_experts, trace.top_k
+    if through is not None:
+        if through[0] not in chosen:
+            raise ValueError(f"--through {through[0]}:{through[1]}: layer {through[0]} is not among the chained "
+                             f"layers {chosen}")
+        if not 0 <= through[1] < E:
+            raise ValueError(f"--through {through[0]}:{through[1]}: expert {through[1]} is out of range "
+                             f"(0..{E - 1})")
     ids = [np.asarray(trace.layer(l).topk_ids) for l in chosen]
     tables = chain_tables(ids, chosen, E, length)
     n_sig, qs = significant_chains(tables, alpha)
@@ -412,6 +422,8 @@ def expert_circuits(trace, *, layers: list[int] | None = None, length: int = 2, 
         keep = np.argwhere((q < alpha) & (tb.counts > tb.expected) & (tb.counts >= min_count))
         for idx in keep:
             idx = tuple(int(i) for i in idx)
+            if through is not None and (through[0], through[1]) not in zip(tb.layers, idx):
+                continue
             candidates.append((float(q[idx]), -float(tb.counts[idx] / tb.expected[idx]), w, idx))
     candidates.sort()
     categories, names = {}, {}
