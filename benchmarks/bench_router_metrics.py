@@ -3,7 +3,9 @@ entropy from fp16 logits as GB/s against the read bandwidth measured in the same
 
 from __future__ import annotations
 
-import math
+import os
+import sys
+import time
 
 import numpy as np
 import torch
@@ -50,16 +52,22 @@ def _reference_entropy(logits: np.ndarray) -> np.ndarray:
     return -(p * np.log(np.maximum(p, 1e-300))).sum(1)
 
 
+def _progress(message: str) -> None:
+    print(f"[router_metrics {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def run(repeats: int = 3) -> tuple[list[BenchRow], dict]:
     """Rows: entropy kernel (GB/s, % of read bandwidth), its pieces, and every analysis over 16 layers."""
     from lazarus_core.analysis.router_distributions import layer_distributions
     from lazarus_core.analysis.router_entropy import (DocumentBootstrap, document_index, entropy_from_logits,
                                                       layer_entropy)
-    from lazarus_core.analysis.router_metrics import (domain_specialisation, layer_metrics, olmoe_coactivation,
+    from lazarus_core.analysis.router_metrics import (domain_specialisation, olmoe_coactivation,
                                                       router_saturation, selection_frequency, token_overlap,
                                                       vocabulary_specialisation)
 
     repeats = max(1, min(repeats, 5))
+    load_before = os.getloadavg()[0]
+    _progress("building the synthetic trace")
     logits, ids, weights, token_ids, doc_ids = synthetic_layers()
     layer_ids = {l: ((ids + l) % N_EXPERTS).astype(np.int32) for l in range(N_LAYERS)}
     read_bw = measure_read_bandwidth()
@@ -76,6 +84,7 @@ def run(repeats: int = 3) -> tuple[list[BenchRow], dict]:
     max_err = float(np.abs(got - ref_sub).max())
     assert max_err < 1e-4, f"entropy kernel disagrees with the float64 reference by {max_err}"
 
+    _progress("entropy kernel")
     t_ref = median_seconds(lambda: _reference_entropy(logits), repeats=1, warmup=0)
     for scoring in ("softmax", "sigmoid"):
         t = median_seconds(lambda: entropy_from_logits(logits, scoring=scoring), repeats=repeats, warmup=1)
@@ -83,6 +92,15 @@ def run(repeats: int = 3) -> tuple[list[BenchRow], dict]:
         rows.append(BenchRow(f"router entropy ({scoring}), 1 layer", "torch chunked fp32", one, "fp16", t * 1e3, gbs,
                              100 * gbs * 1e9 / read_bw, ratio_to_reference=t_ref / t if scoring == "softmax" else None,
                              extra={"max_abs_err_vs_float64": max_err, "tokens_per_s": round(N_TOKENS / t)}))
+    threads = torch.get_num_threads()
+    if threads > 1:   # one thread: what the kernel gets on a machine busy with other work
+        torch.set_num_threads(1)
+        try:
+            t = median_seconds(lambda: entropy_from_logits(logits), repeats=repeats, warmup=1)
+        finally:
+            torch.set_num_threads(threads)
+        rows.append(BenchRow("router entropy (softmax), 1 layer, 1 torch thread", "torch chunked fp32", one, "fp16",
+                             t * 1e3, nbytes / t / 1e9, 100 * nbytes / t / read_bw, ratio_to_reference=t_ref / t))
     rows.append(BenchRow("  reference: float64 numpy, whole array", "numpy", one, "fp16->fp64", t_ref * 1e3,
                          nbytes / t_ref / 1e9, 100 * nbytes / t_ref / read_bw, ratio_to_reference=1.0))
     # what bounds the chunked kernel: the fp16 -> fp32 conversion and one exp over the same elements
@@ -106,11 +124,13 @@ def run(repeats: int = 3) -> tuple[list[BenchRow], dict]:
         rows.append(BenchRow(name, "torch", one, "fp16", t * 1e3, nbytes / t / 1e9, 100 * nbytes / t / read_bw))
 
     boot = DocumentBootstrap(*document_index(doc_ids, N_TOKENS), n_boot=1000)
-    heavy = max(1, min(repeats, 2))
+    heavy = 1          # each 16-layer pass is seconds: timed once
+    _progress("router_entropy, 16 layers")
     t = median_seconds(lambda: [layer_entropy(logits, weights, doc_ids, layer=l) for l in range(N_LAYERS)],
                        repeats=heavy, warmup=0)
     rows.append(BenchRow("router_entropy: all 16 layers (+ top-k, CI, quantiles, histograms)", "torch+numpy", full,
                          "fp16", t * 1e3, N_LAYERS * nbytes / t / 1e9, 100 * N_LAYERS * nbytes / t / read_bw))
+    _progress("router_distributions, 16 layers")
     t = median_seconds(lambda: [layer_distributions(logits, layer_ids[l], weights, doc_ids, layer=l)
                                 for l in range(N_LAYERS)], repeats=heavy, warmup=0)
     rows.append(BenchRow("router_distributions: all 16 layers (4 histograms, 65,536-token sample)", "torch+numpy",
@@ -129,15 +149,16 @@ def run(repeats: int = 3) -> tuple[list[BenchRow], dict]:
         "router saturation vs a second trace": lambda l: router_saturation(layer_ids[l], compare[l], N_EXPERTS, boot),
     }
     ids_bytes = N_LAYERS * layer_ids[0].nbytes
+    total = 0.0
     for name, fn in pieces.items():
+        _progress(f"router_metrics: {name}, 16 layers")
         t = median_seconds(lambda: [fn(l) for l in range(N_LAYERS)], repeats=heavy, warmup=0)
         rows.append(BenchRow(f"router_metrics: {name}", "numpy", full, "int32", t * 1e3, ids_bytes / t / 1e9,
                              extra={"per_layer_ms": round(t * 1e3 / N_LAYERS, 1)}))
-    doc_labels = {d: labels[d] for d in range(len(labels))}
-    t = median_seconds(lambda: [layer_metrics(layer_ids[l], token_ids, N_EXPERTS, layer=l, doc_ids=doc_ids,
-                                              doc_labels=doc_labels, compare_ids=compare[l], boot=boot)
-                                for l in range(N_LAYERS)], repeats=1, warmup=0)
-    rows.append(BenchRow("router_metrics: everything, all 16 layers", "numpy", full, "int32", t * 1e3,
-                         ids_bytes / t / 1e9))
+        total += t
+    rows.append(BenchRow("router_metrics: all six metrics, all 16 layers (sum)", "numpy", full, "int32", total * 1e3,
+                         ids_bytes / total / 1e9))
+    # the other work on the machine while this ran (1-minute load average; 2 cores here)
     return rows, {"read_GB_per_s": read_bw / 1e9, "copy_GB_per_s": copy_bw / 1e9,
-                  "torch_threads": torch.get_num_threads(), "log_E": math.log(N_EXPERTS)}
+                  "torch_threads": torch.get_num_threads(), "load_avg_before": load_before,
+                  "load_avg_after": os.getloadavg()[0]}
