@@ -16,7 +16,7 @@ def _onehot(topk_ids: np.ndarray, num_experts: int, dtype=None):
     """float32 torch [t, E] membership of each expert in each token's top-k."""
     import torch
 
-    ids = torch.from_numpy(np.ascontiguousarray(topk_ids, dtype=np.int64))
+    ids = torch.from_numpy(np.require(topk_ids, np.int64, ["C", "W"]))
     out = torch.zeros(ids.shape[0], num_experts, dtype=dtype or torch.float32)
     out.scatter_(1, ids, 1.0)
     return out
@@ -68,9 +68,9 @@ def triple_counts(a_ids: np.ndarray, b_ids: np.ndarray, c_ids: np.ndarray, num_e
     total = torch.zeros(E ** 3, dtype=torch.int64)
     chunk = max(1, _CHUNK // max(k * k, 1))
     for s in range(0, t, chunk):
-        a = torch.from_numpy(np.ascontiguousarray(a_ids[s:s + chunk], dtype=np.int32))
-        b = torch.from_numpy(np.ascontiguousarray(b_ids[s:s + chunk], dtype=np.int32))
-        c = torch.from_numpy(np.ascontiguousarray(c_ids[s:s + chunk], dtype=np.int32))
+        a = torch.from_numpy(np.require(a_ids[s:s + chunk], np.int32, ["C", "W"]))
+        b = torch.from_numpy(np.require(b_ids[s:s + chunk], np.int32, ["C", "W"]))
+        c = torch.from_numpy(np.require(c_ids[s:s + chunk], np.int32, ["C", "W"]))
         ab = a[:, :, None] * E + b[:, None, :]
         ids = (ab.reshape(len(a), -1, 1) * E + c[:, None, :]).reshape(-1)
         total += torch.bincount(ids, minlength=E ** 3)
