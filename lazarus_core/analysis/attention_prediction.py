@@ -406,7 +406,8 @@ def predict_layer(layer: int, attention: np.ndarray, topk_ids: np.ndarray, token
         bool [n], held-out tokens (whole documents: :func:`split_documents`).
     num_experts : int
     topk_weights : np.ndarray, optional
-        float [n, k]: probe targets are these weights renormalised over the k (default uniform over the k).
+        float [n, k]: probe targets are these weights renormalised over the k (default k, k-1, ..., 1 by slot, so
+        that the primary stays the most likely).
     residual, router_input : np.ndarray, optional
         float [n, H]: features of the residual and router-input probes (skipped when None).
     l2, steps, seed
@@ -421,7 +422,9 @@ def predict_layer(layer: int, attention: np.ndarray, topk_ids: np.ndarray, token
     train = ~test
     if not train.any() or not test.any():
         raise ValueError("predict_layer needs tokens on both sides of the train/test split")
-    weights = np.ones(topk_ids.shape, np.float32) if topk_weights is None else topk_weights
+    k = topk_ids.shape[1]
+    weights = (np.broadcast_to(np.arange(k, 0, -1, dtype=np.float32), topk_ids.shape) if topk_weights is None
+               else topk_weights)
     targets = soft_targets(topk_ids[train], weights[train], num_experts)
     y, groups, n_test = topk_ids[test], doc_ids[test], int(test.sum())
 

@@ -122,7 +122,7 @@ def mantel_test(a: np.ndarray, b: np.ndarray, *, permutations: int = 999, altern
     alternative : {"greater", "two-sided"}
         ``greater``: similar attention goes with similar routing.
     n_boot : int
-        Bootstrap replicates of the interval.
+        Bootstrap replicates of the interval (0: no interval, NaN bounds).
     seed : int
 
     Returns
@@ -165,7 +165,7 @@ def mantel_test(a: np.ndarray, b: np.ndarray, *, permutations: int = 999, altern
         ok = pick[i] != pick[j]
         if ok.sum() >= 3:
             boots.append(spearman(a[pick[i][ok], pick[j][ok]], b[pick[i][ok], pick[j][ok]]))
-    boots = np.asarray([x for x in boots if np.isfinite(x)])
+    boots = np.asarray([x for x in boots if np.isfinite(x)], np.float64)
     low, high = (np.quantile(boots, [0.025, 0.975]) if len(boots) else (np.nan, np.nan))
     return MantelTest(observed, p, len(null), exact, float(null.mean()), float(np.quantile(null, 0.025)),
                       float(np.quantile(null, 0.975)),
