@@ -14,6 +14,8 @@ from lazarus_core.analysis.intervals import Interval
 
 METHODS = ("cka", "cosine")
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+# Fewer documents than this and the half splits (intervals, reliability) split tokens instead.
+MIN_DOCUMENTS = 10
 # Above this many float64 entries, G = <K_i, K_j> is formed pair by pair instead of in one matmul.
 _MAX_DENSE_ENTRIES = 1 << 25
 
@@ -495,7 +497,8 @@ def expert_similarity(outputs, method: str = "cka", seed: int = 0, random_output
         For ``"cka"``: the unbiased (default) or biased HSIC estimator.
     groups : np.ndarray, optional
         int [s]: document of each token; the half splits and the intervals keep documents whole
-        (tokens of a document are not independent). None: tokens are the units.
+        (tokens of a document are not independent) when there are at least ``MIN_DOCUMENTS`` (10).
+        None or fewer documents: tokens are the units (``mean.method`` says which).
     n_splits : int
         Random half splits (interval of the means, split-half reliability).
     level : float
@@ -527,9 +530,9 @@ def expert_similarity(outputs, method: str = "cka", seed: int = 0, random_output
             raise ValueError(f"random_outputs must be [s={s}, E, H], got shape {tuple(rand.shape)}")
     if groups is not None and np.asarray(groups).reshape(-1).shape[0] != s:
         raise ValueError(f"groups has {np.asarray(groups).size} entries for {s} tokens")
-    if groups is not None and len(np.unique(groups)) >= 2:
+    if groups is not None and len(np.unique(groups)) >= MIN_DOCUMENTS:
         units, interval_method = np.asarray(groups).reshape(-1), "half-sample-documents"
-    else:                                 # no documents (or one): split tokens
+    else:                                 # too few documents to halve usefully: split tokens
         units, interval_method = np.arange(s), "half-sample-tokens"
     n_units = len(np.unique(units))
     min_rows = 8 if method == "cka" else 2

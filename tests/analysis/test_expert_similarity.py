@@ -141,6 +141,8 @@ def test_planted_groups_are_found_and_the_pattern_is_reliable():
     assert res.ceiling.reliability > 0.9
     assert res.off_diagonal.mean.method == "half-sample-documents" and res.off_diagonal.mean.n_units == 40
     assert res.off_diagonal.mean.low < res.off_diagonal.mean.estimate < res.off_diagonal.mean.high
+    few = expert_similarity(outputs, "cka", groups=np.repeat(np.arange(4), 100), n_splits=4)
+    assert few.off_diagonal.mean.method == "half-sample-tokens" and few.off_diagonal.mean.n_units == 400
 
 
 def test_nothing_there_independent_experts_score_zero_and_the_pattern_is_noise():
@@ -235,8 +237,7 @@ def test_the_half_sample_interval_of_the_mean_covers_the_population_value():
         base = x @ np.diag([3.0, 2.0, 1.0, 0.5, 0.5, 0.5])
         return np.stack([base + (1.0 + e) * rng.standard_normal((s, 6)) for e in range(4)], axis=1)
 
-    population = np.mean(expert_similarity(draw(np.random.default_rng(99), 40000), "cka", n_splits=2)
-                         .matrix[np.triu_indices(4, 1)])
+    population = np.mean(linear_cka_matrix(draw(np.random.default_rng(99), 40000))[np.triu_indices(4, 1)])
     rng = np.random.default_rng(12)
     hits, widths = 0, []
     for i in range(40):

@@ -57,7 +57,10 @@ def test_expert_similarity_on_the_fly_with_plot_and_csv(native_model, run_cli, t
     floor = layer["floor"]
     assert np.array(floor["matrix"]).shape == (8, 8)
     mean = layer["off_diagonal"]["mean"]
-    assert mean["low"] < mean["estimate"] < mean["high"] and mean["method"] == "half-sample-documents"
+    assert mean["low"] < mean["estimate"] < mean["high"]
+    docs = len(np.unique(load_trace(saved).doc_ids[load_trace(saved).activations(3).sample_index]))
+    assert (mean["method"], mean["n_units"]) == (("half-sample-documents", docs) if docs >= 10 else
+                                                 ("half-sample-tokens", 128))
     assert floor["excess"]["estimate"] == pytest.approx(mean["estimate"] - floor["off_diagonal"]["mean"]["estimate"],
                                                         abs=1e-6)
     # recompute one pair from the saved trace
