@@ -47,13 +47,38 @@ def edit_from_args(args: argparse.Namespace):
     return edit
 
 
-def _intervene_layers(args: argparse.Namespace, session: Session) -> list[int] | None:
+def _intervene_layers(args: argparse.Namespace, session: Session, edit=None) -> list[int] | None:
+    """``--intervene-layers`` checked against the model, and ``edit`` checked at each of them (messages name flags)."""
     layers = parse_int_list(args.intervene_layers, "--intervene-layers")
     if layers is not None:
         bad = [l for l in layers if l not in session.info.layers]
         if bad:
             raise ValueError(f"--intervene-layers {bad} are out of range: the MoE layers are {sorted(session.info.layers)}")
+    if edit is not None:
+        for l in (layers if layers is not None else sorted(session.info.layers)):
+            check_edit_flags(edit, session.info.layers[l].num_experts, session.info.layers[l].top_k, l)
     return layers
+
+
+def check_edit_flags(edit, num_experts: int, top_k: int, layer: int) -> None:
+    """Raise a one-line ValueError naming the flag when ``edit`` cannot apply to a layer of ``num_experts`` top-``top_k``."""
+    flags = (("--ablate", edit.ablate), ("--force", edit.force), ("--boost/--suppress", tuple(edit.logit_delta)))
+    for flag, experts in flags:
+        bad = [int(e) for e in experts if not 0 <= int(e) < num_experts]
+        if bad:
+            raise ValueError(f"{flag}: expert {bad[0]} is out of range: layer {layer} has {num_experts} experts "
+                             f"(0..{num_experts - 1})")
+    k = edit.top_k if edit.top_k is not None else top_k
+    if edit.top_k is not None and not 1 <= edit.top_k <= num_experts:
+        raise ValueError(f"--top-k {edit.top_k} is out of range: layer {layer} has {num_experts} experts")
+    if len(set(edit.force)) > k:
+        raise ValueError(f"--force names {len(set(edit.force))} experts but {k} are chosen per token (raise --top-k)")
+    both = sorted(set(edit.force) & set(edit.ablate))
+    if both:
+        raise ValueError(f"experts {both} are in both --force and --ablate")
+    if num_experts - len(set(edit.ablate)) < k:
+        raise ValueError(f"--ablate leaves {num_experts - len(set(edit.ablate))} experts at layer {layer}, fewer than "
+                         f"the {k} chosen per token (lower --top-k)")
 
 
 # ---------------------------------------------------------------------------------- computations
@@ -110,7 +135,8 @@ def run_chat(args: argparse.Namespace) -> int:
 
     session = Session(args)
     layer = choose_layers(args, sorted(session.info.layers), many=False)[0]
-    edit, layers = edit_from_args(args), _intervene_layers(args, session)
+    edit = edit_from_args(args)
+    layers = _intervene_layers(args, session, edit)
     con = console()
     turns = []
 
@@ -164,7 +190,8 @@ def run_compare(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     session = Session(args)
-    edit, layers = edit_from_args(args), _intervene_layers(args, session)
+    edit = edit_from_args(args)
+    layers = _intervene_layers(args, session, edit)
     if edit is None:
         raise ValueError("compare needs an intervention: --ablate, --force, --boost, --suppress or --top-k")
     prompts = args.prompt or ["King is to queen as man is to woman", "2 + 3 = 5"]
@@ -208,10 +235,13 @@ def run_ablate(args: argparse.Namespace) -> int:
     con = console()
     experts = parse_int_list(args.ablate, "--ablate")
     if experts:
+        edit = RoutingEdit(ablate=tuple(experts))
         layers = _intervene_layers(args, session)
         if args.layer is not None:
             layers = choose_layers(args, sorted(session.info.layers), many=False)
-        res = _loss(session, prompts, RoutingEdit(ablate=tuple(experts)), layers, args.seed)
+        for l in (layers if layers is not None else sorted(session.info.layers)):
+            check_edit_flags(edit, session.info.layers[l].num_experts, session.info.layers[l].top_k, l)
+        res = _loss(session, prompts, edit, layers, args.seed)
         con.print(f"ablating experts {experts} at layers {layers or 'all'}: {_loss_line(res)}")
         if args.verbose:
             con.print(res.to_dict())

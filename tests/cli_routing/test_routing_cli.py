@@ -210,6 +210,9 @@ def test_attention_pattern_rows_are_distributions(native_model, run_cli):
     (["token-routing", "--token", "zzzz"], "--token 'zzzz' is not in the tokenizer's vocabulary"),
     (["token-routing", "--token", "the", "--contexts", "the man", "one two"], "does not occur in context(s) 'one two'"),
     (["chat", "-p", "the", "--ablate", "42"], "expert 42 is out of range"),
+    (["chat", "-p", "the", "--top-k", "99"], "--top-k 99 is out of range"),
+    (["compare", "-p", "the man", "--force", "0,1,2"], "--force names 3 experts but 2 are chosen per token"),
+    (["ablate", "-p", "the man", "--ablate", "0,1,2,3,4,5,6"], "--ablate leaves 1 experts"),
     (["context-window", "-p", "the man", "--position", "7"], "--position 7 is out of range"),
 ])
 def test_bad_input_is_one_clear_line(argv, message, other_family_model, run_cli):
