@@ -296,6 +296,9 @@ def run_task_prediction(args: argparse.Namespace) -> int:
     else:
         trace, available = None, sorted(session.info.layers)
     probe, targets = _probe_and_targets(args, available, "the trace's layers are" if args.trace else "the MoE layers are")
+    num_experts = trace.num_experts if trace is not None else session.info.num_experts
+    if args.prefetch_size is not None and not 1 <= args.prefetch_size <= num_experts:
+        raise ValueError(f"--prefetch-size must be in 1..{num_experts} (the layer's experts), got {args.prefetch_size}")
     if trace is None:
         trace, _ = analysis_trace(args, session, hidden_states=True, layers=[probe, *targets])
     acts = trace.activations(probe)
