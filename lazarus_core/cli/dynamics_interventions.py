@@ -300,11 +300,13 @@ def run_routing_manipulation(args: argparse.Namespace) -> int:
     if not 0 <= args.expert < E:
         raise ValueError(f"--expert {args.expert} is out of range: layer {layer} has {E} experts (0..{E - 1})")
     prompts = _manipulation_prompts(args, session)
+    tok = session.tokenizer
+    protected = [i for i in tok.all_special_ids if i != tok.unk_token_id]    # <unk> may be edited like a word
     total = len(prompts) * (1 + 2 * args.steps)
     with _progress(total, "routing-manipulation") as advance:
         res = routing_manipulation(session.model, prompts, layer, args.expert, target_idx=args.target_idx,
                                    steps=args.steps, candidates=args.candidates, topk_tokens=args.topk_tokens,
-                                   edit_target=args.edit_target, protected_ids=session.tokenizer.all_special_ids,
+                                   edit_target=args.edit_target, protected_ids=protected,
                                    substitutions=args.substitutions, noise=noise, noise_draws=args.noise_draws,
                                    info=session.info, seed=args.seed, progress=lambda: advance())
     _render_manipulation(res, session)
