@@ -1,4 +1,4 @@
-"""A 2-D map of expert outputs on the same tokens, coloured by expert, and how well the map separates experts against a permutation null."""
+"""A 2-D map of expert outputs on the same tokens, coloured by expert, with its kNN separation against a null."""
 
 from __future__ import annotations
 
@@ -206,8 +206,11 @@ def knn_separation(coords, labels, blocks=None, groups=None, *, k: int = 5, n_pe
     correct = (knn_predictions(coords, labels, k, seed) == labels).astype(np.float64)
     accuracy = bootstrap_mean_ci(correct, unit, level=level, seed=seed)
     rng = np.random.default_rng(seed)
-    null = np.array([np.mean(knn_predictions(coords, perm, k, seed + 1 + i) == perm)
-                     for i, perm in enumerate(_permute_within_blocks(labels, blocks, rng) for _ in range(n_permutations))])
+    null = []
+    for i in range(n_permutations):
+        perm = _permute_within_blocks(labels, blocks, rng)
+        null.append(np.mean(knn_predictions(coords, perm, k, seed + 1 + i) == perm))
+    null = np.asarray(null, dtype=np.float64)
     majority = float(np.bincount(labels).max() / n)
     alpha = (1.0 - level) / 2.0
     lo, hi = (np.quantile(null, [alpha, 1 - alpha]) if null.size else (float("nan"), float("nan")))

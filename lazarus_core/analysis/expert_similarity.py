@@ -1,4 +1,4 @@
-"""How alike the experts of one MoE layer are on the same tokens (linear CKA or cosine), against random experts and a split-half noise ceiling."""
+"""How alike a layer's experts are on the same tokens (linear CKA, cosine), against random experts, noise ceiling."""
 
 from __future__ import annotations
 
@@ -111,7 +111,8 @@ def hsic_from_grams(grams: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     if not unbiased:
         if n < 2:
             raise ValueError(f"the biased HSIC needs at least 2 rows, got {n}")
-        kc = grams - grams.mean(dim=1, keepdim=True) - grams.mean(dim=2, keepdim=True) + grams.mean(dim=(1, 2), keepdim=True)
+        kc = (grams - grams.mean(dim=1, keepdim=True) - grams.mean(dim=2, keepdim=True)
+              + grams.mean(dim=(1, 2), keepdim=True))                # H K H
         flat = kc.reshape(e, n * n)
         return flat @ flat.T / float((n - 1) ** 2)
     if n < 4:
@@ -179,7 +180,8 @@ def linear_cka(x, y, unbiased: bool = True) -> float:
     """
     x, y = _as_float64(x), _as_float64(y)
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"linear_cka expects [n, d1] and [n, d2] with the same n, got {tuple(x.shape)}, {tuple(y.shape)}")
+        raise ValueError(f"linear_cka expects [n, d1] and [n, d2] with the same n, "
+                         f"got {tuple(x.shape)}, {tuple(y.shape)}")
     width = max(x.shape[1], y.shape[1])
     pad = torch.zeros(2, x.shape[0], width, dtype=torch.float64)    # zero columns change no kernel
     pad[0, :, : x.shape[1]] = x

@@ -82,7 +82,8 @@ def run_expert_similarity(args: argparse.Namespace) -> int:
         sh = r.ceiling.split_half_r
         a, b = r.off_diagonal.most_similar
         t.add_row(str(r.layer), _plus_minus(r.off_diagonal.mean), f"{q['q05']:.2f}-{q['q95']:.2f}",
-                  f"E{a}~E{b} {r.off_diagonal.max:.2f}", "-" if r.floor is None else _plus_minus(r.floor.off_diagonal.mean),
+                  f"E{a}~E{b} {r.off_diagonal.max:.2f}",
+                  "-" if r.floor is None else _plus_minus(r.floor.off_diagonal.mean),
                   "-" if r.floor is None else _plus_minus(r.floor.excess), "-" if sh is None else f"{sh.estimate:.2f}")
     con.print(t)
     con.print("L: layer; mean, q05-q95, top pair: over the expert pairs; random: the same between the layer's experts "

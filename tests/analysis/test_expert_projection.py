@@ -1,4 +1,4 @@
-"""Expert projection: PCA against a known spectrum, planted expert clusters separate, identical experts do not, UMAP's missing-package message."""
+"""Expert projection: PCA on a known spectrum, planted clusters separate, identical experts do not, UMAP missing."""
 
 from __future__ import annotations
 

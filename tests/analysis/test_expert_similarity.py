@@ -1,4 +1,4 @@
-"""Expert similarity: linear CKA (unbiased and biased HSIC) and cosine on planted answers, the random floor and the noise ceiling."""
+"""Expert similarity: CKA (unbiased, biased) and cosine on planted answers, random floor, noise ceiling, intervals."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""expert-similarity and expert-projection end to end on demo:native, results recomputed from the trace, and bad input."""
+"""expert-similarity and expert-projection end to end on demo:native, recomputed from the trace, and bad input."""
 
 from __future__ import annotations
 
