@@ -406,10 +406,22 @@ def _outputs(trace, layer: int, experts, E: int, max_rows: int, fit: np.ndarray)
         return each_expert_output(experts, hidden.to(dtype), E).float().numpy()
 
 
+def _distribution(measure: str, off: np.ndarray, null: np.ndarray, threshold: float, pairs: int,
+                  independent: float) -> SimilarityDistribution:
+    """Summary of one measure's finite off-diagonal values ``off`` next to its finite null draws."""
+    nan = float("nan")
+    q05, q95 = (float(q) for q in np.quantile(off, [0.05, 0.95])) if off.size else (nan, nan)
+    return SimilarityDistribution(
+        measure, float(off.mean()) if off.size else nan, float(np.median(off)) if off.size else nan,
+        float(off.max()) if off.size else nan, q05, q95, float(np.quantile(null, 0.95)) if null.size else nan,
+        int((off >= threshold).sum()), float((null >= threshold).mean()) if null.size else nan, int(pairs), independent)
+
+
 def expert_merging(model, trace, documents: Sequence[Sequence[int]] | None = None, *, threshold: float = 0.8,
                    measure: str = "weights", layers: Sequence[int] | None = None, max_merges: int | None = None,
                    random_repeats: int = 2, bytes_per_expert: dict[int, int] | None = None,
-                   max_output_rows: int = 512, null_draws: int = 64, exclude_documents: Sequence[int] = (), info=None, n_boot: int = 2000, seed: int = 0,
+                   max_output_rows: int = 512, null_draws: int = 64, exclude_documents: Sequence[int] = (), info=None,
+                   n_boot: int = 2000, seed: int = 0,
                    progress: Callable[[], None] | None = None) -> ExpertMerging:
     """Expert similarity (weights, deltas, routing, outputs), merge candidates, and real merges vs random pairs.
 
@@ -500,13 +512,8 @@ def expert_merging(model, trace, documents: Sequence[Sequence[int]] | None = Non
             off = off[np.isfinite(off)]
             null = _null(name, data[name], draws, rng)
             null = null[np.isfinite(null)]
-            rows.append(SimilarityDistribution(
-                name, float(off.mean()) if off.size else float("nan"), float(np.median(off)) if off.size else float("nan"),
-                float(off.max()) if off.size else float("nan"), *(map(float, np.quantile(off, [0.05, 0.95])) if off.size
-                                                                  else (float("nan"),) * 2),
-                float(np.quantile(null, 0.95)) if null.size else float("nan"), int((off >= threshold).sum()),
-                float((null >= threshold).mean()) if null.size else float("nan"), int(len(iu[0])),
-                -1.0 / (E - 1) if name == "deltas" else (float(null.mean()) if null.size else float("nan"))))
+            independent = -1.0 / (E - 1) if name == "deltas" else (float(null.mean()) if null.size else float("nan"))
+            rows.append(_distribution(name, off, null, threshold, len(iu[0]), independent))
         distributions[l] = rows
         for a, b in zip(*iu):
             sim = {name: float(s[a, b]) for name, s in sims.items()}
