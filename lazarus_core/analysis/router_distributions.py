@@ -145,23 +145,16 @@ def _distributions(parts: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], n
         raise ValueError("router distributions need at least one token")
     num_experts, k = int(np.shape(parts[0][0])[1]), int(np.shape(parts[0][1])[1])
     in_hist = _histogram_rows(n, sample_tokens, seed)
-    # Pass 1: range of the logits (and their moments) over every token.
+    n_hist = n if in_hist is None else int(in_hist.sum())
+    # One pass: every token's slot probabilities and logit moments; the sampled tokens' logits and
+    # probabilities are kept (n_hist x E fp32 each) and binned at the end, once the range is known.
+    kept_logits = torch.empty((n_hist, num_experts), dtype=torch.float32)
+    kept_probs = torch.empty_like(kept_logits)
+    kept_weights = torch.empty((n_hist, k), dtype=torch.float32)
     lo, hi, total, total_sq = math.inf, -math.inf, 0.0, 0.0
-    with torch.inference_mode():
-        for logits, _, _ in parts:
-            for _, x in iter_fp32_chunks(logits, chunk_rows):
-                a, b = torch.aminmax(x)
-                lo, hi = min(lo, float(a)), max(hi, float(b))
-                total += float(x.sum(dtype=torch.float64))
-                total_sq += float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
-    mean = total / (n * num_experts)
-    std = math.sqrt(max(total_sq / (n * num_experts) - mean * mean, 0.0))
-    hi = hi if hi > lo else lo + 1.0
-    # Pass 2: probabilities, their value at each top-k slot, histograms of the sampled tokens.
-    h_logits, h_prob, h_log, h_topk = (torch.zeros(bins, dtype=torch.float64) for _ in range(4))
     slot_prob = np.empty((n, k), dtype=np.float32)
     slot_weight = np.empty((n, k), dtype=np.float32)
-    offset = 0
+    offset = kept = 0
     with torch.inference_mode():
         for logits, ids, weights in parts:
             ids_t = _as_tensor(ids).long()
@@ -171,17 +164,31 @@ def _distributions(parts: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], n
                 _, w = next(weight_chunks)
                 keep = None if in_hist is None else torch.from_numpy(in_hist[offset:offset + rows])
                 sample = x if keep is None else x[keep]
-                h_logits += torch.histc(sample, bins=bins, min=lo, max=hi).double()
-                p = _probabilities_(x, scoring)
-                slot_prob[offset:offset + rows] = p.gather(1, ids_t[start:start + rows]).numpy()
-                sample = p if keep is None else p[keep]
-                h_prob += torch.histc(sample, bins=bins, min=0.0, max=1.0).double()
-                logp = sample.clamp(min=10.0 ** LOG10_FLOOR).log10_()
-                h_log += torch.histc(logp, bins=bins, min=LOG10_FLOOR, max=0.0).double()
+                kept_logits[kept:kept + len(sample)] = sample
+                a, b = torch.aminmax(x)
+                lo, hi = min(lo, float(a)), max(hi, float(b))
+                total += float(x.sum(dim=1).double().sum())
+                total_sq += float(x.square().sum(dim=1).double().sum())
+                if scoring == "softmax":      # unnormalised scores e, then p = e / sum(e) where needed
+                    x.sub_(x.amax(dim=1, keepdim=True)).exp_()
+                else:
+                    x.sigmoid_()
+                inv_sum = x.sum(dim=1, keepdim=True).reciprocal_()
+                slot_prob[offset:offset + rows] = (x.gather(1, ids_t[start:start + rows]) * inv_sum).numpy()
+                kept_probs[kept:kept + len(sample)] = (x if keep is None else x[keep]) * (
+                    inv_sum if keep is None else inv_sum[keep])
                 q = w.div_(w.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny))
                 slot_weight[offset:offset + rows] = q.numpy()
-                h_topk += torch.histc(q if keep is None else q[keep], bins=bins, min=0.0, max=1.0).double()
+                kept_weights[kept:kept + len(sample)] = q if keep is None else q[keep]
+                kept += len(sample)
                 offset += rows
+        hi = hi if hi > lo else lo + 1.0
+        h_logits = torch.histc(kept_logits, bins=bins, min=lo, max=hi)
+        h_prob = torch.histc(kept_probs, bins=bins, min=0.0, max=1.0)
+        h_log = torch.histc(kept_probs.clamp_(min=10.0 ** LOG10_FLOOR).log10_(), bins=bins, min=LOG10_FLOOR, max=0.0)
+        h_topk = torch.histc(kept_weights, bins=bins, min=0.0, max=1.0)
+    mean = total / (n * num_experts)
+    std = math.sqrt(max(total_sq / (n * num_experts) - mean * mean, 0.0))
     if offset != n:
         raise ValueError(f"expected {n} tokens, got {offset}")
     ci = boot.mean
@@ -190,7 +197,7 @@ def _distributions(parts: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], n
         return Histogram(np.linspace(low, high, bins + 1).tolist(), [int(round(c)) for c in counts.tolist()])
 
     return LayerDistributions(
-        int(layer), int(n), num_experts, k, scoring, int(n if in_hist is None else in_hist.sum()),
+        int(layer), int(n), num_experts, k, scoring, n_hist,
         hist(h_logits, lo, hi), mean, std, hist(h_prob, 0.0, 1.0), hist(h_log, LOG10_FLOOR, 0.0),
         hist(h_topk, 0.0, 1.0), [ci(slot_prob[:, r]) for r in range(k)], [ci(slot_weight[:, r]) for r in range(k)],
         ci(slot_prob.sum(axis=1)))
