@@ -399,7 +399,7 @@ def routing_manipulation(model, prompts: Sequence[Sequence[int]], layer: int, ex
     if searched:
         won = {(t.prompt, t.method): float(t.success) for t in trials}
         paired = bootstrap_mean_ci(np.array([won[(p, "gradient")] - won[(p, "random")] for p in searched]),
-                                   n_boot=n_boot, seed=seed)
+                                   np.asarray(searched), n_boot=n_boot, seed=seed)   # one unit per prompt
     return RoutingManipulation(layer, expert, E, target_idx, steps, candidates, topk_tokens, edit_target, len(prompts),
                                already, wilson_interval(already, len(prompts)), _summary("gradient", trials),
                                _summary("random", trials), paired, trials, rows)
