@@ -12,6 +12,7 @@ import torch
 from lazarus_core.analysis.intervals import Interval
 from lazarus_core.analysis.router_entropy import (
     DEFAULT_CHUNK_ROWS,
+    LOG2E,
     SCORINGS,
     Histogram,
     _as_tensor,
@@ -117,15 +118,6 @@ class RouterDistributions:
                 "layers": [entry.to_dict() for entry in self.layers]}
 
 
-def _probabilities_(x: torch.Tensor, scoring: str) -> torch.Tensor:
-    """Router probabilities of an fp32 chunk [c, E], computed in place."""
-    if scoring == "softmax":
-        x.sub_(x.amax(dim=1, keepdim=True)).exp_()
-    else:
-        x.sigmoid_()
-    return x.div_(x.sum(dim=1, keepdim=True))
-
-
 def _histogram_rows(n: int, sample_tokens: int | None, seed: int) -> np.ndarray | None:
     """bool [n]: the tokens whose values enter the histograms (None: all of them)."""
     if sample_tokens is None or sample_tokens >= n:
@@ -170,7 +162,7 @@ def _distributions(parts: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], n
                 total += float(x.sum(dim=1).double().sum())
                 total_sq += float(x.square().sum(dim=1).double().sum())
                 if scoring == "softmax":      # unnormalised scores e, then p = e / sum(e) where needed
-                    x.sub_(x.amax(dim=1, keepdim=True)).exp_()
+                    x.sub_(x.amax(dim=1, keepdim=True)).mul_(LOG2E).exp2_()
                 else:
                     x.sigmoid_()
                 inv_sum = x.sum(dim=1, keepdim=True).reciprocal_()

@@ -43,23 +43,29 @@ def iter_fp32_chunks(array, chunk_rows: int = DEFAULT_CHUNK_ROWS):
         yield start, chunk
 
 
-def _chunk_entropy(x: torch.Tensor, e: torch.Tensor, scoring: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entropy [c] and the probabilities' column sum [E] of one fp32 chunk ``x`` [c, E] (``x``, ``e`` overwritten).
+LOG2E = 1.4426950408889634  # torch's CPU exp2 is about twice as fast as its exp: work in base 2, convert at the end
+LN2 = 0.6931471805599453
 
-    Softmax: with y = x - max, e = exp(y), Z = sum(e): H = log Z - sum(e * y) / Z (no log of a
-    probability, so no 0 * -inf). Sigmoid (DeepSeek-V3): s = sigmoid(x), S = sum(s):
+
+def _chunk_entropy(x: torch.Tensor, e: torch.Tensor, scoring: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy [c] (nats) and the probabilities' column sum [E] of one fp32 chunk ``x`` [c, E] (``x``, ``e`` overwritten).
+
+    Softmax: with y = (x - max) * log2(e), e = 2^y, Z = sum(e): H = (log2 Z - sum(e * y) / Z) * ln 2
+    (no log of a probability, so no 0 * -inf). Sigmoid (DeepSeek-V3): s = sigmoid(x), S = sum(s):
     H = log S - sum(s * log s) / S.
     """
     if scoring == "softmax":
-        x.sub_(x.amax(dim=1, keepdim=True))
-        torch.exp(x, out=e)
+        x.sub_(x.amax(dim=1, keepdim=True)).mul_(LOG2E)
+        torch.exp2(x, out=e)
     else:
         torch.sigmoid(x, out=e)
         x.copy_(torch.nn.functional.logsigmoid(x))
     z = e.sum(dim=1)
     inv_z = z.reciprocal()
     weighted = x.mul_(e).sum(dim=1)
-    return torch.log(z).sub_(weighted.mul_(inv_z)), torch.mv(e.T, inv_z)
+    log_z = torch.log2(z) if scoring == "softmax" else torch.log(z)
+    entropy = log_z.sub_(weighted.mul_(inv_z))
+    return (entropy.mul_(LN2) if scoring == "softmax" else entropy), torch.mv(e.T, inv_z)
 
 
 def entropy_from_logits(logits, *, scoring: str = "softmax", chunk_rows: int = DEFAULT_CHUNK_ROWS,
