@@ -119,7 +119,8 @@ def run(repeats: int = 3) -> tuple[list[BenchRow], dict]:
             buf[:len(chunk)].copy_(chunk)
             torch.exp2(buf[:len(chunk)], out=ebuf[:len(chunk)])
 
-    for name, fn in (("  piece: fp16->fp32 chunk copy only", convert_only), ("  piece: copy + one exp2 (the kernel's transcendental)", convert_exp)):
+    for name, fn in (("  piece: fp16->fp32 chunk copy only", convert_only),
+                     ("  piece: copy + one exp2 (the kernel's transcendental)", convert_exp)):
         t = median_seconds(fn, repeats=repeats, warmup=1)
         rows.append(BenchRow(name, "torch", one, "fp16", t * 1e3, nbytes / t / 1e9, 100 * nbytes / t / read_bw))
 

@@ -48,7 +48,9 @@ LN2 = 0.6931471805599453
 
 
 def _chunk_entropy(x: torch.Tensor, e: torch.Tensor, scoring: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entropy [c] (nats) and the probabilities' column sum [E] of one fp32 chunk ``x`` [c, E] (``x``, ``e`` overwritten).
+    """Entropy [c] (nats) and the probabilities' column sum [E] of one fp32 chunk ``x`` [c, E].
+
+    ``x`` and ``e`` (same shape) are overwritten.
 
     Softmax: with y = (x - max) * log2(e), e = 2^y, Z = sum(e): H = (log2 Z - sum(e * y) / Z) * ln 2
     (no log of a probability, so no 0 * -inf). Sigmoid (DeepSeek-V3): s = sigmoid(x), S = sum(s):

@@ -9,7 +9,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from lazarus_core.analysis.intervals import Interval, bootstrap_mean_ci
-from lazarus_core.analysis.router_entropy import DocumentBootstrap, bootstrap_ratio_columns, check_layers, document_index
+from lazarus_core.analysis.router_entropy import (DocumentBootstrap, bootstrap_ratio_columns, check_layers,
+                                                  document_index)
 from lazarus_core.trigram.stats import topk_pair_null
 from lazarus_core.trigram.usage import coactivation_matrix
 
@@ -18,7 +19,8 @@ DEFAULT_PERMUTATIONS = 10
 
 
 def _r(values, digits: int = 6) -> list:
-    return [None if not np.isfinite(v) else round(float(v), digits) for v in np.asarray(values, dtype=np.float64).ravel()]
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    return [None if not np.isfinite(v) else round(float(v), digits) for v in flat]
 
 
 def _f(value, digits: int = 8):
@@ -403,7 +405,7 @@ def token_overlap(token_ids: np.ndarray, topk_ids: np.ndarray, num_experts: int,
 
     matrix = jaccard(inverse)
     rng = np.random.default_rng(seed)
-    null = np.array([jaccard(rng.permutation(inverse))[iu].mean() for _ in range(n_perm)]) if n_perm else np.array([np.nan])
+    null = np.array([jaccard(rng.permutation(inverse))[iu].mean() for _ in range(n_perm)] or [np.nan])
     return TokenOverlap(matrix, float(matrix[iu].mean()) if len(iu[0]) else float("nan"), float(null.mean()),
                         float(null.std()))
 
@@ -440,8 +442,8 @@ def olmoe_coactivation(topk_ids: np.ndarray, num_experts: int) -> Coactivation:
         if k > 1 and n > 0:
             inclusion = count / n
             pair = topk_pair_null(inclusion * (k / inclusion.sum()), k)
-            independent = np.where(inclusion[:, None] > 0, pair * (2.0 / k) / np.where(inclusion > 0, inclusion, 1)[:, None],
-                                   0.0)
+            safe = np.where(inclusion > 0, inclusion, 1.0)[:, None]
+            independent = np.where(inclusion[:, None] > 0, pair * (2.0 / k) / safe, 0.0)
             np.fill_diagonal(independent, 0.0)
     return Coactivation(matrix, baseline, independent, cochosen)
 

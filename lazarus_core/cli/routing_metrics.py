@@ -51,7 +51,8 @@ def run_router_entropy(args: argparse.Namespace) -> int:
 
     session, trace, _, layers = _trace_and_layers(args, logits=True)
     res = router_entropy(trace, layers, bins=args.bins, n_boot=args.n_boot, seed=args.seed, keep_tokens=bool(args.csv))
-    t = Table(title=f"router entropy ({res.family}, {res.scoring}; {res.num_tokens} tokens, nats, 95% CI over documents)")
+    t = Table(title=f"router entropy ({res.family}, {res.scoring}; {res.num_tokens} tokens, nats, "
+                    "95% CI over documents)")
     for col in ("layer", "mean H [95% CI]", "÷log E", "median", "marginal", "log E", "MI", "top-k ÷log k"):
         t.add_column(col, justify="right")
     for e in res.layers:
@@ -129,7 +130,8 @@ def run_router_distributions(args: argparse.Namespace) -> int:
                 f"top-k mass [95% CI] vs k/E={k / e_count:.3f}", f"renorm. w(slot 0..{shown - 1}) vs 1/k={1 / k:.3f}"):
         t.add_column(col, justify="right")
     for d in res.layers:
-        t.add_row(str(d.layer), f"{d.logit_mean:.2f} ± {d.logit_std:.2f} [{d.logits.edges[0]:.1f}, {d.logits.edges[-1]:.1f}]",
+        spread = f"{d.logit_mean:.2f} ± {d.logit_std:.2f} [{d.logits.edges[0]:.1f}, {d.logits.edges[-1]:.1f}]"
+        t.add_row(str(d.layer), spread,
                   " ".join(f"{i.estimate:.3f}" for i in d.probability_per_rank[:shown]), _ci(d.topk_mass),
                   " ".join(f"{i.estimate:.3f}" for i in d.topk_weight_per_rank[:shown]))
     console().print(t)
@@ -143,7 +145,8 @@ def run_router_distributions(args: argparse.Namespace) -> int:
             "router_distributions_slots": [
                 {"layer": d.layer, "slot": r, "mean_probability": p.estimate, "probability_ci_low": p.low,
                  "probability_ci_high": p.high, "mean_topk_weight": w.estimate, "topk_weight_ci_low": w.low,
-                 "topk_weight_ci_high": w.high, "uniform_probability": 1 / d.num_experts, "uniform_topk_weight": 1 / d.top_k}
+                 "topk_weight_ci_high": w.high, "uniform_probability": 1 / d.num_experts,
+                 "uniform_topk_weight": 1 / d.top_k}
                 for d in res.layers for r, (p, w) in enumerate(zip(d.probability_per_rank, d.topk_weight_per_rank))]})
     if args.plot:
         _plot_distributions(res, args.plot)
@@ -195,7 +198,8 @@ def run_router_metrics(args: argparse.Namespace) -> int:
     if compare is not None:
         missing = [l for l in layers if l not in compare.layers]
         if missing:
-            raise ValueError(f"--compare-trace {args.compare_trace} lacks layers {missing}: its layers are {compare.layers}")
+            raise ValueError(f"--compare-trace {args.compare_trace} lacks layers {missing}: "
+                             f"its layers are {compare.layers}")
     res = router_metrics(trace, layers, doc_labels=labels, compare=compare, min_count=args.min_count,
                          n_perm=args.permutations, n_boot=args.n_boot, seed=args.seed)
     k, e_count = trace.top_k, trace.num_experts
@@ -261,7 +265,8 @@ def _metrics_tables(res) -> dict[str, list[dict]]:
             for e in range(m.num_experts):
                 tables["router_metrics_domains"].append({
                     "layer": m.layer, "domain": d.label, "expert": e, "share": d.share[e], "ci_low": d.share_low[e],
-                    "ci_high": d.share_high[e], "specialisation": d.specialisation[e], "lift_over_layer": d.lift_over_layer[e]})
+                    "ci_high": d.share_high[e], "specialisation": d.specialisation[e],
+                    "lift_over_layer": d.lift_over_layer[e]})
         for a in range(m.num_experts):
             for b in range(m.num_experts):
                 if a != b:
