@@ -102,12 +102,17 @@ def fit_linear_probe(x: np.ndarray, targets: np.ndarray, *, loss: str = "softmax
 def split_documents(doc_ids: np.ndarray, test_fraction: float = 0.3, seed: int = 0) -> np.ndarray:
     """A seeded split of whole documents: True for tokens of held-out (test) documents.
 
+    Documents are taken in a seeded random order into the held-out set until it holds at least
+    ``test_fraction`` of the tokens (so one long document cannot leave the test set nearly empty); at
+    least one document stays on each side.
+
     Parameters
     ----------
     doc_ids : np.ndarray
         int [n], each token's document.
     test_fraction : float
-        Share of the documents held out, in (0, 1); at least one document on each side.
+        Share of the tokens held out, in (0, 1).
+    seed : int
 
     Returns
     -------
@@ -121,13 +126,14 @@ def split_documents(doc_ids: np.ndarray, test_fraction: float = 0.3, seed: int =
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"--test-fraction must be in (0, 1), got {test_fraction}")
-    docs = np.unique(doc_ids)
+    docs, counts = np.unique(doc_ids, return_counts=True)
     if len(docs) < 2:
         raise ValueError(f"a held-out evaluation needs at least 2 documents, the data has {len(docs)}: "
                          "give more --num-tokens or a corpus with more documents")
-    n_test = min(len(docs) - 1, max(1, int(round(test_fraction * len(docs)))))
-    test_docs = np.random.default_rng(seed).permutation(docs)[:n_test]
-    return np.isin(doc_ids, test_docs)
+    order = np.random.default_rng(seed).permutation(len(docs))
+    reached = np.cumsum(counts[order]) >= test_fraction * counts.sum()
+    n_test = min(len(docs) - 1, int(np.argmax(reached)) + 1)
+    return np.isin(doc_ids, docs[order[:n_test]])
 
 
 def topk_recall(scores: np.ndarray, topk_ids: np.ndarray, m: int | None = None) -> np.ndarray:

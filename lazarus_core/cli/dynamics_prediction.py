@@ -16,6 +16,10 @@ def _iv(iv, pct: bool = True) -> str:
     return f"{iv.estimate:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]"
 
 
+def _ivc(iv) -> str:
+    return f"{iv.estimate:.1%} [{iv.low:.0%},{iv.high:.0%}]"
+
+
 def _positive(value, flag: str, minimum: float = 1) -> None:
     if value < minimum:
         raise ValueError(f"{flag} must be >= {minimum:g}, got {value}")
@@ -104,20 +108,26 @@ def _render_attention_prediction(res) -> None:
     con.print(f"held-out documents: {first.test_documents} ({first.test_tokens} tokens); trained on "
               f"{first.train_documents} documents ({first.train_tokens} tokens); routing recomputed = trace's primary "
               f"at {res.routing_agreement:.1%} of tokens")
-    t = Table(title="primary-expert accuracy / top-k recall on held-out documents [95% CI over documents]")
-    t.add_column("layer", justify="right")
-    for name in ("majority", "token lookup", "attention probe", "residual probe", "router-input probe"):
-        t.add_column(name, justify="right")
-    t.add_column("attention - best baseline", justify="right")
-    for l in res.layers:
-        cells = [f"{p.accuracy.estimate:.1%} [{p.accuracy.low:.0%},{p.accuracy.high:.0%}] / {p.topk_recall.estimate:.1%}"
-                 for p in l.predictors]
-        t.add_row(str(l.layer), *cells, f"{_iv(l.attention_gain, False)} vs {l.best_baseline}")
-    con.print(t)
+    short = {"majority": "majority", "token_lookup": "token", "attention_probe": "attention", "residual_probe": "residual",
+             "router_input_probe": "router input"}
+    for what, title in (("accuracy", "primary-expert accuracy"), ("topk_recall", "top-k recall")):
+        t = Table(title=f"{title} on held-out documents [95% CI over documents]")
+        t.add_column("layer", justify="right")
+        for p in first.predictors:
+            t.add_column(short.get(p.name, p.name), justify="right")
+        if what == "accuracy":
+            t.add_column("attention - best baseline", justify="right")
+        for l in res.layers:
+            cells = [f"{getattr(p, what).estimate:.1%} [{getattr(p, what).low:.0%},{getattr(p, what).high:.0%}]"
+                     for p in l.predictors]
+            if what == "accuracy":
+                cells.append(f"{_iv(l.attention_gain, False)} ({short[l.best_baseline]})")
+            t.add_row(str(l.layer), *cells)
+        con.print(t)
     if any(l.decomposition is not None for l in res.layers):
         t = Table(title="router-logit variance: share from the attention output vs the residual stream")
-        for col in ("layer", "attention share [CI]", "residual share", "attention alone", "residual alone", "cross",
-                    "random routers (attention share)", "attention energy share", "split error"):
+        for col in ("layer", "attention share [CI]", "residual", "attn alone", "resid alone", "cross",
+                    "random routers", "attn energy", "split err"):
             t.add_column(col, justify="right")
         for l in res.layers:
             d = l.decomposition
@@ -238,8 +248,8 @@ def _render_context_attention_routing(res, verbose: bool) -> None:
     con.print(f"{res.token!r} in {len(res.contexts)} contexts; attention similarity: {res.definitions['attention']}; "
               f"routing similarity: {res.definitions['routing']}")
     t = Table(title="Mantel test per layer: Spearman of attention vs routing similarity over context pairs")
-    for col in ("layer", "Spearman [95% CI]", "permutation null [2.5%, 97.5%]", "p", "q (BH)", "mean attention sim",
-                "mean routing sim", "distinct primary"):
+    for col in ("layer", "Spearman [95% CI]", "permutation null", "p", "q (BH)", "attn sim", "routing sim",
+                "primaries"):
         t.add_column(col, justify="right")
     for l in res.layers:
         m = l.mantel
@@ -351,19 +361,21 @@ def _render_task_prediction(res) -> None:
               f"held out {res.test_documents} documents ({res.test_tokens} tokens)")
     t = Table(title="prefetch set of m experts per token: recall (share of the k used that were prefetched) "
                     "[95% CI over documents], precision")
-    for col in ("layer", "m / E", "probe recall", "most frequent", "previous token", "probe - best baseline",
-                "probe precision", "loads avoided"):
+    for col in ("layer", "m/E", "probe", "most frequent", "previous token", "probe - best", "precision",
+                "avoided"):
         t.add_column(col, justify="right")
     for l in res.layers:
         p, f, q = (l.prefetcher(n) for n in ("probe", "most_frequent", "previous_token"))
-        t.add_row(str(l.layer), f"{l.prefetch_size}/{l.num_experts}", _iv(p.recall), _iv(f.recall), _iv(q.recall),
-                  f"{_iv(l.recall_gain, False)} vs {l.best_baseline}", _iv(p.precision),
+        t.add_row(str(l.layer), f"{l.prefetch_size}/{l.num_experts}", _ivc(p.recall), _ivc(f.recall), _ivc(q.recall),
+                  _iv(l.recall_gain, False), _ivc(p.precision),
                   f"{1 - l.prefetch_size / l.num_experts:.0%}")
     con.print(t)
+    con.print("probe - best: paired recall difference against the better baseline ("
+              + ", ".join(f"L{l.layer}: {l.best_baseline}" for l in res.layers) + "); avoided: experts not loaded ahead")
     if any(l.cost is not None for l in res.layers):
         t = Table(title=f"memory / transfer at {res.bandwidth_gbs:g} GB/s (expert sizes: {res.bytes_source})")
-        for col in ("layer", "bytes / expert", "resident (m)", "all experts", "prefetch ms", "miss ms / token (probe)",
-                    "miss ms / token (most frequent)"):
+        for col in ("layer", "bytes/expert", "resident (m)", "all experts", "prefetch ms", "miss ms/token",
+                    "miss ms/token (frequent)"):
             t.add_column(col, justify="right")
         for l in res.layers:
             c = l.cost
