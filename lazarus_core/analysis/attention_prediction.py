@@ -563,8 +563,11 @@ def decompose_layer(f: LayerAttentionFeatures, doc_ids: np.ndarray, *, seed: int
 
 
 def layers_per_pass(tokens: int, hidden: int, budget_bytes: int = 2 << 30) -> int:
-    """How many layers' features (r, a, h float32 [t, H] each) fit in ``budget_bytes`` at once (at least 1)."""
-    return max(1, int(budget_bytes // max(1, 3 * 4 * tokens * hidden)))
+    """How many layers' features fit in ``budget_bytes`` at once (at least 1).
+
+    Recording holds four float32 [t, H] arrays per layer (r, a, the norm input and h).
+    """
+    return max(1, int(budget_bytes // max(1, 4 * 4 * tokens * hidden)))
 
 
 __all__ = ["LinearProbe", "fit_linear_probe", "split_documents", "topk_recall", "soft_targets", "majority_scores",

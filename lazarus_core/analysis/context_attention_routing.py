@@ -109,6 +109,12 @@ def _nan_mantel(n: int, alternative: str) -> MantelTest:
                       n * (n - 1) // 2, alternative)
 
 
+def _null_block(rb: np.ndarray, orders: np.ndarray, iu: tuple, za: np.ndarray) -> np.ndarray:
+    """Spearman statistics of the rank matrix ``rb`` under each context order (rows of ``orders``)."""
+    pb = rb[orders[:, iu[0]], orders[:, iu[1]]]                       # [P, pairs]
+    return ((pb - pb.mean(1, keepdims=True)) / pb.std(1, keepdims=True)) @ za / len(za)
+
+
 def mantel_test(a: np.ndarray, b: np.ndarray, *, permutations: int = 999, alternative: str = "greater",
                 n_boot: int = 1000, seed: int = 0) -> MantelTest:
     """Mantel test: Spearman correlation of two symmetric similarity matrices, p by permuting contexts.
@@ -150,8 +156,8 @@ def mantel_test(a: np.ndarray, b: np.ndarray, *, permutations: int = 999, altern
     exact = math.factorial(n) <= permutations
     orders = (np.array(list(all_permutations(range(n)))) if exact
               else np.array([rng.permutation(n) for _ in range(permutations)]))
-    pb = rb[orders[:, iu[0]], orders[:, iu[1]]]                       # [P, pairs]
-    null = ((pb - pb.mean(1, keepdims=True)) / pb.std(1, keepdims=True)) @ za / len(za)
+    chunk = max(1, int(4_000_000 // len(za)))                         # bounded memory for many contexts
+    null = np.concatenate([_null_block(rb, orders[s:s + chunk], iu, za) for s in range(0, len(orders), chunk)])
     tol = 1e-12
     extreme = (null >= observed - tol) if alternative == "greater" else (np.abs(null) >= abs(observed) - tol)
     if exact:

@@ -41,6 +41,8 @@ def _trace_layers(args: argparse.Namespace, trace, *, many: bool) -> list[int]:
     try:
         return choose_layers(args, trace.layers, many=many)
     except ValueError as exc:
+        if not getattr(args, "trace", None):
+            raise
         raise ValueError(str(exc).replace("the MoE layers are", "the trace's layers are")) from None
 
 
@@ -182,6 +184,7 @@ def run_context_attention_routing(args: argparse.Namespace) -> int:
     from lazarus_core.cli.analysis_common import write_csv_tables
 
     _positive(args.permutations, "--permutations")
+    _positive(args.max_contexts, "--max-contexts", 3)
     rows_mode = args.attention_similarity == "rows"
     session = Session(args, attention=rows_mode)
     if args.trace:
@@ -196,7 +199,7 @@ def run_context_attention_routing(args: argparse.Namespace) -> int:
     first = {}
     for o in occ:
         first.setdefault(o.doc, o)
-    items = [first[d] for d in sorted(first)]
+    items = [first[d] for d in sorted(first)][: args.max_contexts]
     if len(items) < 3:
         raise ValueError(f"--token {args.token!r} occurs in {len(items)} context(s); the Mantel test needs at least 3: "
                          "give more --contexts")
@@ -443,6 +446,8 @@ def register(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--routing-similarity", choices=("jaccard", "probability"), default="jaccard",
                    help="jaccard: top-k set overlap (default); probability: correlation of router probabilities")
     p.add_argument("--permutations", type=int, default=999, help="context permutations of the Mantel p (default 999)")
+    p.add_argument("--max-contexts", type=int, default=200,
+                   help="use at most this many contexts (the first ones holding the token; default 200)")
     p.add_argument("--alternative", choices=("greater", "two-sided"), default="greater",
                    help="greater (default): similar attention goes with similar routing")
     p.add_argument("--plot", default=None, metavar="FILE", help="write a figure (.png or .pdf)")
