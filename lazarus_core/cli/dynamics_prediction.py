@@ -78,17 +78,19 @@ def run_attention_prediction(args: argparse.Namespace) -> int:
     tokens = sum(b - a for a, b in trace_windows(trace, args.num_tokens))
     group = layers_per_pass(tokens, int(model.config.hidden_size))
     results, agreements = [], []
-    with _bar("attention features", len(layers) * tokens) as update:
+    with _bar("attention features and probes", 2 * len(layers) * tokens) as update:   # features, then probes
         for start in range(0, len(layers), group):
             chunk = layers[start:start + group]
-            base = start * tokens
+            base = 2 * start * tokens
             feats = attention_features_for_trace(model, trace, chunk, max_tokens=args.num_tokens, info=session.info,
                                                  progress=lambda done, base=base, n=len(chunk): update(base + done * n))
+            base += len(chunk) * tokens
             labels = {l: np.asarray(trace.layer(l).topk_ids)[feats.rows] for l in chunk}
             weights = {l: np.asarray(trace.layer(l).topk_weights)[feats.rows] for l in chunk}
             part = attention_prediction(feats, labels=labels, label_weights=weights, test_fraction=args.test_fraction,
                                         l2=args.l2, steps=args.steps, seed=args.seed,
-                                        decompose=not args.no_decomposition)
+                                        decompose=not args.no_decomposition,
+                                        progress=lambda i, base=base: update(base + i * tokens))
             results.extend(part.layers)
             agreements.append(part.routing_agreement)
             del feats
