@@ -250,7 +250,7 @@ def _render_context_attention_routing(res, verbose: bool) -> None:
     from rich.table import Table
 
     con = console()
-    con.print(f"{res.token!r} in {len(res.contexts)} contexts; attention similarity: {res.definitions['attention']}; "
+    con.print(f"{escape(repr(res.token))} in {len(res.contexts)} contexts; attention similarity: {res.definitions['attention']}; "
               f"routing similarity: {res.definitions['routing']}")
     t = Table(title="Mantel test per layer: Spearman of attention vs routing similarity over context pairs")
     for col in ("layer", "Spearman [95% CI]", "permutation null", "p", "q (BH)", "attn sim", "routing sim",
