@@ -102,9 +102,9 @@ def fit_linear_probe(x: np.ndarray, targets: np.ndarray, *, loss: str = "softmax
 def split_documents(doc_ids: np.ndarray, test_fraction: float = 0.3, seed: int = 0) -> np.ndarray:
     """A seeded split of whole documents: True for tokens of held-out (test) documents.
 
-    Documents are taken in a seeded random order into the held-out set until it holds at least
-    ``test_fraction`` of the tokens (so one long document cannot leave the test set nearly empty); at
-    least one document stays on each side.
+    Documents are visited in a seeded random order and each is held out when the held-out tokens stay
+    within ``test_fraction`` of all tokens (so one long document cannot take or leave the whole test
+    set); at least one document stays on each side (the shortest is held out when none fits).
 
     Parameters
     ----------
@@ -130,10 +130,15 @@ def split_documents(doc_ids: np.ndarray, test_fraction: float = 0.3, seed: int =
     if len(docs) < 2:
         raise ValueError(f"a held-out evaluation needs at least 2 documents, the data has {len(docs)}: "
                          "give more --num-tokens or a corpus with more documents")
-    order = np.random.default_rng(seed).permutation(len(docs))
-    reached = np.cumsum(counts[order]) >= test_fraction * counts.sum()
-    n_test = min(len(docs) - 1, int(np.argmax(reached)) + 1)
-    return np.isin(doc_ids, docs[order[:n_test]])
+    target = test_fraction * counts.sum()
+    chosen, held = [], 0
+    for i in np.random.default_rng(seed).permutation(len(docs)):
+        if held + counts[i] <= target:
+            chosen.append(i)
+            held += counts[i]
+    if not chosen:
+        chosen = [int(np.argmin(counts))]
+    return np.isin(doc_ids, docs[chosen[: len(docs) - 1]])
 
 
 def topk_recall(scores: np.ndarray, topk_ids: np.ndarray, m: int | None = None) -> np.ndarray:

@@ -93,6 +93,10 @@ def test_split_is_by_whole_documents_and_seeded():
         assert len(set(test[docs == d])) == 1
     assert 0 < test.sum() < len(docs)
     assert (split_documents(docs, 0.3, seed=5) == test).all()
+    lopsided = np.repeat(np.arange(12), [1750] + [27] * 11)          # one long document and short ones
+    for seed in range(4):
+        held = split_documents(lopsided, 0.3, seed=seed)
+        assert 0 < held.sum() <= 0.3 * len(lopsided) and not held[0]
     with pytest.raises(ValueError, match="at least 2 documents"):
         split_documents(np.zeros(5, int))
     with pytest.raises(ValueError, match="--test-fraction"):
