@@ -1,5 +1,4 @@
-"""Can the attention output alone predict a layer's experts? Linear probes on held-out documents, next to trivial predictors,
-and the router logits split into the attention output's and the residual stream's contributions."""
+"""Can attention alone predict a layer's experts? Held-out linear probes vs trivial predictors, and the logit split."""
 
 from __future__ import annotations
 

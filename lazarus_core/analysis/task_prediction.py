@@ -1,5 +1,4 @@
-"""Can an early layer's hidden state tell which experts later layers will need? A prefetch probe on held-out documents,
-next to the most-frequent set and the previous token's set, with the memory and transfer time it implies."""
+"""Can an early hidden state tell which experts later layers need? A held-out prefetch probe vs simple sets, with costs."""
 
 from __future__ import annotations
 
