@@ -144,6 +144,9 @@ class LayerColdExperts:
         Ablating every cold expert of the layer at once.
     random_control : list of Ablation
         Ablating as many random non-cold experts of the layer (one entry per draw).
+    random_single : list of Ablation
+        Ablating one random non-cold expert (one entry per draw): the control of each cold expert's own
+        ablation (the same entries as ``random_control`` when the layer has one cold expert).
     skipped : str or None
         Why an ablation was not measured (e.g. too few experts would remain).
     """
@@ -158,6 +161,7 @@ class LayerColdExperts:
     cold_experts: list[ColdExpert] = field(default_factory=list)
     all_cold: Ablation | None = None
     random_control: list[Ablation] = field(default_factory=list)
+    random_single: list[Ablation] = field(default_factory=list)
     skipped: str | None = None
 
     def to_dict(self) -> dict:
@@ -166,7 +170,8 @@ class LayerColdExperts:
                 "expected_cold_uniform": self.expected_cold_uniform, "num_cold": len(self.cold_experts),
                 "cold_experts": [c.to_dict() for c in self.cold_experts],
                 "all_cold": None if self.all_cold is None else self.all_cold.to_dict(),
-                "random_control": [a.to_dict() for a in self.random_control], "skipped": self.skipped}
+                "random_control": [a.to_dict() for a in self.random_control],
+                "random_single": [a.to_dict() for a in self.random_single], "skipped": self.skipped}
 
 
 @dataclass
@@ -416,6 +421,11 @@ def cold_experts(trace, *, layers: list[int] | None = None, threshold: float | N
             say(f"layer {lr.layer}: ablating E{c.expert}")
             c.ablation = meter.ablate({lr.layer: [c.expert]})
         warm = [e for e in range(E) if e not in cold_ids]
+        if len(cold_ids) > 1:
+            for d in range(baseline_draws):
+                pick = [int(rng.choice(warm))]
+                say(f"layer {lr.layer}: ablating one random non-cold expert (draw {d + 1})")
+                lr.random_single.append(meter.ablate({lr.layer: pick}))
         if not meter.can_ablate(lr.layer, len(cold_ids)):
             lr.skipped = (f"ablating all {len(cold_ids)} cold experts would leave fewer than k = {k} experts")
             continue
@@ -430,6 +440,8 @@ def cold_experts(trace, *, layers: list[int] | None = None, threshold: float | N
             prune_random_sets[d][lr.layer] = pick
             say(f"layer {lr.layer}: ablating {len(pick)} random non-cold experts (draw {d + 1})")
             lr.random_control.append(meter.ablate({lr.layer: pick}))
+        if len(cold_ids) == 1:
+            lr.random_single = list(lr.random_control)
     if prune:
         say("ablating every cold expert of the model")
         result.prune_all = meter.ablate(prune)

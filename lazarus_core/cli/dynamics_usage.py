@@ -102,6 +102,9 @@ def _render_cold(res) -> None:
                       ("yes" if c.ablation.prunable else "no") if c.ablation else "-")
     con.print(t)
     for l in res.layers:
+        if l.random_single and len(l.cold_experts) > 1:
+            con.print(f"layer {l.layer}: one random non-cold expert ablated (control of each cold expert): "
+                      + "; ".join(_fmt_delta(a) for a in l.random_single))
         if l.all_cold is not None:
             ctrl = "; ".join(_fmt_delta(a) for a in l.random_control) or "none"
             con.print(f"layer {l.layer}: all {len(l.cold_experts)} cold experts ablated {_fmt_delta(l.all_cold)}; "
@@ -139,7 +142,9 @@ def _plot_cold(res, path: str) -> None:
         ax.legend(fontsize=7)
     ax = axes[1]
     rows = [(f"L{l.layer}E{c.expert}", c.ablation.delta_nll) for l in res.layers for c in l.cold_experts if c.ablation]
-    rows += [(f"L{l.layer} random", a.delta_nll) for l in res.layers for a in l.random_control]
+    rows += [(f"L{l.layer} random x{len(l.cold_experts)}", a.delta_nll) for l in res.layers for a in l.random_control]
+    rows += [(f"L{l.layer} random x1", a.delta_nll) for l in res.layers for a in l.random_single
+             if len(l.cold_experts) > 1]
     if rows:
         y = np.arange(len(rows))
         est = np.array([r[1].estimate for r in rows])

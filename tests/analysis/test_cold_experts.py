@@ -105,6 +105,7 @@ def test_never_chosen_expert_is_cold_and_its_ablation_costs_exactly_nothing(tmp_
     # the control: as many random non-cold experts, which the model does use, cost loss
     assert len(layer.random_control) == 1 and layer.random_control[0].delta_nll.estimate != 0.0
     assert 3 not in layer.random_control[0].experts[first]
+    assert layer.random_single == layer.random_control or len(layer.cold_experts) > 1
     assert res.prune_all is not None and res.nll_base > 0
     d = res.to_dict()
     entry = next(c for l in d["layers"] if l["layer"] == first for c in l["cold_experts"] if c["expert"] == 3)
