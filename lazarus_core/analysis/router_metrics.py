@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
+import torch
 
 from lazarus_core.analysis.intervals import Interval, bootstrap_mean_ci
 from lazarus_core.analysis.router_entropy import (DocumentBootstrap, bootstrap_ratio_columns, check_layers,
@@ -397,8 +398,9 @@ def token_overlap(token_ids: np.ndarray, topk_ids: np.ndarray, num_experts: int,
     def jaccard(tokens: np.ndarray) -> np.ndarray:
         present = np.zeros(n_ids * num_experts, dtype=np.float32)
         present[(tokens[:, None] * num_experts + ids).ravel()] = 1.0
-        present = present.reshape(n_ids, num_experts)
-        inter = (present.T @ present).astype(np.float64)
+        present = torch.from_numpy(present.reshape(n_ids, num_experts))
+        # torch's matmul, not numpy's: in a process that also runs torch, two BLAS thread pools compete
+        inter = (present.T @ present).double().numpy()
         size = inter.diagonal()
         union = size[:, None] + size[None, :] - inter
         return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
