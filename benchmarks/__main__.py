@@ -17,6 +17,7 @@ SUITES = {
     "capture": "benchmarks.bench_capture",
     "overlay_moe": "benchmarks.bench_overlay_moe",
     "router_metrics": "benchmarks.bench_router_metrics",
+    "dynamics": "benchmarks.bench_dynamics",
 }
 
 

@@ -248,6 +248,18 @@ class ColdExperts:
         return {"shares": shares, "cold_experts": cold}
 
 
+def _key_index(keys: np.ndarray) -> tuple[np.ndarray, int]:
+    """(index of each row's key int64 [t], number of distinct keys), computed once per trace."""
+    _, inverse = np.unique(np.asarray(keys), return_inverse=True)
+    return inverse.reshape(-1), int(inverse.max()) + 1 if inverse.size else 0
+
+
+def _rows_sharing_a_key(hit: np.ndarray, inverse: np.ndarray, n_keys: int) -> np.ndarray:
+    """bool [t]: rows whose key occurs in some ``hit`` row (the others have no routed token, so the enrichment
+    table, which lists keys with at least one, is the same on these rows alone; a cold expert's are few)."""
+    return np.bincount(inverse[hit], minlength=n_keys)[inverse] > 0
+
+
 def _gini(x: np.ndarray) -> float:
     x = np.sort(np.asarray(x, dtype=np.float64))
     n = len(x)
@@ -361,6 +373,8 @@ def cold_experts(trace, *, layers: list[int] | None = None, threshold: float | N
 
         labels = label_tokens(token_ids, doc_ids, np.asarray(trace.positions), tokenizer, classifier)
         trigram_ids = labels.trigrams(view)
+    token_index = _key_index(token_ids)
+    trigram_index = None if trigram_ids is None else _key_index(trigram_ids)
 
     out_layers = []
     for layer in chosen:
@@ -371,7 +385,7 @@ def cold_experts(trace, *, layers: list[int] | None = None, threshold: float | N
         eff = float(np.exp(-(nz * np.log(nz)).sum())) if nz.size else 0.0
         layer_res = LayerColdExperts(layer, t, [float(s) for s in shares], 1.0 / E, eff, _gini(shares),
                                      expected_cold_uniform(t, E, k, threshold))
-        logits = None if lt.logits is None else np.asarray(lt.logits, dtype=np.float32)
+        logits = None if lt.logits is None else np.asarray(lt.logits)
         for e in np.argsort(shares, kind="stable"):
             if shares[e] >= threshold:
                 break
@@ -383,14 +397,17 @@ def cold_experts(trace, *, layers: list[int] | None = None, threshold: float | N
             share_layer = n_hit / t
             cold = ColdExpert(e, int(counts[e]), float(shares[e]), share_ci)
             if n_hit:
-                cold.top_tokens = _enrichment(token_ids, hit, share_layer, name_token, min_count=min_count, top=top)
+                rows = _rows_sharing_a_key(hit, *token_index)
+                cold.top_tokens = _enrichment(token_ids[rows], hit[rows], share_layer, name_token, min_count=min_count,
+                                              top=top)
                 if trigram_ids is not None:
                     from lazarus_core.tokens import trigram_name
 
-                    cold.top_trigrams = _enrichment(trigram_ids, hit, share_layer, trigram_name, min_count=min_count,
-                                                    top=top)
+                    rows = _rows_sharing_a_key(hit, *trigram_index)
+                    cold.top_trigrams = _enrichment(trigram_ids[rows], hit[rows], share_layer, trigram_name,
+                                                    min_count=min_count, top=top)
             if logits is not None:
-                col = logits[:, e]
+                col = logits[:, e].astype(np.float32)
                 cold.logit_mean = float(col.mean())
                 best = np.argpartition(-col, min(contexts, t - 1))[:contexts] if t > contexts else np.arange(t)
                 best = best[np.argsort(-col[best], kind="stable")]
@@ -398,7 +415,8 @@ def cold_experts(trace, *, layers: list[int] | None = None, threshold: float | N
                 for r in best:
                     tok, ctx = _context(decoder, token_ids, doc_ids, int(r), context_width)
                     cold.top_logit_contexts.append(LogitContext(int(r), int(doc_ids[r]), float(col[r]),
-                                                                int((logits[r] > col[r]).sum()), bool(hit[r]), tok, ctx))
+                                                                int((logits[r].astype(np.float32) > col[r]).sum()),
+                                                                bool(hit[r]), tok, ctx))
             layer_res.cold_experts.append(cold)
         out_layers.append(layer_res)
 

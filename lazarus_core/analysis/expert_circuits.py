@@ -8,18 +8,15 @@ import numpy as np
 
 from lazarus_core.analysis.intervals import Interval, wilson_interval
 
-_CHUNK = 1 << 18
+_CHAIN_IDS = 1 << 23      # chain ids per bincount call (memory: 32 MB of int32 ids)
 
 
 # ----------------------------------------------------------------------------------------- counting
-def _onehot(topk_ids: np.ndarray, num_experts: int, dtype=None):
-    """float32 torch [t, E] membership of each expert in each token's top-k."""
+def _torch_ids(ids: np.ndarray):
+    """int32 torch view of a [t, k] id array (copied only when it is not C-contiguous int32 and writable)."""
     import torch
 
-    ids = torch.from_numpy(np.require(topk_ids, np.int64, ["C", "W"]))
-    out = torch.zeros(ids.shape[0], num_experts, dtype=dtype or torch.float32)
-    out.scatter_(1, ids, 1.0)
-    return out
+    return torch.from_numpy(np.require(ids, np.int32, ["C", "W"]))
 
 
 def pair_counts(a_ids: np.ndarray, b_ids: np.ndarray, num_experts: int) -> np.ndarray:
@@ -34,16 +31,25 @@ def pair_counts(a_ids: np.ndarray, b_ids: np.ndarray, num_experts: int) -> np.nd
     Returns
     -------
     np.ndarray
-        int64 [E, E]: ``counts[i, j] = #{tokens: i in top-k(a) and j in top-k(b)}`` (a one-hot matrix
-        product over token chunks, exact: every partial sum stays below 2^24 in float32).
+        int64 [E, E]: ``counts[i, j] = #{tokens: i in top-k(a) and j in top-k(b)}``, one ``bincount``
+        over the k^2 chain ids ``i * E + j`` of each token (in token chunks).
     """
-    t = len(a_ids)
-    out = np.zeros((num_experts, num_experts), dtype=np.int64)
-    for s in range(0, t, _CHUNK):
-        a = _onehot(a_ids[s:s + _CHUNK], num_experts)
-        b = _onehot(b_ids[s:s + _CHUNK], num_experts)
-        out += (a.T @ b).round().long().numpy()
-    return out
+    import torch
+
+    E = num_experts
+    t, k = np.shape(a_ids)
+    total = torch.zeros(E * E, dtype=torch.int64)
+    chunk = max(1, _CHAIN_IDS // max(k * k, 1))
+    for s in range(0, t, chunk):
+        a, b = _torch_ids(a_ids[s:s + chunk]), _torch_ids(b_ids[s:s + chunk])
+        ids = torch.add((a * E)[:, :, None], b[:, None, :]).reshape(-1)
+        total += torch.bincount(ids, minlength=E * E)
+    return total.numpy().reshape(E, E)
+
+
+def consecutive_pair_counts(layer_ids: list[np.ndarray], num_experts: int) -> list[np.ndarray]:
+    """:func:`pair_counts` of every consecutive pair of layers: int64 [E, E] for layers (0, 1), (1, 2), ..."""
+    return [pair_counts(layer_ids[i], layer_ids[i + 1], num_experts) for i in range(len(layer_ids) - 1)]
 
 
 def triple_counts(a_ids: np.ndarray, b_ids: np.ndarray, c_ids: np.ndarray, num_experts: int) -> np.ndarray:
@@ -59,20 +65,19 @@ def triple_counts(a_ids: np.ndarray, b_ids: np.ndarray, c_ids: np.ndarray, num_e
     -------
     np.ndarray
         int64 [E, E, E], one ``bincount`` over the k^3 chain ids ``(i * E + j) * E + l`` of each token
-        (in token chunks, so memory stays at a chunk's k^3 ids).
+        (in token chunks, so memory stays at a chunk's ids; the k^2 prefixes ``(i * E + j) * E`` are
+        formed first, so the k^3 ids are written in one pass).
     """
     import torch
 
     E = num_experts
     t, k = np.shape(a_ids)
     total = torch.zeros(E ** 3, dtype=torch.int64)
-    chunk = max(1, _CHUNK // max(k * k, 1))
+    chunk = max(1, _CHAIN_IDS // max(k ** 3, 1))
     for s in range(0, t, chunk):
-        a = torch.from_numpy(np.require(a_ids[s:s + chunk], np.int32, ["C", "W"]))
-        b = torch.from_numpy(np.require(b_ids[s:s + chunk], np.int32, ["C", "W"]))
-        c = torch.from_numpy(np.require(c_ids[s:s + chunk], np.int32, ["C", "W"]))
-        ab = a[:, :, None] * E + b[:, None, :]
-        ids = (ab.reshape(len(a), -1, 1) * E + c[:, None, :]).reshape(-1)
+        a, b, c = (_torch_ids(x[s:s + chunk]) for x in (a_ids, b_ids, c_ids))
+        prefix = torch.add((a * (E * E))[:, :, None], (b * E)[:, None, :]).reshape(len(a), -1, 1)
+        ids = torch.add(prefix, c[:, None, :]).reshape(-1)
         total += torch.bincount(ids, minlength=E ** 3)
     return total.numpy().reshape(E, E, E)
 
@@ -160,7 +165,7 @@ def chain_tables(layer_ids: list[np.ndarray], layers: list[int], num_experts: in
     E = num_experts
     t = len(layer_ids[0])
     loads = [np.bincount(np.asarray(ids).reshape(-1), minlength=E)[:E].astype(np.float64) for ids in layer_ids]
-    pairs = [pair_counts(layer_ids[i], layer_ids[i + 1], E) for i in range(len(layer_ids) - 1)]
+    pairs = consecutive_pair_counts(layer_ids, E)
     tables = []
     for i in range(len(layer_ids) - length + 1):
         pi = [loads[i + h] / max(t, 1) for h in range(length)]
@@ -333,16 +338,21 @@ class ExpertCircuits:
         return {"circuits": rows}
 
 
-def _serves(hit: np.ndarray, categories: dict[str, np.ndarray], names: dict[str, callable], top: int,
+def _category_index(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct codes, index of each token's code int64 [t], share of each code among all tokens), once per kind."""
+    uniq, inv = np.unique(codes, return_inverse=True)
+    inv = inv.reshape(-1)
+    return uniq, inv, np.bincount(inv, minlength=len(uniq)) / max(len(inv), 1)
+
+
+def _serves(hit: np.ndarray, categories: dict[str, tuple], names: dict[str, callable], top: int,
             min_count: int) -> list[Served]:
     """Most over-represented categories among the tokens of ``hit`` (bool [t]) per kind, at most ``top`` each."""
     out = []
     n_hit = int(hit.sum())
     if n_hit == 0:
         return out
-    for kind, codes in categories.items():
-        uniq, inv = np.unique(codes, return_inverse=True)
-        base = np.bincount(inv, minlength=len(uniq)) / len(codes)
+    for kind, (uniq, inv, base) in categories.items():
         got = np.bincount(inv[hit], minlength=len(uniq))
         share = got / n_hit
         lift = np.divide(share, base, out=np.zeros_like(share), where=base > 0)
@@ -431,7 +441,7 @@ def expert_circuits(trace, *, layers: list[int] | None = None, length: int = 2, 
         from lazarus_core.tokens import PieceDecoder
 
         decoder = PieceDecoder(tokenizer)
-        categories["token"] = np.asarray(trace.token_ids)
+        categories["token"] = _category_index(np.asarray(trace.token_ids))
         names["token"] = lambda i: repr(decoder.text(int(i)))[1:-1]
         if classifier is not None:
             from lazarus_core.tokens.types import ALL_TYPES
@@ -439,10 +449,12 @@ def expert_circuits(trace, *, layers: list[int] | None = None, length: int = 2, 
 
             labels = label_tokens(np.asarray(trace.token_ids), np.asarray(trace.doc_ids), np.asarray(trace.positions),
                                   tokenizer, classifier)
-            categories["type"] = labels.types(view).astype(np.int64)
+            categories["type"] = _category_index(labels.types(view).astype(np.int64))
             names["type"] = lambda i: ALL_TYPES[int(i)]
     if doc_labels:
-        categories["domain"] = np.array([doc_labels.get(int(d), "") for d in trace.doc_ids], dtype=object)
+        docs, doc_inv = np.unique(np.asarray(trace.doc_ids), return_inverse=True)
+        doc_names = np.array([doc_labels.get(int(d), "") for d in docs], dtype=object)
+        categories["domain"] = _category_index(doc_names[doc_inv.reshape(-1)].astype(str))
         names["domain"] = str
     circuits = []
     for q, neg_lift, w, idx in candidates[:top]:
