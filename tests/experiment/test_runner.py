@@ -114,7 +114,10 @@ def test_the_shipped_example_runs_every_routing_analysis(tmp_path, native):
     routing_actions = {"analyze", "weights", "heatmap", "full-taxonomy", "domain-test", "router-entropy",
                        "router-distributions", "router-metrics", "expert-similarity", "expert-projection",
                        "expert-profile", "steer", "token-routing", "context-test", "context-window",
-                       "attention-routing", "attention-pattern", "trace", "ablate", "compare", "chat"}
+                       "attention-routing", "attention-pattern", "trace", "ablate", "compare", "chat",
+                       "cold-experts", "expert-circuits", "generation-dynamics", "expert-interference",
+                       "expert-merging", "routing-manipulation", "attention-prediction",
+                       "context-attention-routing", "task-prediction"}
     assert routing_actions <= actions
     report = run_experiment("demo:routing", tmp_path / "out")
     assert not report.failed, [(s.name, s.error) for s in report.failed]
