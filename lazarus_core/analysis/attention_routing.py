@@ -92,7 +92,8 @@ def attention_and_routing(model, ids: Sequence[int], layers: Sequence[int], *, i
     return attn, {l: (r.topk_ids.numpy(), r.topk_weights.numpy()) for l, r in routed.items()}
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1 of ``x`` (float [n]) with ties given their average rank (float64 [n]): Spearman's input."""
     order = np.argsort(x, kind="stable")
     r = np.empty(len(x))
     r[order] = np.arange(len(x))
@@ -112,7 +113,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """
     if len(a) < 3:
         return float("nan")
-    ra, rb = _ranks(np.asarray(a, float)), _ranks(np.asarray(b, float))
+    ra, rb = average_ranks(np.asarray(a, float)), average_ranks(np.asarray(b, float))
     if ra.std() == 0 or rb.std() == 0:
         return float("nan")
     return float(np.corrcoef(ra, rb)[0, 1])

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lazarus_core.analysis.attention_routing import _ranks, spearman
+from lazarus_core.analysis.attention_routing import average_ranks, spearman
 from lazarus_core.analysis.intervals import Interval
 from lazarus_core.trigram.stats import benjamini_hochberg
 
@@ -143,7 +143,7 @@ def mantel_test(a: np.ndarray, b: np.ndarray, *, permutations: int = 999, altern
     iu = np.triu_indices(n, 1)
     if n < 3:
         return _nan_mantel(n, alternative)
-    ra_vals, rb_vals = _ranks(a[iu]), _ranks(b[iu])
+    ra_vals, rb_vals = average_ranks(a[iu]), average_ranks(b[iu])
     if ra_vals.std() == 0 or rb_vals.std() == 0:
         return _nan_mantel(n, alternative)
     # Permuting contexts permutes the pair values, so the ranks of a permuted matrix are the permuted ranks.

@@ -12,6 +12,7 @@ from lazarus_core.routing.corpus import (
 from lazarus_core.routing.interventions import (
     RoutingEdit,
     RoutingIntervention,
+    WeightOverride,
     ablate_experts,
     boost_expert,
     force_experts,
@@ -26,7 +27,7 @@ from lazarus_core.routing.trace_reader import LayerTrace, TokenSpan, Trace, load
 __all__ = [
     "CaptureResult", "capture_routing", "convention_of", "route", "Corpus", "EmptyInputError",
     "corpus_from_jsonl", "corpus_from_prompts", "corpus_from_texts", "RoutingEdit", "RoutingIntervention",
-    "ablate_experts", "boost_expert", "force_experts", "set_top_k", "suppress_expert", "MoeLayer",
+    "WeightOverride", "ablate_experts", "boost_expert", "force_experts", "set_top_k", "suppress_expert", "MoeLayer",
     "MoeModelInfo", "NoMoeLayersError", "find_moe_layers", "LayerRouting", "RoutingRecorder", "TraceError",
     "LayerTrace", "TokenSpan", "Trace", "load_trace",
 ]
