@@ -17,3 +17,12 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def torch_one_thread():
+    """Run a test with one torch thread (model-running analyses on this 2-core machine: no pool contention)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -20,12 +20,7 @@ J = 0                     # the residual coordinate held at +1 in every layer
 RANK = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0])   # router logit per unit of that coordinate
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def ranked_model(zero_expert: int | None = 2):

@@ -27,12 +27,7 @@ TEXTS = ["the a of and to in is it that was he for on are as with his they at be
          "words called just where most know get through back much before go good new write our"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def planted_model(layer: int = 1, a: int = 4, b: int = 5, family: str = "olmoe"):

@@ -17,12 +17,7 @@ E = 6          # the expert it drives at layer 0
 SPECIALS = (0, 1, 2, 3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def driven_model():
