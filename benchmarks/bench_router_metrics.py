@@ -1,5 +1,8 @@
 """Router entropy / distributions / metrics speed on a 1M-token x 16-layer x 64-expert synthetic trace (k = 8),
-entropy from fp16 logits as GB/s against the read bandwidth measured in the same run."""
+entropy from fp16 logits as GB/s against the read bandwidth measured in the same run.
+
+``python -m benchmarks.bench_router_metrics --entropy-only`` times only the entropy rows (seconds, not minutes).
+"""
 
 from __future__ import annotations
 
@@ -56,14 +59,15 @@ def _progress(message: str) -> None:
     print(f"[router_metrics {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def run(repeats: int = 3) -> tuple[list[BenchRow], dict]:
-    """Rows: entropy kernel (GB/s, % of read bandwidth), its pieces, and every analysis over 16 layers."""
+def run(repeats: int = 3, *, entropy_only: bool = False) -> tuple[list[BenchRow], dict]:
+    """Rows: the fused entropy op against its torch path (GB/s, % of read bandwidth), its pieces, and (unless
+    ``entropy_only``) every analysis over 16 layers."""
     from lazarus_core.analysis.router_distributions import layer_distributions
-    from lazarus_core.analysis.router_entropy import (DocumentBootstrap, document_index, entropy_from_logits,
-                                                      layer_entropy)
+    from lazarus_core.analysis.router_entropy import DocumentBootstrap, document_index, layer_entropy
     from lazarus_core.analysis.router_metrics import (domain_specialisation, olmoe_coactivation,
                                                       router_saturation, selection_frequency, token_overlap,
                                                       vocabulary_specialisation)
+    from lazarus_core.ops import router_entropy_rows
 
     repeats = max(1, min(repeats, 5))
     load_before = os.getloadavg()[0]
@@ -76,35 +80,48 @@ def run(repeats: int = 3) -> tuple[list[BenchRow], dict]:
     one = f"{N_TOKENS:,} tok x {N_EXPERTS} E"
     full = f"{N_TOKENS:,} tok x {N_LAYERS} layers x {N_EXPERTS} E, k={TOP_K}"
     rows = []
+    x = torch.from_numpy(logits)
 
-    # correctness first: the chunked kernel against the float64 reference on a slice
+    # correctness first: the fused op and the torch path against the float64 reference on a slice
     sub = 100_000
-    got, _ = entropy_from_logits(logits[:sub])
     ref_sub = _reference_entropy(logits[:sub])
-    max_err = float(np.abs(got - ref_sub).max())
-    assert max_err < 1e-4, f"entropy kernel disagrees with the float64 reference by {max_err}"
+    max_err = {}
+    for backend in ("cpu", "torch"):
+        got, _ = router_entropy_rows(x[:sub], backend=backend)
+        max_err[backend] = float(np.abs(got.numpy() - ref_sub).max())
+        assert max_err[backend] < 1e-5, f"{backend} entropy disagrees with the float64 reference by {max_err[backend]}"
 
     _progress("entropy kernel")
     t_ref = median_seconds(lambda: _reference_entropy(logits), repeats=1, warmup=0)
-    for scoring in ("softmax", "sigmoid"):
-        t = median_seconds(lambda: entropy_from_logits(logits, scoring=scoring), repeats=repeats, warmup=1)
+
+    def entropy_row(label, backend, t, ratio=None, **extra):
         gbs = nbytes / t / 1e9
-        rows.append(BenchRow(f"router entropy ({scoring}), 1 layer", "torch chunked fp32", one, "fp16", t * 1e3, gbs,
-                             100 * gbs * 1e9 / read_bw, ratio_to_reference=t_ref / t if scoring == "softmax" else None,
-                             extra={"max_abs_err_vs_float64": max_err, "tokens_per_s": round(N_TOKENS / t)}))
+        return BenchRow(label, backend, one, "fp16", t * 1e3, gbs, 100 * gbs * 1e9 / read_bw, ratio_to_reference=ratio,
+                        extra={"tokens_per_s": round(N_TOKENS / t), **extra})
+
+    for scoring in ("softmax", "sigmoid"):
+        t_torch = median_seconds(lambda: router_entropy_rows(x, scoring=scoring, backend="torch"), repeats=repeats,
+                                 warmup=1)
+        t_cpu = median_seconds(lambda: router_entropy_rows(x, scoring=scoring, backend="cpu"), repeats=repeats,
+                               warmup=1)
+        rows.append(entropy_row(f"router_entropy_rows ({scoring}), 1 layer", "cpu (fused, AVX2)", t_cpu,
+                                t_ref / t_cpu if scoring == "softmax" else None,
+                                max_abs_err_vs_float64=max_err["cpu"], x_torch_path=round(t_torch / t_cpu, 2)))
+        rows.append(entropy_row(f"router_entropy_rows ({scoring}), 1 layer", "torch chunked fp32", t_torch,
+                                t_ref / t_torch if scoring == "softmax" else None,
+                                max_abs_err_vs_float64=max_err["torch"]))
     threads = torch.get_num_threads()
     if threads > 1:   # one thread: what the kernel gets on a machine busy with other work
         torch.set_num_threads(1)
         try:
-            t = median_seconds(lambda: entropy_from_logits(logits), repeats=repeats, warmup=1)
+            t = median_seconds(lambda: router_entropy_rows(x, backend="torch"), repeats=repeats, warmup=1)
         finally:
             torch.set_num_threads(threads)
-        rows.append(BenchRow("router entropy (softmax), 1 layer, 1 torch thread", "torch chunked fp32", one, "fp16",
-                             t * 1e3, nbytes / t / 1e9, 100 * nbytes / t / read_bw, ratio_to_reference=t_ref / t))
+        rows.append(entropy_row("router_entropy_rows (softmax), 1 layer, 1 torch thread", "torch chunked fp32", t,
+                                t_ref / t))
     rows.append(BenchRow("  reference: float64 numpy, whole array", "numpy", one, "fp16->fp64", t_ref * 1e3,
                          nbytes / t_ref / 1e9, 100 * nbytes / t_ref / read_bw, ratio_to_reference=1.0))
-    # what bounds the chunked kernel: the fp16 -> fp32 conversion and one exp2 over the same elements
-    x = torch.from_numpy(logits)
+    # what bounds the torch path: the fp16 -> fp32 conversion and one exp2 over the same elements
     buf = torch.empty((8192, N_EXPERTS), dtype=torch.float32)
     ebuf = torch.empty_like(buf)
 
@@ -120,9 +137,13 @@ def run(repeats: int = 3) -> tuple[list[BenchRow], dict]:
             torch.exp2(buf[:len(chunk)], out=ebuf[:len(chunk)])
 
     for name, fn in (("  piece: fp16->fp32 chunk copy only", convert_only),
-                     ("  piece: copy + one exp2 (the kernel's transcendental)", convert_exp)):
+                     ("  piece: copy + one exp2 (the torch path's transcendental)", convert_exp)):
         t = median_seconds(fn, repeats=repeats, warmup=1)
         rows.append(BenchRow(name, "torch", one, "fp16", t * 1e3, nbytes / t / 1e9, 100 * nbytes / t / read_bw))
+    floors = {"read_GB_per_s": read_bw / 1e9, "copy_GB_per_s": copy_bw / 1e9, "torch_threads": torch.get_num_threads(),
+              "load_avg_before": load_before}
+    if entropy_only:
+        return rows, {**floors, "load_avg_after": os.getloadavg()[0]}
 
     boot = DocumentBootstrap(*document_index(doc_ids, N_TOKENS), n_boot=1000)
     heavy = 1          # each 16-layer pass is seconds: timed once
@@ -160,6 +181,28 @@ def run(repeats: int = 3) -> tuple[list[BenchRow], dict]:
     rows.append(BenchRow("router_metrics: all six metrics, all 16 layers (sum)", "numpy", full, "int32", total * 1e3,
                          ids_bytes / total / 1e9))
     # the other work on the machine while this ran (1-minute load average; 2 cores here)
-    return rows, {"read_GB_per_s": read_bw / 1e9, "copy_GB_per_s": copy_bw / 1e9,
-                  "torch_threads": torch.get_num_threads(), "load_avg_before": load_before,
-                  "load_avg_after": os.getloadavg()[0]}
+    return rows, {**floors, "load_avg_after": os.getloadavg()[0]}
+
+
+def main() -> None:
+    import argparse
+    from pathlib import Path
+
+    from benchmarks.harness import machine_header, print_table, write_json
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_router_metrics", description=__doc__)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
+    parser.add_argument("--entropy-only", action="store_true", help="only the entropy rows")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory for the JSON file")
+    args = parser.parse_args()
+    header = machine_header()
+    rows, floors = run(args.repeats, entropy_only=args.entropy_only)
+    name = "router_metrics_entropy" if args.entropy_only else "router_metrics"
+    print_table(name, {**header, **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in floors.items()}}, rows)
+    path = args.out / f"{name}.json"
+    write_json(path, name, header, rows, floors)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

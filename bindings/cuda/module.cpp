@@ -14,6 +14,7 @@ void bind_mxfp4_quantize(py::module_& m);
 void bind_fp8_dequant(py::module_& m);
 void bind_dequant_axpby(py::module_& m);
 void bind_overlay_moe(py::module_& m);
+void bind_router_entropy(py::module_& m);
 
 void raise_on_cuda_error(int code, const char* what) {
   if (code != 0) {
@@ -53,4 +54,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   lazarus::bindings::bind_fp8_dequant(m);
   lazarus::bindings::bind_dequant_axpby(m);
   lazarus::bindings::bind_overlay_moe(m);
+  lazarus::bindings::bind_router_entropy(m);
 }

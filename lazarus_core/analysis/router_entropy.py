@@ -47,47 +47,26 @@ LOG2E = 1.4426950408889634  # torch's CPU exp2 is about twice as fast as its exp
 LN2 = 0.6931471805599453
 
 
-def _chunk_entropy(x: torch.Tensor, e: torch.Tensor, scoring: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entropy [c] (nats) and the probabilities' column sum [E] of one fp32 chunk ``x`` [c, E].
-
-    ``x`` and ``e`` (same shape) are overwritten.
-
-    Softmax: with y = (x - max) * log2(e), e = 2^y, Z = sum(e): H = (log2 Z - sum(e * y) / Z) * ln 2
-    (no log of a probability, so no 0 * -inf). Sigmoid (DeepSeek-V3): s = sigmoid(x), S = sum(s):
-    H = log S - sum(s * log s) / S.
-    """
-    if scoring == "softmax":
-        x.sub_(x.amax(dim=1, keepdim=True)).mul_(LOG2E)
-        torch.exp2(x, out=e)
-    else:
-        torch.sigmoid(x, out=e)
-        x.copy_(torch.nn.functional.logsigmoid(x))
-    z = e.sum(dim=1)
-    inv_z = z.reciprocal()
-    weighted = x.mul_(e).sum(dim=1)
-    log_z = torch.log2(z) if scoring == "softmax" else torch.log(z)
-    entropy = log_z.sub_(weighted.mul_(inv_z))
-    return (entropy.mul_(LN2) if scoring == "softmax" else entropy), torch.mv(e.T, inv_z)
-
-
 def entropy_from_logits(logits, *, scoring: str = "softmax", chunk_rows: int = DEFAULT_CHUNK_ROWS,
                         out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-token entropy of the router's distribution over all experts, from raw logits.
 
-    The logits are read in chunks of ``chunk_rows`` rows and converted to float32 one chunk at a
-    time (no float64 or full-size float32 copy of the array).
+    One pass over the logits through the fused op :func:`lazarus_core.ops.router_entropy_rows`
+    (``backend="auto"``: the compiled CPU kernel, or the CUDA one for CUDA tensors; chunked torch
+    where neither is built); no float64 or full-size float32 copy of the array is made.
 
     Parameters
     ----------
     logits : np.ndarray or torch.Tensor
         float16 / bfloat16 / float32 [t, E], the raw router output (GPT-OSS: router bias included, as
-        the trace stores it).
+        the trace stores it). Contiguous arrays (memory maps included) are read in place; others are
+        copied once.
     scoring : {"softmax", "sigmoid"}
         ``softmax``: p = softmax(logits) over E (OLMoE, Mixtral, Qwen, DeepSeek-V2, GPT-OSS).
         ``sigmoid``: p = sigmoid(logits) / sum(sigmoid(logits)) (DeepSeek-V3's scores normalised
         to sum 1; the selection-only correction bias is not part of the distribution).
     chunk_rows : int
-        Rows per chunk.
+        Kept for callers of the chunked version; the fused op chooses its own row blocks.
     out : np.ndarray, optional
         float32 [t], where to write the entropies.
 
@@ -103,22 +82,21 @@ def entropy_from_logits(logits, *, scoring: str = "softmax", chunk_rows: int = D
     ValueError
         Unknown ``scoring`` or logits that are not 2-D.
     """
+    from lazarus_core.ops.router_entropy import router_entropy_rows
+
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     x_all = _as_tensor(logits)
     if x_all.dim() != 2:
         raise ValueError(f"logits must be [tokens, experts], got shape {tuple(x_all.shape)}")
-    n, num_experts = x_all.shape
+    n = x_all.shape[0]
     entropy = np.empty(n, dtype=np.float32) if out is None else out
-    entropy_t = torch.from_numpy(entropy)
-    prob_sum = torch.zeros(num_experts, dtype=torch.float64)
-    ebuf = torch.empty((min(chunk_rows, max(n, 1)), num_experts), dtype=torch.float32)
-    with torch.inference_mode():
-        for start, x in iter_fp32_chunks(x_all, chunk_rows):
-            h, p = _chunk_entropy(x, ebuf[: len(x)], scoring)
-            entropy_t[start:start + len(x)] = h
-            prob_sum += p.double()
-    return entropy, prob_sum.numpy()
+    on_host = x_all.device.type == "cpu"
+    target = torch.from_numpy(entropy) if on_host else None
+    h, prob_sum = router_entropy_rows(x_all, scoring=scoring, out=target, backend="auto")
+    if not on_host:
+        entropy[:] = h.cpu().numpy()
+    return entropy, prob_sum.cpu().numpy()
 
 
 def topk_entropy(topk_weights, *, chunk_rows: int = 1 << 16) -> np.ndarray:

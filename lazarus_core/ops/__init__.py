@@ -6,6 +6,7 @@ from lazarus_core.ops.fp8_dequant import fp8_dequant, fp8_dequant_reference
 from lazarus_core.ops.mxfp4_dequant import mxfp4_dequant, mxfp4_dequant_reference
 from lazarus_core.ops.mxfp4_quantize import mxfp4_quantize, mxfp4_quantize_reference
 from lazarus_core.ops.overlay_moe import OverlayExperts, overlay_moe_forward, overlay_moe_forward_reference
+from lazarus_core.ops.router_entropy import router_entropy_rows, router_entropy_rows_reference
 
 __all__ = [
     "dequant_axpby",
@@ -19,4 +20,6 @@ __all__ = [
     "OverlayExperts",
     "overlay_moe_forward",
     "overlay_moe_forward_reference",
+    "router_entropy_rows",
+    "router_entropy_rows_reference",
 ]
