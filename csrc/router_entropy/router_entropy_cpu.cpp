@@ -131,11 +131,15 @@ LZ_AVX2 inline __m256 log_sigmoid_avx2(__m256 x) {
   return _mm256_sub_ps(_mm256_min_ps(x, _mm256_setzero_ps()), l1p);
 }
 
-LZ_AVX2 inline __m256 load8(const void* logits, LogitDtype dtype, int64_t i) {
-  if (dtype == LogitDtype::kF32) return _mm256_loadu_ps(static_cast<const float*>(logits) + i);
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(logits) + i));
-  if (dtype == LogitDtype::kF16) return _mm256_cvtph_ps(h);
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+template <LogitDtype D>
+LZ_AVX2 inline __m256 load8(const void* logits, int64_t i) {
+  if constexpr (D == LogitDtype::kF32) {
+    return _mm256_loadu_ps(static_cast<const float*>(logits) + i);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(logits) + i));
+    if constexpr (D == LogitDtype::kF16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
 }
 
 LZ_AVX2 inline float hmax(__m256 v) {
@@ -158,12 +162,12 @@ LZ_AVX2 inline float hsum(__m256 v) {
 // rounded up to 8, the padding at -inf), `p32` padded floats, `partial` padded doubles. Rows without a finite
 // maximum go through the portable row. Column sums are gathered in fp32 over one block (<= kMaxBlockRows
 // rows), then added in float64; the logs of the row sums are taken 8 rows at a time.
-LZ_AVX2 void rows_avx2(const void* logits, LogitDtype dtype, int64_t begin, int64_t end, int64_t experts,
-                       bool sigmoid, float* y, int64_t block, float* scratch, float* p32, float* entropy,
-                       double* partial) {
+template <LogitDtype D, bool kSigmoid>
+LZ_AVX2 void rows_avx2(const void* logits, int64_t begin, int64_t end, int64_t experts, float* y, int64_t block,
+                       float* scratch, float* p32, float* entropy, double* partial) {
   const int64_t padded = (experts + 7) / 8 * 8;
   const int64_t full = experts / 8 * 8;
-  const int64_t item = dtype == LogitDtype::kF32 ? 4 : 2;
+  const int64_t item = D == LogitDtype::kF32 ? 4 : 2;
   alignas(32) float z_rows[kChunkRows], q_rows[kChunkRows], max_rows[kMaxBlockRows];
   bool bad_rows[kMaxBlockRows];
   alignas(32) unsigned char tail[32];
@@ -181,12 +185,12 @@ LZ_AVX2 void rows_avx2(const void* logits, LogitDtype dtype, int64_t begin, int6
       for (int64_t j = 0; j < padded; j += 8) {
         __m256 x;
         if (j < full) {
-          x = load8(logits, dtype, base + j);
+          x = load8<D>(logits, base + j);
         } else {  // the last partial vector: copy the row's tail, convert, set the padding to -inf
           std::memcpy(tail, static_cast<const unsigned char*>(logits) + (base + j) * item, (experts - full) * item);
-          x = _mm256_blendv_ps(neg_inf, load8(tail, dtype, 0), tail_valid);
+          x = _mm256_blendv_ps(neg_inf, load8<D>(tail, 0), tail_valid);
         }
-        if (sigmoid) x = log_sigmoid_avx2(x);
+        if constexpr (kSigmoid) x = log_sigmoid_avx2(x);
         nan_seen = _mm256_or_ps(nan_seen, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
         vmax = _mm256_max_ps(vmax, x);
         _mm256_storeu_ps(yr + j, x);
@@ -198,7 +202,7 @@ LZ_AVX2 void rows_avx2(const void* logits, LogitDtype dtype, int64_t begin, int6
       const int64_t k = b0 - begin + r;
       float* yr = y + r * padded;
       if (bad_rows[r]) {
-        row_portable(logits, dtype, b0 + r, experts, sigmoid, scratch, entropy, partial);
+        row_portable(logits, D, b0 + r, experts, kSigmoid, scratch, entropy, partial);
         z_rows[k] = 1.0f;  // log 1 - q = the portable entropy
         q_rows[k] = -entropy[b0 + r];
         for (int64_t j = 0; j < padded; ++j) yr[j] = 0.0f;
@@ -218,9 +222,10 @@ LZ_AVX2 void rows_avx2(const void* logits, LogitDtype dtype, int64_t begin, int6
       __m128 zs = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
       zs = _mm_hadd_ps(zs, zs);
       const float z = _mm_cvtss_f32(zs);
+      const float inv_z = 1.0f / z;
       z_rows[k] = z;
-      q_rows[k] = _mm_cvtss_f32(_mm_shuffle_ps(zs, zs, 1)) / z;
-      max_rows[r] = 1.0f / z;  // reused: 1 / Z
+      q_rows[k] = _mm_cvtss_f32(_mm_shuffle_ps(zs, zs, 1)) * inv_z;
+      max_rows[r] = inv_z;  // reused: 1 / Z
     }
     for (int64_t j = 0; j < padded; ++j) p32[j] = 0.0f;
     for (int64_t r = 0; r < nb; ++r) {  // column sums of p = e / Z
@@ -241,6 +246,15 @@ LZ_AVX2 void rows_avx2(const void* logits, LogitDtype dtype, int64_t begin, int6
   }
   for (; k < n; ++k) entropy[begin + k] = std::log(z_rows[k]) - q_rows[k];
 }
+using RowsFn = void (*)(const void*, int64_t, int64_t, int64_t, float*, int64_t, float*, float*, float*, double*);
+
+RowsFn rows_avx2_for(LogitDtype dtype, bool sigmoid) {
+  switch (dtype) {
+    case LogitDtype::kF16: return sigmoid ? &rows_avx2<LogitDtype::kF16, true> : &rows_avx2<LogitDtype::kF16, false>;
+    case LogitDtype::kBF16: return sigmoid ? &rows_avx2<LogitDtype::kBF16, true> : &rows_avx2<LogitDtype::kBF16, false>;
+    default: return sigmoid ? &rows_avx2<LogitDtype::kF32, true> : &rows_avx2<LogitDtype::kF32, false>;
+  }
+}
 #endif
 
 void run(const void* logits, LogitDtype dtype, int64_t rows, int64_t experts, RouterScoring scoring, float* entropy,
@@ -256,6 +270,7 @@ void run(const void* logits, LogitDtype dtype, int64_t rows, int64_t experts, Ro
   std::vector<double> partials(static_cast<size_t>(n_threads) * padded, 0.0);
 #if defined(LAZARUS_RE_X86)
   const bool simd = allow_simd && cpu_has_avx2_f16c_fma();
+  const RowsFn rows_simd = simd ? rows_avx2_for(dtype, sigmoid) : nullptr;
 #else
   (void)allow_simd;
   const bool simd = false;
@@ -275,8 +290,7 @@ void run(const void* logits, LogitDtype dtype, int64_t rows, int64_t experts, Ro
       const int64_t begin = c * kChunkRows, end = std::min(rows, begin + kChunkRows);
 #if defined(LAZARUS_RE_X86)
       if (simd) {
-        rows_avx2(logits, dtype, begin, end, experts, sigmoid, y.data(), block, scratch.data(), p32.data(), entropy,
-                  partial);
+        rows_simd(logits, begin, end, experts, y.data(), block, scratch.data(), p32.data(), entropy, partial);
         continue;
       }
 #endif
