@@ -120,17 +120,6 @@ LZ_AVX2 inline __m256 log_positive(__m256 x) {
   return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, y));
 }
 
-// log sigmoid(x) = min(x, 0) - log1p(u), u = exp(-|x|) in [0, 1]: log1p(u) = log(v) + (u - (v - 1)) / v with
-// v = 1 + u rounded (the correction restores what the rounding of v lost; a 12-bit reciprocal is plenty for it).
-LZ_AVX2 inline __m256 log_sigmoid_avx2(__m256 x) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  const __m256 u = exp_nonpositive(_mm256_xor_ps(_mm256_and_ps(x, abs_mask), _mm256_set1_ps(-0.0f)));
-  const __m256 v = _mm256_add_ps(u, _mm256_set1_ps(1.0f));
-  const __m256 lost = _mm256_sub_ps(u, _mm256_sub_ps(v, _mm256_set1_ps(1.0f)));
-  const __m256 l1p = _mm256_fmadd_ps(lost, _mm256_rcp_ps(v), log_positive(v));
-  return _mm256_sub_ps(_mm256_min_ps(x, _mm256_setzero_ps()), l1p);
-}
-
 template <LogitDtype D>
 LZ_AVX2 inline __m256 load8(const void* logits, int64_t i) {
   if constexpr (D == LogitDtype::kF32) {
@@ -158,8 +147,9 @@ LZ_AVX2 inline float hsum(__m256 v) {
 
 // Rows [begin, end) (at most kChunkRows), in blocks of `block` rows taken phase by phase (convert + max for
 // every row of the block, then exp and the sums, then the column sums), so that consecutive rows overlap in
-// the out-of-order core instead of waiting on each row's reductions. `y` holds block * padded floats (experts
-// rounded up to 8, the padding at -inf), `p32` padded floats, `partial` padded doubles. Rows without a finite
+// the out-of-order core instead of waiting on each row's reductions. `y` holds 2 * block * padded floats
+// (experts rounded up to 8, the padding at -inf; the second half: sigmoid(x) for sigmoid scoring), `p32`
+// padded floats, `partial` padded doubles. Rows without a finite
 // maximum go through the portable row. Column sums are gathered in fp32 over one block (<= kMaxBlockRows
 // rows), then added in float64; the logs of the row sums are taken 8 rows at a time.
 template <LogitDtype D, bool kSigmoid>
@@ -180,6 +170,8 @@ LZ_AVX2 void rows_avx2(const void* logits, int64_t begin, int64_t end, int64_t e
     for (int64_t r = 0; r < nb; ++r) {  // convert, log weights, max
       const int64_t base = (b0 + r) * experts;
       float* yr = y + r * padded;
+      float* sr = y + (block + r) * padded;  // sigmoid scoring: sigmoid(x)
+      (void)sr;
       __m256 vmax = neg_inf;
       __m256 nan_seen = _mm256_setzero_ps();
       for (int64_t j = 0; j < padded; j += 8) {
@@ -190,7 +182,21 @@ LZ_AVX2 void rows_avx2(const void* logits, int64_t begin, int64_t end, int64_t e
           std::memcpy(tail, static_cast<const unsigned char*>(logits) + (base + j) * item, (experts - full) * item);
           x = _mm256_blendv_ps(neg_inf, load8<D>(tail, 0), tail_valid);
         }
-        if constexpr (kSigmoid) x = log_sigmoid_avx2(x);
+        if constexpr (kSigmoid) {
+          // y = log sigmoid(x) = min(x, 0) - log1p(u), u = exp(-|x|): log1p(u) = log(v) + (u - (v - 1)) / v with
+          // v = 1 + u rounded (the correction restores what rounding v lost). sigmoid(x) = (x >= 0 ? 1 : u) / v
+          // is kept too: it saves the second exp.
+          const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+          const __m256 u = exp_nonpositive(_mm256_xor_ps(_mm256_and_ps(x, abs_mask), _mm256_set1_ps(-0.0f)));
+          const __m256 v = _mm256_add_ps(u, _mm256_set1_ps(1.0f));
+          __m256 inv_v = _mm256_rcp_ps(v);
+          inv_v = _mm256_mul_ps(inv_v, _mm256_fnmadd_ps(v, inv_v, _mm256_set1_ps(2.0f)));  // one Newton step
+          const __m256 lost = _mm256_sub_ps(u, _mm256_sub_ps(v, _mm256_set1_ps(1.0f)));
+          const __m256 l1p = _mm256_fmadd_ps(lost, inv_v, log_positive(v));
+          const __m256 positive = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ);
+          _mm256_storeu_ps(sr + j, _mm256_mul_ps(_mm256_blendv_ps(u, _mm256_set1_ps(1.0f), positive), inv_v));
+          x = _mm256_sub_ps(_mm256_min_ps(x, _mm256_setzero_ps()), l1p);
+        }
         nan_seen = _mm256_or_ps(nan_seen, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
         vmax = _mm256_max_ps(vmax, x);
         _mm256_storeu_ps(yr + j, x);
@@ -210,12 +216,26 @@ LZ_AVX2 void rows_avx2(const void* logits, int64_t begin, int64_t end, int64_t e
       }
       const __m256 m = _mm256_set1_ps(max_rows[r]);
       __m256 vz = _mm256_setzero_ps(), vs = _mm256_setzero_ps();
-      for (int64_t j = 0; j < padded; j += 8) {
-        const __m256 d = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(yr + j), m), floor_d);
-        const __m256 e = exp_nonpositive(d);
-        vz = _mm256_add_ps(vz, e);
-        vs = _mm256_fmadd_ps(e, d, vs);
-        _mm256_storeu_ps(yr + j, e);
+      // sigmoid: e = sigmoid(x) / sigmoid(max x), from the stored sigmoids, unless they may have underflowed
+      // (max sigmoid below e^-60; an element whose sigmoid underflows weighs below e^-27 next to the maximum)
+      if (kSigmoid && max_rows[r] >= -60.0f) {
+        const float* sr = y + (block + r) * padded;
+        const __m256 inv_max = _mm256_set1_ps(std::exp(-max_rows[r]));
+        for (int64_t j = 0; j < padded; j += 8) {
+          const __m256 d = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(yr + j), m), floor_d);
+          const __m256 e = _mm256_mul_ps(_mm256_loadu_ps(sr + j), inv_max);
+          vz = _mm256_add_ps(vz, e);
+          vs = _mm256_fmadd_ps(e, d, vs);
+          _mm256_storeu_ps(yr + j, e);
+        }
+      } else {
+        for (int64_t j = 0; j < padded; j += 8) {
+          const __m256 d = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(yr + j), m), floor_d);
+          const __m256 e = exp_nonpositive(d);
+          vz = _mm256_add_ps(vz, e);
+          vs = _mm256_fmadd_ps(e, d, vs);
+          _mm256_storeu_ps(yr + j, e);
+        }
       }
       // [z, s] from the two vectors in one reduction tree
       const __m256 h = _mm256_hadd_ps(vz, vs);
@@ -283,7 +303,7 @@ void run(const void* logits, LogitDtype dtype, int64_t rows, int64_t experts, Ro
     const int tid = 0;
 #endif
     const int64_t block = std::max<int64_t>(1, std::min(kMaxBlockRows, kBlockFloats / padded));
-    std::vector<float> y(block * padded), scratch(padded), p32(padded);
+    std::vector<float> y(2 * block * padded), scratch(padded), p32(padded);  // y, then sigmoid(x)
     double* partial = partials.data() + static_cast<size_t>(tid) * padded;
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < n_chunks; ++c) {

@@ -107,6 +107,14 @@ def test_large_fp16_magnitudes(backend, scoring):
     _check(logits.to(torch.float16), scoring, backend)
 
 
+@pytest.mark.parametrize("shift", [-50.0, -70.0, -100.0, 40.0])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigmoid_far_from_zero(backend, shift):
+    # sigmoid scores that are all tiny (or all near 1): the row max decides how the CPU kernel weighs them
+    logits = _random_logits(30, 40, torch.float32, scale=8.0) + shift
+    _check(logits, "sigmoid", backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_undefined_rows_are_nan(backend):
     logits = torch.zeros(3, 10)
