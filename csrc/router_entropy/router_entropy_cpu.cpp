@@ -1,5 +1,5 @@
-// Why: router entropy on the CPU at memory speed: one pass over the logits per row (converted to fp32
-// in registers), OpenMP over row blocks with per-thread float64 prob_sum partials reduced in thread
+// Why: router entropy on the CPU in one pass over the logits per row (converted to fp32 in registers),
+// OpenMP over row blocks with per-thread float64 prob_sum partials reduced in thread
 // order at the end (deterministic), an AVX2/F16C/FMA path chosen at run time and a portable path.
 #include "router_entropy/router_entropy.h"
 
@@ -135,13 +135,6 @@ LZ_AVX2 inline float hmax(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-  return _mm_cvtss_f32(m);
-}
-
-LZ_AVX2 inline float hsum(__m256 v) {
-  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
   return _mm_cvtss_f32(m);
 }
 
