@@ -13,6 +13,7 @@ from lazarus_core.triton_kernels.dequant_axpby import dequant_axpby_triton
 from lazarus_core.triton_kernels.mxfp4_dequant import mxfp4_dequant_triton
 from lazarus_core.triton_kernels.mxfp4_quantize import mxfp4_quantize_triton
 from lazarus_core.triton_kernels.overlay_moe import overlay_down_triton, overlay_gate_up_triton, overlay_shrink_triton
+from lazarus_core.triton_kernels.router_entropy import router_entropy_rows_triton
 
 __all__ = [
     "dequant_axpby_triton",
@@ -21,4 +22,5 @@ __all__ = [
     "overlay_down_triton",
     "overlay_gate_up_triton",
     "overlay_shrink_triton",
+    "router_entropy_rows_triton",
 ]
