@@ -6,7 +6,7 @@ import argparse
 import importlib
 from pathlib import Path
 
-from benchmarks.harness import machine_header, print_table, write_json
+from benchmarks.harness import machine_header, report_suite
 
 SUITES = {
     "trigram": "benchmarks.bench_trigram",
@@ -30,10 +30,7 @@ def main() -> None:
     header = machine_header()
     for name in args.suites or list(SUITES):
         rows, floors = importlib.import_module(SUITES[name]).run(repeats=args.repeats)
-        print_table(name, {**header, **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in floors.items()}}, rows)
-        path = args.out / f"{name}.json"
-        write_json(path, name, header, rows, floors)
-        print(f"wrote {path}")
+        report_suite(name, header, rows, floors, args.out)
 
 
 if __name__ == "__main__":

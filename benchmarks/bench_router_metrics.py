@@ -188,7 +188,7 @@ def main() -> None:
     import argparse
     from pathlib import Path
 
-    from benchmarks.harness import machine_header, print_table, write_json
+    from benchmarks.harness import machine_header, report_suite
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_router_metrics", description=__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
@@ -197,11 +197,7 @@ def main() -> None:
     args = parser.parse_args()
     header = machine_header()
     rows, floors = run(args.repeats, entropy_only=args.entropy_only)
-    name = "router_metrics_entropy" if args.entropy_only else "router_metrics"
-    print_table(name, {**header, **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in floors.items()}}, rows)
-    path = args.out / f"{name}.json"
-    write_json(path, name, header, rows, floors)
-    print(f"wrote {path}")
+    report_suite("router_metrics_entropy" if args.entropy_only else "router_metrics", header, rows, floors, args.out)
 
 
 if __name__ == "__main__":

@@ -145,3 +145,12 @@ def write_json(path: Path, title: str, header: dict, rows: list[BenchRow], floor
     tmp.write_text(json.dumps({"title": title, "header": header, "floors": floors,
                                "rows": [r.to_dict() for r in rows]}, indent=2))
     os.replace(tmp, path)
+
+
+def report_suite(name: str, header: dict, rows: list[BenchRow], floors: dict, out_dir: Path) -> Path:
+    """Print a suite's table (machine header and floors above it) and write ``out_dir/<name>.json``."""
+    print_table(name, {**header, **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in floors.items()}}, rows)
+    path = Path(out_dir) / f"{name}.json"
+    write_json(path, name, header, rows, floors)
+    print(f"wrote {path}")
+    return path

@@ -147,7 +147,6 @@ def test_interrupted_capture_with_activations_resumes_to_the_same_trace(tmp_path
 
 
 def test_activations_bound_the_shard_size(tmp_path):
-    model = tiny_model("olmoe")
     plain = TraceWriter(tmp_path / "p", {"top_k": 3, "num_experts": 8, "hidden_size": 4096}, [0, 1], True)
     heavy = TraceWriter(tmp_path / "h", {"top_k": 3, "num_experts": 8, "hidden_size": 4096}, [0, 1], True,
                         activations={"hidden": True, "expert_outputs": True, "all_expert_outputs": False,
@@ -155,7 +154,6 @@ def test_activations_bound_the_shard_size(tmp_path):
     # 2 layers x (1 + 3) x 4096 fp16 values per token: about 64 KiB, so about 2,000 tokens per 128 MiB shard
     assert heavy.shard_tokens < plain.shard_tokens / 50
     assert 1500 < heavy.shard_tokens < 2100
-    del model
 
 
 def test_version_1_traces_still_read(tmp_path):

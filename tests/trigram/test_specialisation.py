@@ -130,7 +130,7 @@ def test_expected_given_type_and_token_by_hand():
 
 def _contextual_corpus(n=30000, seed=0):
     """Random token ids (40 ids over 4 types); each token's trigram from random neighbour types."""
-    from lazarus_core.tokens.types import ALL_TYPES, NUM_TYPES
+    from lazarus_core.tokens.types import NUM_TYPES
 
     rng = np.random.default_rng(seed)
     real = [TYPE_ID[t] for t in ("NUM", "OP", "FUNC", "NOUN")]
@@ -138,7 +138,6 @@ def _contextual_corpus(n=30000, seed=0):
     cur = np.array(real)[tokens % 4]
     prev = np.array(real)[rng.integers(0, 4, n)]
     nxt = np.array(real)[rng.integers(0, 4, n)]
-    del ALL_TYPES
     return tokens, prev, (prev * NUM_TYPES + cur) * NUM_TYPES + nxt
 
 
