@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lazarus_core.ops._backends import cpu_extension, cuda_extension, select_backend, triton_module
+from lazarus_core.ops._backends import cpu_extension, select_backend
 
 ACTIVATIONS = {"swiglu": 0, "gpt_oss": 1}
 
@@ -271,21 +271,6 @@ def _shrink_blas(inp: torch.Tensor, rows: torch.Tensor | None, factors: torch.Te
     return out
 
 
-def _shrink_cuda(inp: torch.Tensor, rows: torch.Tensor | None, factors: torch.Tensor, routing: _Routing) -> torch.Tensor:
-    out = torch.empty(routing.pair_expert.numel(), factors.shape[1], dtype=torch.float32, device=inp.device)
-    with torch.cuda.device(inp.device):
-        cuda_extension().overlay_shrink(inp.data_ptr(), _ptr(rows), routing.pair_expert.data_ptr(), factors.data_ptr(),
-                                        out.data_ptr(), out.shape[0], inp.shape[1], out.shape[1],
-                                        torch.cuda.current_stream(inp.device).cuda_stream)
-    return out
-
-
-def _shrink_triton(inp: torch.Tensor, rows: torch.Tensor | None, factors: torch.Tensor, routing: _Routing) -> torch.Tensor:
-    out = torch.empty(routing.pair_expert.numel(), factors.shape[1], dtype=torch.float32, device=inp.device)
-    triton_module(inp.device).overlay_shrink_triton(inp, rows, routing.pair_expert, factors, out)
-    return out
-
-
 def _gate_up_torch(gu0, s_gu, r: _Routing, ex: OverlayExperts, h, hw):
     i, rg = ex.intermediate_size, ex.at_gate.shape[1]
     start = 0
@@ -343,45 +328,11 @@ def _down_cpu(s_d, r: _Routing, ex: OverlayExperts, y, portable: bool = False):
         ext.overlay_down(*args)
 
 
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-def _gate_up_cuda(gu0, s_gu, r: _Routing, ex: OverlayExperts, h, hw):
-    ext = cuda_extension()
-    with torch.cuda.device(gu0.device):
-        stream = torch.cuda.current_stream(gu0.device).cuda_stream
-        ext.overlay_gate_up(gu0.data_ptr(), s_gu.data_ptr(), r.pair_token.data_ptr(), r.pair_weight.data_ptr(),
-                            _ptr(r.offsets), ex.at_gate.data_ptr(), ex.at_up.data_ptr(), _ptr(ex.bias_gate),
-                            _ptr(ex.bias_up), ACTIVATIONS[ex.activation], ex.alpha, ex.limit, h.data_ptr(),
-                            hw.data_ptr(), r.slot_pair.data_ptr(), r.slot_expert.data_ptr(), hw.shape[0],
-                            ex.intermediate_size, ex.num_experts, ex.at_gate.shape[1], ex.at_up.shape[1],
-                            r.slot_pair.numel() // max(hw.shape[0], 1), stream)
-
-
-def _down_cuda(s_d, r: _Routing, ex: OverlayExperts, y):
-    ext = cuda_extension()
-    with torch.cuda.device(y.device):
-        stream = torch.cuda.current_stream(y.device).cuda_stream
-        ext.overlay_down(s_d.data_ptr(), r.pair_token.data_ptr(), r.pair_weight.data_ptr(), _ptr(r.offsets),
-                         ex.at_down.data_ptr(), _ptr(ex.bias_down), y.data_ptr(), r.slot_pair.data_ptr(),
-                         r.slot_expert.data_ptr(), y.shape[0], ex.hidden_size, ex.num_experts, ex.at_down.shape[1],
-                         r.slot_pair.numel() // max(y.shape[0], 1), stream)
-
-
-def _gate_up_triton(gu0, s_gu, r: _Routing, ex: OverlayExperts, h, hw):
-    triton_module(gu0.device).overlay_gate_up_triton(gu0, s_gu, r.slot_pair, r.slot_expert, r.pair_weight, ex, h, hw)
-
-
-def _down_triton(s_d, r: _Routing, ex: OverlayExperts, y):
-    triton_module(y.device).overlay_down_triton(s_d, r.slot_pair, r.slot_expert, r.pair_weight, ex, y)
-
-
 # backend -> (grouped shrink, fused gate/up stage, fused down stage)
 _IMPLS = {
     "cpu": (_shrink_blas, _gate_up_cpu, _down_cpu),
-    "cuda": (_shrink_cuda, _gate_up_cuda, _down_cuda),
-    "triton": (_shrink_triton, _gate_up_triton, _down_triton),
+    "cuda": "cuda",      # -> lazarus_core.ops.overlay_moe_gpu.overlay_moe_forward_gpu
+    "triton": "triton",
     "torch": (_shrink_blas, _gate_up_torch, _down_torch),
 }
 
@@ -443,7 +394,11 @@ def overlay_moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
         An explicitly requested backend cannot run here.
     """
     _check_inputs(x, topk_ids, topk_weights, experts, check_ids)
-    shrink, gate_up, down = select_backend("overlay_moe_forward", backend, x.device, _IMPLS)
+    impl = select_backend("overlay_moe_forward", backend, x.device, _IMPLS)
+    if isinstance(impl, str):
+        from lazarus_core.ops.overlay_moe_gpu import overlay_moe_forward_gpu
+        return overlay_moe_forward_gpu(x, topk_ids, topk_weights, experts, impl)
+    shrink, gate_up, down = impl
     t, i = x.shape[0], experts.intermediate_size
     xf = x.to(torch.float32).contiguous()
     if t == 0:
