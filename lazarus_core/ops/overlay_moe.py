@@ -21,18 +21,26 @@ from lazarus_core.ops._backends import cpu_extension, select_backend
 ACTIVATIONS = {"swiglu": 0, "gpt_oss": 1}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OverlayExperts:
-    """One MoE layer's routed experts in overlay form, in the layout the kernels read (fp32, contiguous).
+    """One MoE layer's routed experts in overlay form, in STORAGE precision, in the layout the kernels read.
 
-    Build with :meth:`from_factors`. ``I`` = expert intermediate size, ``H`` = hidden size.
+    Build with :meth:`from_factors`. ``I`` = expert intermediate size, ``H`` = hidden size, ``E`` experts.
+    Every tensor is contiguous and on one device. The factors and biases share one float dtype (bf16, fp16 or
+    fp32: the overlay's stored dtype); the base is either float (``base_gate_up``/``base_down`` in bf16, fp16
+    or fp32, the ``*_blocks``/``*_scales`` None) or MXFP4 (``base_gate_up = base_down = None``, the packed
+    blocks and scales set, as in gpt-oss and :func:`lazarus_core.ops.mxfp4_dequant`). Kernels compute in fp32.
 
     Attributes
     ----------
-    base_gate_up : torch.Tensor
-        ``[2I, H]``: base gate rows above base up rows.
-    base_down : torch.Tensor
-        ``[H, I]``.
+    base_gate_up : torch.Tensor or None
+        Float base ``[2I, H]``: base gate rows above base up rows.
+    base_down : torch.Tensor or None
+        Float base ``[H, I]``.
+    base_gate_up_blocks, base_gate_up_scales : torch.Tensor or None
+        MXFP4 base: uint8 ``[2I, H/32, 16]`` and ``[2I, H/32]`` (gate rows above up rows).
+    base_down_blocks, base_down_scales : torch.Tensor or None
+        MXFP4 base: uint8 ``[H, I/32, 16]`` and ``[H, I/32]``.
     b_gate_up : torch.Tensor
         ``[E, rg + ru, H]``: ``B_gate[e]`` rows above ``B_up[e]`` rows (the shrink factors).
     at_gate, at_up : torch.Tensor
@@ -42,22 +50,26 @@ class OverlayExperts:
     at_down : torch.Tensor
         ``[E, rd, H]``.
     bias_gate, bias_up : torch.Tensor or None
-        ``[E, I]`` expert biases (GPT-OSS), else None.
+        ``[E, I]`` expert biases (GPT-OSS), else None; factor dtype.
     bias_down : torch.Tensor or None
-        ``[E, H]``.
+        ``[E, H]``; factor dtype.
     activation : {"swiglu", "gpt_oss"}
         ``silu(g) * u``, or GPT-OSS's clamped ``g * sigmoid(alpha g) * (u + 1)``.
     alpha, limit : float
         GPT-OSS activation constants (``swiglu_alpha``, ``swiglu_limit``).
     """
 
-    base_gate_up: torch.Tensor
-    base_down: torch.Tensor
     b_gate_up: torch.Tensor
     at_gate: torch.Tensor
     at_up: torch.Tensor
     b_down: torch.Tensor
     at_down: torch.Tensor
+    base_gate_up: torch.Tensor | None = None
+    base_down: torch.Tensor | None = None
+    base_gate_up_blocks: torch.Tensor | None = None
+    base_gate_up_scales: torch.Tensor | None = None
+    base_down_blocks: torch.Tensor | None = None
+    base_down_scales: torch.Tensor | None = None
     bias_gate: torch.Tensor | None = None
     bias_up: torch.Tensor | None = None
     bias_down: torch.Tensor | None = None
@@ -65,58 +77,106 @@ class OverlayExperts:
     alpha: float = 1.702
     limit: float = 7.0
 
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"OverlayExperts: activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+
+    @property
+    def base_format(self) -> str:
+        """``"float"`` (``base_gate_up``/``base_down`` set) or ``"mxfp4"`` (blocks + scales set)."""
+        return "float" if self.base_gate_up is not None else "mxfp4"
+
+    @property
+    def factor_dtype(self) -> torch.dtype:
+        return self.b_gate_up.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.b_gate_up.device
+
     @property
     def num_experts(self) -> int:
         return self.at_gate.shape[0]
 
     @property
     def hidden_size(self) -> int:
-        return self.base_down.shape[0]
+        return self.at_down.shape[2]
 
     @property
     def intermediate_size(self) -> int:
-        return self.base_down.shape[1]
+        return self.at_gate.shape[2]
 
     @property
     def ranks(self) -> dict[str, int]:
         return {"gate": self.at_gate.shape[1], "up": self.at_up.shape[1], "down": self.at_down.shape[1]}
 
     def nbytes(self) -> int:
-        """Bytes held by every tensor of this layer (the kernel layout, fp32)."""
+        """Bytes held by every tensor of this layer as stored (bases, factors, biases; MXFP4 blocks + scales)."""
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        names = ("base_gate_up", "base_down", "b_gate_up", "at_gate", "at_up", "b_down", "at_down", "bias_gate",
-                 "bias_up", "bias_down")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        """Field name -> tensor, for every tensor that is set."""
+        return {n: getattr(self, n) for n in _TENSOR_FIELDS if getattr(self, n) is not None}
 
-    def factors(self, projection: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(base [out, in], A [E, out, r], B [E, r, in])`` of one projection (views where possible)."""
+    def base_fp32(self, which: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The base of ``which`` (``"gate_up"`` ``[2I, H]`` or ``"down"`` ``[H, I]``) decoded to ``dtype`` (a copy)."""
+        if which not in ("gate_up", "down"):
+            raise ValueError(f"base_fp32: which must be 'gate_up' or 'down', got {which!r}")
+        dense = getattr(self, f"base_{which}")
+        if dense is not None:
+            return dense.to(dtype)
+        from lazarus_core.ops.mxfp4_dequant import mxfp4_dequant
+
+        blocks, scales = getattr(self, f"base_{which}_blocks"), getattr(self, f"base_{which}_scales")
+        return mxfp4_dequant(blocks, scales).reshape(blocks.shape[0], -1).to(dtype)
+
+    def factors(self, projection: str, dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(base [out, in], A [E, out, r], B [E, r, in])`` of one projection.
+
+        The base is decoded to fp32 (or ``dtype``); ``A`` and ``B`` are views in the factor dtype, or copies in
+        ``dtype`` when it is given.
+        """
         i, rg = self.intermediate_size, self.at_gate.shape[1]
+        base_dtype = dtype or torch.float32
         if projection == "gate":
-            return self.base_gate_up[:i], self.at_gate.transpose(1, 2), self.b_gate_up[:, :rg]
-        if projection == "up":
-            return self.base_gate_up[i:], self.at_up.transpose(1, 2), self.b_gate_up[:, rg:]
-        if projection == "down":
-            return self.base_down, self.at_down.transpose(1, 2), self.b_down
-        raise ValueError(f"projection must be gate, up or down, got {projection!r}")
+            base, a, b = self.base_fp32("gate_up", base_dtype)[:i], self.at_gate.transpose(1, 2), self.b_gate_up[:, :rg]
+        elif projection == "up":
+            base, a, b = self.base_fp32("gate_up", base_dtype)[i:], self.at_up.transpose(1, 2), self.b_gate_up[:, rg:]
+        elif projection == "down":
+            base, a, b = self.base_fp32("down", base_dtype), self.at_down.transpose(1, 2), self.b_down
+        else:
+            raise ValueError(f"projection must be gate, up or down, got {projection!r}")
+        if dtype is not None:
+            a, b = a.to(dtype), b.to(dtype)
+        return base, a, b
 
     def reconstruct(self, projection: str) -> torch.Tensor:
-        """``[E, out, in]`` full expert weights ``base + A[e] @ B[e]`` (for tests and checks only)."""
-        base, a, b = self.factors(projection)
+        """``[E, out, in]`` fp32 full expert weights ``base + A[e] @ B[e]`` (for tests and checks only)."""
+        base, a, b = self.factors(projection, torch.float32)
         return base.unsqueeze(0) + torch.bmm(a, b)
 
+    def to_float(self, dtype: torch.dtype = torch.float32) -> "OverlayExperts":
+        """A copy with a float base and every factor and bias in ``dtype`` (``torch.float32``: the pre-storage-
+        precision fp32 layout; ``torch.float64``: an oracle for tests)."""
+        conv = {n: t.to(dtype) for n, t in self.tensors().items() if not n.endswith(("_blocks", "_scales"))}
+        conv["base_gate_up"], conv["base_down"] = self.base_fp32("gate_up", dtype), self.base_fp32("down", dtype)
+        return OverlayExperts(**conv, activation=self.activation, alpha=self.alpha, limit=self.limit)
+
     @classmethod
-    def from_factors(cls, base: dict[str, torch.Tensor], a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
+    def from_factors(cls, base: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+                     a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
                      bias: dict[str, torch.Tensor | None] | None = None, *, activation: str = "swiglu",
-                     alpha: float = 1.702, limit: float = 7.0, device: torch.device | str | None = None
-                     ) -> "OverlayExperts":
-        """Build the kernel layout from the overlay checkpoint's per-projection tensors.
+                     alpha: float = 1.702, limit: float = 7.0, device: torch.device | str | None = None,
+                     dtype: torch.dtype | None = None, base_dtype: torch.dtype | None = None) -> "OverlayExperts":
+        """Build the kernel layout from the overlay checkpoint's per-projection tensors, keeping their dtypes.
 
         Parameters
         ----------
         base : dict
-            projection -> ``[out, in]`` (gate/up ``[I, H]``, down ``[H, I]``), any float dtype.
+            projection -> the base in ``[out, in]`` orientation (gate/up ``[I, H]``, down ``[H, I]``): either a
+            float tensor (bf16, fp16 or fp32), or for an MXFP4 base a tuple ``(blocks uint8 [out, in/32, 16],
+            scales uint8 [out, in/32])`` (``in`` a multiple of 32). All three projections use one format.
         a : dict
             projection -> ``[E, out, r]``.
         b : dict
@@ -126,12 +186,23 @@ class OverlayExperts:
         activation : {"swiglu", "gpt_oss"}
         alpha, limit : float
         device : optional
-            Where the fp32 tensors go (default: where ``base['gate']`` is).
+            Where the tensors go (default: where the gate base is).
+        dtype : torch.dtype, optional
+            Factor and bias dtype (default: ``a["gate"]``'s, i.e. as stored; no fp32 expansion).
+        base_dtype : torch.dtype, optional
+            Float base dtype (default: as stored). Given with an MXFP4 base, the base is decoded to it.
+
+        Returns
+        -------
+        OverlayExperts
 
         Raises
         ------
         ValueError
-            Missing projection, inconsistent shapes (the message names the tensor), unknown activation.
+            Missing projection, mixed base formats, inconsistent shapes (the message names the tensor), unknown
+            activation.
+        TypeError
+            An MXFP4 base whose blocks or scales are not uint8.
         """
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
@@ -140,32 +211,67 @@ class OverlayExperts:
             for name, d in (("base", base), ("A", a), ("B", b)):
                 if p not in d:
                     raise ValueError(f"overlay factors: {name} of projection {p!r} is missing")
-        inter, hidden = base["gate"].shape
+        packed = {p: isinstance(base[p], (tuple, list)) for p in ("gate", "up", "down")}
+        if len(set(packed.values())) != 1:
+            raise ValueError(f"overlay factors: every base must be float or every base MXFP4, got {packed}")
+        mxfp4 = packed["gate"]
+        if mxfp4:
+            for p in ("gate", "up", "down"):
+                if len(base[p]) != 2 or any(t.dtype != torch.uint8 for t in base[p]):
+                    raise TypeError(f"overlay factors: the MXFP4 base of {p!r} must be (blocks uint8, scales uint8)")
+            inter, hidden = base["gate"][1].shape[0], base["gate"][1].shape[1] * 32
+        else:
+            inter, hidden = base["gate"].shape
         n_experts = a["gate"].shape[0]
         expected = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
         for p, (out_dim, in_dim) in expected.items():
             r = b[p].shape[1] if b[p].dim() == 3 else -1
-            checks = ((f"{p}.base", base[p], (out_dim, in_dim)), (f"{p}.A", a[p], (n_experts, out_dim, r)),
-                      (f"{p}.B", b[p], (n_experts, r, in_dim)))
+            if mxfp4:
+                checks = [(f"{p}.base_blocks", base[p][0], (out_dim, in_dim // 32, 16)),
+                          (f"{p}.base_scales", base[p][1], (out_dim, in_dim // 32))]
+                if in_dim % 32:
+                    raise ValueError(f"overlay factors: an MXFP4 base needs in % 32 == 0; {p} has in = {in_dim}")
+            else:
+                checks = [(f"{p}.base", base[p], (out_dim, in_dim))]
+            checks += [(f"{p}.A", a[p], (n_experts, out_dim, r)), (f"{p}.B", b[p], (n_experts, r, in_dim))]
             for name, t, shape in checks:
                 if tuple(t.shape) != shape:
                     raise ValueError(f"overlay factors: {name} has shape {list(t.shape)}, expected {list(shape)}")
             if bias.get(p) is not None and tuple(bias[p].shape) != (n_experts, out_dim):
                 raise ValueError(f"overlay factors: {p}.bias has shape {list(bias[p].shape)}, expected "
                                  f"{[n_experts, out_dim]}")
-        dev = torch.device(device) if device is not None else base["gate"].device
+        gate_tensor = base["gate"][0] if mxfp4 else base["gate"]
+        dev = torch.device(device) if device is not None else gate_tensor.device
+        fdt = dtype or a["gate"].dtype
 
-        def f32(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device=dev, dtype=torch.float32).contiguous()
+        def put(t: torch.Tensor | None, dt: torch.dtype | None = fdt) -> torch.Tensor | None:
+            return None if t is None else t.to(device=dev, dtype=dt).contiguous()
 
+        fields: dict[str, torch.Tensor | None] = {}
+        if mxfp4 and base_dtype is None:
+            fields["base_gate_up_blocks"] = put(torch.cat([base["gate"][0], base["up"][0]], 0), None)
+            fields["base_gate_up_scales"] = put(torch.cat([base["gate"][1], base["up"][1]], 0), None)
+            fields["base_down_blocks"], fields["base_down_scales"] = (put(t, None) for t in base["down"])
+        else:
+            if mxfp4:
+                from lazarus_core.ops.mxfp4_dequant import mxfp4_dequant
+
+                base = {p: mxfp4_dequant(*base[p]).reshape(base[p][1].shape[0], -1) for p in base}
+            bdt = base_dtype or base["gate"].dtype
+            fields["base_gate_up"] = put(torch.cat([base["gate"].to(bdt), base["up"].to(bdt)], 0), bdt)
+            fields["base_down"] = put(base["down"], bdt)
         return cls(
-            base_gate_up=f32(torch.cat([base["gate"], base["up"]], 0)), base_down=f32(base["down"]),
-            b_gate_up=f32(torch.cat([b["gate"], b["up"]], 1)),
-            at_gate=f32(a["gate"].transpose(1, 2)), at_up=f32(a["up"].transpose(1, 2)),
-            b_down=f32(b["down"]), at_down=f32(a["down"].transpose(1, 2)),
-            bias_gate=f32(bias.get("gate")), bias_up=f32(bias.get("up")), bias_down=f32(bias.get("down")),
+            **fields, b_gate_up=put(torch.cat([b["gate"].to(fdt), b["up"].to(fdt)], 1)),
+            at_gate=put(a["gate"].transpose(1, 2)), at_up=put(a["up"].transpose(1, 2)),
+            b_down=put(b["down"]), at_down=put(a["down"].transpose(1, 2)),
+            bias_gate=put(bias.get("gate")), bias_up=put(bias.get("up")), bias_down=put(bias.get("down")),
             activation=activation, alpha=float(alpha), limit=float(limit),
         )
+
+
+_TENSOR_FIELDS = ("base_gate_up", "base_down", "base_gate_up_blocks", "base_gate_up_scales", "base_down_blocks",
+                  "base_down_scales", "b_gate_up", "at_gate", "at_up", "b_down", "at_down", "bias_gate", "bias_up",
+                  "bias_down")
 
 
 def activation_reference(g: torch.Tensor, u: torch.Tensor, kind: str, alpha: float = 1.702, limit: float = 7.0
@@ -203,15 +309,16 @@ def overlay_moe_forward_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_
     """
     t, k = topk_ids.shape
     ids = topk_ids.reshape(-1).long()
-    dtype = experts.base_down.dtype          # fp32; float64 for an oracle built from a float64 copy
+    # fp32 copies of the stored tensors; float64 for an oracle built with float64 factors (OverlayExperts.to_float)
+    dtype = torch.float64 if experts.factor_dtype == torch.float64 else torch.float32
     xp = x.to(dtype).repeat_interleave(k, 0)  # [P, H], pair p = (token p // k, slot p % k)
 
     def project(inp: torch.Tensor, projection: str) -> torch.Tensor:
-        base, a, b = experts.factors(projection)
+        base, a, b = experts.factors(projection, dtype)
         low = torch.bmm(a[ids], torch.bmm(b[ids], inp.unsqueeze(-1))).squeeze(-1)
         out = inp @ base.T + low
         bias = {"gate": experts.bias_gate, "up": experts.bias_up, "down": experts.bias_down}[projection]
-        return out + bias[ids] if bias is not None else out
+        return out + bias[ids].to(dtype) if bias is not None else out
 
     h = activation_reference(project(xp, "gate"), project(xp, "up"), experts.activation, experts.alpha, experts.limit)
     y = project(h, "down") * topk_weights.reshape(-1, 1).to(dtype)
@@ -354,7 +461,7 @@ def _check_inputs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
         lo, hi = (int(v) for v in torch.stack(torch.aminmax(topk_ids)).tolist())   # one device sync
         if lo < 0 or hi >= ex.num_experts:
             raise ValueError(f"overlay_moe_forward: topk_ids must be in [0, {ex.num_experts}), got [{lo}, {hi}]")
-    devices = {x.device, topk_ids.device, topk_weights.device, ex.base_down.device}
+    devices = {x.device, topk_ids.device, topk_weights.device, ex.device}
     if len(devices) != 1:
         raise ValueError(f"overlay_moe_forward: tensors are on different devices: {sorted(map(str, devices))}")
 
@@ -399,6 +506,9 @@ def overlay_moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
         from lazarus_core.ops.overlay_moe_gpu import overlay_moe_forward_gpu
         return overlay_moe_forward_gpu(x, topk_ids, topk_weights, experts, impl)
     shrink, gate_up, down = impl
+    if experts.base_format != "float" or experts.base_gate_up.dtype != torch.float32 or \
+            experts.factor_dtype != torch.float32:
+        experts = experts.to_float()   # interim: storage-precision kernels come next
     t, i = x.shape[0], experts.intermediate_size
     xf = x.to(torch.float32).contiguous()
     if t == 0:
