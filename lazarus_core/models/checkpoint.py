@@ -2,7 +2,8 @@
 
 Every projection comes out in ``[out, in]`` orientation (``gate``/``up``: ``[I, H]``, ``down``: ``[H, I]``),
 GPT-OSS gate/up de-interleaved (even columns of ``gate_up_proj [E, H, 2I]`` are gate, odd are up) and
-transposed; MXFP4 decoded with ``ops.mxfp4_dequant``, FP8 E4M3 blocks with ``ops.fp8_dequant``,
+transposed, DBRX cut from its fused ``[E*I, H]`` tensors (rows ``e*I:(e+1)*I``; ``w2`` holds down
+transposed); MXFP4 decoded with ``ops.mxfp4_dequant``, FP8 E4M3 blocks with ``ops.fp8_dequant``,
 bf16/fp16 upcast. Shapes and dtypes are checked against the family from the file headers before
 any data is read.
 """
@@ -19,7 +20,7 @@ from lazarus_core.models._memory import ResidentBudget
 from lazarus_core.models.errors import CheckpointError
 from lazarus_core.models.families import FamilySpec, detect_family
 from lazarus_core.models.resolve import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, ModelSource, resolve_model
-from lazarus_core.models.safetensors_file import FLOAT_DTYPES, SafetensorsFile, TensorInfo
+from lazarus_core.models.safetensors_file import DTYPES, FLOAT_DTYPES, SafetensorsFile, TensorInfo
 
 PROJECTIONS = ("gate", "up", "down")
 
@@ -111,6 +112,9 @@ class MoeCheckpoint:
         """How layer ``layer``'s routed experts are stored: ``"bf16"``/``"fp16"``/``"fp32"``, ``"fp8_e4m3"``
         or ``"mxfp4"`` (from the file headers)."""
         self._check_layer(layer)
+        if self.spec.names.layout == "dbrx":
+            info = self._info(self._dbrx_name(layer, "down"))
+            return _FORMAT_NAMES.get(info.dtype, info.dtype.lower())
         if self.spec.names.fused:
             base = self._prefix(layer) + "experts.down_proj"
             if base + "_blocks" in self._weight_map:
@@ -200,7 +204,9 @@ class MoeCheckpoint:
 
     def _grown_scratch(self, scratch: torch.Tensor, layer: int, projection: str) -> torch.Tensor:
         """A uint8 buffer large enough for one expert's raw bytes of this projection."""
-        if self.spec.names.fused:
+        if self.spec.names.layout == "dbrx":
+            need = self._info(self._dbrx_name(layer, projection)).nbytes // self.spec.num_experts
+        elif self.spec.names.fused:
             stem = self._prefix(layer) + ("experts.down_proj" if projection == "down" else "experts.gate_up_proj")
             name = stem + "_blocks" if stem + "_blocks" in self._weight_map else stem
             info = self._info(name)
@@ -298,7 +304,10 @@ class MoeCheckpoint:
                              f"(this {self.family} checkpoint has {self.spec.num_experts} experts)")
 
     def _prefix(self, layer: int) -> str:
-        return f"model.layers.{layer}.{self.spec.names.moe_module}."
+        return self.spec.names.moe_prefix(layer)
+
+    def _dbrx_name(self, layer: int, projection: str) -> str:
+        return f"{self._prefix(layer)}experts.mlp.{self.spec.names.projection_name(projection)}"
 
     def _expert_name(self, layer: int, projection: str, expert: int) -> str:
         return f"{self._prefix(layer)}experts.{expert}.{self.spec.names.projection_name(projection)}.weight"
@@ -360,8 +369,25 @@ class MoeCheckpoint:
         decoded = fp8_dequant(weight, scale_inv, block_size=block).to(dtype)
         return out.copy_(decoded) if out is not None else decoded
 
+    def _dbrx_expert(self, layer: int, projection: str, expert: int, dtype: torch.dtype,
+                     out: torch.Tensor | None = None, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """DBRX ``experts.mlp.{w1,v1,w2} [E*I, H]``: expert e is rows ``e*I:(e+1)*I`` (only those bytes are
+        read); gate (w1) / up (v1) are ``[out, in]`` as stored, w2 is down transposed."""
+        e, i, h = self.spec.num_experts, self.spec.expert_intermediate_size, self.spec.hidden_size
+        name = self._dbrx_name(layer, projection)
+        f, info = self._locate(name)
+        self._expect(f, info, (e * i, h), FLOAT_DTYPES)
+        nbytes = info.nbytes // e
+        raw = f._read_bytes(name, info.start + expert * nbytes, nbytes, scratch if out is not None else None)
+        rows = raw.view(DTYPES[info.dtype][0]).view(i, h)
+        if projection == "down":
+            rows = rows.t()
+        return out.copy_(rows) if out is not None else rows.to(dtype).contiguous()
+
     def _fused_expert(self, layer: int, projection: str, expert: int, dtype: torch.dtype,
                       out: torch.Tensor | None = None, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        if self.spec.names.layout == "dbrx":
+            return self._dbrx_expert(layer, projection, expert, dtype, out, scratch)
         e, i, h = self.spec.num_experts, self.spec.expert_intermediate_size, self.spec.hidden_size
         stem = self._prefix(layer) + ("experts.down_proj" if projection == "down" else "experts.gate_up_proj")
         rows = h if projection == "down" else 2 * i  # stored rows in [out, in] orientation

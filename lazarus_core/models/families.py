@@ -1,6 +1,8 @@
 """Which MoE family a checkpoint is, and that family's facts (routing, MoE layers, sizes, names on disk).
 
 Detection reads ``config.json`` only (``model_type``, then ``architectures``), never the expert count.
+DBRX nests its MoE facts in ``ffn_config`` (``moe_num_experts``, ``moe_top_k``, ``ffn_hidden_size``,
+``moe_normalize_expert_weights``, ``ffn_act_fn``) and names its sizes ``d_model`` / ``n_layers``.
 Every consumer (checkpoint reader, routing capture, overlays) takes its facts from :class:`FamilySpec`.
 
 Public API (stable):
@@ -17,6 +19,7 @@ from typing import Any, Literal, Mapping
 Scoring = Literal["softmax", "sigmoid"]
 Order = Literal["score_then_topk", "topk_then_softmax"]
 GroupScore = Literal["max", "top2_sum"]
+Layout = Literal["per_expert", "gpt_oss", "dbrx"]
 
 # family name -> (model_type values, architectures values)
 _FAMILY_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -27,6 +30,7 @@ _FAMILY_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "deepseek_v2": (("deepseek_v2",), ("DeepseekV2ForCausalLM",)),
     "deepseek_v3": (("deepseek_v3",), ("DeepseekV3ForCausalLM",)),
     "gpt_oss": (("gpt_oss",), ("GptOssForCausalLM",)),
+    "dbrx": (("dbrx",), ("DbrxForCausalLM",)),
 }
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(_FAMILY_KEYS)
 
@@ -48,8 +52,11 @@ class RoutingConvention:
         ``topk_then_softmax``: top-k of the raw logits (plus router bias), softmax over those k
         (Mixtral, GPT-OSS); the k weights then sum to 1 by construction.
     renormalize : bool
-        Divide the k chosen weights by their sum (``norm_topk_prob``). False for OLMoE: its weights
-        are the softmax over all E experts and do not sum to 1.
+        Divide the k chosen weights by their ``renormalize_p``-norm (``norm_topk_prob``: their sum). False
+        for OLMoE: its weights are the softmax over all E experts and do not sum to 1.
+    renormalize_p : float
+        The p of that norm: 1.0 (the sum) everywhere but DBRX, whose ``moe_normalize_expert_weights`` sets it
+        (usually 1; DBRX with ``moe_normalize_expert_weights: null`` does not renormalise).
     routed_scaling_factor : float
         Multiplier applied to the final top-k weights (DeepSeek); 1.0 elsewhere.
     selection_bias : bool
@@ -68,6 +75,7 @@ class RoutingConvention:
     scoring: Scoring
     order: Order
     renormalize: bool
+    renormalize_p: float = 1.0
     routed_scaling_factor: float = 1.0
     selection_bias: bool = False
     n_group: int | None = None
@@ -106,29 +114,44 @@ class SharedExpertSpec:
 
 @dataclass(frozen=True)
 class DiskNames:
-    """Tensor names on disk (safetensors), relative to ``model.layers.{L}.{moe_module}``.
+    """Tensor names on disk (safetensors), relative to ``{layers_prefix}.{L}.{moe_module}``.
 
     Attributes
     ----------
     moe_module : str
-        ``"mlp"`` or ``"block_sparse_moe"`` (Mixtral).
+        ``"mlp"``, ``"block_sparse_moe"`` (Mixtral) or ``"ffn"`` (DBRX).
     router : str
-        Router module: ``"gate"`` or ``"router"`` (GPT-OSS); its tensors are ``.weight`` (and ``.bias``).
+        Router module: ``"gate"``, ``"router"`` (GPT-OSS) or ``"router.layer"`` (DBRX); its tensors are
+        ``.weight`` (and ``.bias``).
     fused : bool
-        True for GPT-OSS: ``experts.gate_up_proj [E, H, 2I]`` (gate/up interleaved on the last axis) and
-        ``experts.down_proj [E, I, H]``, plus ``_bias``, or ``_blocks``/``_scales`` when MXFP4.
+        True when all experts of a projection share one tensor (``layout`` ``"gpt_oss"`` or ``"dbrx"``).
     projections : tuple of (str, str)
-        Per-expert layouts only: projection (``gate``/``up``/``down``) -> tensor name under
-        ``experts.N.`` without ``.weight`` (``gate_proj``... or Mixtral ``w1``/``w3``/``w2``).
+        Projection (``gate``/``up``/``down``) -> tensor name: per-expert layouts, under ``experts.N.`` without
+        ``.weight`` (``gate_proj``... or Mixtral ``w1``/``w3``/``w2``); DBRX, under ``experts.mlp.``
+        (``w1``/``v1``/``w2``).
+    layers_prefix : str
+        Where the decoder layers live: ``"model.layers"``, or ``"transformer.blocks"`` (DBRX).
+    layout : {"per_expert", "gpt_oss", "dbrx"}
+        ``per_expert``: one ``[out, in]`` tensor per expert and projection. ``gpt_oss``:
+        ``experts.gate_up_proj [E, H, 2I]`` (gate/up interleaved on the last axis) and ``experts.down_proj
+        [E, I, H]``, plus ``_bias``, or ``_blocks``/``_scales`` when MXFP4. ``dbrx``: ``experts.mlp.w1`` (gate),
+        ``v1`` (up), ``w2`` (down), each ``[E*I, H]``: rows ``e*I:(e+1)*I`` are expert e's gate / up ``[I, H]``
+        and its down projection TRANSPOSED (``down[e] = w2[e*I:(e+1)*I].T``, ``[H, I]``).
     """
 
     moe_module: str
     router: str
     fused: bool
     projections: tuple[tuple[str, str], ...] = (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))
+    layers_prefix: str = "model.layers"
+    layout: Layout = "per_expert"
 
     def projection_name(self, projection: str) -> str:
         return dict(self.projections)[projection]
+
+    def moe_prefix(self, layer: int) -> str:
+        """``"{layers_prefix}.{layer}.{moe_module}."``: the prefix of every MoE tensor of ``layer``."""
+        return f"{self.layers_prefix}.{layer}.{self.moe_module}."
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -170,6 +193,9 @@ class FamilySpec:
     fp8_block_size : tuple of int or None
         ``weight_block_size`` for FP8 checkpoints (``(128, 128)`` in DeepSeek-V3).
     names : DiskNames
+    expert_activation : str
+        Activation of the routed experts' gate (GLU: ``act(gate) * up``): ``hidden_act`` (DBRX:
+        ``ffn_config.ffn_act_fn.name``), default ``"silu"``; ``"gpt_oss"`` for GPT-OSS's clamped SwiGLU.
     """
 
     family: str
@@ -187,6 +213,7 @@ class FamilySpec:
     quantization: str | None
     fp8_block_size: tuple[int, int] | None
     names: DiskNames = field(repr=False)
+    expert_activation: str = "silu"
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer in self.moe_layers
@@ -208,6 +235,7 @@ class FamilySpec:
             "quantization": self.quantization,
             "fp8_block_size": None if self.fp8_block_size is None else list(self.fp8_block_size),
             "names": self.names.to_dict(),
+            "expert_activation": self.expert_activation,
         }
 
 
@@ -241,6 +269,24 @@ def _positive_int(value: Any, family: str, key: str) -> int:
     return value
 
 
+def _dbrx_facts(config: Mapping[str, Any]) -> dict[str, Any]:
+    """DBRX's ``config.json`` in the common key names (``d_model``, ``n_layers``, ``ffn_config.*``)."""
+    ffn = config.get("ffn_config")
+    if not isinstance(ffn, Mapping):
+        raise UnsupportedModelError("dbrx config.json lacks ffn_config; cannot describe its MoE layers")
+    act = ffn.get("ffn_act_fn") or {"name": "silu"}
+    return {
+        **config,
+        "num_hidden_layers": _require(config, "dbrx", "n_layers", "num_hidden_layers"),
+        "hidden_size": _require(config, "dbrx", "d_model", "hidden_size"),
+        "num_experts_per_tok": ffn.get("moe_top_k", 1),  # transformers' DbrxFFNConfig defaults
+        "num_experts": ffn.get("moe_num_experts", 4),
+        "intermediate_size": _require(ffn, "dbrx", "ffn_hidden_size"),
+        "moe_normalize_expert_weights": ffn.get("moe_normalize_expert_weights", 1.0),
+        "hidden_act": act.get("name", "silu") if isinstance(act, Mapping) else str(act),
+    }
+
+
 def _qwen_moe_layers(config: Mapping[str, Any], num_layers: int, num_experts: int) -> tuple[int, ...]:
     step = int(config.get("decoder_sparse_step") or 1)
     mlp_only = set(config.get("mlp_only_layers") or ())
@@ -266,6 +312,8 @@ def detect_family(config: Mapping[str, Any]) -> FamilySpec:
         config lacks a key the family needs, or has no MoE layer.
     """
     family = _family_of(config)
+    if family == "dbrx":
+        config = _dbrx_facts(config)
     model_type = str(config.get("model_type") or "")
     num_layers = _positive_int(_require(config, family, "num_hidden_layers"), family, "num_hidden_layers")
     hidden = _positive_int(_require(config, family, "hidden_size"), family, "hidden_size")
@@ -318,13 +366,25 @@ def detect_family(config: Mapping[str, Any]) -> FamilySpec:
                 n_group=int(config.get("n_group") or 1), topk_group=int(config.get("topk_group") or 1),
                 group_score="top2_sum",
             )
+    elif family == "dbrx":
+        # transformers' DbrxFFN: softmax over all E, top-k, the k weights divided by their p-norm.
+        num_experts, inter = config["num_experts"], config["intermediate_size"]
+        moe_layers = tuple(range(num_layers))
+        p = config["moe_normalize_expert_weights"]
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or p <= 0):
+            raise UnsupportedModelError(f"dbrx config.json: ffn_config.moe_normalize_expert_weights must be a "
+                                        f"positive number or null, got {p!r}")
+        routing = RoutingConvention("softmax", "score_then_topk", renormalize=p is not None,
+                                    renormalize_p=1.0 if p is None else float(p))
+        names = DiskNames("ffn", "router.layer", True, (("gate", "w1"), ("up", "v1"), ("down", "w2")),
+                          layers_prefix="transformer.blocks", layout="dbrx")
     else:  # gpt_oss
         num_experts = _require(config, family, "num_local_experts", "num_experts")
         inter = _require(config, family, "intermediate_size")
         moe_layers = tuple(range(num_layers))
         routing = RoutingConvention("softmax", "topk_then_softmax", renormalize=True, router_bias=True)
         expert_bias = True
-        names = DiskNames("mlp", "router", True)
+        names = DiskNames("mlp", "router", True, layout="gpt_oss")
 
     num_experts = _positive_int(num_experts, family, "num_experts")
     inter = _positive_int(inter, family, "intermediate_size")
@@ -351,4 +411,5 @@ def detect_family(config: Mapping[str, Any]) -> FamilySpec:
         quantization=quant_method,
         fp8_block_size=tuple(int(b) for b in block) if block else None,
         names=names,
+        expert_activation="gpt_oss" if family == "gpt_oss" else str(config.get("hidden_act") or "silu"),
     )

@@ -43,7 +43,7 @@ def expert_bytes_as_stored(ckpt: MoeCheckpoint) -> dict[int, int]:
     sizes = _all_tensors(ckpt)
     out = {}
     for layer in ckpt.moe_layers:
-        prefix = f"model.layers.{layer}.{ckpt.spec.names.moe_module}.experts."
+        prefix = ckpt.spec.names.moe_prefix(layer) + "experts."
         out[layer] = sum(n for name, n in sizes.items() if name.startswith(prefix))
     return out
 

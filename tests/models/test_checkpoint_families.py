@@ -10,7 +10,7 @@ from lazarus_core.models import PROJECTIONS, open_moe_checkpoint
 pytest.importorskip("accelerate", reason="transformers needs accelerate to load MXFP4/FP8 checkpoints")
 
 CASES = ["olmoe", "olmoe_fp32", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss",
-         "gpt_oss_mxfp4", "deepseek_v3_fp8", "deepseek_v3_fp8_b16", "olmoe_sharded"]
+         "gpt_oss_mxfp4", "deepseek_v3_fp8", "deepseek_v3_fp8_b16", "olmoe_sharded", "dbrx"]
 EXPECTED_FORMAT = {"gpt_oss_mxfp4": "mxfp4", "deepseek_v3_fp8": "fp8_e4m3", "deepseek_v3_fp8_b16": "fp8_e4m3",
                    "olmoe_fp32": "fp32"}
 
@@ -21,8 +21,24 @@ def _hf_model(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
+def _moe_blocks(model):
+    """Layer index -> the MoE block (``mlp`` / ``ffn``) of every decoder layer (DBRX: ``transformer.blocks``)."""
+    if hasattr(model, "transformer"):
+        return {i: block.ffn for i, block in enumerate(model.transformer.blocks)}
+    return {i: layer.mlp for i, layer in enumerate(model.model.layers)}
+
+
+def _hf_router(block, family):
+    return {"gpt_oss": lambda: block.router, "dbrx": lambda: block.router.layer}.get(family, lambda: block.gate)()
+
+
 def _hf_expert(experts, family, projection, e, inter):
     """transformers' in-memory fused layout -> [out, in] (the known layout transforms of DESIGN section 4)."""
+    if family == "dbrx":  # w1 (gate) / v1 (up) / w2 (down, transposed) [E*I, H]
+        mlp = experts.mlp
+        rows = {p: getattr(mlp, n).detach().view(-1, inter, mlp.hidden_size)[e] for p, n in
+                (("gate", "w1"), ("up", "v1"), ("down", "w2"))}
+        return rows[projection].t() if projection == "down" else rows[projection]
     gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
     if family == "gpt_oss":  # gate_up [E, H, 2I] interleaved; down [E, I, H]
         return {"gate": gate_up[e][:, 0::2].t(), "up": gate_up[e][:, 1::2].t(), "down": down[e].t()}[projection]
@@ -36,9 +52,10 @@ def test_every_expert_equals_transformers(name, checkpoint_dir):
     with open_moe_checkpoint(path) as ckpt:
         spec = ckpt.spec
         assert ckpt.storage_format(spec.moe_layers[0]) == EXPECTED_FORMAT.get(name, "bf16")
-        assert [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")] == list(spec.moe_layers)
+        blocks = _moe_blocks(model)
+        assert [i for i, block in blocks.items() if hasattr(block, "experts")] == list(spec.moe_layers)
         for layer in spec.moe_layers:
-            mlp = model.model.layers[layer].mlp
+            mlp = blocks[layer]
             for projection in PROJECTIONS:
                 seen = []
                 for e, weight in ckpt.iter_experts(layer, projection):
@@ -49,7 +66,7 @@ def test_every_expert_equals_transformers(name, checkpoint_dir):
                     torch.testing.assert_close(weight, expected, rtol=0, atol=0)
                 assert seen == list(range(spec.num_experts))
             router = ckpt.router(layer)
-            gate_module = mlp.router if spec.family == "gpt_oss" else mlp.gate
+            gate_module = _hf_router(mlp, spec.family)
             torch.testing.assert_close(router.weight, gate_module.weight.detach().float(), rtol=0, atol=0)
             if spec.routing.router_bias:
                 torch.testing.assert_close(router.bias, gate_module.bias.detach().float(), rtol=0, atol=0)
@@ -91,7 +108,7 @@ def test_shared_experts_equal_transformers(name, checkpoint_dir):
                 assert gate is None
 
 
-@pytest.mark.parametrize("name", ["olmoe", "mixtral", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("name", ["olmoe", "mixtral", "qwen3_moe", "gpt_oss", "dbrx"])
 def test_families_without_shared_experts_or_biases_say_none(name, checkpoint_dir):
     with open_moe_checkpoint(checkpoint_dir(name)) as ckpt:
         assert ckpt.shared_expert_weight(0, "gate") is None and ckpt.shared_expert_gate(0) is None
@@ -133,7 +150,7 @@ def _gpt_oss_mlp(x, gate, up, down, biases):
     return (g * torch.sigmoid(1.702 * g) * (u + 1)) @ down.t() + biases[2]
 
 
-@pytest.mark.parametrize("name", ["olmoe", "mixtral", "gpt_oss", "gpt_oss_mxfp4", "deepseek_v3_fp8_b16"])
+@pytest.mark.parametrize("name", ["olmoe", "mixtral", "gpt_oss", "gpt_oss_mxfp4", "deepseek_v3_fp8_b16", "dbrx"])
 def test_expert_forward_matches_transformers_experts_module(name, checkpoint_dir):
     # Orientation check independent of any layout assumption: route every token to expert e with
     # weight 1 through transformers' own experts module and compare with our [out, in] weights.
@@ -141,12 +158,12 @@ def test_expert_forward_matches_transformers_experts_module(name, checkpoint_dir
     model = _hf_model(path)
     with open_moe_checkpoint(path) as ckpt, torch.no_grad():
         layer = ckpt.moe_layers[-1]
-        experts = model.model.layers[layer].mlp.experts
+        experts = _moe_blocks(model)[layer].experts
         x = torch.randn(5, ckpt.spec.hidden_size)
         for e in (0, ckpt.num_experts - 1):
             w = {p: ckpt.expert_weight(layer, p, e) for p in PROJECTIONS}
             ids = torch.full((5, 1), e, dtype=torch.long)
-            got = experts(x, ids, torch.ones(5, 1))
+            got = experts(x, ids, torch.ones(5, 1)).reshape(5, -1)  # DBRX returns [5, 1, H]
             if ckpt.spec.expert_bias:
                 biases = [ckpt.expert_bias(layer, p)[e] for p in PROJECTIONS]
                 expected = _gpt_oss_mlp(x, w["gate"], w["up"], w["down"], biases)
@@ -155,7 +172,7 @@ def test_expert_forward_matches_transformers_experts_module(name, checkpoint_dir
             torch.testing.assert_close(got.float(), expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["olmoe", "gpt_oss", "gpt_oss_mxfp4", "deepseek_v3_fp8_b16"])
+@pytest.mark.parametrize("name", ["olmoe", "gpt_oss", "gpt_oss_mxfp4", "deepseek_v3_fp8_b16", "dbrx"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
 def test_reuse_and_out_give_the_same_weights(name, dtype, checkpoint_dir):
     with open_moe_checkpoint(checkpoint_dir(name)) as ckpt:
