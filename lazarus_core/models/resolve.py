@@ -3,6 +3,10 @@ fetches each weight file only when a tensor in it is first needed.
 
 Safety: only ``config.json``, the safetensors index and safetensors shards are ever opened; pickle
 weights (``.bin``, ``.pt``, ``.pth``) are refused; no code from the checkpoint is run.
+
+Every hub failure (missing file, HTTP error, truncated or interrupted download, offline cache miss) becomes
+one line naming the model, revision and file; huggingface_hub 2.x keeps nothing partial in its cache, so the
+cache stays usable and a rerun after the cause is fixed downloads the file again.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+class DownloadError(ModelNotFoundError):
+    """A hub download failed part way (HTTP error status, truncated or interrupted transfer)."""
 
 
 def hub_offline() -> bool:
@@ -45,7 +53,9 @@ class ModelSource:
         self.root = root
         self.revision = revision
         self._fetched: dict[str, Path] = {}
+        self._opened: dict[str, Path] = {}
         self._offline_misses: list[ModelNotFoundError] = []
+        self._remote_sizes: dict[str, int] | None = None
 
     def __repr__(self) -> str:
         return f"ModelSource({self.name!r}, kind={self.kind!r}, revision={self.revision!r})"
@@ -83,24 +93,75 @@ class ModelSource:
             path = self.root / filename
             if not path.is_file():
                 raise ModelNotFoundError(f"{path}: file not found")
-            return path
-        if filename not in self._fetched:
-            self._fetched[filename] = self._download(filename)
-        return self._fetched[filename]
+        else:
+            if filename not in self._fetched:
+                self._fetched[filename] = self._download(filename)
+            path = self._fetched[filename]
+        self._opened[filename] = path
+        return path
+
+    def files_opened(self) -> dict[str, int]:
+        """File name -> size in bytes of every file handed out by :meth:`local_path` (downloaded or local), in
+        the order first asked for: what a job really read (config, index, the shards it touched)."""
+        return {name: path.stat().st_size for name, path in self._opened.items()}
+
+    def file_size(self, filename: str) -> int | None:
+        """Size of ``filename`` in bytes WITHOUT downloading it: on disk for a local model or a cached hub file,
+        else from the hub's file listing (one API call per source, skipped offline); None when unknown."""
+        if self.kind != "hub":
+            path = self.root / filename
+            return path.stat().st_size if path.is_file() else None
+        cached = self.cached_path(filename)
+        if cached is not None:
+            return cached.stat().st_size
+        return self.remote_sizes().get(filename)
+
+    def cached_path(self, filename: str) -> Path | None:
+        """The local path of ``filename`` if it needs no download (local model, or in the hub cache), else None."""
+        if self.kind != "hub":
+            path = self.root / filename
+            return path if path.is_file() else None
+        if filename in self._fetched:
+            return self._fetched[filename]
+        import huggingface_hub
+
+        found = huggingface_hub.try_to_load_from_cache(self.name, filename, revision=self.revision)
+        return Path(found) if isinstance(found, str) else None
+
+    def remote_sizes(self) -> dict[str, int]:
+        """File name -> size of every file of the hub revision (``model_info(files_metadata=True)``); ``{}`` for
+        local models, offline, or when the listing cannot be fetched (sizes are then unknown, not guessed)."""
+        if self._remote_sizes is None:
+            self._remote_sizes = {}
+            if self.kind == "hub" and not hub_offline():
+                import huggingface_hub
+
+                try:
+                    info = huggingface_hub.model_info(self.name, revision=self.revision, files_metadata=True)
+                except (OSError, ValueError):  # hub errors are OSErrors; a malformed answer a ValueError
+                    return self._remote_sizes
+                self._remote_sizes = {s.rfilename: s.size for s in info.siblings or () if s.size is not None}
+        return self._remote_sizes
 
     def _download(self, filename: str) -> Path:
         import huggingface_hub  # looked up at call time so tests can substitute hf_hub_download
         from huggingface_hub import errors as hub_errors
 
+        where = self.describe(filename)
         try:
             return Path(huggingface_hub.hf_hub_download(self.name, filename, revision=self.revision))
-        except hub_errors.LocalEntryNotFoundError:
-            # Not in the local cache, and offline (by setting, or the hub could not be reached).
+        except hub_errors.LocalEntryNotFoundError as exc:
+            # Not in the local cache, and offline (by setting, or the hub could not be reached / answered an error).
+            cause = exc.__cause__
             if hub_offline():
-                msg = (f"{self.describe(filename)} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
+                msg = (f"{where} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
                        f"forbids downloading it; fetch the model once online (or unset HF_HUB_OFFLINE)")
+            elif isinstance(cause, hub_errors.HfHubHTTPError) and cause.response is not None:
+                msg = (f"{where}: not in the local Hugging Face cache and the hub answered HTTP "
+                       f"{cause.response.status_code} for {cause.response.url}")
             else:
-                msg = f"{self.describe(filename)}: not in the local Hugging Face cache and the hub could not be reached"
+                reason = f" ({type(cause).__name__}: {_one_line(cause)})" if cause is not None else ""
+                msg = f"{where}: not in the local Hugging Face cache and the hub could not be reached{reason}"
             err = ModelNotFoundError(msg)
             err.offline_miss = True
             raise err from None
@@ -113,8 +174,15 @@ class ModelSource:
                 f"model {self.name!r} (revision {self.revision or 'main'}) not found on the Hugging Face hub and "
                 f"not a local directory or built-in alias ({type(exc).__name__})"
             ) from None
-        except OSError as exc:  # network failures, HTTP errors
-            raise ModelNotFoundError(f"{self.describe(filename)}: download failed ({type(exc).__name__}: {exc})") from None
+        except hub_errors.HfHubHTTPError as exc:  # an HTTP error status during the transfer itself
+            status = exc.response.status_code if exc.response is not None else "error"
+            raise DownloadError(f"{where}: download failed, the hub answered HTTP {status} ({_one_line(exc)}); "
+                                f"{_NOTHING_CACHED}") from None
+        except OSError as exc:  # truncated transfer (size check), disk full, other I/O
+            raise DownloadError(f"{where}: download failed ({_one_line(exc)}); {_NOTHING_CACHED}") from None
+        except _transport_errors() as exc:  # connection dropped mid-transfer after huggingface_hub's own retries
+            raise DownloadError(f"{where}: download interrupted ({type(exc).__name__}: {_one_line(exc)}); "
+                                f"{_NOTHING_CACHED}") from None
 
     def read_json(self, filename: str) -> dict[str, Any]:
         """Parse ``filename`` as a JSON object; CheckpointError names the file when it is not one."""
@@ -127,6 +195,35 @@ class ModelSource:
             raise CheckpointError(f"{self.describe(filename)}: expected a JSON object")
         return data
 
+    def index_weight_map(self) -> dict[str, str] | None:
+        """The validated ``weight_map`` of ``model.safetensors.index.json``, or None when there is no index.
+
+        Fetches at most the index itself (never a shard).
+
+        Raises
+        ------
+        UnsafeCheckpointError
+            The index maps a tensor to a pickle file.
+        CheckpointError
+            A malformed index (names the index file).
+        """
+        if not self.exists(INDEX_NAME):
+            return None
+        index = self.read_json(INDEX_NAME)
+        wmap = index.get("weight_map")
+        if not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
+            raise CheckpointError(f"{self.describe(INDEX_NAME)}: 'weight_map' must map tensor names to file names")
+        for tensor, fname in wmap.items():
+            if fname.endswith(PICKLE_SUFFIXES):
+                raise UnsafeCheckpointError(
+                    f"{self.describe(INDEX_NAME)}: tensor {tensor!r} lives in {fname!r}, a pickle file; lazarus "
+                    f"never loads pickles (they can run code). Convert the checkpoint to safetensors."
+                )
+            if "/" in fname or "\\" in fname or fname.startswith(".") or not fname.endswith(".safetensors"):
+                raise CheckpointError(f"{self.describe(INDEX_NAME)}: tensor {tensor!r} maps to an invalid "
+                                      f"file name {fname!r} (expected a .safetensors file beside the index)")
+        return dict(wmap)
+
     def weight_map(self) -> dict[str, str]:
         """Tensor name -> safetensors file name (from the index, or the single ``model.safetensors``).
 
@@ -137,21 +234,9 @@ class ModelSource:
         CheckpointError
             No safetensors weights, or a malformed index (names the index file).
         """
-        if self.exists(INDEX_NAME):
-            index = self.read_json(INDEX_NAME)
-            wmap = index.get("weight_map")
-            if not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
-                raise CheckpointError(f"{self.describe(INDEX_NAME)}: 'weight_map' must map tensor names to file names")
-            for tensor, fname in wmap.items():
-                if fname.endswith(PICKLE_SUFFIXES):
-                    raise UnsafeCheckpointError(
-                        f"{self.describe(INDEX_NAME)}: tensor {tensor!r} lives in {fname!r}, a pickle file; lazarus "
-                        f"never loads pickles (they can run code). Convert the checkpoint to safetensors."
-                    )
-                if "/" in fname or "\\" in fname or fname.startswith(".") or not fname.endswith(".safetensors"):
-                    raise CheckpointError(f"{self.describe(INDEX_NAME)}: tensor {tensor!r} maps to an invalid "
-                                          f"file name {fname!r} (expected a .safetensors file beside the index)")
-            return dict(wmap)
+        wmap = self.index_weight_map()
+        if wmap is not None:
+            return wmap
         if self.exists(SINGLE_NAME):
             return {}  # filled from the file's own header by the reader
         if self._offline_misses:
@@ -176,6 +261,25 @@ class ModelSource:
             return self.exists(filename)
         except ModelNotFoundError:
             return False
+
+
+_NOTHING_CACHED = "the cache is left usable; rerun to download it again"
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (library messages often span several lines)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """huggingface_hub's HTTP client errors (httpx2 in huggingface_hub 2.x, httpx in 1.x), or ``()``."""
+    for module in ("httpx2", "httpx"):
+        try:
+            return (__import__(module).HTTPError,)
+        except ImportError:
+            continue
+    return ()
 
 
 def _builtin_path(alias: str) -> Path | None:
