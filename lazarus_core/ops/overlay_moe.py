@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from lazarus_core.ops._backends import cpu_extension, select_backend
+from lazarus_core.ops.overlay_validate import validate_overlay_experts
 
 ACTIVATIONS = {"swiglu": 0, "gpt_oss": 1}
 
@@ -80,6 +81,7 @@ class OverlayExperts:
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"OverlayExperts: activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        validate_overlay_experts(self)  # shapes, dtypes, devices, contiguity: once, before any kernel sees it
 
     @property
     def base_format(self) -> str:
