@@ -110,7 +110,9 @@ def route(
         weights = torch.softmax(x.gather(1, ids), dim=-1)
     else:
         weights = scores.gather(1, ids)
-        if rule.renormalize:
+        if rule.renormalize and rule.renormalize_p != 1.0:  # DBRX moe_normalize_expert_weights
+            weights = weights / torch.norm(weights, p=rule.renormalize_p, dim=-1, keepdim=True)
+        elif rule.renormalize:
             eps = 1e-20 if rule.scoring == "sigmoid" else 0.0  # DeepSeek-V3 adds 1e-20 to the denominator
             weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
     weights = weights * rule.routed_scaling_factor

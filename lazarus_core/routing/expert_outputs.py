@@ -13,7 +13,8 @@ def _single_expert(experts: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) 
     recorder's, do not see these extra calls.
     """
     ones = torch.ones(ids.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
-    return experts.forward(hidden, ids.reshape(-1, 1).long(), ones)
+    # DBRX's experts return [T, 1, H] for a [T, H] input
+    return experts.forward(hidden, ids.reshape(-1, 1).long(), ones).reshape(ids.shape[0], -1)
 
 
 def selected_expert_outputs(experts: nn.Module, hidden: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,9 @@ class WeightOverride:
       expert that was not selected counts as weight 0 and is added as one more slot, so the experts
       module receives k + 1 slots);
     * families whose k weights are normalised (``rule.renormalize`` or top-k-then-softmax: Mixtral,
-      GPT-OSS, Qwen3, DeepSeek) keep their total: the other selected experts share what is left,
-      ``max(total - new, 0)``, in their old proportions; families that do not renormalise (OLMoE, Qwen2-MoE with
+      GPT-OSS, Qwen3, DeepSeek, DBRX) keep their total: the other selected experts share what is left,
+      ``max(total - new, 0)``, in their old proportions (DBRX with ``moe_normalize_expert_weights`` p != 1
+      keeps their p-norm: ``sum(others^p) = max(||w||_p^p - new^p, 0)``); families that do not renormalise (OLMoE, Qwen2-MoE with
       ``norm_topk_prob=False``) leave the other weights as they are. Ablation is ``value=0``.
 
     Attributes
@@ -85,7 +86,9 @@ class RoutingIntervention:
 
     A forward hook on each router recomputes ``(top_k_weights, top_k_index)`` from the router's raw
     logits with the family's convention (:func:`lazarus_core.routing.conventions.route`) and the
-    edit, so the experts module mixes with the edited routing. Works in ``model(...)`` and
+    edit, so the experts module mixes with the edited routing. Where the block routes (DBRX,
+    :attr:`MoeLayer.routes_in_block`), the router hook keeps the logits and a forward pre-hook on the
+    experts module replaces the ``top_k_index`` / ``top_k_weights`` it receives. Works in ``model(...)`` and
     ``model.generate(...)``; interventions nest (ablations and forced experts add up, logit deltas
     sum, the innermost ``top_k`` wins). The model is unchanged after exit.
 
@@ -110,11 +113,11 @@ class RoutingIntervention:
         for layer in self.layers.values():
             registry = getattr(layer.router, _REGISTRY_ATTR, None)
             if registry is None:
-                registry = {"edits": [], "handle": None}
+                registry = {"edits": [], "handles": [], "logits": None}
                 setattr(layer.router, _REGISTRY_ATTR, registry)
             registry["edits"].append(self.edit)
-            if registry["handle"] is None:
-                registry["handle"] = layer.router.register_forward_hook(_make_hook(layer, self.info))
+            if not registry["handles"]:
+                registry["handles"] = _install_hooks(layer, self.info, registry)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -122,7 +125,8 @@ class RoutingIntervention:
             registry = getattr(layer.router, _REGISTRY_ATTR)
             registry["edits"].remove(self.edit)
             if not registry["edits"]:
-                registry["handle"].remove()
+                for handle in registry["handles"]:
+                    handle.remove()
                 delattr(layer.router, _REGISTRY_ATTR)
 
 
@@ -134,17 +138,14 @@ def _check_edit(edit: RoutingEdit, layer: MoeLayer) -> None:
         raise ValueError(f"top_k={edit.top_k} must be between 1 and {layer.num_experts} (layer {layer.layer})")
 
 
-def _make_hook(layer: MoeLayer, info: MoeModelInfo):
-    def hook(module, args, output):
-        edits: list[RoutingEdit] = getattr(module, _REGISTRY_ATTR)["edits"]
-        logits, weights, ids = output[0], output[1], output[2]
-        overrides = [w for e in edits for w in e.weights]
-        if not any(e.reroutes() for e in edits):
-            # Only weight overrides: keep the router's own selection and weights bit for bit.
-            new_weights, new_ids = weights.float(), ids.long()
-            for o in overrides:
-                new_weights, new_ids = override_weight(new_weights, new_ids, o, info.rule)
-            return (logits, new_weights.to(weights.dtype), new_ids.to(ids.dtype), *output[3:])
+def _edited_routing(edits: list[RoutingEdit], logits: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                    layer: MoeLayer, info: MoeModelInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's (weights, ids) under ``edits``, in the dtypes of the model's own ``weights`` / ``ids``."""
+    overrides = [w for e in edits for w in e.weights]
+    if not any(e.reroutes() for e in edits):
+        # Only weight overrides: keep the router's own selection and weights bit for bit.
+        new_weights, new_ids = weights.float(), ids.long()
+    else:
         delta = None
         if any(e.logit_delta for e in edits):
             delta = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
@@ -156,11 +157,45 @@ def _make_hook(layer: MoeLayer, info: MoeModelInfo):
             logits.reshape(-1, logits.shape[-1]), info.rule, top_k, correction_bias=layer.correction_bias,
             logit_delta=delta, exclude=[x for e in edits for x in e.ablate], force=[x for e in edits for x in e.force],
         )
-        for o in overrides:
-            new_weights, new_ids = override_weight(new_weights, new_ids, o, info.rule)
-        return (logits, new_weights.to(weights.dtype), new_ids.to(ids.dtype), *output[3:])
+    for o in overrides:
+        new_weights, new_ids = override_weight(new_weights, new_ids, o, info.rule)
+    return new_weights.to(weights.dtype), new_ids.to(ids.dtype)
 
-    return hook
+
+def _install_hooks(layer: MoeLayer, info: MoeModelInfo, registry: dict) -> list:
+    """Hooks applying ``registry["edits"]`` at one layer; returns their handles."""
+    if not layer.routes_in_block:
+        def router_hook(module, args, output):
+            weights, ids = _edited_routing(registry["edits"], output[0], output[1], output[2], layer, info)
+            return (output[0], weights, ids, *output[3:])
+
+        return [layer.router.register_forward_hook(router_hook)]
+
+    def keep_logits(module, args, output):
+        registry["logits"] = output
+
+    def experts_hook(module, args, kwargs):
+        logits, registry["logits"] = registry["logits"], None
+        if logits is None:
+            raise RuntimeError(f"layer {layer.layer}: the experts module ran without its router")
+        args, kwargs = list(args), dict(kwargs)
+        given = {}
+        for position, name in ((1, "top_k_index"), (2, "top_k_weights")):
+            if len(args) <= position and name not in kwargs:
+                raise RuntimeError(f"layer {layer.layer}: experts module called without {name}")
+            given[name] = args[position] if len(args) > position else kwargs[name]
+        weights, ids = _edited_routing(registry["edits"], logits, given["top_k_weights"], given["top_k_index"],
+                                       layer, info)
+        for position, name, value in ((1, "top_k_index", ids), (2, "top_k_weights", weights)):
+            if len(args) > position:
+                args[position] = value
+            else:
+                kwargs[name] = value
+        return tuple(args), kwargs
+
+    return [layer.router.register_forward_hook(keep_logits),
+            # first of the experts' pre-hooks, so a recorder sees the edited routing it mixes with
+            layer.experts.register_forward_pre_hook(experts_hook, with_kwargs=True, prepend=True)]
 
 
 def renormalises(rule) -> bool:
@@ -207,10 +242,14 @@ def override_weight(weights: torch.Tensor, ids: torch.Tensor, override: WeightOv
         selected[~missing, -1] = False
     first = selected & (selected.cumsum(-1) == 1)            # one slot carries the expert's weight
     if renormalises(rule):
-        total = weights.sum(-1)
-        others = total - old
-        scale = torch.where(others > 0, (total - new).clamp_min(0.0) / torch.where(others > 0, others, 1.0),
+        # keep ||w||_p (p = 1: the total): others scale by s with s^p * sum(others^p) = ||w||_p^p - new^p
+        p = float(getattr(rule, "renormalize_p", 1.0)) if rule.renormalize else 1.0
+        total = weights.pow(p).sum(-1)
+        others = total - old.pow(p)
+        scale = torch.where(others > 0, (total - new.pow(p)).clamp_min(0.0) / torch.where(others > 0, others, 1.0),
                             torch.ones_like(others))
+        if p != 1.0:
+            scale = scale.pow(1.0 / p)
         scale = torch.where(target, scale, torch.ones_like(scale))
         weights = torch.where(selected, weights, weights * scale.unsqueeze(1))
     weights = torch.where(first, new.unsqueeze(1), torch.where(selected, 0.0, weights))

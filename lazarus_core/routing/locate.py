@@ -1,4 +1,9 @@
-"""Find the MoE layers of a loaded transformers model: each layer's router module and experts module."""
+"""Find the MoE layers of a loaded transformers model: each layer's router module and experts module.
+
+Every family's router returns ``(logits, top_k_weights, top_k_index)`` except DBRX's: ``DbrxRouter`` returns
+the logits only (its ``layer`` linear) and ``DbrxFFN.route_tokens_to_experts`` computes the top-k, so for
+DBRX the router is the ``router.layer`` linear and :attr:`MoeLayer.routes_in_block` is True.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from torch import nn
 from lazarus_core.models.families import RoutingConvention
 from lazarus_core.routing.conventions import convention_of
 
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe|feed_forward)$")
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.(?:mlp|block_sparse_moe|feed_forward|ffn)$")
 _ROUTER_NAMES = ("gate", "router")
 
 
@@ -28,10 +33,14 @@ class MoeLayer:
     layer : int
         The decoder layer index (``model.layers[layer]``), not the count among MoE layers.
     block, router, experts : nn.Module
-        The MoE block, its router (returns ``(logits, top_k_weights, top_k_index)``) and its
-        experts module (called as ``experts(hidden [T, H], top_k_index [T, K], top_k_weights [T, K])``).
+        The MoE block, its router (returns ``(logits, top_k_weights, top_k_index)``; DBRX: the
+        ``router.layer`` linear, returning the logits ``[T, E]``) and its experts module (called as
+        ``experts(hidden [T, H], top_k_index [T, K], top_k_weights [T, K])``; DBRX's hidden is ``[B, S, H]``).
     num_experts, top_k : int
         Routed experts E and experts per token k.
+    routes_in_block : bool
+        The router returns only logits and the block computes the top-k (DBRX): edits of the routing
+        replace the experts module's ``top_k_index`` / ``top_k_weights`` arguments instead of the router's output.
     """
 
     layer: int
@@ -41,6 +50,7 @@ class MoeLayer:
     experts: nn.Module
     num_experts: int
     top_k: int
+    routes_in_block: bool = False
 
     @property
     def correction_bias(self) -> torch.Tensor | None:
@@ -97,11 +107,16 @@ def find_moe_layers(model: nn.Module) -> MoeModelInfo:
             continue
         router = next((getattr(module, n) for n in _ROUTER_NAMES if isinstance(getattr(module, n, None), nn.Module)),
                       None)
+        in_block = router is not None and not hasattr(router, "weight") and isinstance(getattr(router, "layer", None),
+                                                                                       nn.Linear)
+        if in_block:  # DBRX: DbrxRouter.layer gives the logits, DbrxFFN (top_k) the routing
+            router = router.layer
         if router is None or not hasattr(router, "weight"):
             continue
         idx = int(match.group(1))
+        top_k = module.top_k if in_block else router.top_k
         layers[idx] = MoeLayer(layer=idx, name=name, block=module, router=router, experts=module.experts,
-                               num_experts=int(router.weight.shape[0]), top_k=int(router.top_k))
+                               num_experts=int(router.weight.shape[0]), top_k=int(top_k), routes_in_block=in_block)
     config = getattr(model, "config", None)
     family = getattr(config, "model_type", None) or type(model).__name__
     if not layers:

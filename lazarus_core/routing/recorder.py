@@ -127,7 +127,8 @@ class RoutingRecorder:
         store = self._logits[idx]
 
         def hook(module, args, output):
-            store.append(output[0].detach())
+            # (logits, weights, ids) tuples; DBRX's router linear returns the logits tensor itself
+            store.append((output if isinstance(output, torch.Tensor) else output[0]).detach())
 
         return hook
 

@@ -79,6 +79,15 @@ def write_known_rank_checkpoint(family: str, directory: Path, *, storage: str = 
                     else:  # [E, H, I]
                         hidden, inter = p.shape[1], p.shape[2]
                         p[e] = _expert_triplet(e, n_experts, inter, hidden)[2]
+            elif family == "dbrx" and name.endswith(("experts.mlp.w1", "experts.mlp.v1", "experts.mlp.w2")):
+                # [E*I, H]: expert e's rows e*I:(e+1)*I are its gate (w1) / up (v1) / down TRANSPOSED (w2)
+                hidden = p.shape[1]
+                n_experts = model.config.ffn_config.moe_num_experts
+                inter = p.shape[0] // n_experts
+                slot = {"w1": 0, "v1": 1, "w2": 2}[name.rsplit(".", 1)[-1]]
+                for e in range(n_experts):
+                    w = _expert_triplet(e, n_experts, inter, hidden)[slot]
+                    p[e * inter:(e + 1) * inter] = w.T if slot == 2 else w
             elif name.endswith("experts.gate_up_proj_bias") or name.endswith("experts.down_proj_bias"):
                 p.copy_(torch.randn_like(p) * 50.0)
     directory.mkdir(parents=True, exist_ok=True)

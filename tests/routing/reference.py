@@ -47,6 +47,12 @@ def hand_route(config, logits_row, k, *, bias=None, ablate=(), delta=None, force
     chosen = forced + rest[: k - len(forced)]
     if family == "gpt_oss" or family == "mixtral":                    # softmax over the k chosen logits
         w = torch.softmax(torch.tensor([float(l[e]) for e in chosen], dtype=torch.float64), 0).tolist()
+    elif family == "dbrx":                                            # the k scores over their p-norm
+        w = [score[e] for e in chosen]
+        p = config.ffn_config.moe_normalize_expert_weights
+        if p is not None:
+            norm = sum(x ** p for x in w) ** (1.0 / p)
+            w = [x / norm for x in w]
     else:
         w = [score[e] for e in chosen]
         if getattr(config, "norm_topk_prob", False) and family != "deepseek_v2":
@@ -61,6 +67,10 @@ def hand_route(config, logits_row, k, *, bias=None, ablate=(), delta=None, force
 def expert_forward(block, e, h):
     """One routed expert applied to h [T, H] (float64), from the fused weights of the experts module."""
     ex = block.experts
+    if hasattr(ex, "mlp"):  # DBRX: w1 (gate) / v1 (up) / w2 (down transposed), each [E*I, H]
+        i = ex.ffn_hidden_size
+        w1, v1, w2 = (getattr(ex.mlp, n)[e * i:(e + 1) * i].double() for n in ("w1", "v1", "w2"))
+        return (F.silu(h @ w1.T) * (h @ v1.T)) @ w2
     if hasattr(ex, "gate_up_proj_bias"):  # GPT-OSS: transposed, interleaved gate/up, clamped SwiGLU
         gu = h @ ex.gate_up_proj[e].double() + ex.gate_up_proj_bias[e].double()
         gate, up = gu[..., ::2].clamp(max=ex.limit), gu[..., 1::2].clamp(-ex.limit, ex.limit)
@@ -74,6 +84,7 @@ def hand_block_forward(block, config, h, k, **route_kwargs):
     """MoE block output [T, H] (float64) for input h [T, H], routing each token with :func:`hand_route`."""
     h = h.double()
     router = getattr(block, "router", None) or block.gate
+    router = getattr(router, "layer", router)  # DBRX: DbrxRouter.layer
     logits = h @ router.weight.double().T
     if getattr(router, "bias", None) is not None:
         logits = logits + router.bias.double()

@@ -23,7 +23,7 @@ def test_capture_matches_independent_router_recomputation(family):
     assert_capture_matches_recomputation(tiny_model(family), torch.randint(3, 96, (2, 5)))
 
 
-@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3", "gpt_oss", "dbrx"])
 def test_batched_padded_capture_equals_one_sequence_at_a_time(family, tmp_path):
     model, tok = tiny_model(family), tiny_tokenizer()
     info = find_moe_layers(model)
@@ -41,7 +41,7 @@ def test_batched_padded_capture_equals_one_sequence_at_a_time(family, tmp_path):
         assert span.positions.tolist() == expected_pos
         for start in range(0, len(ids), 8):                               # each window alone, no padding
             with RoutingRecorder(model, logits=True) as rec, torch.no_grad():
-                model.model(input_ids=torch.tensor([ids[start:start + 8]]))
+                model.base_model(input_ids=torch.tensor([ids[start:start + 8]]))
                 alone = rec.pop()
             for l in trace.layers:
                 got = span.layer(l)

@@ -59,7 +59,7 @@ def test_olmoe_activations_match_a_written_out_expert(tmp_path):
         np.testing.assert_allclose(acts.expert_outputs, chosen, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "dbrx"])
 def test_weighted_expert_outputs_sum_to_the_experts_module_output(family, tmp_path):
     """sum_j w_j * expert_outputs[:, j] is what the experts module returned (scaling factors live in w)."""
     model = tiny_model(family)
@@ -76,7 +76,7 @@ def test_weighted_expert_outputs_sum_to_the_experts_module_output(family, tmp_pa
             for text in TEXTS:   # one sequence at a time: rows are the document's tokens in order (seq_len 12)
                 ids = tok(text)["input_ids"]
                 for start in range(0, len(ids), 12):
-                    model.model(input_ids=torch.tensor([ids[start:start + 12]]), use_cache=False)
+                    model.base_model(input_ids=torch.tensor([ids[start:start + 12]]), use_cache=False)
     finally:
         for h in handles:
             h.remove()

@@ -8,11 +8,13 @@ COMMON = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_att
               num_key_value_heads=2, vocab_size=96, max_position_embeddings=128, pad_token_id=0,
               bos_token_id=1, eos_token_id=2)
 MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
-FAMILIES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss")
+FAMILIES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss", "dbrx")
 
 
 def tiny_config(family: str, **overrides):
-    """A 2-layer config with hidden 32 and 8 experts (4 for Mixtral / GPT-OSS), k = 2 (DeepSeek-V3: 3)."""
+    """A 2-layer config with hidden 32 and 8 experts (4 for Mixtral / GPT-OSS), k = 2 (DeepSeek-V3: 3).
+
+    DBRX takes ``moe_normalize_expert_weights`` (default 1.0, as the real models) as an override too."""
     import transformers as tf
 
     if family == "olmoe":
@@ -35,6 +37,14 @@ def tiny_config(family: str, **overrides):
                                   norm_topk_prob=True, routed_scaling_factor=2.5, rope_scaling=None)
     elif family == "gpt_oss":
         cfg = tf.GptOssConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2, head_dim=8)
+    elif family == "dbrx":
+        # transformers 5.24's DbrxAttention needs attn_config.rope_theta and a clip_qkv (None fails in clamp)
+        p = overrides.pop("moe_normalize_expert_weights", 1.0)
+        cfg = tf.DbrxConfig(d_model=COMMON["hidden_size"], n_heads=4, n_layers=2, max_seq_len=128, vocab_size=96,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                            attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
+                            ffn_config=dict(ffn_hidden_size=COMMON["intermediate_size"], moe_num_experts=8,
+                                            moe_top_k=2, moe_normalize_expert_weights=p))
     else:
         raise ValueError(family)
     for key, value in overrides.items():
@@ -50,7 +60,7 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith(("router.weight", "mlp.gate.weight")):
+            if name.endswith(("router.weight", "mlp.gate.weight", "router.layer.weight")):
                 param.normal_(0.0, 1.0 / param.shape[1] ** 0.5 * 3)
             elif name.endswith("router.bias"):
                 param.normal_(0.0, 0.5)
