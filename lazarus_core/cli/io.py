@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
+
+from lazarus_core.atomic_io import atomic_write_json
 
 
 def strict_json(value: Any) -> Any:
@@ -27,10 +28,9 @@ def strict_json(value: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
-    """Write ``payload`` as indented strict JSON to ``path`` atomically (temp file + rename)."""
+    """Write ``payload`` as indented strict JSON to ``path`` atomically
+    (:func:`lazarus_core.atomic_io.atomic_write_json`: unique temporary name, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(strict_json(payload), indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    atomic_write_json(path, strict_json(payload), allow_nan=False)
     return path

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lazarus_core.atomic_io import atomic_path
 from lazarus_core.models.checkpoint import PROJECTIONS
 
 FORMAT_NAME = "lazarus-overlay"
@@ -37,20 +38,14 @@ def tensor_name(layer: int, projection: str, kind: str) -> str:
     return f"layers.{layer}.{projection}.{kind}"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_layer_shard(directory: Path, layer: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Write one layer's tensors to ``overlay-layer-LLLLL.safetensors`` atomically (temp file + rename)."""
+    """Write one layer's tensors to ``overlay-layer-LLLLL.safetensors`` atomically
+    (:func:`lazarus_core.atomic_io.atomic_path`: unique temporary name, fsync, rename)."""
     from safetensors.torch import save_file
 
     path = directory / shard_name(layer)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return path
 
 
@@ -84,14 +79,26 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 @dataclass
 class LayerFactors:
-    """One layer's overlay tensors as stored: projection -> base ``[out, in]``, A ``[E, out, r]``,
-    B ``[E, r, in]``, bias ``[E, out]`` or None."""
+    """One layer's overlay tensors as stored (no decoding, no dtype change): projection -> base, A ``[E, out, r]``,
+    B ``[E, r, in]``, bias ``[E, out]`` or None. A float base is ``[out, in]``; an MXFP4 base is the tuple
+    ``(blocks uint8 [out, in/32, 16], scales uint8 [out, in/32])`` (what
+    :meth:`lazarus_core.ops.OverlayExperts.from_factors` takes)."""
 
     layer: int
-    base: dict[str, torch.Tensor]
+    base: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
     a: dict[str, torch.Tensor]
     b: dict[str, torch.Tensor]
     bias: dict[str, torch.Tensor | None]
+
+    def base_fp32(self, projection: str) -> torch.Tensor:
+        """The base of ``projection`` as fp32 ``[out, in]`` (an MXFP4 base decoded; a copy)."""
+        base = self.base[projection]
+        if isinstance(base, tuple):
+            from lazarus_core.ops import mxfp4_dequant
+
+            blocks, scales = base
+            return mxfp4_dequant(blocks, scales).reshape(blocks.shape[0], -1)
+        return base.float()
 
 
 def read_layer(directory: str | os.PathLike, config: dict[str, Any], layer: int) -> LayerFactors:
@@ -149,8 +156,6 @@ def read_layer(directory: str | os.PathLike, config: dict[str, Any], layer: int)
                 else:
                     {"base": out.base, "A": out.a, "B": out.b, "bias": out.bias}[kind][p] = t
             if mxfp4_base:
-                from lazarus_core.ops import mxfp4_dequant
-
-                out.base[p] = mxfp4_dequant(raw["base_blocks"], raw["base_scales"]).reshape(o, i)
+                out.base[p] = (raw["base_blocks"], raw["base_scales"])
             out.bias.setdefault(p, None)
     return out

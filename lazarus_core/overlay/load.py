@@ -9,24 +9,30 @@ from __future__ import annotations
 import json
 import os
 import re
+import types
 import warnings
 
 import torch
 
 from lazarus_core.models.non_expert import read_non_expert_state
-from lazarus_core.ops.overlay_moe import OverlayExperts, overlay_moe_forward
+from lazarus_core.ops.overlay_moe import OverlayExperts
+from lazarus_core.ops.overlay_moe_op import overlay_moe_op
 from lazarus_core.overlay.format import read_config, read_layer
 from lazarus_core.overlay.graphs import GraphCache
 
 IMPLEMENTATION = "lazarus_overlay"
 _EXPERT_PARAMS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias", "up_proj", "up_proj_bias")
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.")  # DBRX: transformer.blocks.N
 
 
 def overlay_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
     """The experts forward registered as ``"lazarus_overlay"`` (``self`` is a transformers experts module
-    carrying ``_lazarus_overlay`` and ``_lazarus_backend``)."""
+    carrying ``_lazarus_overlay`` and ``_lazarus_backend``).
+
+    Runs the custom op ``lazarus::overlay_moe`` (:func:`lazarus_core.ops.overlay_moe_op.overlay_moe_op`): it
+    backpropagates to ``hidden_states`` and ``top_k_weights`` and ``torch.compile`` traces it without a graph
+    break. Calls that need a gradient never replay a CUDA graph (a replay records no autograd history)."""
     experts: OverlayExperts | None = getattr(self, "_lazarus_overlay", None)
     if experts is None:
         raise RuntimeError(f"{type(self).__name__} has no overlay attached; load the model with "
@@ -35,12 +41,33 @@ def overlay_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, 
 
     def forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # The ids are a top-k over this layer's own router scores, so always in range: no sync to check them.
-        return overlay_moe_forward(x, ids, weights, experts, backend=backend, check_ids=False)
+        return overlay_moe_op(x, ids, weights, experts, backend=backend, check_ids=False)
 
     graphs: GraphCache | None = getattr(self, "_lazarus_graphs", None)
-    if graphs is not None and graphs.applies(hidden_states):
+    needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad)
+    if graphs is not None and not needs_grad and graphs.applies(hidden_states):
         return graphs.run(forward, hidden_states, top_k_index, top_k_weights)
     return forward(hidden_states, top_k_index, top_k_weights)
+
+
+def dbrx_overlay_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+    """``DbrxExperts.forward`` on the overlay. DBRX has no experts-implementation interface, so
+    :func:`attach_overlay` binds this to each DBRX experts module; hidden ``[B, S, H]`` (or ``[T, H]``) -> same shape."""
+    flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+    return overlay_experts_forward(self, flat, top_k_index, top_k_weights).view(hidden_states.shape)
+
+
+def _is_dbrx_experts(module: torch.nn.Module) -> bool:
+    """DBRX keeps its fused expert weights ``w1``/``v1``/``w2`` in the experts module's ``mlp`` child."""
+    return isinstance(getattr(module, "mlp", None), torch.nn.Module) and "w2" in module.mlp._parameters
+
+
+def _drop_expert_weights(module: torch.nn.Module) -> None:
+    holder, names = (module.mlp, ("w1", "v1", "w2")) if _is_dbrx_experts(module) else (module, _EXPERT_PARAMS)
+    for pname in names:
+        if pname in holder._parameters:
+            holder._parameters[pname] = None
 
 
 def register_experts_implementation() -> str:
@@ -56,7 +83,8 @@ def experts_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     found = {}
     for name, module in model.named_modules():
         weight = module._parameters.get("down_proj", False)
-        if name.endswith("experts") and (weight is None or isinstance(weight, torch.Tensor) and weight.dim() == 3):
+        if name.endswith("experts") and (weight is None or isinstance(weight, torch.Tensor) and weight.dim() == 3
+                                         or _is_dbrx_experts(module)):
             m = _LAYER_RE.search(name)
             if m:
                 found[int(m.group(1))] = module
@@ -99,9 +127,9 @@ def attach_overlay(model: torch.nn.Module, layers: dict[int, OverlayExperts], *,
         n = getattr(module, "num_experts", ov.num_experts)
         if n != ov.num_experts:
             raise ValueError(f"layer {layer}: the model has {n} experts, the overlay {ov.num_experts}")
-        for pname in _EXPERT_PARAMS:
-            if pname in module._parameters:
-                module._parameters[pname] = None
+        _drop_expert_weights(module)
+        if _is_dbrx_experts(module):
+            module.forward = types.MethodType(dbrx_overlay_forward, module)
         module._lazarus_overlay = ov
         module._lazarus_backend = backend
         module._lazarus_graphs = GraphCache() if cuda_graphs and backend in ("auto", "cuda", "triton") else None
@@ -111,7 +139,8 @@ def attach_overlay(model: torch.nn.Module, layers: dict[int, OverlayExperts], *,
         missing = sorted(set(modules) - set(layers))
         raise ValueError(f"the overlay covers layers {sorted(layers)} but the model has experts at {missing} too; "
                          f"compress every MoE layer (--layers all) to run it")
-    model.set_experts_implementation(IMPLEMENTATION)
+    if not all(_is_dbrx_experts(m) for m in modules.values()):
+        model.set_experts_implementation(IMPLEMENTATION)
 
 
 def _fresh_rotary(model: torch.nn.Module, device: torch.device) -> None:
@@ -124,7 +153,8 @@ def _fresh_rotary(model: torch.nn.Module, device: torch.device) -> None:
 
 
 def load_model(model: str | os.PathLike | None = None, *, overlay: str | os.PathLike, backend: str = "auto",
-               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", cuda_graphs: bool = True):
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", cuda_graphs: bool = True,
+               force: bool = False):
     """A transformers causal LM whose routed experts run the fused overlay forward.
 
     Parameters
@@ -141,19 +171,25 @@ def load_model(model: str | os.PathLike | None = None, *, overlay: str | os.Path
     cuda_graphs : bool
         On a CUDA device, replay captured CUDA graphs for decode-sized calls (at most 8 tokens) of the
         ``auto``/``cuda``/``triton`` backends; the forward is then bound by the GPU, not by kernel launches.
+    force : bool
+        Load an overlay whose source fingerprint does not match ``model`` (a loud warning on stderr instead of
+        ``OverlaySourceMismatch``; :func:`lazarus_core.overlay.fingerprint.check_source`).
 
     Returns
     -------
     transformers.PreTrainedModel
-        In eval mode; ``model.generate`` works. Peak memory: the non-expert weights plus the overlay.
+        In eval mode with every parameter frozen (``requires_grad=False``); ``model.generate`` works. Outside
+        ``torch.no_grad`` the forward backpropagates to the inputs (embeddings, hidden states, routing weights)
+        through the overlay factors, and ``torch.compile(model)`` traces the experts without a graph break.
+        Peak memory: the non-expert weights plus the overlay.
 
     Raises
     ------
     FileNotFoundError
         No overlay config, or the source model cannot be found.
     ValueError
-        The overlay does not match the model (family, experts, layers, sizes), or a non-expert tensor is
-        missing from the checkpoint.
+        The overlay does not match the model (family, experts, layers, sizes, source fingerprint), or a
+        non-expert tensor is missing from the checkpoint.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -171,6 +207,9 @@ def load_model(model: str | os.PathLike | None = None, *, overlay: str | os.Path
     if fam.family != config["family"] or fam.num_experts != config["num_experts"]:
         raise ValueError(f"overlay {overlay} was made from a {config['family']} model with {config['num_experts']} "
                          f"experts; {spec} is {fam.family} with {fam.num_experts}")
+    from lazarus_core.overlay.fingerprint import check_source
+
+    check_source(source, config, force=force, overlay=overlay)
     device = torch.device(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -180,9 +219,7 @@ def load_model(model: str | os.PathLike | None = None, *, overlay: str | os.Path
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     for module in experts_modules(lm).values():
-        for pname in _EXPERT_PARAMS:
-            if pname in module._parameters:
-                module._parameters[pname] = None
+        _drop_expert_weights(module)
     lm.to_empty(device=device)
     wanted = set(lm.state_dict().keys())
     state = read_non_expert_state(root, wanted, raw_config.get("model_type", ""),
@@ -196,4 +233,5 @@ def load_model(model: str | os.PathLike | None = None, *, overlay: str | os.Path
         lm.tie_weights()
     _fresh_rotary(lm, device)
     attach_overlay(lm, load_overlay_layers(overlay, device=device), backend=backend, cuda_graphs=cuda_graphs)
+    lm.requires_grad_(False)
     return lm.eval()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from lazarus_core.atomic_io import atomic_write_bytes, atomic_write_json  # noqa: F401  (the trace writer's names)
 
 FORMAT_NAME = "lazarus-routing-trace"
 FORMAT_VERSION = 2
@@ -47,26 +47,6 @@ class TraceError(ValueError):
 def layer_key(layer: int, field: str) -> str:
     """Tensor name of one per-layer field, e.g. ``layers.3.topk_ids``."""
     return f"layers.{layer}.{field}"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and an atomic rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: dict) -> None:
-    """Write a JSON document atomically (temporary file + rename)."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
