@@ -12,15 +12,17 @@ if __name__ != "lazarus_core.triton_kernels":
 from lazarus_core.triton_kernels.dequant_axpby import dequant_axpby_triton
 from lazarus_core.triton_kernels.mxfp4_dequant import mxfp4_dequant_triton
 from lazarus_core.triton_kernels.mxfp4_quantize import mxfp4_quantize_triton
-from lazarus_core.triton_kernels.overlay_moe import overlay_down_triton, overlay_gate_up_triton, overlay_shrink_triton
+from lazarus_core.triton_kernels.overlay_moe import (down_expand_triton, gate_up_expand_triton, grouped_shrink_triton,
+                                                     mxfp4_matmul_triton)
 from lazarus_core.triton_kernels.router_entropy import router_entropy_rows_triton
 
 __all__ = [
     "dequant_axpby_triton",
     "mxfp4_dequant_triton",
     "mxfp4_quantize_triton",
-    "overlay_down_triton",
-    "overlay_gate_up_triton",
-    "overlay_shrink_triton",
+    "down_expand_triton",
+    "gate_up_expand_triton",
+    "grouped_shrink_triton",
+    "mxfp4_matmul_triton",
     "router_entropy_rows_triton",
 ]
