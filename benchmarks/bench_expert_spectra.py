@@ -64,7 +64,7 @@ def _builtin_rows() -> list[BenchRow]:
 
 def run(repeats: int = 1) -> tuple[list[BenchRow], dict]:
     from lazarus_core.analysis.expert_structure import analyze_projection
-    from lazarus_core.analysis.spectra import energy_rank, singular_values_reference
+    from lazarus_core.spectra import energy_rank, singular_values_reference
     from lazarus_core.models import open_moe_checkpoint
 
     rows: list[BenchRow] = []

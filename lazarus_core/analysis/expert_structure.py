@@ -1,10 +1,13 @@
 """Native MoE or pseudo-MoE? Streams every expert of every MoE layer and measures the spectrum of each
-expert's difference from the mean expert, the cosine geometry of the experts, and (for MXFP4/FP8
-sources) how much of the delta rises above the quantisation noise floor.
+expert's difference from the mean expert, the cosine geometry of the experts, (for MXFP4/FP8 sources)
+how much of the delta rises above the quantisation noise floor, and the rank the overlay compressor
+would choose.
 
-Per layer and projection, three passes over the experts, each holding about one expert:
-1. the mean expert, accumulated with the fused decode + axpby op;
-2. per expert, ``delta_e = W_e - mean`` (fused decode + subtract) and its singular spectrum;
+Per layer and projection, every pass holds about one expert (the spectra engine, lazarus_core.spectra):
+1. the mean expert and the rounding-noise energies, then per expert ``delta_e = W_e - mean`` and its
+   singular spectrum (the classification signal);
+2. the compressor's spectrum: deltas from the overlay base (refined from that mean, as moe-overlay-compute
+   does), read with the compressor's energy definition (``ProjectionSpectrum.kept_energy``);
 3. the E x E Gram of the experts for cosine similarity, accumulated over row chunks of all experts
    (memory O(E x chunk), chunk chosen so the chunk of all experts is about two experts' worth).
 Biases are reported separately and never folded into the weights (DESIGN.md section 7).
@@ -18,9 +21,15 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from lazarus_core.analysis.spectra import ENERGY_FRACTIONS, cumulative_energy, energy_rank, singular_values
 from lazarus_core.models.checkpoint import PROJECTIONS, MoeCheckpoint
-from lazarus_core.models.encoded import read_encoded_expert, read_expert_rows
+from lazarus_core.overlay.ranks import PRESETS, choose_ranks, make_policy
+from lazarus_core.overlay.sizes import byte_report
+from lazarus_core.spectra import BASE_METHODS, ProjectionSpectrum, cumulative_energy, energy_rank, projection_spectrum
+
+ENERGY_FRACTIONS = (0.90, 0.95, 0.99)
+# The compressor's default (moe-overlay-compute / -compress without rank options) and its factor dtype.
+COMPRESSOR_PRESET = "balanced"
+COMPRESSOR_DTYPE = "bf16"
 
 # Classification thresholds (documented in docs/moe_type.md). rank_ratio is the mean over experts and
 # projections of the 95%-energy rank of W_e - mean(W) divided by min(out, in); cosine is the mean
@@ -58,7 +67,13 @@ class NoiseFloor:
 
 @dataclass
 class ProjectionStructure:
-    """Delta spectra and expert geometry of one projection of one MoE layer."""
+    """Delta spectra and expert geometry of one projection of one MoE layer.
+
+    ``experts_rank_*`` / ``effective_rank_*`` / ``rank_ratio`` read the spectra of ``W_e - mean`` (all
+    components): the classification signal. ``compressor_rank`` is the rank moe-overlay-compute chooses at
+    its default preset (energy 0.95, same base and energy definition), ``compressor_kept_energy`` the energy
+    each expert keeps there (``ProjectionSpectrum.kept_energy``).
+    """
 
     projection: str
     shape: list[int]
@@ -78,6 +93,8 @@ class ProjectionStructure:
     cosine_similarity: dict
     cosine_matrix: list[list[float]]
     energy_curve: list[float]
+    compressor_rank: int = 0
+    compressor_kept_energy: list[float] = field(default_factory=list)
     bias: dict | None = None
     noise_floor: NoiseFloor | None = None
 
@@ -104,7 +121,12 @@ class LayerStructure:
 
 @dataclass
 class MoeTypeReport:
-    """Result of :func:`analyze_moe_type`; ``to_dict()`` is the documented JSON."""
+    """Result of :func:`analyze_moe_type`; ``to_dict()`` is the documented JSON.
+
+    ``compression``: ``{"preset", "energy", "base", "ratio", "compressible"}``: the expert bytes as stored
+    over the overlay's bytes (bf16 factors and base) at every analysed projection's ``compressor_rank``;
+    ``compressible`` is ``ratio > 1``.
+    """
 
     model: str
     family: str
@@ -116,12 +138,13 @@ class MoeTypeReport:
     layers: list[LayerStructure]
     thresholds: dict
     seconds: float = 0.0
+    compression: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
             "model": self.model, "family": self.family, "num_experts": self.num_experts, "top_k": self.top_k,
             "moe_type": self.moe_type, "confidence": self.confidence, "agreement": self.agreement,
-            "thresholds": self.thresholds, "seconds": self.seconds,
+            "thresholds": self.thresholds, "seconds": self.seconds, "compression": self.compression,
             "layers": [layer.to_dict() for layer in self.layers],
         }
 
@@ -166,7 +189,7 @@ def _cosine_gram(ckpt: MoeCheckpoint, layer: int, projection: str, memory_expert
         stop = min(out_dim, start + chunk)
         x = rows[:, : (stop - start) * in_dim]
         for e in range(n_experts):
-            x[e] = read_expert_rows(ckpt, layer, projection, e, start, stop).reshape(-1)
+            x[e] = ckpt.expert_rows(layer, projection, e, start, stop).reshape(-1)
         gram += (x @ x.T).double()
     return gram
 
@@ -193,84 +216,99 @@ def _bias_stats(ckpt: MoeCheckpoint, layer: int, projection: str) -> dict | None
 
 
 def analyze_projection(ckpt: MoeCheckpoint, layer: int, projection: str, *, backend: str = "auto",
-                       on_expert: Callable[[], None] | None = None) -> ProjectionStructure:
-    """Delta spectra, energies, cosine geometry and noise floor of one projection of one MoE layer.
+                       on_expert: Callable[[], None] | None = None, base_method: str = "refined"
+                       ) -> ProjectionStructure:
+    """Delta spectra, energies, cosine geometry, noise floor and compressor rank of one projection.
 
     Parameters
     ----------
-    ckpt : MoeCheckpoint
-    layer : int
-        Model layer index of an MoE layer.
-    projection : {"gate", "up", "down"}
-    backend : str
-        Kernel backend for the fused decode passes.
+    ckpt, layer, projection, backend
+        As :func:`lazarus_core.spectra.projection_spectrum`.
     on_expert : callable, optional
-        Called after each expert of the spectrum pass (progress reporting).
+        Called after each expert of each spectrum pass (progress reporting; see :func:`spectrum_passes`).
+    base_method : {"refined", "mean"}
+        The compressor's base for ``compressor_rank`` (moe-overlay-compute ``--base``; default refined).
 
     Returns
     -------
     ProjectionStructure
     """
-    n_experts = ckpt.num_experts
-    out_dim, in_dim = ckpt.projection_shape(projection)
-    max_rank = min(out_dim, in_dim)
-    storage = ckpt.storage_format(layer)
+    spectrum = projection_spectrum(ckpt, layer, projection, backend=backend, base_method="mean", on_expert=on_expert,
+                                   keep_base=base_method != "mean")
+    compressor = spectrum
+    if base_method != "mean":
+        compressor = projection_spectrum(ckpt, layer, projection, backend=backend, base_method=base_method,
+                                         on_expert=on_expert, mean=spectrum.base, noise_energy=spectrum.noise_energy)
+    spectrum.base = None
+    return _structure(ckpt, layer, spectrum, compressor)
 
-    base = torch.zeros(out_dim, in_dim, dtype=torch.float32)
-    for e in range(n_experts):  # pass 1: the mean expert
-        read_encoded_expert(ckpt, layer, projection, e).axpby(base, alpha=1.0 / n_experts, out=base, backend=backend)
-    base_energy = float(base.double().square().sum())
 
-    ranks = {f: [] for f in ENERGY_FRACTIONS}
-    delta_fraction, norms, curves = [], [], []
-    noise_fraction, rank_above, energy_above = [], [], []
-    delta = torch.empty_like(base)
-    for e in range(n_experts):  # pass 2: one delta at a time
-        encoded = read_encoded_expert(ckpt, layer, projection, e)
-        encoded.axpby(base, alpha=1.0, beta=-1.0, out=delta, backend=backend)
-        sv = singular_values(delta)
-        for f in ENERGY_FRACTIONS:
-            ranks[f].append(energy_rank(sv, f))
-        delta_energy = float(sv.square().sum())
-        expert_energy = base_energy + 2.0 * float(torch.dot(base.reshape(-1).double(), delta.reshape(-1).double())) \
-            + delta_energy
-        norms.append(math.sqrt(max(expert_energy, 0.0)))
-        delta_fraction.append(delta_energy / expert_energy if expert_energy > 0 else 0.0)
-        curves.append(cumulative_energy(sv))
-        noise = encoded.rounding_noise_energy()
-        if noise is not None:
-            noise_fraction.append(noise / delta_energy if delta_energy > 0 else math.inf)
-            edge = math.sqrt(noise / (out_dim * in_dim)) * (math.sqrt(out_dim) + math.sqrt(in_dim))
-            above = sv > edge
-            rank_above.append(int(above.sum()))
-            energy_above.append(float(sv[above].square().sum() / delta_energy) if delta_energy > 0 else 0.0)
-        if on_expert is not None:
-            on_expert()
+def spectrum_passes(base_method: str) -> int:
+    """How many times :func:`analyze_projection` calls ``on_expert`` per expert (1 for a mean base, else 2)."""
+    if base_method not in BASE_METHODS:
+        raise ValueError(f"--base must be one of {list(BASE_METHODS)}, got {base_method!r}")
+    return 1 if base_method == "mean" else 2
 
-    cos, cos_summary = _cosine_summary(_cosine_gram(ckpt, layer, projection))  # pass 3
-    norms_t = torch.tensor(norms, dtype=torch.float64)
-    mean_rank = {f: sum(r) / n_experts for f, r in ranks.items()}
+
+def compressor_rank(ckpt: MoeCheckpoint, spectrum: ProjectionSpectrum) -> int:
+    """The rank moe-overlay-compute chooses for this spectrum at its default preset (the same choose_ranks)."""
+    key = (spectrum.layer, spectrum.projection)
+    return choose_ranks(make_policy(preset=COMPRESSOR_PRESET), {key: spectrum}, dtype=COMPRESSOR_DTYPE,
+                        has_bias=ckpt.spec.expert_bias)[key]
+
+
+def _structure(ckpt: MoeCheckpoint, layer: int, spectrum: ProjectionSpectrum, compressor: ProjectionSpectrum
+               ) -> ProjectionStructure:
+    """Everything the report says about one projection, read off its mean-base and compressor spectra."""
+    n_experts = spectrum.num_experts
+    out_dim, in_dim = spectrum.shape
+    max_rank = spectrum.max_rank
+    ranks = {f: [energy_rank(row, f) for row in spectrum.singular] for f in ENERGY_FRACTIONS}
+    delta_energy = spectrum.delta_energy()
+    expert_energy = spectrum.expert_energy
+    delta_fraction = torch.where(expert_energy > 0, delta_energy / expert_energy.clamp_min(1e-300), 0.0).tolist()
+    norms_t = expert_energy.sqrt()
     noise_floor = None
-    if noise_fraction:
-        noise_floor = NoiseFloor(sum(noise_fraction) / n_experts, rank_above, energy_above, sum(rank_above) / n_experts)
+    if spectrum.noise_energy is not None:
+        counted = spectrum.counted_components()
+        above = torch.stack([row[:int(c)].square().sum() for row, c in zip(spectrum.singular, counted)])
+        noise_fraction = torch.where(delta_energy > 0, spectrum.noise_energy / delta_energy.clamp_min(1e-300),
+                                     math.inf)
+        energy_above = torch.where(delta_energy > 0, above / delta_energy.clamp_min(1e-300), 0.0)
+        noise_floor = NoiseFloor(float(noise_fraction.mean()), counted.tolist(), energy_above.tolist(),
+                                 float(counted.double().mean()))
+    mean_rank = {f: sum(r) / n_experts for f, r in ranks.items()}
+    chosen = compressor_rank(ckpt, compressor)
+    cos, cos_summary = _cosine_summary(_cosine_gram(ckpt, layer, spectrum.projection))
     return ProjectionStructure(
-        projection=projection, shape=[out_dim, in_dim], max_rank=max_rank, storage=storage,
+        projection=spectrum.projection, shape=[out_dim, in_dim], max_rank=max_rank, storage=ckpt.storage_format(layer),
         experts_rank_90=ranks[0.90], experts_rank_95=ranks[0.95], experts_rank_99=ranks[0.99],
         effective_rank_90=mean_rank[0.90], effective_rank_95=mean_rank[0.95], effective_rank_99=mean_rank[0.99],
         rank_ratio=mean_rank[0.95] / max_rank if max_rank else 0.0,
         delta_energy_fraction=sum(delta_fraction) / n_experts, experts_delta_energy_fraction=delta_fraction,
-        expert_norms=norms, norm_spread=float(norms_t.std() / norms_t.mean()) if n_experts > 1 and norms_t.mean() > 0
-        else 0.0,
+        expert_norms=norms_t.tolist(),
+        norm_spread=float(norms_t.std() / norms_t.mean()) if n_experts > 1 and norms_t.mean() > 0 else 0.0,
         cosine_similarity=cos_summary, cosine_matrix=cos.tolist(),
-        energy_curve=torch.stack(curves).mean(0).tolist(), bias=_bias_stats(ckpt, layer, projection),
-        noise_floor=noise_floor,
+        energy_curve=torch.stack([cumulative_energy(row) for row in spectrum.singular]).mean(0).tolist(),
+        compressor_rank=chosen, compressor_kept_energy=compressor.kept_energy(chosen).tolist(),
+        bias=_bias_stats(ckpt, layer, spectrum.projection), noise_floor=noise_floor,
     )
 
 
+def compression_summary(ckpt: MoeCheckpoint, layers: Sequence[LayerStructure], base_method: str = "refined") -> dict:
+    """The report's ``compression`` dict: bytes of the overlay at every projection's ``compressor_rank``."""
+    ranks = {(layer.layer, p): s.compressor_rank for layer in layers for p, s in layer.projections.items()}
+    ratio = byte_report(ckpt, ranks, COMPRESSOR_DTYPE, [layer.layer for layer in layers]).expert_ratio if ranks \
+        else 0.0
+    return {"preset": COMPRESSOR_PRESET, "energy": PRESETS[COMPRESSOR_PRESET], "base": base_method,
+            "dtype": COMPRESSOR_DTYPE, "ratio": ratio, "compressible": ratio > 1.0}
+
+
 def analyze_layer(ckpt: MoeCheckpoint, layer: int, *, backend: str = "auto",
-                  on_expert: Callable[[], None] | None = None) -> LayerStructure:
+                  on_expert: Callable[[], None] | None = None, base_method: str = "refined") -> LayerStructure:
     """All three projections of one MoE layer, with the layer's classification."""
-    projections = {p: analyze_projection(ckpt, layer, p, backend=backend, on_expert=on_expert) for p in PROJECTIONS}
+    projections = {p: analyze_projection(ckpt, layer, p, backend=backend, on_expert=on_expert, base_method=base_method)
+                   for p in PROJECTIONS}
     rank_ratio = sum(p.rank_ratio for p in projections.values()) / len(projections)
     cos_means = [p.cosine_similarity["mean"] for p in projections.values()]
     cos_stds = [p.cosine_similarity["std"] for p in projections.values()]
@@ -295,7 +333,7 @@ def parse_layers(spec: str | None, moe_layers: Sequence[int]) -> list[int]:
     if spec is None or spec == "all":
         return list(moe_layers)
     try:
-        wanted = [int(x) for x in str(spec).split(",") if x.strip()]
+        wanted = list(dict.fromkeys(int(x) for x in str(spec).split(",") if x.strip()))  # "1,1" is one layer
     except ValueError:
         raise ValueError(f"--layers must be 'all' or comma-separated integers, got {spec!r}") from None
     bad = [x for x in wanted if x not in moe_layers]
@@ -305,7 +343,8 @@ def parse_layers(spec: str | None, moe_layers: Sequence[int]) -> list[int]:
 
 
 def analyze_moe_type(ckpt: MoeCheckpoint, layers: Iterable[int] | None = None, *, backend: str = "auto",
-                     progress: bool = False, model_name: str | None = None) -> MoeTypeReport:
+                     progress: bool = False, model_name: str | None = None, base_method: str = "refined"
+                     ) -> MoeTypeReport:
     """Analyse the expert structure of ``layers`` (default: every MoE layer) of a checkpoint.
 
     Parameters
@@ -320,6 +359,9 @@ def analyze_moe_type(ckpt: MoeCheckpoint, layers: Iterable[int] | None = None, *
         Show a rich progress bar (one step per expert and projection).
     model_name : str, optional
         Name recorded in the report (default: the checkpoint's source).
+    base_method : {"refined", "mean"}
+        Base of the compressor's spectra (``compressor_rank``, ``compression``), as moe-overlay-compute
+        ``--base``; "mean" skips the refinement (one spectrum pass per projection instead of two).
 
     Returns
     -------
@@ -330,7 +372,7 @@ def analyze_moe_type(ckpt: MoeCheckpoint, layers: Iterable[int] | None = None, *
     layer_list = list(ckpt.moe_layers) if layers is None else list(layers)
     t0 = time.perf_counter()
     results: list[LayerStructure] = []
-    total = len(layer_list) * len(PROJECTIONS) * ckpt.num_experts
+    total = len(layer_list) * len(PROJECTIONS) * ckpt.num_experts * spectrum_passes(base_method)
     if progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -339,10 +381,12 @@ def analyze_moe_type(ckpt: MoeCheckpoint, layers: Iterable[int] | None = None, *
             task = bar.add_task("expert spectra", total=total)
             for layer in layer_list:
                 bar.update(task, description=f"layer {layer}")
-                results.append(analyze_layer(ckpt, layer, backend=backend, on_expert=lambda: bar.advance(task)))
+                results.append(analyze_layer(ckpt, layer, backend=backend, on_expert=lambda: bar.advance(task),
+                                             base_method=base_method))
     else:
-        results = [analyze_layer(ckpt, layer, backend=backend) for layer in layer_list]
+        results = [analyze_layer(ckpt, layer, backend=backend, base_method=base_method) for layer in layer_list]
     moe_type, confidence, agreement = summarize(results)
     return MoeTypeReport(model=model_name or str(ckpt.source), family=ckpt.family, num_experts=ckpt.num_experts,
                          top_k=ckpt.spec.top_k, moe_type=moe_type, confidence=confidence, agreement=agreement,
-                         layers=results, thresholds=thresholds(), seconds=time.perf_counter() - t0)
+                         layers=results, thresholds=thresholds(), seconds=time.perf_counter() - t0,
+                         compression=compression_summary(ckpt, results, base_method))

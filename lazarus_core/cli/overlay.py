@@ -101,7 +101,7 @@ def _plan_table(plan, verbose: bool):
 
     table = Table(title=f"{plan.model}: overlay plan ({plan.policy.describe()}, {plan.dtype}, base "
                         f"{plan.base_method} in {plan.base_dtype or plan.dtype})")
-    for col in ("layer", "proj", "shape", "rank", "energy kept", "err mean", "err max", "bytes"):
+    for col in ("layer", "proj", "shape", "rank", "energy kept (min expert)", "err mean", "err max", "bytes"):
         table.add_column(col, justify="right")
     for p in plan.projections:
         table.add_row(str(p.layer), p.projection, "x".join(map(str, p.shape)), f"{p.rank}/{p.max_rank}",
@@ -223,7 +223,9 @@ def _common(parser: argparse.ArgumentParser, *, ranks: bool = True) -> None:
         parser.add_argument("--up-rank", type=int, default=None)
         parser.add_argument("--down-rank", type=int, default=None)
         parser.add_argument("--energy", type=float, default=None,
-                            help="per (layer, projection): smallest rank at which every expert keeps this delta energy")
+                            help="per (layer, projection): smallest rank at which every expert keeps this fraction of "
+                                 "its delta energy (delta from the base; MXFP4/FP8: only components above the "
+                                 "quantisation-noise edge count)")
         parser.add_argument("--target-ratio", type=float, default=None,
                             help="expert compression ratio to reach; ranks go where they keep most delta energy per byte")
         parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="overlay storage dtype")
@@ -248,7 +250,8 @@ def register(actions: argparse._SubParsersAction) -> None:
     _common(press)
     press.add_argument("--out", required=True, metavar="DIR", help="overlay checkpoint directory")
     press.add_argument("--preset", default=None, choices=("fast", "balanced", "quality"),
-                       help="energy 0.90 / 0.95 / 0.99 (the ratio each gives on this model is printed)")
+                       help="--energy 0.90 / 0.95 / 0.99, counted as --energy counts (the ratio each gives on this "
+                            "model is printed)")
     press.add_argument("--no-resume", action="store_true", help="start over instead of keeping finished layers")
     press.set_defaults(func=_run_compress)
     ver = actions.add_parser("moe-overlay-verify", help="reconstruction, block outputs, logit KL, perplexity, top-1")

@@ -17,14 +17,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from lazarus_core.analysis.spectra import one_thread
 from lazarus_core.models.checkpoint import PROJECTIONS, MoeCheckpoint
 from lazarus_core.overlay.format import (CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, atomic_write_text, shard_name,
                                          tensor_name, write_layer_shard)
 from lazarus_core.overlay.ranks import RankPolicy, choose_ranks
 from lazarus_core.overlay.sizes import DTYPES, ByteReport, byte_report, expert_bytes_as_stored, overlay_projection_bytes
-from lazarus_core.overlay.spectra import (ProjectionSpectrum, error_summary, iter_deltas, noise_edges, overlay_base,
-                                          projection_spectrum)
+from lazarus_core.spectra import (ProjectionSpectrum, error_summary, factorize, iter_deltas, noise_edges, overlay_base,
+                                 projection_spectrum)
 
 
 @dataclass
@@ -142,7 +141,7 @@ def plan_overlay(ckpt: MoeCheckpoint, layers: list[int], policy: RankPolicy, *, 
     spectra : dict, optional
         Precomputed spectra (computed when None, from the ``base_method`` base).
     base_method : {"refined", "mean"}
-        How the shared base is formed (see :func:`lazarus_core.overlay.spectra.overlay_base`).
+        How the shared base is formed (see :func:`lazarus_core.spectra.overlay_base`).
     base_dtype : {"bf16", "fp16", "fp32", "mxfp4"}, optional
         Storage of the base (default: ``dtype``). ``"mxfp4"`` quantises the base like gpt-oss experts
         (4.25 bits/value; needs ``in`` divisible by 32).
@@ -181,20 +180,6 @@ def plan_overlay(ckpt: MoeCheckpoint, layers: list[int], policy: RankPolicy, *, 
                      f"stored ({report.source_storage})")
     return OverlayPlan(model_name or ckpt.source.name, ckpt.family, ckpt.num_experts, ckpt.spec.top_k, list(layers),
                        policy, dtype, projections, report, time.perf_counter() - t0, notes, base_method, base_dtype)
-
-
-def factorize(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` factors of ``delta [out, in]``: ``(A [out, r], B [r, in])`` float64, ``A @ B`` the
-    truncated SVD of ``delta`` (through the float64 Gram of the smaller side and ``eigh``)."""
-    d = delta.to(torch.float64)
-    out_dim, in_dim = d.shape
-    if rank == 0:
-        return d.new_zeros(out_dim, 0), d.new_zeros(0, in_dim)
-    wide = out_dim <= in_dim
-    with one_thread():
-        _, vecs = torch.linalg.eigh(d @ d.T if wide else d.T @ d)
-    top = vecs[:, -rank:].flip(1)  # left (wide) or right singular vectors, largest first
-    return (top, top.T @ d) if wide else (d @ top, top.T)
 
 
 def _config(ckpt: MoeCheckpoint, plan: OverlayPlan, model: str, revision: str | None, complete: bool) -> dict:
@@ -321,5 +306,5 @@ def write_overlay(ckpt: MoeCheckpoint, out_dir: str | Path, plan: OverlayPlan, *
     return {"path": str(out), "written_layers": written, "resumed_layers": resumed, "config": config}
 
 
-__all__ = ["OverlayPlan", "ProjectionPlan", "activation_of", "compute_spectra", "factorize", "plan_overlay",
+__all__ = ["OverlayPlan", "ProjectionPlan", "activation_of", "compute_spectra", "plan_overlay",
            "write_overlay"]

@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass
 
 from lazarus_core.models.checkpoint import PROJECTIONS
 from lazarus_core.overlay.sizes import dtype_bytes, overlay_projection_bytes
-from lazarus_core.overlay.spectra import ProjectionSpectrum
+from lazarus_core.spectra import ProjectionSpectrum
 
-# --preset -> energy fraction kept by every expert (the ratio it gives is reported on the model at hand).
+# --preset -> energy fraction kept by every expert (ProjectionSpectrum.kept_energy; the ratio it gives is reported
+# on the model at hand).
 PRESETS = {"fast": 0.90, "balanced": 0.95, "quality": 0.99}
 
 
@@ -26,7 +27,8 @@ class RankPolicy:
         ``{"gate": r, "up": r, "down": r}`` (missing ones fall back to ``rank``).
     energy : float or None
         In (0, 1]: per (layer, projection), the smallest rank at which every expert keeps this fraction of
-        its delta energy.
+        its delta energy (delta from the overlay base; only components above the quantisation-noise edge
+        count, all components for float sources: ``ProjectionSpectrum.kept_energy``).
     target_ratio : float or None
         Expert bytes (as stored) / overlay expert bytes to reach; ranks allocated greedily by delta energy
         (fraction of the projection's expert weight energy) gained per byte.

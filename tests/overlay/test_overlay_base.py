@@ -9,7 +9,7 @@ import torch
 
 from lazarus_core.models import open_moe_checkpoint
 from lazarus_core.overlay import make_policy, plan_overlay, read_config, read_layer, write_overlay
-from lazarus_core.overlay.spectra import overlay_base, projection_spectrum
+from lazarus_core.spectra import overlay_base, projection_spectrum
 from tests.fixtures.checkpoints import CONFIGS
 
 OWN_RANK = 2

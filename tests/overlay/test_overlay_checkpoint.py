@@ -10,9 +10,10 @@ import torch
 
 from lazarus_core.models import open_moe_checkpoint
 from lazarus_core.overlay import make_policy, plan_overlay, read_config, read_layer, write_overlay
-from lazarus_core.overlay.compute import compute_spectra, factorize
+from lazarus_core.overlay.compute import compute_spectra
 from lazarus_core.overlay.format import OverlayFormatError, shard_name
 from lazarus_core.overlay.verify import reconstruction_errors
+from lazarus_core.spectra import factorize
 from tests.analysis.known_rank import EXPECTED_RANKS, write_known_rank_checkpoint
 
 
