@@ -242,12 +242,15 @@ def override_weight(weights: torch.Tensor, ids: torch.Tensor, override: WeightOv
         selected[~missing, -1] = False
     first = selected & (selected.cumsum(-1) == 1)            # one slot carries the expert's weight
     if renormalises(rule):
-        # keep ||w||_p (p = 1: the total): others scale by s with s^p * sum(others^p) = ||w||_p^p - new^p
+        # keep ||w||_p (p = 1: the total): the others scale by s with s^p * sum(others^p) = ||w||_p^p - new^p
         p = float(getattr(rule, "renormalize_p", 1.0)) if rule.renormalize else 1.0
-        total = weights.pow(p).sum(-1)
-        others = total - old.pow(p)
-        scale = torch.where(others > 0, (total - new.pow(p)).clamp_min(0.0) / torch.where(others > 0, others, 1.0),
-                            torch.ones_like(others))
+        if p == 1.0:
+            total = weights.sum(-1)
+            others, left = total - old, (total - new).clamp_min(0.0)
+        else:
+            powered = weights.pow(p)
+            others, left = (powered * ~selected).sum(-1), (powered.sum(-1) - new.pow(p)).clamp_min(0.0)
+        scale = torch.where(others > 0, left / torch.where(others > 0, others, 1.0), torch.ones_like(others))
         if p != 1.0:
             scale = scale.pow(1.0 / p)
         scale = torch.where(target, scale, torch.ones_like(scale))

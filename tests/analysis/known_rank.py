@@ -5,6 +5,10 @@ Experts come in +D / -D pairs, so the mean expert is exactly zero and delta_e = 
 rows, so its singular values are s_k * sqrt(rows_k * in): with s = (6, 4, 2, 1) the energy fractions
 are 36/57, 52/57, 56/57, 1, giving 90/95/99%-energy ranks 2, 3, 4. Every entry is +-s_k, exact in
 bf16, FP8 E4M3 (scale 1) and MXFP4 (each 32-wide block holds one magnitude).
+
+With ``shared_base=True`` every expert also holds one +-8 sign matrix per projection (entries 8 +- s_k stay
+small integers, exact in bf16): a shared base plus exactly low-rank deltas, i.e. a pseudo-MoE whose deltas
+from the mean are still exactly +-D.
 """
 
 from __future__ import annotations
@@ -37,22 +41,36 @@ def known_delta(out_dim: int, in_dim: int, index: int) -> torch.Tensor:
     return d
 
 
-def _expert_triplet(e: int, n_experts: int, inter: int, hidden: int) -> tuple[torch.Tensor, ...]:
+def _shared_base(out_dim: int, in_dim: int, seed: int) -> torch.Tensor:
+    """``[out, in]`` float32 of +-8 (a full-rank sign matrix), the same for every expert."""
+    g = torch.Generator().manual_seed(seed)
+    return 8.0 * torch.randint(0, 2, (out_dim, in_dim), generator=g).float().mul(2.0).sub(1.0)
+
+
+def _expert_triplet(e: int, n_experts: int, inter: int, hidden: int, shared_base: bool = False
+                    ) -> tuple[torch.Tensor, ...]:
     sign = 1.0 if e % 2 == 0 else -1.0
     pair = e // 2
     gate = sign * known_delta(inter, hidden, pair)
     up = sign * known_delta(inter, hidden, pair + n_experts // 2)
     down = sign * known_delta(hidden, inter, pair)
+    if shared_base:
+        gate, up, down = gate + _shared_base(inter, hidden, 1), up + _shared_base(inter, hidden, 2), \
+            down + _shared_base(hidden, inter, 3)
     return gate, up, down
 
 
-def write_known_rank_checkpoint(family: str, directory: Path, *, storage: str = "bf16") -> Path:
-    """Write ``family`` with known-spectrum experts; ``storage`` in {"bf16", "fp8", "mxfp4" (gpt_oss only)}.
+def write_known_rank_checkpoint(family: str, directory: Path, *, storage: str = "bf16", shared_base: bool = False
+                                ) -> Path:
+    """Write ``family`` with known-spectrum experts; ``storage`` in {"bf16", "fp8", "mxfp4" (gpt_oss only)};
+    ``shared_base`` (bf16 / fp8 only) adds the same +-8 base to every expert (see the module docstring).
 
     GPT-OSS also gets LARGE expert biases (norm far above the weights'): they must not change the ranks.
     """
     from transformers import AutoModelForCausalLM
 
+    if shared_base and storage == "mxfp4":
+        raise ValueError("shared_base needs bf16 or fp8 storage (8 +- s_k is not exact in MXFP4 blocks)")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(CONFIGS[family]())
     _randomise_small_params(model)
@@ -63,22 +81,22 @@ def write_known_rank_checkpoint(family: str, directory: Path, *, storage: str = 
                 for e in range(n_experts):
                     if family == "gpt_oss":  # [E, H, 2I], gate/up interleaved on the last axis
                         hidden, inter = p.shape[1], p.shape[2] // 2
-                        gate, up, _ = _expert_triplet(e, n_experts, inter, hidden)
+                        gate, up, _ = _expert_triplet(e, n_experts, inter, hidden, shared_base)
                         p[e, :, 0::2] = gate.T
                         p[e, :, 1::2] = up.T
                     else:  # [E, 2I, H], gate rows above up rows
                         inter, hidden = p.shape[1] // 2, p.shape[2]
-                        gate, up, _ = _expert_triplet(e, n_experts, inter, hidden)
+                        gate, up, _ = _expert_triplet(e, n_experts, inter, hidden, shared_base)
                         p[e] = torch.cat([gate, up], 0)
             elif name.endswith("experts.down_proj"):
                 n_experts = p.shape[0]
                 for e in range(n_experts):
                     if family == "gpt_oss":  # [E, I, H]
                         inter, hidden = p.shape[1], p.shape[2]
-                        p[e] = _expert_triplet(e, n_experts, inter, hidden)[2].T
+                        p[e] = _expert_triplet(e, n_experts, inter, hidden, shared_base)[2].T
                     else:  # [E, H, I]
                         hidden, inter = p.shape[1], p.shape[2]
-                        p[e] = _expert_triplet(e, n_experts, inter, hidden)[2]
+                        p[e] = _expert_triplet(e, n_experts, inter, hidden, shared_base)[2]
             elif family == "dbrx" and name.endswith(("experts.mlp.w1", "experts.mlp.v1", "experts.mlp.w2")):
                 # [E*I, H]: expert e's rows e*I:(e+1)*I are its gate (w1) / up (v1) / down TRANSPOSED (w2)
                 hidden = p.shape[1]
@@ -86,7 +104,7 @@ def write_known_rank_checkpoint(family: str, directory: Path, *, storage: str = 
                 inter = p.shape[0] // n_experts
                 slot = {"w1": 0, "v1": 1, "w2": 2}[name.rsplit(".", 1)[-1]]
                 for e in range(n_experts):
-                    w = _expert_triplet(e, n_experts, inter, hidden)[slot]
+                    w = _expert_triplet(e, n_experts, inter, hidden, shared_base)[slot]
                     p[e * inter:(e + 1) * inter] = w.T if slot == 2 else w
             elif name.endswith("experts.gate_up_proj_bias") or name.endswith("experts.down_proj_bias"):
                 p.copy_(torch.randn_like(p) * 50.0)

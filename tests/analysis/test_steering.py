@@ -59,7 +59,7 @@ def test_additive_override():
     assert ids[1].tolist() == [3, 1, 2]
 
 
-@pytest.mark.parametrize("family", ["olmoe", "mixtral", "gpt_oss", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["olmoe", "mixtral", "gpt_oss", "qwen3_moe", "dbrx"])
 def test_block_mixes_with_the_overridden_weight(family):
     """The experts module receives the edited routing and its output is the hand-weighted sum of expert outputs."""
     model = _model(family)

@@ -104,12 +104,39 @@ def hand_block_forward(block, config, h, k, **route_kwargs):
     return out, routes
 
 
+def record_routing(model, input_ids, handles=(), *, layers=None, logits=True):
+    """``model(input_ids)`` under a :class:`RoutingRecorder` (no grad); the hook ``handles`` are removed
+    afterwards, whatever happens. Returns the recorder's ``pop()``: ``{layer: LayerRouting}``."""
+    from lazarus_core.routing.recorder import RoutingRecorder
+
+    try:
+        with RoutingRecorder(model, layers, logits=logits) as rec, torch.no_grad():
+            model(input_ids)
+            return rec.pop()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def block_io(model, layer, input_ids):
+    """Run the model; return the MoE block's input [T, H], output [T, H] and recorded routing at ``layer``."""
+    from lazarus_core.routing.locate import find_moe_layers
+
+    block = find_moe_layers(model).layers[layer].block
+    seen = {}
+    handles = [block.register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[0].detach())),
+               block.register_forward_hook(
+                   lambda m, a, o: seen.__setitem__("out", (o[0] if isinstance(o, tuple) else o).detach()))]
+    routing = record_routing(model, input_ids, handles, layers=[layer], logits=False)[layer]
+    H = seen["in"].shape[-1]
+    return seen["in"].reshape(-1, H), seen["out"].reshape(-1, H), routing
+
+
 def assert_capture_matches_recomputation(model, input_ids):
     """Record routing with :class:`RoutingRecorder` and check it, per MoE layer, against (1) the router's
     raw logits recomputed from its input and weight, (2) the ids and weights the experts module received
     (own hooks), sorted by weight, and (3) the family's convention computed by hand, token by token."""
     from lazarus_core.routing.locate import find_moe_layers
-    from lazarus_core.routing.recorder import RoutingRecorder
 
     info = find_moe_layers(model)
     seen: dict[int, dict] = {l: {} for l in info.layers}
@@ -118,13 +145,7 @@ def assert_capture_matches_recomputation(model, input_ids):
         handles.append(layer.router.register_forward_pre_hook(lambda m, a, l=l: seen[l].__setitem__("x", a[0].detach())))
         handles.append(layer.experts.register_forward_pre_hook(
             lambda m, a, l=l: seen[l].update(ids=a[1].detach().clone(), w=a[2].detach().clone())))
-    try:
-        with RoutingRecorder(model, logits=True) as rec, torch.no_grad():
-            model(input_ids)
-            routed = rec.pop()
-    finally:
-        for h in handles:
-            h.remove()
+    routed = record_routing(model, input_ids, handles)
     assert sorted(routed) == sorted(info.layers)
     for l, r in routed.items():
         router = info.layers[l].router

@@ -16,6 +16,7 @@ from lazarus_core.routing.interventions import (
 )
 from lazarus_core.routing.locate import find_moe_layers
 from lazarus_core.routing.recorder import RoutingRecorder
+from tests.routing.reference import block_io as _block_io
 from tests.routing.reference import hand_block_forward
 from tests.routing.tiny_models import FAMILIES, tiny_model
 
@@ -26,23 +27,6 @@ def _model(family):
     if family not in _MODELS:
         _MODELS[family] = tiny_model(family)
     return _MODELS[family]
-
-
-def _block_io(model, layer, input_ids):
-    """Run the model; return the MoE block's input [T, H], output [T, H] and recorded routing at ``layer``."""
-    block = find_moe_layers(model).layers[layer].block
-    seen = {}
-    h1 = block.register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[0].detach()))
-    h2 = block.register_forward_hook(lambda m, a, o: seen.__setitem__("out", (o[0] if isinstance(o, tuple) else o).detach()))
-    try:
-        with RoutingRecorder(model, [layer]) as rec, torch.no_grad():
-            model(input_ids)
-            routing = rec.pop()[layer]
-    finally:
-        h1.remove()
-        h2.remove()
-    H = seen["in"].shape[-1]
-    return seen["in"].reshape(-1, H), seen["out"].reshape(-1, H), routing
 
 
 def _cases(info, layer):

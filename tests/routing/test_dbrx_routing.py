@@ -1,0 +1,131 @@
+"""DBRX routing: the router returns only logits and DbrxFFN routes (softmax over E, top-k, weights over their
+p-norm), so capture and interventions hook the router linear and the experts' inputs. Checked against
+transformers' own DbrxRouter + route_tokens_to_experts and the hand-written block forward, for p = 1, 2, none."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lazarus_core.routing.interventions import (
+    RoutingEdit,
+    RoutingIntervention,
+    WeightOverride,
+    ablate_experts,
+    force_experts,
+    set_top_k,
+)
+from lazarus_core.routing.locate import find_moe_layers
+from lazarus_core.routing.recorder import RoutingRecorder, sort_by_weight
+from tests.routing.reference import block_io as _block_io
+from tests.routing.reference import hand_block_forward, record_routing
+from tests.routing.tiny_models import tiny_model
+
+NORMS = [1.0, 2.0, None]
+_MODELS: dict = {}
+
+
+def _model(p):
+    if p not in _MODELS:
+        _MODELS[p] = tiny_model("dbrx", seed=3, moe_normalize_expert_weights=p)
+    return _MODELS[p]
+
+
+def _transformers_routing(model, input_ids):
+    """Per layer: (DbrxRouter's logits [T, E], transformers' own (weights, ids) from route_tokens_to_experts)."""
+    seen, handles = {}, []
+    for i, block in enumerate(model.transformer.blocks):
+        def hook(module, args, output, i=i, ffn=block.ffn):
+            weights, ids = ffn.route_tokens_to_experts(output)
+            seen[i] = (output.detach().clone(), weights.detach().clone(), ids.detach().clone())
+        handles.append(block.ffn.router.register_forward_hook(hook))
+    return seen, record_routing(model, input_ids, handles)
+
+
+@pytest.mark.parametrize("p", NORMS, ids=["p1", "p2", "none"])
+def test_capture_equals_transformers_dbrx_routing(p):
+    model = _model(p)
+    info = find_moe_layers(model)
+    assert info.family == "dbrx" and sorted(info.layers) == [0, 1] and info.top_k == 2 and info.num_experts == 8
+    assert all(layer.routes_in_block for layer in info.layers.values())
+    seen, routed = _transformers_routing(model, torch.randint(3, 96, (2, 7)))
+    for layer, r in routed.items():
+        logits, weights, ids = seen[layer]
+        assert torch.equal(r.logits, logits.float())                 # raw router output, no softmax
+        want_ids, want_w = sort_by_weight(ids, weights)
+        assert torch.equal(r.topk_ids, want_ids)
+        assert torch.equal(r.topk_weights, want_w)                   # what the experts really mixed with
+        norms = torch.linalg.vector_norm(r.topk_weights, ord=p or 1.0, dim=-1)
+        if p is None:
+            assert (norms <= 1.0).all() and (norms < 0.99).any()    # plain softmax scores: not normalised
+        else:
+            torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
+@pytest.mark.parametrize("p", NORMS, ids=["p1", "p2", "none"])
+def test_recomputed_convention_equals_transformers(p):
+    from lazarus_core.routing.conventions import route
+
+    model = _model(p)
+    info = find_moe_layers(model)
+    seen, _ = _transformers_routing(model, torch.randint(3, 96, (1, 9)))
+    for layer, (logits, weights, ids) in seen.items():
+        got_w, got_ids = route(logits, info.rule, info.top_k)
+        want_ids, want_w = sort_by_weight(ids, weights)
+        assert torch.equal(got_ids, want_ids)
+        torch.testing.assert_close(got_w, want_w, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("p", [2.0, None], ids=["p2", "none"])
+@pytest.mark.parametrize("case", ["ablate", "force", "top_k"])
+def test_interventions_follow_the_p_norm_convention(p, case):
+    model = _model(p)
+    make, kwargs, k = {
+        "ablate": (lambda m: ablate_experts(m, [0, 3], [1]), dict(ablate=(0, 3)), 2),
+        "force": (lambda m: force_experts(m, [7], [1]), dict(force=(7,)), 2),
+        "top_k": (lambda m: set_top_k(m, 3, [1]), {}, 3),
+    }[case]
+    with make(model):
+        h, out, routing = _block_io(model, 1, torch.randint(3, 96, (2, 6)))
+    expected, routes = hand_block_forward(model.transformer.blocks[1].ffn, model.config, h, k, **kwargs)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert [sorted(r) for r in routing.topk_ids.tolist()] == [sorted(r) for r in routes]
+    if p is not None:
+        norms = torch.linalg.vector_norm(routing.topk_weights, ord=p, dim=-1)
+        torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
+def test_weight_override_keeps_the_p_norm_and_the_model_is_restored():
+    model = _model(2.0)
+    ids = torch.randint(3, 96, (1, 6))
+    _, before, plain = _block_io(model, 0, ids)
+    top = int(plain.topk_ids[2, 0])
+    edit = RoutingEdit(weights=(WeightOverride(top, 0.5, rows=(2,)),))
+    with RoutingIntervention(model, edit, [0]):
+        _, _, routing = _block_io(model, 0, ids)
+    norms = torch.linalg.vector_norm(routing.topk_weights, ord=2.0, dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))        # ||w||_2 kept, the edited row included
+    row = dict(zip(routing.topk_ids[2].tolist(), routing.topk_weights[2].tolist()))
+    assert sorted(row) == sorted(plain.topk_ids[2].tolist())         # same experts, the weights re-sorted
+    assert row[top] == pytest.approx(0.5)
+    assert max(w for e, w in row.items() if e != top) == pytest.approx(0.75 ** 0.5)  # the other takes the rest
+    assert torch.equal(routing.topk_weights[[0, 1, 3, 4, 5]], plain.topk_weights[[0, 1, 3, 4, 5]])
+    _, after, again = _block_io(model, 0, ids)
+    assert torch.equal(after, before) and torch.equal(again.topk_weights, plain.topk_weights)
+    info = find_moe_layers(model)
+    assert not any(h for l in info.layers.values() for h in (l.router._forward_hooks, l.experts._forward_pre_hooks))
+
+
+def test_nested_interventions_and_generate_on_dbrx():
+    model = _model(1.0)
+    prompt = torch.tensor([[1, 5, 9]])
+    with ablate_experts(model, [0, 1]), force_experts(model, [6], [0]), RoutingRecorder(model) as rec, \
+            torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        steps = rec.pop()
+    assert out.shape[1] == 7
+    for layer, routing in steps.items():
+        assert routing.topk_ids.shape[0] == 3 + 3
+        assert not ((routing.topk_ids == 0) | (routing.topk_ids == 1)).any()
+        if layer == 0:
+            assert (routing.topk_ids == 6).any(dim=1).all()
