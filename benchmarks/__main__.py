@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from pathlib import Path
 
+from benchmarks.floors import FloorExceeded
 from benchmarks.harness import machine_header, report_suite
 
 SUITES = {
@@ -28,9 +30,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory for the JSON files")
     args = parser.parse_args()
     header = machine_header()
+    failures = []
     for name in args.suites or list(SUITES):
         rows, floors = importlib.import_module(SUITES[name]).run(repeats=args.repeats)
-        report_suite(name, header, rows, floors, args.out)
+        try:
+            report_suite(name, header, rows, floors, args.out)
+        except FloorExceeded as exc:  # run the other suites, then fail the run
+            print(f"FLOOR EXCEEDED: {exc}", file=sys.stderr)
+            failures.append(name)
+    if failures:
+        sys.exit(f"benchmark run failed: {', '.join(failures)} beat their floors (see above)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Block-scaled FP8 E4M3 dequantisation: every available backend vs the torch reference and the copy floor.
+"""Block-scaled FP8 E4M3 dequantisation: every available backend vs the torch reference and the memory
+floor (codes + scales read, output written: benchmarks/floors.py).
 
 Run ``python benchmarks/bench_fp8_dequant.py [--repeats N]`` for the table + JSON (``run()`` is the suite
 entry point for ``python -m benchmarks`` once registered there).
@@ -15,8 +16,8 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import (  # noqa: E402
-    BenchRow, available_backends, machine_header, measure_copy_bandwidth, median_seconds, print_table, write_json)
+from benchmarks.floors import measure_memory_floors  # noqa: E402
+from benchmarks.harness import BenchRow, available_backends, machine_header, median_seconds, report_suite  # noqa: E402
 from lazarus_core.ops import fp8_dequant, fp8_dequant_reference  # noqa: E402
 from lazarus_core.ops.fp8_dequant import _IMPLS  # noqa: E402
 
@@ -30,7 +31,7 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
     """Measure every shape x output dtype x available backend; returns (rows, floors)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
-    copy_bw = measure_copy_bandwidth(256 << 20, device=device.type)
+    mem = measure_memory_floors(device=device.type)
     rows = []
     shapes = {**SHAPES, **(GPU_SHAPES if device.type == "cuda" else {})}
     for label, (b, r, c) in shapes.items():
@@ -39,12 +40,13 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
         scale_inv = torch.rand(*lead, -(-r // 128), -(-c // 128), device=device)
         for dtype in (torch.float32, torch.bfloat16):
             out = torch.empty(*lead, r, c, dtype=dtype, device=device)
-            moved = b * r * c * (1 + torch.finfo(dtype).bits // 8) + scale_inv.numel() * 4
+            read, written = b * r * c + scale_inv.numel() * 4, b * r * c * torch.finfo(dtype).bits // 8
+            moved, floor_t, bound = read + written, mem.seconds(read, written), mem.bound(read, written)
             name = str(dtype).replace("torch.", "")
             ref_t = median_seconds(lambda: fp8_dequant_reference(weight, scale_inv, dtype=dtype), repeats=3, warmup=1,
                                    cuda_events=gpu)
             rows.append(BenchRow("fp8_dequant", "torch (reference)", label, name, ref_t * 1e3, moved / ref_t / 1e9,
-                                 100 * moved / ref_t / copy_bw, 1.0))
+                                 100 * floor_t / ref_t, 1.0, {"floor": bound}))
             for backend in available_backends("fp8_dequant", _IMPLS, device):
                 check = fp8_dequant(weight[..., :256, :], scale_inv[..., :2, :], dtype=dtype, backend=backend)  # correct first
                 expected = fp8_dequant_reference(weight[..., :256, :], scale_inv[..., :2, :], dtype=dtype)
@@ -52,8 +54,8 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
                 t = median_seconds(lambda: fp8_dequant(weight, scale_inv, dtype=dtype, out=out, backend=backend),
                                    repeats=repeats, cuda_events=gpu)
                 rows.append(BenchRow("fp8_dequant", backend, label, name, t * 1e3, moved / t / 1e9,
-                                     100 * moved / t / copy_bw, ref_t / t))
-    return rows, {"copy_bandwidth_gb_s": copy_bw / 1e9, "device": device.type}
+                                     100 * floor_t / t, ref_t / t, {"floor": bound}))
+    return rows, {**mem.to_dict(), "device": device.type}
 
 
 def main() -> None:
@@ -63,11 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     header = machine_header()
     rows, floors = run(args.repeats)
-    print_table("fp8_dequant", {**header, **{k: (round(v, 1) if isinstance(v, float) else v)
-                                             for k, v in floors.items()}}, rows)
-    path = args.out / "fp8_dequant.json"
-    write_json(path, "fp8_dequant", header, rows, floors)
-    print(f"wrote {path}")
+    report_suite("fp8_dequant", header, rows, floors, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.harness import BenchRow, measure_copy_bandwidth, median_seconds
+from benchmarks.floors import measure_memory_floors
+from benchmarks.harness import BenchRow, median_seconds
 
 N_TOKENS, N_LAYERS, N_EXPERTS, TOP_K, DOC_TOKENS, VOCAB = 1_000_000, 16, 64, 8, 1000, 50_000
 
@@ -37,13 +38,6 @@ def synthetic_layers(n: int = N_TOKENS, experts: int = N_EXPERTS, k: int = TOP_K
     token_ids = (rng.zipf(1.2, n) % VOCAB).astype(np.int32)
     doc_ids = (np.arange(n) // DOC_TOKENS).astype(np.int32)
     return logits, ids, weights, token_ids, doc_ids
-
-
-def measure_read_bandwidth(n_bytes: int = 1 << 30) -> float:
-    """Bytes per second of a streaming read (``sum`` of an fp32 buffer far larger than the caches)."""
-    src = torch.ones(n_bytes // 4, dtype=torch.float32)
-    t = median_seconds(lambda: src.sum(), repeats=7, warmup=2)
-    return n_bytes / t
 
 
 def _reference_entropy(logits: np.ndarray) -> np.ndarray:
@@ -74,8 +68,8 @@ def run(repeats: int = 3, *, entropy_only: bool = False) -> tuple[list[BenchRow]
     _progress("building the synthetic trace")
     logits, ids, weights, token_ids, doc_ids = synthetic_layers()
     layer_ids = {l: ((ids + l) % N_EXPERTS).astype(np.int32) for l in range(N_LAYERS)}
-    read_bw = measure_read_bandwidth()
-    copy_bw = measure_copy_bandwidth(1 << 28)
+    mem = measure_memory_floors()
+    read_bw, copy_bw = mem.read, mem.copy
     nbytes = logits.nbytes
     one = f"{N_TOKENS:,} tok x {N_EXPERTS} E"
     full = f"{N_TOKENS:,} tok x {N_LAYERS} layers x {N_EXPERTS} E, k={TOP_K}"

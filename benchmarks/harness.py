@@ -148,9 +148,18 @@ def write_json(path: Path, title: str, header: dict, rows: list[BenchRow], floor
 
 
 def report_suite(name: str, header: dict, rows: list[BenchRow], floors: dict, out_dir: Path) -> Path:
-    """Print a suite's table (machine header and floors above it) and write ``out_dir/<name>.json``."""
+    """Print a suite's table (machine header and floors above it) and write ``out_dir/<name>.json``.
+
+    Raises
+    ------
+    benchmarks.floors.FloorExceeded
+        A row reports more than 100% of its floor (a benchmark bug), after the table and JSON are written.
+    """
     print_table(name, {**header, **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in floors.items()}}, rows)
     path = Path(out_dir) / f"{name}.json"
     write_json(path, name, header, rows, floors)
     print(f"wrote {path}")
+    from benchmarks.floors import check_floors
+
+    check_floors(name, rows)  # after writing: the rows that beat their floor stay on record
     return path

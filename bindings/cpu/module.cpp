@@ -15,6 +15,7 @@ void bind_fp8_dequant(py::module_& m);
 void bind_dequant_axpby(py::module_& m);
 void bind_overlay_moe(py::module_& m);
 void bind_router_entropy(py::module_& m);
+void bind_membench(py::module_& m);
 }  // namespace bindings
 }  // namespace lazarus
 
@@ -47,4 +48,5 @@ PYBIND11_MODULE(_C, m) {
   lazarus::bindings::bind_dequant_axpby(m);
   lazarus::bindings::bind_overlay_moe(m);
   lazarus::bindings::bind_router_entropy(m);
+  lazarus::bindings::bind_membench(m);
 }

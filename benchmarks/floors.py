@@ -1,0 +1,90 @@
+"""The machine's measured memory floors, and the check that no benchmark row beats its floor.
+
+A floor is the least time the op could take on this machine. Three bandwidths are measured, each as
+its best (not typical) kernel: a streaming READ (a multi-threaded AVX2 sum), a streaming WRITE with
+non-temporal stores (which skip the read-for-ownership a normal store pays), and a COPY with
+non-temporal stores. An op that reads ``R`` bytes and writes ``W`` bytes cannot take less than
+``max(R / read, W / write, (R + W) / copy)``: each term is a resource it must use, and the reads and
+writes may overlap. The older figure, ``dst.copy_(src)`` (normal stores: every written line is read
+first), understates what a kernel with streaming stores reaches: MXFP4 decode was reported at 171% of it.
+
+On a GPU the probes are ``sum`` (read), ``fill_`` (write) and ``copy_`` (copy) on device buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from benchmarks.harness import median_seconds
+
+DEFAULT_BYTES = 1 << 30  # far larger than any cache here
+
+
+@dataclass
+class MemoryFloors:
+    """Measured bytes per second. ``copy`` counts bytes read + bytes written."""
+
+    read: float
+    write: float
+    copy: float
+    device: str = "cpu"
+
+    def seconds(self, read_bytes: int, write_bytes: int = 0) -> float:
+        """Least time to read ``read_bytes`` and write ``write_bytes`` (see the module docstring)."""
+        return max(read_bytes / self.read, write_bytes / self.write, (read_bytes + write_bytes) / self.copy)
+
+    def bound(self, read_bytes: int, write_bytes: int = 0) -> str:
+        """Which bandwidth sets :meth:`seconds` (``"read"``, ``"write"`` or ``"copy"``), for the table."""
+        terms = {"read": read_bytes / self.read, "write": write_bytes / self.write,
+                 "copy": (read_bytes + write_bytes) / self.copy}
+        return max(terms, key=terms.get)
+
+    def to_dict(self) -> dict:
+        return {"read_gb_s": self.read / 1e9, "write_nt_gb_s": self.write / 1e9, "copy_nt_gb_s": self.copy / 1e9,
+                "floor_device": self.device}
+
+
+def measure_memory_floors(n_bytes: int = DEFAULT_BYTES, device: str = "cpu", repeats: int = 7) -> MemoryFloors:
+    """Measure the read, non-temporal write and non-temporal copy bandwidths on ``n_bytes`` buffers."""
+    n = n_bytes // 4
+    if device == "cpu":
+        from lazarus_core import _C
+
+        src = torch.ones(n, dtype=torch.float32).numpy()
+        dst = torch.empty(n, dtype=torch.float32).numpy()
+        read = n_bytes / median_seconds(lambda: _C.stream_read(src), repeats=repeats)
+        write = n_bytes / median_seconds(lambda: _C.stream_fill(dst, 1.0), repeats=repeats)
+        copy = 2 * n_bytes / median_seconds(lambda: _C.stream_copy(src, dst), repeats=repeats)
+    else:
+        src = torch.ones(n, dtype=torch.float32, device=device)
+        dst = torch.empty_like(src)
+        kw = {"repeats": repeats, "cuda_events": True}
+        read = n_bytes / median_seconds(lambda: src.sum(), **kw)
+        write = n_bytes / median_seconds(lambda: dst.fill_(1.0), **kw)
+        copy = 2 * n_bytes / median_seconds(lambda: dst.copy_(src), **kw)
+    # A copy moves at most what reading and writing alone could: keep the floors consistent.
+    return MemoryFloors(read=read, write=write, copy=max(copy, 1.0), device=device)
+
+
+class FloorExceeded(RuntimeError):
+    """A benchmark row reports more than 100% of its floor: the floor (or the byte count) is wrong."""
+
+
+def check_floors(suite: str, rows) -> None:
+    """Raise :class:`FloorExceeded` naming every row of ``suite`` above 100% of its floor.
+
+    Parameters
+    ----------
+    suite : str
+    rows : iterable of benchmarks.harness.BenchRow
+    """
+    bad = [r for r in rows if r.pct_of_floor is not None and r.pct_of_floor > 100.0]
+    if bad:
+        lines = "; ".join(f"{r.op}/{r.backend} {r.shape} {r.dtype}: {r.pct_of_floor:.0f}%" for r in bad)
+        raise FloorExceeded(f"{suite}: {len(bad)} row(s) above 100% of their floor, a benchmark bug "
+                            f"(the floor does not bound the op): {lines}")
+
+
+__all__ = ["MemoryFloors", "FloorExceeded", "check_floors", "measure_memory_floors"]

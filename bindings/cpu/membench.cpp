@@ -1,0 +1,47 @@
+// Why: binds the memory-bandwidth probes the benchmark floors use (float32 numpy buffers).
+#include "membench/membench.h"
+
+#include "buffer_checks.h"
+
+namespace lazarus {
+namespace bindings {
+
+void bind_membench(py::module_& m) {
+  m.def(
+      "stream_fill",
+      [](py::array dst, float value) {
+        check_array<float>(dst, "dst", -1, "float32");
+        check_writeable(dst, "dst");
+        auto* d = static_cast<float*>(dst.mutable_data());
+        const int64_t n = dst.size();
+        py::gil_scoped_release release;
+        stream_fill_cpu(d, n, value);
+      },
+      py::arg("dst"), py::arg("value"), "dst[:] = value with non-temporal stores (write-bandwidth probe).");
+  m.def(
+      "stream_copy",
+      [](const py::array& src, py::array dst) {
+        check_array<float>(src, "src", -1, "float32");
+        check_array<float>(dst, "dst", src.size(), "float32");
+        check_writeable(dst, "dst");
+        const auto* s = static_cast<const float*>(src.data());
+        auto* d = static_cast<float*>(dst.mutable_data());
+        const int64_t n = src.size();
+        py::gil_scoped_release release;
+        stream_copy_cpu(s, d, n);
+      },
+      py::arg("src"), py::arg("dst"), "dst[:] = src with non-temporal stores (copy-bandwidth probe).");
+  m.def(
+      "stream_read",
+      [](const py::array& src) {
+        check_array<float>(src, "src", -1, "float32");
+        const auto* s = static_cast<const float*>(src.data());
+        const int64_t n = src.size();
+        py::gil_scoped_release release;
+        return stream_read_cpu(s, n);
+      },
+      py::arg("src"), "sum(src) in float64 partials (read-bandwidth probe).");
+}
+
+}  // namespace bindings
+}  // namespace lazarus

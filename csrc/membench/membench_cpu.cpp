@@ -1,0 +1,125 @@
+// Why: the CPU memory-bandwidth probes of membench.h (streaming read, non-temporal write and copy).
+#include "membench/membench.h"
+
+#include <algorithm>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LAZARUS_X86 1
+#endif
+
+#if defined(LAZARUS_WITH_OPENMP)
+#include <omp.h>
+#endif
+
+namespace lazarus {
+namespace {
+
+constexpr int64_t kChunk = 1 << 18;  // floats per work item (1 MiB): large enough to stream, many per thread
+
+int64_t head_to_alignment(const float* p, int64_t n) {
+  const auto misalign = reinterpret_cast<uintptr_t>(p) & 31u;
+  return misalign ? std::min<int64_t>(n, (32 - misalign) / sizeof(float)) : 0;
+}
+
+#if LAZARUS_X86
+__attribute__((target("avx2"))) void fill_range_avx2(float* dst, int64_t n, float value) {
+  int64_t i = head_to_alignment(dst, n);
+  for (int64_t j = 0; j < i; ++j) dst[j] = value;
+  const __m256 v = _mm256_set1_ps(value);
+  for (; i + 32 <= n; i += 32) {
+    _mm256_stream_ps(dst + i, v);
+    _mm256_stream_ps(dst + i + 8, v);
+    _mm256_stream_ps(dst + i + 16, v);
+    _mm256_stream_ps(dst + i + 24, v);
+  }
+  for (; i < n; ++i) dst[i] = value;
+  _mm_sfence();
+}
+
+__attribute__((target("avx2"))) void copy_range_avx2(const float* src, float* dst, int64_t n) {
+  int64_t i = head_to_alignment(dst, n);
+  for (int64_t j = 0; j < i; ++j) dst[j] = src[j];
+  for (; i + 32 <= n; i += 32) {
+    _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+    _mm256_stream_ps(dst + i + 8, _mm256_loadu_ps(src + i + 8));
+    _mm256_stream_ps(dst + i + 16, _mm256_loadu_ps(src + i + 16));
+    _mm256_stream_ps(dst + i + 24, _mm256_loadu_ps(src + i + 24));
+  }
+  for (; i < n; ++i) dst[i] = src[i];
+  _mm_sfence();
+}
+
+__attribute__((target("avx2"))) double read_range_avx2(const float* src, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a0 = _mm256_add_ps(a0, _mm256_loadu_ps(src + i));
+    a1 = _mm256_add_ps(a1, _mm256_loadu_ps(src + i + 8));
+    a2 = _mm256_add_ps(a2, _mm256_loadu_ps(src + i + 16));
+    a3 = _mm256_add_ps(a3, _mm256_loadu_ps(src + i + 24));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  double s = 0.0;
+  for (float v : lanes) s += v;
+  for (; i < n; ++i) s += src[i];
+  return s;
+}
+
+bool has_avx2() { return __builtin_cpu_supports("avx2"); }
+#else
+bool has_avx2() { return false; }
+#endif
+
+void fill_range(float* dst, int64_t n, float value) {
+#if LAZARUS_X86
+  if (has_avx2()) return fill_range_avx2(dst, n, value);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = value;
+}
+
+void copy_range(const float* src, float* dst, int64_t n) {
+#if LAZARUS_X86
+  if (has_avx2()) return copy_range_avx2(src, dst, n);
+#endif
+  std::copy(src, src + n, dst);
+}
+
+double read_range(const float* src, int64_t n) {
+#if LAZARUS_X86
+  if (has_avx2()) return read_range_avx2(src, n);
+#endif
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += src[i];
+  return s;
+}
+
+}  // namespace
+
+void stream_fill_cpu(float* dst, int64_t n, float value) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) fill_range(dst + c * kChunk, std::min(kChunk, n - c * kChunk), value);
+}
+
+void stream_copy_cpu(const float* src, float* dst, int64_t n) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) {
+    copy_range(src + c * kChunk, dst + c * kChunk, std::min(kChunk, n - c * kChunk));
+  }
+}
+
+double stream_read_cpu(const float* src, int64_t n) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> partial(static_cast<size_t>(chunks), 0.0);
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) partial[c] = read_range(src + c * kChunk, std::min(kChunk, n - c * kChunk));
+  double s = 0.0;
+  for (double v : partial) s += v;
+  return s;
+}
+
+}  // namespace lazarus

@@ -1,0 +1,52 @@
+"""The memory probes behind the benchmark floors compute what they claim, and a row above its floor fails."""
+
+import numpy as np
+import pytest
+
+from benchmarks.floors import FloorExceeded, MemoryFloors, check_floors, measure_memory_floors
+from benchmarks.harness import BenchRow
+from lazarus_core import _C
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 33, 1000, (1 << 18) * 2 + 5])
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_probes_match_numpy_at_odd_sizes_and_unaligned_starts(n, offset):
+    rng = np.random.default_rng(n + offset)
+    src = rng.standard_normal(n + offset).astype(np.float32)[offset:]
+    dst_full = np.full(n + offset + 1, -7.0, dtype=np.float32)
+    dst = dst_full[offset:offset + n]
+    _C.stream_copy(src, dst)
+    np.testing.assert_array_equal(dst, src)
+    assert dst_full[offset + n] == -7.0                  # no write past the end
+    _C.stream_fill(dst, 2.5)
+    assert (dst == 2.5).all() and dst_full[offset + n] == -7.0
+    assert _C.stream_read(src) == pytest.approx(float(src.astype(np.float64).sum()), rel=1e-5, abs=1e-3)
+
+
+def test_probes_name_the_bad_argument():
+    with pytest.raises(TypeError, match="dst"):
+        _C.stream_fill(np.zeros(4, np.float64), 1.0)
+    with pytest.raises(ValueError, match="dst"):
+        _C.stream_copy(np.zeros(4, np.float32), np.zeros(5, np.float32))
+
+
+def test_floor_is_the_binding_term_and_never_below_any_resource():
+    mem = MemoryFloors(read=10.0, write=4.0, copy=12.0)
+    assert mem.seconds(100, 0) == 10.0 and mem.bound(100, 0) == "read"
+    assert mem.seconds(0, 100) == 25.0 and mem.bound(0, 100) == "write"
+    assert mem.seconds(60, 60) == 15.0 and mem.bound(60, 60) == "write"
+    assert mem.seconds(100, 20) == 10.0                  # max(10, 5, 10)
+
+
+def test_measured_floors_are_positive_and_finite():
+    mem = measure_memory_floors(1 << 22, repeats=2)
+    assert all(np.isfinite(v) and v > 0 for v in (mem.read, mem.write, mem.copy))
+
+
+def test_a_row_above_its_floor_fails_loudly_naming_it():
+    rows = [BenchRow("op_a", "cpu", "[4]", "fp32", 1.0, pct_of_floor=80.0),
+            BenchRow("op_b", "cpu", "[8]", "fp32", 1.0, pct_of_floor=126.0),
+            BenchRow("op_c", "torch", "[8]", "fp32", 1.0)]
+    check_floors("ok", rows[:1] + rows[2:])
+    with pytest.raises(FloorExceeded, match=r"op_b/cpu \[8\] fp32: 126%"):
+        check_floors("suite", rows)
