@@ -23,7 +23,7 @@ import torch
 
 from lazarus_core.models.checkpoint import PROJECTIONS, MoeCheckpoint
 from lazarus_core.overlay.ranks import PRESETS, choose_ranks, make_policy
-from lazarus_core.overlay.sizes import byte_report
+from lazarus_core.overlay.sizes import expert_bytes
 from lazarus_core.spectra import BASE_METHODS, ProjectionSpectrum, cumulative_energy, energy_rank, projection_spectrum
 
 ENERGY_FRACTIONS = (0.90, 0.95, 0.99)
@@ -298,8 +298,9 @@ def _structure(ckpt: MoeCheckpoint, layer: int, spectrum: ProjectionSpectrum, co
 def compression_summary(ckpt: MoeCheckpoint, layers: Sequence[LayerStructure], base_method: str = "refined") -> dict:
     """The report's ``compression`` dict: bytes of the overlay at every projection's ``compressor_rank``."""
     ranks = {(layer.layer, p): s.compressor_rank for layer in layers for p, s in layer.projections.items()}
-    ratio = byte_report(ckpt, ranks, COMPRESSOR_DTYPE, [layer.layer for layer in layers]).expert_ratio if ranks \
-        else 0.0
+    original, overlay = expert_bytes(ckpt, ranks, COMPRESSOR_DTYPE, [layer.layer for layer in layers]) if ranks \
+        else (0, 0)  # the analysed layers' headers only: a hub model fetches no other shard
+    ratio = original / overlay if overlay else 0.0
     return {"preset": COMPRESSOR_PRESET, "energy": PRESETS[COMPRESSOR_PRESET], "base": base_method,
             "dtype": COMPRESSOR_DTYPE, "ratio": ratio, "compressible": ratio > 1.0}
 

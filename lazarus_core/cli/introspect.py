@@ -12,6 +12,7 @@ import importlib
 # Modules that implement actions, in the order their actions appear in --help.
 ACTION_MODULES = (
     "lazarus_core.cli.moe_type",
+    "lazarus_core.cli.moe_sweep",
     "lazarus_core.cli.overlay",
     "lazarus_core.cli.routing_explore",
     "lazarus_core.cli.routing_taxonomy",

@@ -38,13 +38,14 @@ def _all_tensors(ckpt: MoeCheckpoint) -> dict[str, int]:
     return {name: ckpt._info(name).nbytes for name in ckpt._weight_map}
 
 
-def expert_bytes_as_stored(ckpt: MoeCheckpoint) -> dict[int, int]:
-    """Per MoE layer: bytes of its routed-expert tensors on disk (weights, scales, biases)."""
-    sizes = _all_tensors(ckpt)
+def expert_bytes_as_stored(ckpt: MoeCheckpoint, layers: list[int] | None = None) -> dict[int, int]:
+    """Per MoE layer (default all): bytes of its routed-expert tensors on disk (weights, scales, biases).
+
+    Only the headers of the files holding those layers' experts are read (a hub model fetches no other shard)."""
     out = {}
-    for layer in ckpt.moe_layers:
+    for layer in ckpt.moe_layers if layers is None else layers:
         prefix = ckpt.spec.names.moe_prefix(layer) + "experts."
-        out[layer] = sum(n for name, n in sizes.items() if name.startswith(prefix))
+        out[layer] = sum(ckpt._info(name).nbytes for name in ckpt._weight_map if name.startswith(prefix))
     return out
 
 
@@ -84,6 +85,17 @@ class ByteReport:
         return asdict(self)
 
 
+def expert_bytes(ckpt: MoeCheckpoint, ranks: dict[tuple[int, str], int], dtype: str, layers: list[int],
+                 base_dtype: str | None = None) -> tuple[int, int]:
+    """(original, overlay) bytes of the routed experts of ``layers`` alone: reads only those layers' headers, so
+    the expert ratio (moe-type-analyze's ``compression``) of a hub model fetches no shard outside ``layers``."""
+    original = sum(expert_bytes_as_stored(ckpt, layers).values())
+    overlay = sum(overlay_projection_bytes(ckpt.projection_shape(p), ckpt.num_experts, ranks[(layer, p)],
+                                           ckpt.spec.expert_bias, dtype, base_dtype)
+                  for layer in layers for p in PROJECTIONS)
+    return original, overlay
+
+
 def byte_report(ckpt: MoeCheckpoint, ranks: dict[tuple[int, str], int], dtype: str,
                 layers: list[int] | None = None, base_dtype: str | None = None) -> ByteReport:
     """Original vs overlay bytes for ``ranks`` ((layer, projection) -> rank) over ``layers`` (default all).
@@ -91,11 +103,7 @@ def byte_report(ckpt: MoeCheckpoint, ranks: dict[tuple[int, str], int], dtype: s
     Layers not in ``layers`` keep their original experts in the whole-model figure.
     """
     layers = list(ckpt.moe_layers) if layers is None else list(layers)
-    stored = expert_bytes_as_stored(ckpt)
-    original = sum(stored[layer] for layer in layers)
-    overlay = sum(overlay_projection_bytes(ckpt.projection_shape(p), ckpt.num_experts, ranks[(layer, p)],
-                                           ckpt.spec.expert_bias, dtype, base_dtype)
-                  for layer in layers for p in PROJECTIONS)
+    original, overlay = expert_bytes(ckpt, ranks, dtype, layers, base_dtype)
     total = model_bytes_as_stored(ckpt)
     overlay_total = total - original + overlay
     return ByteReport(FORMULA, dtype, original, overlay, original / overlay if overlay else float("inf"), total,
