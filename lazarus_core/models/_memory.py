@@ -42,10 +42,17 @@ def resident_bytes() -> int | None:
 
 
 class ResidentBudget:
-    """Trims the C heap whenever RSS exceeds ``baseline + budget_bytes`` (baseline: RSS at creation)."""
+    """Trims the C heap whenever RSS exceeds ``baseline + budget_bytes`` (baseline: RSS at creation).
 
-    def __init__(self, budget_bytes: int):
+    ``trim_first=True`` trims once before taking the baseline, so freed memory an earlier stream left
+    resident is not counted as this stream's baseline (streams started one after another cannot drift up).
+    """
+
+    def __init__(self, budget_bytes: int, *, trim_first: bool = False):
         self.budget_bytes = budget_bytes
+        trim = _malloc_trim()
+        if trim_first and trim is not None:
+            trim(0)
         self.baseline = resident_bytes()
 
     def enforce(self) -> None:

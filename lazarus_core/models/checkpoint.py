@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -21,6 +21,9 @@ from lazarus_core.models.errors import CheckpointError
 from lazarus_core.models.families import FamilySpec, detect_family
 from lazarus_core.models.resolve import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, ModelSource, resolve_model
 from lazarus_core.models.safetensors_file import DTYPES, FLOAT_DTYPES, SafetensorsFile, TensorInfo
+
+if TYPE_CHECKING:
+    from lazarus_core.models.encoded import EncodedExpert
 
 PROJECTIONS = ("gate", "up", "down")
 
@@ -68,6 +71,9 @@ class MoeCheckpoint:
         if not self._weight_map:  # single model.safetensors: its header is the map
             single = self._file(SINGLE_NAME)
             self._weight_map = {name: SINGLE_NAME for name in single.tensors}
+        # Memory guard of the per-call readers (encoded_expert, expert_rows): one budget per (layer, projection).
+        self._guard_key: tuple[int, str] | None = None
+        self._guard: ResidentBudget | None = None
 
     # ---- config facts -------------------------------------------------------------------------------
     @property
@@ -167,7 +173,8 @@ class MoeCheckpoint:
             dtype = out.dtype
         if self.spec.names.fused:
             return self._fused_expert(layer, projection, expert, dtype, out, scratch)
-        return self._read_linear(self._expert_name(layer, projection, expert), shape, dtype, out, scratch)
+        return self._read_linear(self._expert_name(layer, projection, expert), shape, dtype, out, scratch,
+                                 self._what(layer, projection, expert))
 
     def iter_experts(self, layer: int, projection: str, *, dtype: torch.dtype = torch.float32, reuse: bool = False
                      ) -> Iterator[tuple[int, torch.Tensor]]:
@@ -231,6 +238,119 @@ class MoeCheckpoint:
         both = self._read_float(self._prefix(layer) + "experts.gate_up_proj_bias", (e, 2 * i), dtype)
         start = 0 if projection == "gate" else 1
         return both[:, start::2].contiguous()
+
+    # ---- experts as stored, and row ranges ----------------------------------------------------------
+    def encoded_expert(self, layer: int, projection: str, expert: int) -> EncodedExpert:
+        """One routed expert's weight in its stored encoding, not decoded (for fused decode passes and the
+        quantisation-noise estimate).
+
+        Parameters
+        ----------
+        layer, projection, expert
+            As :meth:`expert_weight`.
+
+        Returns
+        -------
+        EncodedExpert
+            ``[out, in]`` orientation. MXFP4: uint8 blocks ``[out, in/32, 16]`` + scales ``[out, in/32]``;
+            FP8 E4M3: uint8 codes ``[out, in]`` + float32 ``weight_scale_inv`` blocks; per-expert float
+            tensors in their stored dtype; fused float layouts (GPT-OSS bf16, DBRX), stored transposed or
+            interleaved, as a float32 ``[out, in]`` copy (a transpose cannot be fused into a streaming pass).
+
+        Raises
+        ------
+        IndexError, CheckpointError
+            As :meth:`expert_weight`; also CheckpointError naming layer, projection, expert, file and tensor
+            when the expert holds NaN (an MXFP4 scale byte 0xFF, an FP8 code 0x7F/0xFF, a NaN or infinite
+            FP8 block scale), before anything is computed from it.
+
+        Notes
+        -----
+        Calls for one (layer, projection) share the memory guard of :meth:`iter_experts`: when resident memory
+        has grown by more than about three decoded experts since the first call, freed heap pages are returned.
+        """
+        from lazarus_core.models.encoded import EncodedExpert
+
+        self._check_read(layer, projection, expert)
+        shape = self.projection_shape(projection)
+        self._enforce_guard(layer, projection)
+        if self._mxfp4_tensors(layer, projection) is not None:
+            blocks, scales = self._mxfp4_rows(layer, projection, expert, 0, shape[0])
+            return EncodedExpert("mxfp4", blocks.contiguous(), scales.contiguous(), None, shape)
+        if self.spec.names.fused:
+            return EncodedExpert("float", self._fused_expert(layer, projection, expert, torch.float32), None, None,
+                                 shape)
+        name = self._expert_name(layer, projection, expert)
+        f, info = self._locate(name)
+        if info.dtype == "F8_E4M3":
+            codes, scale_inv, block, _ = self._fp8_rows(name, shape, 0, shape[0], self._what(layer, projection, expert))
+            return EncodedExpert("fp8_e4m3", codes, scale_inv.float(), block, shape)
+        self._expect(f, info, shape, FLOAT_DTYPES)
+        return EncodedExpert("float", f.read(name), None, None, shape)
+
+    def expert_rows(self, layer: int, projection: str, expert: int, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of one routed expert's ``[out, in]`` weight, decoded to float32, decoding only
+        what covers those rows (for analyses that sweep all experts chunk by chunk).
+
+        Per-expert tensors, fused MXFP4 and DBRX gate/up read only the bytes of those rows; FP8 E4M3 reads and
+        decodes the scale-block rows covering them (at most ``block - 1`` extra rows at each end; none when
+        ``start`` and ``stop`` are multiples of the block, as the cosine Gram chooses); layouts stored transposed
+        (GPT-OSS bf16, DBRX down) read the expert and convert only those rows.
+
+        Parameters
+        ----------
+        layer, projection, expert
+            As :meth:`expert_weight`.
+        start, stop : int
+            ``0 <= start <= stop <= out``.
+
+        Returns
+        -------
+        torch.Tensor
+            float32 ``[stop - start, in]``.
+
+        Raises
+        ------
+        IndexError
+            As :meth:`expert_weight`, or rows out of range.
+        CheckpointError
+            As :meth:`encoded_expert` (NaN in the rows read included). Shares its memory guard.
+        """
+        from lazarus_core.ops import fp8_dequant, mxfp4_dequant
+
+        self._check_read(layer, projection, expert)
+        out_dim, in_dim = shape = self.projection_shape(projection)
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= out_dim):
+            raise IndexError(f"{self.source.name}: layer {layer} {projection}: rows {start}:{stop} out of range for "
+                             f"an expert of shape {list(shape)}")
+        self._enforce_guard(layer, projection)
+        if self._mxfp4_tensors(layer, projection) is not None:
+            blocks, scales = self._mxfp4_rows(layer, projection, expert, start, stop)
+            return mxfp4_dequant(blocks, scales).view(stop - start, in_dim)
+        if self.spec.names.fused:
+            return self._fused_float_rows(layer, projection, expert, start, stop)
+        name = self._expert_name(layer, projection, expert)
+        f, info = self._locate(name)
+        if info.dtype == "F8_E4M3":
+            codes, scale_inv, block, first = self._fp8_rows(name, shape, start, stop,
+                                                            self._what(layer, projection, expert))
+            return fp8_dequant(codes, scale_inv, block_size=block)[start - first:]
+        self._expect(f, info, shape, FLOAT_DTYPES)
+        return f.read_rows(name, start, stop).to(torch.float32)
+
+    def tensor_names(self) -> list[str]:
+        """Every tensor of the checkpoint (all shards), in index order."""
+        return list(self._weight_map)
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        """Header entry (dtype, shape, byte range) of tensor ``name``, from its shard's validated header.
+
+        Raises
+        ------
+        CheckpointError
+            The tensor is not in the checkpoint, or its shard is missing or malformed.
+        """
+        return self._info(name)
 
     # ---- router and shared experts ------------------------------------------------------------------
     def router(self, layer: int, *, dtype: torch.dtype = torch.float32) -> RouterWeights:
@@ -303,6 +423,117 @@ class MoeCheckpoint:
             raise IndexError(f"{self.source.name}: layer {layer}: expert {expert} out of range "
                              f"(this {self.family} checkpoint has {self.spec.num_experts} experts)")
 
+    def _check_read(self, layer: int, projection: str, expert: int) -> None:
+        self._check_projection(projection)
+        self._check_layer(layer)
+        self._check_expert(expert, layer)
+
+    @staticmethod
+    def _what(layer: int, projection: str, expert: int) -> str:
+        return f"layer {layer}, {projection}, expert {expert}"
+
+    def _enforce_guard(self, layer: int, projection: str) -> None:
+        """The memory guard of :meth:`iter_experts` for streams of per-call reads: the first call of a new
+        (layer, projection) trims the heap and starts a budget of three decoded fp32 experts above that point
+        (so nothing retained by an earlier stream is counted as the baseline); later calls enforce it."""
+        if self._guard_key == (layer, projection) and self._guard is not None:
+            self._guard.enforce()
+            return
+        rows, cols = self.projection_shape(projection)
+        self._guard_key, self._guard = (layer, projection), ResidentBudget(3 * rows * cols * 4, trim_first=True)
+
+    def _mxfp4_tensors(self, layer: int, projection: str
+                       ) -> tuple[SafetensorsFile, TensorInfo, SafetensorsFile, TensorInfo] | None:
+        """GPT-OSS MXFP4 ``(blocks file, blocks info, scales file, scales info)`` of one projection, shapes and
+        dtypes checked (blocks ``[E, out, in/32, 16]``, scales ``[E, out, in/32]``, gate/up rows interleaved);
+        None when the layer is not stored as MXFP4."""
+        if not self.spec.names.fused or self.spec.names.layout == "dbrx":
+            return None
+        stem = self._prefix(layer) + ("experts.down_proj" if projection == "down" else "experts.gate_up_proj")
+        if stem + "_blocks" not in self._weight_map:
+            return None
+        e, i, h = self.spec.num_experts, self.spec.expert_intermediate_size, self.spec.hidden_size
+        rows, cols = (h, i) if projection == "down" else (2 * i, h)  # stored rows in [out, in] orientation
+        bf, binfo = self._locate(stem + "_blocks")
+        sf, sinfo = self._locate(stem + "_scales")
+        if cols % 32:
+            raise CheckpointError(f"{bf.path}: tensor {binfo.name!r}: MXFP4 needs the input size ({cols}) to be a "
+                                  f"multiple of 32")
+        self._expect(bf, binfo, (e, rows, cols // 32, 16), ("U8",))
+        if sinfo.shape != binfo.shape[:-1] or sinfo.dtype != "U8":
+            raise CheckpointError(
+                f"{sf.path}: tensor {sinfo.name!r} ({sinfo.dtype} {list(sinfo.shape)}) does not match its MXFP4 "
+                f"blocks {binfo.name!r} {list(binfo.shape)}: scales must be U8 of shape blocks.shape[:-1] "
+                f"= {list(binfo.shape[:-1])}"
+            )
+        return bf, binfo, sf, sinfo
+
+    def _mxfp4_rows(self, layer: int, projection: str, expert: int, start: int, stop: int,
+                    scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """MXFP4 blocks ``[n, in/32, 16]`` and scales ``[n, in/32]`` of rows ``start:stop`` (n = stop - start) of
+        one expert, reading only the stored rows spanning them (gate/up: a strided view of the interleaved
+        span). Raises CheckpointError on a NaN scale (0xFF) among them."""
+        bf, binfo, sf, sinfo = self._mxfp4_tensors(layer, projection)
+        # gate/up rows are interleaved on disk (even = gate, odd = up): read the stored span, keep one parity.
+        step, parity = (1, 0) if projection == "down" else (2, 0 if projection == "gate" else 1)
+        first = expert * binfo.shape[1] + start * step
+        last = first + (stop - start) * step
+        blocks = bf.read_rows(binfo.name, first, last, axes=2, scratch=scratch)[parity::step]
+        scales = sf.read_rows(sinfo.name, first, last, axes=2)[parity::step]
+        if scales.numel() and int(scales.max()) == 0xFF:
+            row, group = (scales == 0xFF).nonzero()[0].tolist()
+            raise CheckpointError(
+                f"{sf.path}: tensor {sinfo.name!r}: {self._what(layer, projection, expert)} holds NaN: MXFP4 scale "
+                f"byte 0xFF (NaN in E8M0) at row {start + row}, columns {32 * group}..{32 * group + 31}")
+        return blocks, scales
+
+    def _fp8_rows(self, name: str, shape: tuple[int, int], start: int, stop: int, what: str,
+                  scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], int]:
+        """FP8 E4M3 codes of the scale-block rows covering rows ``start:stop`` of the ``[out, in]`` weight ``name``
+        and their ``weight_scale_inv`` rows: ``(codes uint8 [stop - first, in], scale_inv, block, first)`` with
+        ``first = start // block[0] * block[0]``. Shapes and dtypes checked; raises CheckpointError naming
+        ``what`` on a NaN code (S.1111.111) or a NaN/infinite scale among them."""
+        f, info = self._locate(name)
+        self._expect(f, info, shape, ("F8_E4M3",))
+        block = tuple(self.spec.fp8_block_size or (128, 128))
+        scale_name = name + "_scale_inv"
+        sf, sinfo = self._locate(scale_name)
+        self._expect(sf, sinfo, (-(-shape[0] // block[0]), -(-shape[1] // block[1])), ("F32", "BF16", "F16"))
+        first = start // block[0] * block[0]
+        codes = f.read_rows(name, first, stop, scratch=scratch)
+        scale_inv = sf.read_rows(scale_name, first // block[0], -(-stop // block[0]))
+        nan = _first_fp8_nan(codes)
+        if nan is not None:
+            raise CheckpointError(f"{f.path}: tensor {name!r}: {what} holds NaN: FP8 E4M3 code "
+                                  f"0x{int(codes.reshape(-1)[nan]):02X} at row {first + nan // shape[1]}, column "
+                                  f"{nan % shape[1]}")
+        if not bool(torch.isfinite(scale_inv).all()):
+            row, col = (~torch.isfinite(scale_inv)).nonzero()[0].tolist()
+            raise CheckpointError(f"{sf.path}: tensor {scale_name!r}: {what}: block scale "
+                                  f"{float(scale_inv[row, col])} at block ({first // block[0] + row}, {col})")
+        return codes, scale_inv, block, first
+
+    def _fused_float_rows(self, layer: int, projection: str, expert: int, start: int, stop: int) -> torch.Tensor:
+        """float32 rows ``start:stop`` of a fused float expert: DBRX gate/up read only those rows; layouts stored
+        as ``[in, out]`` (GPT-OSS ``[E, H, 2I]`` interleaved / ``[E, I, H]``, DBRX ``w2``) read the expert once
+        and convert only the columns that are those rows."""
+        e, i, h = self.spec.num_experts, self.spec.expert_intermediate_size, self.spec.hidden_size
+        if self.spec.names.layout == "dbrx":
+            name = self._dbrx_name(layer, projection)
+            f, info = self._locate(name)
+            self._expect(f, info, (e * i, h), FLOAT_DTYPES)
+            if projection != "down":
+                return f.read_rows(name, expert * i + start, expert * i + stop).to(torch.float32)
+            stored = f.read_rows(name, expert * i, (expert + 1) * i)  # [I, H]: down transposed
+        else:
+            stem = self._prefix(layer) + ("experts.down_proj" if projection == "down" else "experts.gate_up_proj")
+            f, info = self._locate(stem)
+            self._expect(f, info, (e, i, h) if projection == "down" else (e, h, 2 * i), FLOAT_DTYPES)
+            stored = f.read_row(stem, expert)  # [in, out (gate/up interleaved)]
+            if projection != "down":
+                stored = stored[:, 0::2] if projection == "gate" else stored[:, 1::2]
+        return stored[:, start:stop].t().to(torch.float32, memory_format=torch.contiguous_format)
+
     def _prefix(self, layer: int) -> str:
         return self.spec.names.moe_prefix(layer)
 
@@ -346,8 +577,9 @@ class MoeCheckpoint:
         return f.read(name).to(dtype)
 
     def _read_linear(self, name: str, shape: tuple[int, int], dtype: torch.dtype, out: torch.Tensor | None = None,
-                     scratch: torch.Tensor | None = None) -> torch.Tensor:
-        """A linear weight ``[out, in]``: float (upcast) or FP8 E4M3 with ``weight_scale_inv`` blocks.
+                     scratch: torch.Tensor | None = None, what: str | None = None) -> torch.Tensor:
+        """A linear weight ``[out, in]``: float (upcast) or FP8 E4M3 with ``weight_scale_inv`` blocks (``what``
+        names it in a NaN error: the routed expert, or by default the tensor).
 
         ``scratch`` (raw bytes) is used only together with ``out``, so a result never aliases it."""
         f, info = self._locate(name)
@@ -358,12 +590,7 @@ class MoeCheckpoint:
             return out.copy_(raw) if out is not None else raw.to(dtype).contiguous()
         from lazarus_core.ops import fp8_dequant
 
-        self._expect(f, info, shape, ("F8_E4M3",))
-        block = tuple(self.spec.fp8_block_size or (128, 128))
-        scale_name = name + "_scale_inv"
-        sf, sinfo = self._locate(scale_name)
-        self._expect(sf, sinfo, (-(-shape[0] // block[0]), -(-shape[1] // block[1])), ("F32", "BF16", "F16"))
-        weight, scale_inv = f.read(name, scratch=scratch), sf.read(scale_name)
+        weight, scale_inv, block, _ = self._fp8_rows(name, shape, 0, shape[0], what or f"tensor {name!r}", scratch)
         if dtype in (torch.float32, torch.bfloat16):
             return fp8_dequant(weight, scale_inv, block_size=block, dtype=dtype, out=out)
         decoded = fp8_dequant(weight, scale_inv, block_size=block).to(dtype)
@@ -392,27 +619,12 @@ class MoeCheckpoint:
         stem = self._prefix(layer) + ("experts.down_proj" if projection == "down" else "experts.gate_up_proj")
         rows = h if projection == "down" else 2 * i  # stored rows in [out, in] orientation
         cols = i if projection == "down" else h
-        if stem + "_blocks" in self._weight_map:
+        if self._mxfp4_tensors(layer, projection) is not None:
             # MXFP4: blocks [E, out, in/32, 16], scales [E, out, in/32], already [out, in]; gate/up rows interleaved.
             from lazarus_core.ops import mxfp4_dequant
 
-            bf, binfo = self._locate(stem + "_blocks")
-            sf, sinfo = self._locate(stem + "_scales")
-            if cols % 32:
-                raise CheckpointError(f"{bf.path}: tensor {binfo.name!r}: MXFP4 needs the input size ({cols}) to be a "
-                                      f"multiple of 32")
-            self._expect(bf, binfo, (e, rows, cols // 32, 16), ("U8",))
-            if sinfo.shape != binfo.shape[:-1] or sinfo.dtype != "U8":
-                raise CheckpointError(
-                    f"{sf.path}: tensor {sinfo.name!r} ({sinfo.dtype} {list(sinfo.shape)}) does not match its MXFP4 "
-                    f"blocks {binfo.name!r} {list(binfo.shape)}: scales must be U8 of shape blocks.shape[:-1] "
-                    f"= {list(binfo.shape[:-1])}"
-                )
-            blocks = bf.read_row(binfo.name, expert, scratch=scratch if out is not None else None)
-            scales = sf.read_row(sinfo.name, expert)
-            if projection != "down":
-                start = 0 if projection == "gate" else 1
-                blocks, scales = blocks[start::2], scales[start::2]
+            blocks, scales = self._mxfp4_rows(layer, projection, expert, 0, self.projection_shape(projection)[0],
+                                              scratch if out is not None else None)
             if dtype in (torch.float32, torch.bfloat16):
                 return mxfp4_dequant(blocks, scales, dtype=dtype, out=out)
             decoded = mxfp4_dequant(blocks, scales).to(dtype)
@@ -427,6 +639,22 @@ class MoeCheckpoint:
 
 
 _FORMAT_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64"}
+_NAN_SCAN_BYTES = 1 << 18  # scan FP8 codes in cache-sized pieces
+
+
+def _first_fp8_nan(codes: torch.Tensor) -> int | None:
+    """Flat index of the first E4M3FN NaN code in uint8 ``codes`` (S.1111.111: 0x7F or 0xFF), or None.
+
+    A byte is NaN exactly when its low seven bits are all set, i.e. when ``byte | 0x80 == 0xFF``, the largest
+    uint8: one OR and one max per piece, no per-element compare."""
+    flat = codes.reshape(-1)
+    buf = torch.empty(min(flat.numel(), _NAN_SCAN_BYTES), dtype=torch.uint8)
+    for begin in range(0, flat.numel(), _NAN_SCAN_BYTES):
+        piece = flat[begin:begin + _NAN_SCAN_BYTES]
+        marked = torch.bitwise_or(piece, 0x80, out=buf[:piece.numel()])
+        if int(marked.max()) == 0xFF:
+            return begin + int((marked == 0xFF).nonzero()[0])
+    return None
 
 
 def open_moe_checkpoint(model: str | os.PathLike, *, revision: str | None = None) -> MoeCheckpoint:

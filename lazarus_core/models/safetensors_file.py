@@ -76,9 +76,10 @@ class SafetensorsFile:
     ------
     CheckpointError
         Missing file, header length beyond the file or the 100 MiB limit, malformed JSON, an unknown
-        dtype, a negative or non-integer shape, or data offsets that disagree with the shape or run past
-        the end of the file (a truncated file). The message names the file and, where one is at fault,
-        the tensor.
+        dtype, a negative or non-integer shape, data offsets that disagree with the shape or run past
+        the end of the file (a truncated file), or tensors that do not tile the data section exactly as the
+        safetensors library requires (overlapping offsets, a gap between tensors, trailing bytes). The
+        message names the file and, where one is at fault, the tensor.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -115,7 +116,28 @@ class SafetensorsFile:
         tensors = {}
         for name, entry in header.items():
             tensors[name] = self._validate_entry(name, entry, data_start)
+        self._check_coverage(tensors, data_start)
         return tensors, metadata if isinstance(metadata, dict) else {}
+
+    def _check_coverage(self, tensors: dict[str, TensorInfo], data_start: int) -> None:
+        """The safetensors library's rule: sorted by offsets, the tensors tile the data section exactly
+        (the first starts at 0, each starts where the previous ended, the last ends at the end of the file),
+        so no two tensors share a byte and no byte is left uncovered."""
+        end, previous = data_start, None
+        for info in sorted(tensors.values(), key=lambda t: (t.start, t.start + t.nbytes)):
+            offsets = [info.start - data_start, info.start - data_start + info.nbytes]
+            where = f"{self.path}: tensor {info.name!r}: data_offsets {offsets}"
+            if info.start < end:
+                raise CheckpointError(f"{where} overlap tensor {previous.name!r} (ends at {end - data_start})")
+            if info.start > end:
+                after = f"the end of tensor {previous.name!r}" if previous else "the start of the data section"
+                raise CheckpointError(f"{where} leave bytes {end - data_start}..{info.start - data_start} after "
+                                      f"{after} covered by no tensor")
+            end, previous = info.start + info.nbytes, info
+        if end != self.size:
+            last = f"the last tensor {previous.name!r} ends" if previous else "the header (no tensor data) ends"
+            raise CheckpointError(f"{self.path}: {last} at byte {end} but the file has {self.size} bytes "
+                                  f"({self.size - end} trailing bytes covered by no tensor)")
 
     def _validate_entry(self, name: str, entry: object, data_start: int) -> TensorInfo:
         where = f"{self.path}: tensor {name!r}"
@@ -187,10 +209,37 @@ class SafetensorsFile:
         info = self.info(name)
         if not info.shape or not 0 <= index < info.shape[0]:
             raise IndexError(f"{self.path}: tensor {name!r} of shape {list(info.shape)}: index {index} out of range")
-        row_bytes = info.nbytes // info.shape[0]
-        torch_dtype = DTYPES[info.dtype][0]
-        data = self._read_bytes(name, info.start + index * row_bytes, row_bytes, scratch)
-        return data.view(torch_dtype).reshape(info.shape[1:])
+        return self.read_rows(name, index, index + 1, scratch=scratch)[0]
+
+    def read_rows(self, name: str, start: int, stop: int, *, axes: int = 1, scratch: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """Rows ``start:stop`` of the tensor seen as ``[prod(shape[:axes]), *shape[axes:]]``, reading only
+        their bytes (into ``scratch`` when given, as :meth:`read`).
+
+        ``axes=1``: ``tensor[start:stop]``; ``axes=2`` on a fused ``[E, R, ...]`` tensor: rows ``r0:r1`` of
+        expert ``e`` are ``start = e * R + r0, stop = e * R + r1``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[stop - start, *shape[axes:]]`` in the stored dtype (F8 formats as raw uint8 bits).
+
+        Raises
+        ------
+        IndexError
+            ``axes`` not in ``1..ndim`` or rows outside ``0..prod(shape[:axes])``; names the file and tensor.
+        """
+        info = self.info(name)
+        if not 1 <= axes <= len(info.shape):
+            raise IndexError(f"{self.path}: tensor {name!r} of shape {list(info.shape)}: cannot take rows over "
+                             f"its first {axes} axes")
+        n_rows = math.prod(info.shape[:axes])
+        if not 0 <= start <= stop <= n_rows:
+            raise IndexError(f"{self.path}: tensor {name!r} of shape {list(info.shape)}: rows {start}:{stop} out of "
+                             f"range 0:{n_rows}")
+        row_bytes = info.nbytes // n_rows if n_rows else 0
+        data = self._read_bytes(name, info.start + start * row_bytes, (stop - start) * row_bytes, scratch)
+        return data.view(DTYPES[info.dtype][0]).reshape(stop - start, *info.shape[axes:])
 
     def close(self) -> None:
         if self._fd >= 0:
