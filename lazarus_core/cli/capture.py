@@ -22,7 +22,7 @@ def parse_layers(values: list[str] | None) -> list[int] | None:
     if any(v.lower() == "all" for v in items):
         return None
     try:
-        return [int(v) for v in items]
+        return list(dict.fromkeys(int(v) for v in items))  # "1,1" is one layer
     except ValueError:
         raise ValueError(f"--layers expects integers or 'all', got {' '.join(values)!r}") from None
 
@@ -129,6 +129,10 @@ def run_capture(args: argparse.Namespace) -> int:
         print(f"lazarus capture: interrupted; completed shards are kept in {args.output}: "
               "run the same command with --resume to continue", file=sys.stderr)
         return 130
+    from lazarus_core.distributed import current_world
+
+    if not current_world().is_root:  # under torchrun rank 0 reports the merged trace
+        return 0
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0

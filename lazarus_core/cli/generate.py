@@ -1,10 +1,12 @@
-"""`lazarus generate -m MODEL [--overlay DIR] -p PROMPT`: greedy generation, optionally on an overlay, with tokens/s."""
+"""`lazarus generate -m MODEL [--overlay DIR] -p PROMPT`: greedy generation, optionally on an overlay, with tokens/s
+measured as the median of several timed runs after an untimed warm-up run (first-call costs excluded)."""
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -15,9 +17,11 @@ class GenerationResult:
     prompt: str
     completion: str
     new_tokens: int
-    seconds: float
-    tokens_per_second: float
+    seconds: float  # median over the timed runs
+    tokens_per_second: float  # new_tokens / seconds
     model_bytes: int
+    runs: int = 1
+    run_seconds: list[float] = field(default_factory=list)  # every timed run, in order (warm-up excluded)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -34,8 +38,33 @@ def _model_bytes(model) -> int:
 
 
 def generate(model: str, prompt: str, *, overlay: str | None = None, max_new_tokens: int = 32, backend: str = "auto",
-             revision: str | None = None, device: str = "cpu") -> GenerationResult:
-    """Greedy-decode ``max_new_tokens`` after ``prompt`` with the model (or its overlay) on ``device`` and time it."""
+             revision: str | None = None, device: str = "cpu", runs: int = 3, force: bool = False) -> GenerationResult:
+    """Greedy-decode ``max_new_tokens`` after ``prompt`` with the model (or its overlay) on ``device`` and time it.
+
+    Parameters
+    ----------
+    model, prompt : str
+    overlay : str, optional
+        Run the experts from this overlay checkpoint.
+    max_new_tokens : int
+    backend, revision, device : str
+    runs : int
+        Timed runs after one untimed warm-up run; the reported time is their median (greedy decoding gives the
+        same tokens every run).
+    force : bool
+        Load an overlay whose source fingerprint does not match ``model`` (loud warning).
+
+    Returns
+    -------
+    GenerationResult
+
+    Raises
+    ------
+    ValueError
+        ``runs < 1`` or an empty prompt.
+    """
+    if runs < 1:
+        raise ValueError(f"--runs must be >= 1, got {runs}")
     import torch
     from transformers import AutoTokenizer
 
@@ -46,7 +75,7 @@ def generate(model: str, prompt: str, *, overlay: str | None = None, max_new_tok
     if overlay is not None:
         from lazarus_core.overlay import load_model
 
-        lm = load_model(model, overlay=overlay, backend=backend, device=device)
+        lm = load_model(model, overlay=overlay, backend=backend, device=device, force=force)
     else:
         from lazarus_core.routing.loading import load_model as load_original
 
@@ -55,16 +84,24 @@ def generate(model: str, prompt: str, *, overlay: str | None = None, max_new_tok
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
     if ids.numel() == 0:
         raise ValueError("-p/--prompt encodes to no tokens")
+    cuda = torch.device(device).type == "cuda"
+    times = []
     with torch.no_grad():
-        t0 = time.perf_counter()
-        out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        for run in range(runs + 1):  # run 0 is the warm-up
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            if cuda:
+                torch.cuda.synchronize()
+            if run:
+                times.append(time.perf_counter() - t0)
     new = out[0, ids.shape[1]:]
+    seconds = statistics.median(times)
     return GenerationResult(model, overlay, backend, prompt, tokenizer.decode(new, skip_special_tokens=True),
-                            int(new.numel()), seconds, new.numel() / seconds if seconds > 0 else 0.0, _model_bytes(lm))
+                            int(new.numel()), seconds, new.numel() / seconds if seconds > 0 else 0.0, _model_bytes(lm),
+                            runs, times)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -75,11 +112,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
     result = generate(args.model, args.prompt, overlay=args.overlay, max_new_tokens=args.max_new_tokens,
-                      backend=args.backend, revision=args.revision, device=args.device)
+                      backend=args.backend, revision=args.revision, device=args.device, runs=args.runs,
+                      force=args.force)
     console = Console()
     console.print(f"[bold]{result.prompt}[/bold]{result.completion}", highlight=False)
     what = f"overlay {result.overlay} ({result.backend})" if result.overlay else "original experts"
-    console.print(f"[dim]{result.new_tokens} tokens in {result.seconds:.2f} s = {result.tokens_per_second:.1f} tokens/s; "
+    console.print(f"[dim]{result.new_tokens} tokens in {result.seconds:.2f} s = {result.tokens_per_second:.1f} tokens/s "
+                  f"(median of {result.runs} run(s) after a warm-up); "
                   f"{what}; weights in memory {result.model_bytes / 1e6:.2f} MB[/dim]")
     if args.output:
         write_json(args.output, result.to_dict())
@@ -97,5 +136,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "triton", "torch"),
                    help="kernel backend of the overlay forward")
     p.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up run; tokens/s is their median")
+    p.add_argument("--force", action="store_true",
+                   help="run an overlay whose source fingerprint does not match -m (loud warning)")
     p.add_argument("-o", "--output", default=None, metavar="FILE.json")
     p.set_defaults(func=_run)

@@ -70,6 +70,35 @@ def quiet_libraries(verbose: bool) -> None:
     logging.getLogger("huggingface_hub").setLevel(level)
 
 
+# Output flags checked before a command runs (a long analysis must not end in "permission denied"):
+# attribute -> (flag, is a directory). `capture -o` names the trace directory.
+_OUTPUTS = {"output": ("-o/--output", False), "plot": ("--plot", False), "csv": ("--csv", True),
+            "out": ("--out", True)}
+# User errors: one line on stderr, exit code 2, no traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
+               IndexError, BackendUnavailableError)
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Fail fast when an output file or directory a command will write cannot be written.
+
+    Raises
+    ------
+    FileExistsError, IsADirectoryError, PermissionError
+        Names the flag and the path.
+    """
+    from lazarus_core.atomic_io import check_output_dir, check_output_file
+
+    for attr, (flag, is_dir) in _OUTPUTS.items():
+        value = getattr(args, attr, None)
+        if not isinstance(value, str) or not value:
+            continue
+        if is_dir or (attr == "output" and args.command == "capture"):
+            check_output_dir(value, flag=flag)
+        else:
+            check_output_file(value, flag=flag)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     parser = build_parser()
@@ -81,9 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     quiet_libraries(bool(getattr(args, "verbose", False)))
     try:
+        check_outputs(args)
         return args.func(args)
-    except (ValueError, FileNotFoundError, IndexError, BackendUnavailableError) as exc:
-        # User errors (bad model, file, layer or option): one clear line, no traceback.
+    except KeyboardInterrupt:
+        # Ctrl-C: every file is written atomically, so nothing half-written is left behind.
+        print("lazarus: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        # User errors (bad model, file, layer or option; an output that cannot be written): one clear line.
         print(f"lazarus: error: {exc}", file=sys.stderr)
         return 2
 

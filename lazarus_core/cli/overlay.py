@@ -140,14 +140,26 @@ def _run_compute(args: argparse.Namespace) -> int:
 def _run_compress(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from lazarus_core.overlay.compute import compute_spectra, plan_overlay, write_overlay
+    from pathlib import Path
+
+    from lazarus_core.atomic_io import check_output_dir
+    from lazarus_core.overlay.compute import (check_storage, compute_spectra, overlay_fingerprint, plan_overlay,
+                                              prepare_overlay_dir, write_overlay)
+    from lazarus_core.overlay.plan_cache import PLAN_DIR
     from lazarus_core.overlay.ranks import PRESETS
 
+    check_output_dir(args.out)
     ckpt, layers = _open(args)
     policy = _policy(args)
+    check_storage(ckpt, args.dtype, args.base_dtype)
     console = Console()
+    # Everything that can refuse the job is checked before the spectra (the long part).
+    previous = prepare_overlay_dir(ckpt, args.out, model=args.model, dtype=args.dtype, base_method=args.base_method,
+                                   base_dtype=args.base_dtype, resume=not args.no_resume, full_hash=args.full_hash)
+    fingerprint = overlay_fingerprint(ckpt, layers, previous, full_hash=args.full_hash)
     spectra = compute_spectra(ckpt, layers, backend=args.backend, progress=not args.no_progress,
-                              base_method=args.base_method)
+                              base_method=args.base_method, cache_dir=Path(args.out) / PLAN_DIR,
+                              fingerprint=fingerprint)
     plan = plan_overlay(ckpt, layers, policy, dtype=args.dtype, spectra=spectra, model_name=args.model,
                         base_method=args.base_method, base_dtype=args.base_dtype)
     presets = _preset_plans(ckpt, layers, spectra, args.dtype, args.model, args)
@@ -157,12 +169,17 @@ def _run_compress(args: argparse.Namespace) -> int:
         console.print(f"preset {name} (energy {PRESETS[name]:g}): {p.bytes.expert_ratio:.2f}x experts, max error "
                       f"{max(x.error['max'] for x in p.projections):.2e}{mark}")
     result = write_overlay(ckpt, args.out, plan, model=args.model, revision=args.revision, backend=args.backend,
-                           resume=not args.no_resume, progress=not args.no_progress)
+                           resume=True, progress=not args.no_progress, spectra=spectra, full_hash=args.full_hash,
+                           fingerprint=fingerprint)  # resume=True: --no-resume already cleared the directory
     resumed = f" ({len(result['resumed_layers'])} layer(s) kept from an earlier run)" if result["resumed_layers"] else ""
-    console.print(f"wrote overlay to {result['path']}{resumed}")
+    console.print(f"wrote overlay to {result['path']}{resumed}; it covers layers {result['config']['moe_layers']}")
+    if result["missing_layers"]:
+        console.print(f"[bold yellow]the overlay is not complete: layers {result['missing_layers']} of an earlier run "
+                      f"into {args.out} are not written yet (rerun that run to finish them)[/bold yellow]")
     if args.output:
         write_json(args.output, {**plan.to_dict(), "out": result["path"], "written_layers": result["written_layers"],
-                                 "resumed_layers": result["resumed_layers"],
+                                 "resumed_layers": result["resumed_layers"], "missing_layers": result["missing_layers"],
+                                 "overlay_layers": result["config"]["moe_layers"],
                                  "presets": {k: {"energy": PRESETS[k], "expert_ratio": v.bytes.expert_ratio,
                                                  "max_error": max(x.error["max"] for x in v.projections)}
                                              for k, v in presets.items()}})
@@ -185,7 +202,7 @@ def _run_verify(args: argparse.Namespace) -> int:
         text, source = path.read_text(), str(path)
     report = verify_overlay(args.model, args.overlay, text=text, text_source=source, max_tokens=args.max_tokens,
                             seq_len=args.seq_len, backend=args.backend, revision=args.revision,
-                            outputs=not args.weights_only)
+                            outputs=not args.weights_only, force=args.force)
     console = Console()
     table = Table(title=f"{args.model} vs overlay {args.overlay}: reconstruction (relative Frobenius)")
     for col in ("layer", "proj", "rank", "err mean", "err max", "block output err"):
@@ -195,7 +212,13 @@ def _run_verify(args: argparse.Namespace) -> int:
         table.add_row(str(r.layer), r.projection, str(r.rank), f"{r.mean:.2e}", f"{r.max:.2e}",
                       "-" if block is None or r.projection != "gate" else f"{block:.2e}")
     console.print(table)
-    if report.passed is not None:
+    size = (f"size ratio {report.size_ratio:.2f}x (source experts {_mb(report.source_expert_bytes)} / overlay "
+            f"{_mb(report.overlay_bytes)})")
+    if report.size_ratio < 1:
+        size += f": the overlay is {1 / report.size_ratio:.2f}x LARGER than the experts it replaces"
+    if report.passed is None:  # --weights-only: no verdict
+        console.print(f"[bold red]{size}[/bold red]" if report.size_ratio < 1 else size)
+    else:
         lo, hi = report.top1_agreement_ci95
         console.print(f"on {report.tokens} tokens of {report.text_source}: perplexity {report.perplexity_original:.4f} "
                       f"-> {report.perplexity_overlay:.4f} ({100 * report.perplexity_increase:+.3f}%), top-1 agreement "
@@ -206,8 +229,8 @@ def _run_verify(args: argparse.Namespace) -> int:
             console.print(f"[yellow]the top-1 interval straddles the {100 * t['min_top1_agreement']:g}% threshold: "
                           "the verdict could flip on another sample; score more tokens (--max-tokens, --text)[/yellow]")
         verdict = "[bold green]PASS[/bold green]" if report.passed else "[bold red]FAIL[/bold red]"
-        console.print(f"{verdict} (thresholds: perplexity increase <= {100 * t['max_perplexity_increase']:g}%, top-1 "
-                      f"agreement >= {100 * t['min_top1_agreement']:g}%)")
+        console.print(f"{verdict} {size} (thresholds: perplexity increase <= {100 * t['max_perplexity_increase']:g}%, "
+                      f"top-1 agreement >= {100 * t['min_top1_agreement']:g}%, overlay no larger than the source)")
     if args.output:
         write_json(args.output, report.to_dict())
     return 0 if report.passed is not False else 1
@@ -252,7 +275,11 @@ def register(actions: argparse._SubParsersAction) -> None:
     press.add_argument("--preset", default=None, choices=("fast", "balanced", "quality"),
                        help="--energy 0.90 / 0.95 / 0.99, counted as --energy counts (the ratio each gives on this "
                             "model is printed)")
-    press.add_argument("--no-resume", action="store_true", help="start over instead of keeping finished layers")
+    press.add_argument("--no-resume", action="store_true",
+                       help="start over: delete the overlay and plan cache in --out instead of keeping finished layers")
+    press.add_argument("--full-hash", action="store_true",
+                       help="fingerprint every byte of the source experts (default: a deterministic 64 KiB sample per "
+                            "tensor)")
     press.set_defaults(func=_run_compress)
     ver = actions.add_parser("moe-overlay-verify", help="reconstruction, block outputs, logit KL, perplexity, top-1")
     _common(ver, ranks=False)
@@ -260,5 +287,8 @@ def register(actions: argparse._SubParsersAction) -> None:
     ver.add_argument("--text", default=None, metavar="FILE", help="evaluation text (default: built-in held-out corpus)")
     ver.add_argument("--max-tokens", type=int, default=2048, help="tokens scored")
     ver.add_argument("--seq-len", type=int, default=128, help="window length")
-    ver.add_argument("--weights-only", action="store_true", help="reconstruction errors only (no model run)")
+    ver.add_argument("--weights-only", action="store_true",
+                     help="reconstruction errors and size only (no model run)")
+    ver.add_argument("--force", action="store_true",
+                     help="verify an overlay whose source fingerprint does not match -m (loud warning)")
     ver.set_defaults(func=_run_verify)

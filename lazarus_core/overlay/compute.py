@@ -9,7 +9,9 @@ approximation (Eckart-Young) at the cost of one small symmetric eigensolve, the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,9 +19,12 @@ from typing import Callable, Iterator
 
 import torch
 
+from lazarus_core.atomic_io import atomic_write_json, check_output_dir
 from lazarus_core.models.checkpoint import PROJECTIONS, MoeCheckpoint
-from lazarus_core.overlay.format import (CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, atomic_write_text, shard_name,
+from lazarus_core.overlay.fingerprint import OverlaySourceMismatch, layer_digest, source_fingerprint, source_mismatch
+from lazarus_core.overlay.format import (CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, read_config, shard_name,
                                          tensor_name, write_layer_shard)
+from lazarus_core.overlay.plan_cache import PLAN_DIR, load_layer_plan, save_layer_plan
 from lazarus_core.overlay.ranks import RankPolicy, choose_ranks
 from lazarus_core.overlay.sizes import DTYPES, ByteReport, byte_report, expert_bytes_as_stored, overlay_projection_bytes
 from lazarus_core.spectra import (ProjectionSpectrum, error_summary, factorize, iter_deltas, noise_edges, overlay_base,
@@ -82,7 +87,7 @@ def activation_of(ckpt: MoeCheckpoint) -> tuple[str, float, float]:
     """
     if ckpt.family == "gpt_oss":
         return "gpt_oss", float(ckpt.config.get("swiglu_alpha", 1.702)), float(ckpt.config.get("swiglu_limit", 7.0))
-    act = ckpt.config.get("hidden_act", "silu")
+    act = ckpt.spec.expert_activation  # hidden_act; DBRX ffn_config.ffn_act_fn.name
     if act not in ("silu", "swish"):
         raise ValueError(f"{ckpt.source.name}: expert activation {act!r} is not supported by the overlay (SwiGLU only)")
     return "swiglu", 1.702, 7.0
@@ -108,16 +113,78 @@ def progress_bar(enabled: bool, total: int, description: str) -> Iterator[Callab
         yield advance
 
 
+def plan_key(ckpt: MoeCheckpoint, fingerprint: dict, layer: int, base_method: str) -> dict:
+    """Identity of one layer's saved plan: the source layer's fingerprint digest and the base method."""
+    return {"source": layer_digest(ckpt, fingerprint, layer), "base_method": base_method}
+
+
 def compute_spectra(ckpt: MoeCheckpoint, layers: list[int], *, backend: str = "auto", progress: bool = False,
-                    base_method: str = "refined") -> dict[tuple[int, str], ProjectionSpectrum]:
-    """Delta spectra (from the ``base_method`` base) of every (layer, projection) in ``layers``."""
+                    base_method: str = "refined", keep_base: bool = False, cache_dir: str | Path | None = None,
+                    fingerprint: dict | None = None) -> dict[tuple[int, str], ProjectionSpectrum]:
+    """Delta spectra (from the ``base_method`` base) of every (layer, projection) in ``layers``.
+
+    Parameters
+    ----------
+    ckpt : MoeCheckpoint
+    layers : list of int
+    backend : str
+    progress : bool
+    base_method : {"refined", "mean"}
+    keep_base : bool
+        Keep each projection's base (fp32 ``[out, in]``) on ``ProjectionSpectrum.base``; otherwise ``base`` is None
+        (the bases of every layer held at once would cost ``4 * out * in`` bytes per projection and layer).
+    cache_dir : str or Path, optional
+        Plan cache (:mod:`lazarus_core.overlay.plan_cache`; ``OUT/plan-cache`` for a compress): a layer whose
+        saved plan was made from the same source tensors and base method is read back instead of computed; the
+        others are computed with their base and saved there, for a rerun and for :func:`write_overlay`.
+    fingerprint : dict, optional
+        :func:`lazarus_core.overlay.fingerprint.source_fingerprint` covering ``layers`` (computed when a
+        ``cache_dir`` needs it and none is given).
+
+    Returns
+    -------
+    dict
+        ``(layer, projection) -> ProjectionSpectrum``.
+    """
+    if cache_dir is not None and fingerprint is None:
+        fingerprint = source_fingerprint(ckpt, layers)
     out = {}
-    with progress_bar(progress, len(layers) * len(PROJECTIONS) * ckpt.num_experts, "delta spectra") as advance:
+    per_layer = len(PROJECTIONS) * ckpt.num_experts
+    with progress_bar(progress, len(layers) * per_layer, "delta spectra") as advance:
         for layer in layers:
-            for p in PROJECTIONS:
-                out[(layer, p)] = projection_spectrum(ckpt, layer, p, backend=backend, base_method=base_method,
-                                                      on_expert=lambda: advance(f"spectra layer {layer} {p}"))
+            key = plan_key(ckpt, fingerprint, layer, base_method) if cache_dir is not None else None
+            found = load_layer_plan(cache_dir, layer, key, PROJECTIONS) if cache_dir is not None else None
+            if found is not None:
+                for _ in range(per_layer):
+                    advance(f"spectra layer {layer} (saved plan)")
+            else:
+                found = {p: projection_spectrum(ckpt, layer, p, backend=backend, base_method=base_method,
+                                                keep_base=keep_base or cache_dir is not None,
+                                                on_expert=lambda: advance(f"spectra layer {layer} {p}"))
+                         for p in PROJECTIONS}
+                if cache_dir is not None:
+                    save_layer_plan(cache_dir, layer, found, key)
+            for p, sp in found.items():
+                out[(layer, p)] = sp if keep_base or sp.base is None else dataclasses.replace(sp, base=None)
     return out
+
+
+def check_storage(ckpt: MoeCheckpoint, dtype: str, base_dtype: str | None = None) -> None:
+    """Refuse an overlay storage this checkpoint cannot have (before any spectra are computed).
+
+    Raises
+    ------
+    ValueError
+        Unknown ``dtype``/``base_dtype``, or an MXFP4 base with an input size not divisible by 32.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if base_dtype not in (None, "mxfp4", *DTYPES):
+        raise ValueError(f"--base-dtype must be one of {sorted(DTYPES) + ['mxfp4']}, got {base_dtype!r}")
+    if base_dtype == "mxfp4":
+        bad = [p for p in PROJECTIONS if ckpt.projection_shape(p)[1] % 32]
+        if bad:
+            raise ValueError(f"--base-dtype mxfp4 needs input sizes divisible by 32; {bad} are not")
 
 
 def plan_overlay(ckpt: MoeCheckpoint, layers: list[int], policy: RankPolicy, *, dtype: str = "bf16",
@@ -152,14 +219,7 @@ def plan_overlay(ckpt: MoeCheckpoint, layers: list[int], policy: RankPolicy, *, 
         Errors are relative Frobenius errors ``||W_e - overlay_e|| / ||W_e||`` (mean and max over experts)
         predicted from the spectra (before rounding the factors to ``dtype``).
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if base_dtype not in (None, "mxfp4", *DTYPES):
-        raise ValueError(f"--base-dtype must be one of {sorted(DTYPES) + ['mxfp4']}, got {base_dtype!r}")
-    if base_dtype == "mxfp4":
-        bad = [p for p in PROJECTIONS if ckpt.projection_shape(p)[1] % 32]
-        if bad:
-            raise ValueError(f"--base-dtype mxfp4 needs input sizes divisible by 32; {bad} are not")
+    check_storage(ckpt, dtype, base_dtype)
     t0 = time.perf_counter()
     spectra = spectra if spectra is not None else compute_spectra(ckpt, layers, backend=backend, progress=progress,
                                                                   base_method=base_method)
@@ -182,32 +242,51 @@ def plan_overlay(ckpt: MoeCheckpoint, layers: list[int], policy: RankPolicy, *, 
                        policy, dtype, projections, report, time.perf_counter() - t0, notes, base_method, base_dtype)
 
 
-def _config(ckpt: MoeCheckpoint, plan: OverlayPlan, model: str, revision: str | None, complete: bool) -> dict:
+def _base_description(method: str) -> str:
+    return ("mean of the layer's experts (per projection)" if method == "mean" else
+            "refined: alternating least squares from the mean, base = mean_e(W_e - low-rank part of W_e - base)") \
+        + "; A[e] @ B[e] = truncated SVD of W_e - base"
+
+
+def _config(ckpt: MoeCheckpoint, plan: OverlayPlan, model: str, revision: str | None, complete: bool,
+            fingerprint: dict, previous: dict | None = None) -> dict:
+    """The overlay config of ``plan``, merged with the layers of ``previous`` (an earlier run into the same
+    directory) that this plan does not cover; bytes and ``moe_layers`` cover the union."""
     activation, alpha, limit = activation_of(ckpt)
-    layers = {}
+    planned = {str(layer) for layer in plan.layers}
+    layers = {k: v for k, v in (previous or {}).get("layers", {}).items() if k not in planned}
     for pp in plan.projections:
-        entry = layers.setdefault(str(pp.layer), {"shard": shard_name(pp.layer), "projections": {}})
+        entry = layers.setdefault(str(pp.layer), {"shard": shard_name(pp.layer), "projections": {},
+                                                  "policy_description": plan.policy.describe()})
         entry["projections"][pp.projection] = {"shape": pp.shape, "rank": pp.rank, "bias": ckpt.spec.expert_bias,
                                                "bytes": pp.overlay_bytes, "predicted_error": pp.error}
+    moe_layers = sorted(int(k) for k in layers)
+    ranks = {(int(k), p): int(info["rank"]) for k, v in layers.items() for p, info in v["projections"].items()}
     return {
         "format": FORMAT_NAME, "version": FORMAT_VERSION,
         "source": {"model": model, "revision": revision, "kind": ckpt.source.kind,
-                   "resolved": str(ckpt.source.root) if ckpt.source.root is not None else ckpt.source.name},
+                   "resolved": str(ckpt.source.root) if ckpt.source.root is not None else ckpt.source.name,
+                   "fingerprint": fingerprint},
         "family": ckpt.family, "num_experts": ckpt.num_experts, "top_k": ckpt.spec.top_k,
         "hidden_size": ckpt.spec.hidden_size, "intermediate_size": ckpt.spec.expert_intermediate_size,
-        "moe_layers": plan.layers, "source_moe_layers": list(ckpt.moe_layers),
+        "moe_layers": moe_layers, "source_moe_layers": list(ckpt.moe_layers),
         "activation": activation, "swiglu_alpha": alpha, "swiglu_limit": limit,
-        "base": ("mean of the layer's experts (per projection)" if plan.base_method == "mean" else
-                 "refined: alternating least squares from the mean, base = mean_e(W_e - low-rank part of W_e - base)")
-                + "; A[e] @ B[e] = truncated SVD of W_e - base",
+        "base": _base_description(plan.base_method),
         "base_method": plan.base_method, "base_dtype": plan.base_dtype or plan.dtype,
         "orientation": "[out, in]; expert e = base + A[e] @ B[e]",
         "dtype": plan.dtype, "policy": plan.policy.to_dict(), "policy_description": plan.policy.describe(),
-        "layers": layers, "bytes": plan.bytes.to_dict(), "complete": complete,
+        "layers": layers, "bytes": byte_report(ckpt, ranks, plan.dtype, moe_layers, plan.base_dtype).to_dict(),
+        "complete": complete,
     }
 
 
-def _shard_is_current(path: Path, layer: int, plan: OverlayPlan) -> bool:
+def _shard_meta(layer: int, ranks: dict[str, int], dtype: str, base_tag: str, source: str) -> dict[str, str]:
+    """Shard metadata: what a resumed compress compares to decide whether a shard is current."""
+    return {"format": FORMAT_NAME, "layer": str(layer), "dtype": dtype, "base": base_tag,
+            "ranks": json.dumps(ranks), "source": source}
+
+
+def _shard_is_current(path: Path, want: dict[str, str]) -> bool:
     from safetensors import safe_open
 
     if not path.is_file():
@@ -217,66 +296,155 @@ def _shard_is_current(path: Path, layer: int, plan: OverlayPlan) -> bool:
             meta = f.metadata() or {}
     except Exception:  # a torn or foreign file: rewrite it
         return False
-    want = {p.projection: p.rank for p in plan.projections if p.layer == layer}
-    return meta.get("format") == FORMAT_NAME and meta.get("dtype") == plan.dtype and \
-        meta.get("base") == f"{plan.base_method}/{plan.base_dtype or plan.dtype}" and \
-        json.loads(meta.get("ranks", "{}")) == want
+    return all(meta.get(k) == v for k, v in want.items() if k != "ranks") and \
+        json.loads(meta.get("ranks", "{}")) == json.loads(want["ranks"])
+
+
+def prepare_overlay_dir(ckpt: MoeCheckpoint, out_dir: str | Path, *, model: str, dtype: str, base_method: str,
+                        base_dtype: str | None = None, resume: bool = True, full_hash: bool = False) -> dict | None:
+    """Check an output directory before any planning: writable, and (with ``resume``) holding nothing but an
+    overlay of this source in this storage; ``resume=False`` deletes an overlay (and its plan cache) there.
+
+    Parameters
+    ----------
+    ckpt : MoeCheckpoint
+    out_dir : str or Path
+        Created if missing.
+    model : str
+        How the source is named (compared with an overlay written before fingerprints).
+    dtype, base_method, base_dtype : str
+        The storage of this run; layers merged into one overlay share it.
+    resume : bool
+    full_hash : bool
+        This run fingerprints every source byte (refused on resume when the overlay there was fingerprinted from
+        a sample: its shards were never checked byte for byte).
+
+    Returns
+    -------
+    dict or None
+        The config of the overlay already there (to resume and merge with), or None.
+
+    Raises
+    ------
+    FileExistsError, PermissionError
+        ``out_dir`` is a file or cannot be written.
+    OverlaySourceMismatch
+        ``resume`` and the overlay there was made from other source tensors (its shards would be stale).
+    ValueError
+        ``resume`` and the overlay there has another dtype or base, predates fingerprints, or was sampled while
+        ``full_hash`` is asked for.
+    """
+    out = check_output_dir(out_dir)
+    config_path = out / CONFIG_NAME
+    if not resume:
+        for f in list(out.glob("overlay-layer-*.safetensors")) + [config_path]:
+            f.unlink(missing_ok=True)
+        shutil.rmtree(out / PLAN_DIR, ignore_errors=True)
+        return None
+    if not config_path.is_file():
+        return None
+    old = read_config(out)
+    hint = "use --no-resume to replace it or choose another --out"
+    for key, want in (("dtype", dtype), ("base_method", base_method), ("base_dtype", base_dtype or dtype)):
+        if old.get(key, old.get("dtype")) != want:
+            raise ValueError(f"{out} holds an overlay with {key} {old.get(key)!r}, this run writes {want!r} (the "
+                             f"layers of one overlay share it); {hint}")
+    if old["source"].get("fingerprint") is None:
+        raise ValueError(f"{out} holds an overlay of {old['source'].get('model')!r} written before source "
+                         f"fingerprints: its shards cannot be checked against {model}; {hint}")
+    if full_hash and not old["source"]["fingerprint"].get("full_hash"):
+        raise ValueError(f"{out} holds an overlay fingerprinted from a sample of the source bytes; --full-hash cannot "
+                         f"vouch for its shards: use --no-resume to rewrite it with --full-hash")
+    problem = source_mismatch(ckpt, old)
+    if problem is not None:
+        raise OverlaySourceMismatch(f"{out} holds an overlay of {old['source'].get('model')!r} that does not match "
+                                    f"{model}: {problem}; its shards would be stale: {hint}")
+    return old
+
+
+def overlay_fingerprint(ckpt: MoeCheckpoint, layers: list[int], previous: dict | None = None, *,
+                        full_hash: bool = False) -> dict:
+    """The fingerprint a compress of ``layers`` records: it covers those layers and the layers of ``previous``
+    (the overlay being resumed), hashed as ``previous`` was (sample or all bytes) when resuming."""
+    old = (previous or {}).get("source", {}).get("fingerprint")
+    full = bool(old.get("full_hash")) if old else full_hash
+    all_layers = sorted(set(layers) | {int(k) for k in (previous or {}).get("layers", {})})
+    return source_fingerprint(ckpt, all_layers, full_hash=full)
 
 
 def write_overlay(ckpt: MoeCheckpoint, out_dir: str | Path, plan: OverlayPlan, *, model: str, revision: str | None = None,
-                  backend: str = "auto", resume: bool = True, progress: bool = False) -> dict:
+                  backend: str = "auto", resume: bool = True, progress: bool = False,
+                  spectra: dict[tuple[int, str], ProjectionSpectrum] | None = None, full_hash: bool = False,
+                  fingerprint: dict | None = None) -> dict:
     """Factor every planned (layer, projection) and write the overlay checkpoint to ``out_dir``.
 
     Parameters
     ----------
     ckpt : MoeCheckpoint
     out_dir : str or Path
-        Created if missing. With ``resume`` (default) layer shards already written for the SAME plan
-        (ranks, dtype) are kept; ``resume=False`` deletes an existing overlay there first.
+        Created if missing. With ``resume`` (default) layer shards already written from the same source tensors
+        for the SAME plan (ranks, dtype, base) are kept, and the layers of an earlier run into ``out_dir`` that
+        this plan does not cover stay in the overlay (one config covers both; ``complete`` once every layer is
+        written). ``resume=False`` deletes an existing overlay and plan cache there first.
     plan : OverlayPlan
     model, revision : str
         How the source model was named (recorded so the overlay can find it again).
     backend : str
     resume, progress : bool
+    spectra : dict, optional
+        The spectra the plan was made from; a ``ProjectionSpectrum.base`` there is reused, else the base saved
+        in ``out_dir/plan-cache`` by :func:`compute_spectra`, else the base is recomputed.
+    full_hash : bool
+        Fingerprint every byte of the source experts (default: a deterministic sample,
+        :mod:`lazarus_core.overlay.fingerprint`).
+    fingerprint : dict, optional
+        The :func:`overlay_fingerprint` of this run, when the caller computed it already.
 
     Returns
     -------
     dict
-        ``{"path", "written_layers", "resumed_layers", "config"}``.
+        ``{"path", "written_layers", "resumed_layers", "missing_layers", "config"}``; ``missing_layers``: layers
+        of an earlier run that are in the config but not written yet (the overlay is not complete).
 
     Raises
     ------
     ValueError
-        ``out_dir`` holds an overlay of another model or plan and ``resume`` is on (use ``--no-resume``).
+        ``out_dir`` holds an overlay of another dtype or base and ``resume`` is on (use ``--no-resume``).
+    OverlaySourceMismatch
+        ``out_dir`` holds an overlay made from other source tensors and ``resume`` is on.
     """
     out = Path(out_dir)
     config_path = out / CONFIG_NAME
-    if out.exists() and not resume:
-        for f in list(out.glob("overlay-layer-*.safetensors*")) + [config_path]:
-            f.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    if resume and config_path.is_file():
-        old = json.loads(config_path.read_text())
-        if old.get("source", {}).get("model") != model or old.get("dtype") != plan.dtype:
-            raise ValueError(f"{out} holds an overlay of {old.get('source', {}).get('model')!r} ({old.get('dtype')}); "
-                             f"use --no-resume to replace it or choose another --out")
-    atomic_write_text(config_path, json.dumps(_config(ckpt, plan, model, revision, False), indent=2))
+    previous = prepare_overlay_dir(ckpt, out, model=model, dtype=plan.dtype, base_method=plan.base_method,
+                                   base_dtype=plan.base_dtype, resume=resume, full_hash=full_hash)
+    fingerprint = fingerprint or overlay_fingerprint(ckpt, plan.layers, previous, full_hash=full_hash)
+    atomic_write_json(config_path, _config(ckpt, plan, model, revision, False, fingerprint, previous))
     dtype = DTYPES[plan.dtype]
+    base_tag = f"{plan.base_method}/{plan.base_dtype or plan.dtype}"
     written, resumed = [], []
     by_layer: dict[int, list] = {}
     for pp in plan.projections:
         by_layer.setdefault(pp.layer, []).append(pp)
     with progress_bar(progress, len(plan.projections) * ckpt.num_experts, "compress") as advance:
         for layer, pps in by_layer.items():
-            if resume and _shard_is_current(out / shard_name(layer), layer, plan):
+            meta = _shard_meta(layer, {pp.projection: pp.rank for pp in pps}, plan.dtype, base_tag,
+                               layer_digest(ckpt, fingerprint, layer))
+            if resume and _shard_is_current(out / shard_name(layer), meta):
                 resumed.append(layer)
                 for _ in range(len(pps) * ckpt.num_experts):
                     advance(f"layer {layer} (resumed)")
                 continue
+            bases = {pp.projection: getattr((spectra or {}).get((layer, pp.projection)), "base", None) for pp in pps}
+            if any(b is None for b in bases.values()):
+                saved = load_layer_plan(out / PLAN_DIR, layer, plan_key(ckpt, fingerprint, layer, plan.base_method),
+                                        tuple(bases))
+                bases = {p: b if b is not None else (saved[p].base if saved else None) for p, b in bases.items()}
             tensors = {}
             for pp in pps:
-                base = overlay_base(ckpt, layer, pp.projection, method=plan.base_method, backend=backend,
-                                    edges=noise_edges(ckpt, layer, pp.projection))
+                base = bases[pp.projection]
+                if base is None:  # no plan to reuse: form the base again
+                    base = overlay_base(ckpt, layer, pp.projection, method=plan.base_method, backend=backend,
+                                        edges=noise_edges(ckpt, layer, pp.projection))
                 a_all, b_all = [], []
                 for _, delta in iter_deltas(ckpt, layer, pp.projection, base, backend=backend):
                     a, b = factorize(delta, pp.rank)
@@ -296,15 +464,22 @@ def write_overlay(ckpt: MoeCheckpoint, out_dir: str | Path, plan: OverlayPlan, *
                 bias = ckpt.expert_bias(layer, pp.projection)
                 if bias is not None:
                     tensors[tensor_name(layer, pp.projection, "bias")] = bias.to(dtype)
-            meta = {"format": FORMAT_NAME, "layer": str(layer), "dtype": plan.dtype,
-                    "base": f"{plan.base_method}/{plan.base_dtype or plan.dtype}",
-                    "ranks": json.dumps({pp.projection: pp.rank for pp in pps})}
             write_layer_shard(out, layer, tensors, meta)
             written.append(layer)
-    config = _config(ckpt, plan, model, revision, True)
-    atomic_write_text(config_path, json.dumps(config, indent=2))
-    return {"path": str(out), "written_layers": written, "resumed_layers": resumed, "config": config}
+    missing = []
+    for key, entry in (previous or {}).get("layers", {}).items():
+        layer = int(key)
+        if layer in by_layer:
+            continue
+        ranks = {p: int(info["rank"]) for p, info in entry["projections"].items()}
+        want = _shard_meta(layer, ranks, plan.dtype, base_tag, layer_digest(ckpt, fingerprint, layer))
+        if not _shard_is_current(out / entry["shard"], want):
+            missing.append(layer)
+    config = _config(ckpt, plan, model, revision, not missing, fingerprint, previous)
+    atomic_write_json(config_path, config)
+    return {"path": str(out), "written_layers": written, "resumed_layers": resumed, "missing_layers": sorted(missing),
+            "config": config}
 
 
-__all__ = ["OverlayPlan", "ProjectionPlan", "activation_of", "compute_spectra", "plan_overlay",
-           "write_overlay"]
+__all__ = ["OverlayPlan", "ProjectionPlan", "activation_of", "check_storage", "compute_spectra", "plan_key", "plan_overlay",
+           "overlay_fingerprint", "prepare_overlay_dir", "write_overlay"]

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lazarus_core.atomic_io import atomic_path, atomic_write_text  # noqa: F401  (atomic_write_text: old import path)
+from lazarus_core.atomic_io import atomic_path
 from lazarus_core.models.checkpoint import PROJECTIONS
 
 FORMAT_NAME = "lazarus-overlay"

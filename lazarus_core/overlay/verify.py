@@ -1,6 +1,7 @@
 """Does an overlay hold up? Reconstruction error of every expert, then, on real text, each MoE block's output
 on the hidden states the original model really produces, the final logits' KL divergence, perplexity of
-original vs overlay, and top-1 next-token agreement, with PASS/FAIL against documented thresholds."""
+original vs overlay, and top-1 next-token agreement, with PASS/FAIL against documented thresholds; an overlay
+larger than the experts it replaces FAILS whatever its accuracy, and one made from another model is refused."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import torch
 
 from lazarus_core.models.checkpoint import PROJECTIONS, MoeCheckpoint
 from lazarus_core.ops.overlay_moe import overlay_moe_forward
+from lazarus_core.overlay.fingerprint import check_source
 from lazarus_core.overlay.format import read_config, read_layer
+from lazarus_core.overlay.sizes import expert_bytes_as_stored
 
 # PASS needs both (docs/overlay_format.md): the acceptance bar of issue 9.
 MAX_PERPLEXITY_INCREASE = 0.01   # overlay perplexity / original perplexity - 1
@@ -75,6 +78,8 @@ class VerifyReport:
     perplexity_overlay: float | None = None
     top1_agreement: float | None = None
     top1_agreement_ci95: tuple[float, float] | None = None  # Wilson interval (agreement_interval)
+    source_expert_bytes: int = 0  # the overlay's layers' routed experts as stored in the source
+    overlay_bytes: int = 0        # the overlay's tensors as stored in its shards
     thresholds: dict = field(default_factory=thresholds)
     passed: bool | None = None
     seconds: float = 0.0
@@ -85,9 +90,15 @@ class VerifyReport:
             return None
         return self.perplexity_overlay / self.perplexity_original - 1.0
 
+    @property
+    def size_ratio(self) -> float:
+        """Source expert bytes / overlay bytes (below 1: the overlay is larger than what it replaces)."""
+        return self.source_expert_bytes / self.overlay_bytes if self.overlay_bytes else 0.0
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["perplexity_increase"] = self.perplexity_increase
+        d["size_ratio"] = self.size_ratio
         d["verdict"] = None if self.passed is None else ("PASS" if self.passed else "FAIL")
         return d
 
@@ -101,7 +112,7 @@ def reconstruction_errors(ckpt: MoeCheckpoint, overlay: str | Path, config: dict
     for layer in config["moe_layers"]:
         f = read_layer(overlay, config, int(layer))
         for p in PROJECTIONS:
-            base = f.base[p].float()
+            base = f.base_fp32(p)
             errs = []
             for e, w in ckpt.iter_experts(int(layer), p, reuse=True):
                 rec = base + f.a[p][e].float() @ f.b[p][e].float()
@@ -109,6 +120,20 @@ def reconstruction_errors(ckpt: MoeCheckpoint, overlay: str | Path, config: dict
                 errs.append(float((w - rec).norm()) / norm if norm > 0 else float((w - rec).norm()))
             out.append(ReconstructionError(int(layer), p, int(f.a[p].shape[2]), sum(errs) / len(errs), max(errs)))
     return out
+
+
+def overlay_bytes_on_disk(overlay: str | Path, config: dict) -> int:
+    """Bytes of the overlay's tensors as stored in its layer shards (from the safetensors headers)."""
+    from lazarus_core.models.safetensors_file import SafetensorsFile
+
+    total = 0
+    for entry in config["layers"].values():
+        f = SafetensorsFile(Path(overlay) / entry["shard"])
+        try:
+            total += sum(info.nbytes for info in f.tensors.values())
+        finally:
+            f.close()
+    return total
 
 
 def heldout_text(root: Path | None = None, max_chars: int = 200_000) -> tuple[str, str]:
@@ -149,14 +174,16 @@ def _capture_experts(model: torch.nn.Module):
         def hook(mod, args, kwargs, output, layer=layer):
             names = ("hidden_states", "top_k_index", "top_k_weights")
             vals = list(args) + [kwargs[n] for n in names[len(args):] if n in kwargs]
-            records.append((layer, vals[0].detach(), vals[1].detach(), vals[2].detach(), output.detach()))
+            h = vals[0].shape[-1]  # rows [T, H] (DBRX's experts take and return [B, S, H])
+            records.append((layer, vals[0].detach().reshape(-1, h), vals[1].detach(), vals[2].detach(),
+                            output.detach().reshape(-1, h)))
         handles.append(module.register_forward_hook(hook, with_kwargs=True))
     return records, handles
 
 
 def verify_overlay(model: str, overlay: str | Path, *, text: str | None = None, text_source: str = "",
                    max_tokens: int = 2048, seq_len: int = 128, backend: str = "auto", revision: str | None = None,
-                   outputs: bool = True) -> VerifyReport:
+                   outputs: bool = True, force: bool = False) -> VerifyReport:
     """Verify ``overlay`` against its source ``model``.
 
     Parameters
@@ -174,11 +201,20 @@ def verify_overlay(model: str, overlay: str | Path, *, text: str | None = None, 
         Kernel backend of the overlay forward.
     revision : str, optional
     outputs : bool
-        False: reconstruction errors only (no model run).
+        False: reconstruction errors and size only (no model run).
+    force : bool
+        Verify an overlay whose source fingerprint does not match ``model`` (a loud warning instead of the error).
 
     Returns
     -------
     VerifyReport
+        ``passed`` is False when the overlay misses a threshold or is larger than the source experts it replaces
+        (``size_ratio < 1``); None with ``outputs=False`` (no verdict without the model run; the size is reported).
+
+    Raises
+    ------
+    OverlaySourceMismatch
+        The overlay was made from another checkpoint (without ``force``), or its structure does not fit ``model``.
     """
     from lazarus_core.models import open_moe_checkpoint
     from lazarus_core.overlay.load import load_model as load_overlay_model
@@ -188,7 +224,11 @@ def verify_overlay(model: str, overlay: str | Path, *, text: str | None = None, 
     t0 = time.perf_counter()
     config = read_config(overlay)
     ckpt = open_moe_checkpoint(model, revision=revision)
-    report = VerifyReport(model=model, overlay=str(overlay), reconstruction=reconstruction_errors(ckpt, overlay, config))
+    check_source(ckpt, config, force=force, overlay=overlay)
+    stored = expert_bytes_as_stored(ckpt)
+    report = VerifyReport(model=model, overlay=str(overlay), reconstruction=reconstruction_errors(ckpt, overlay, config),
+                          source_expert_bytes=sum(stored[int(layer)] for layer in config["moe_layers"]),
+                          overlay_bytes=overlay_bytes_on_disk(overlay, config))
     if not outputs:
         report.seconds = time.perf_counter() - t0
         return report
@@ -200,7 +240,7 @@ def verify_overlay(model: str, overlay: str | Path, *, text: str | None = None, 
     windows = _windows(tokenizer(text)["input_ids"], seq_len, max_tokens)
     if not windows:
         raise ValueError("the evaluation text has fewer than 2 tokens")
-    ov_model = load_overlay_model(model, overlay=overlay, backend=backend)
+    ov_model = load_overlay_model(model, overlay=overlay, backend=backend, force=force)
     layers = load_overlay_layers(overlay)
     records, handles = _capture_experts(original)
     nll_o = nll_v = kl = 0.0
@@ -236,6 +276,7 @@ def verify_overlay(model: str, overlay: str | Path, *, text: str | None = None, 
     report.perplexity_overlay = math.exp(nll_v / count)
     report.top1_agreement = agree / count
     report.top1_agreement_ci95 = agreement_interval(agree, count)
-    report.passed = report.perplexity_increase <= MAX_PERPLEXITY_INCREASE and report.top1_agreement >= MIN_TOP1_AGREEMENT
+    report.passed = report.perplexity_increase <= MAX_PERPLEXITY_INCREASE and \
+        report.top1_agreement >= MIN_TOP1_AGREEMENT and report.size_ratio >= 1
     report.seconds = time.perf_counter() - t0
     return report

@@ -110,8 +110,11 @@ def test_write_resume_and_no_resume(checkpoint_dir, tmp_path):
     assert again["resumed_layers"] == [ckpt.moe_layers[0]] and again["written_layers"] == [ckpt.moe_layers[1]]
     fresh = write_overlay(ckpt, out, plan, model=src, resume=False)
     assert fresh["resumed_layers"] == []
-    with pytest.raises(ValueError, match="--no-resume"):
-        write_overlay(ckpt, out, plan, model="another-model")
+    other_storage = plan_overlay(ckpt, list(ckpt.moe_layers), make_policy(rank=3), dtype="fp16")
+    with pytest.raises(ValueError, match="dtype 'bf16'.*--no-resume"):  # one overlay, one storage
+        write_overlay(ckpt, out, other_storage, model=src)
+    assert write_overlay(ckpt, out, plan, model="the same files by another name")["resumed_layers"] == \
+        list(ckpt.moe_layers)  # the fingerprint, not the name, says what the source is
 
 
 def test_malformed_overlay_errors_name_file_and_tensor(checkpoint_dir, tmp_path):
