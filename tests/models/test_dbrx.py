@@ -128,3 +128,15 @@ def test_dbrx_weights_equal_the_fused_rows(checkpoint_dir):
                 assert torch.equal(ckpt.expert_weight(layer, "gate", e), w["w1"][rows])
                 assert torch.equal(ckpt.expert_weight(layer, "up", e), w["v1"][rows])
                 assert torch.equal(ckpt.expert_weight(layer, "down", e), w["w2"][rows].T)
+
+
+def test_encoded_expert_and_row_ranges_equal_the_decoded_weights(checkpoint_dir):
+    with open_moe_checkpoint(checkpoint_dir("dbrx")) as ckpt:
+        for projection in PROJECTIONS:
+            for e in (0, ckpt.num_experts - 1):
+                full = ckpt.expert_weight(1, projection, e)
+                enc = ckpt.encoded_expert(1, projection, e)
+                assert enc.format == "float" and enc.shape == full.shape and enc.rounding_noise_energy() is None
+                assert torch.equal(enc.decode(), full)
+                for start, stop in ((0, full.shape[0]), (3, 17), (5, 5)):
+                    assert torch.equal(ckpt.expert_rows(1, projection, e, start, stop), full[start:stop])
