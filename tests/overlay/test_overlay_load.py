@@ -12,7 +12,7 @@ from lazarus_core.cli.main import main
 from lazarus_core.models import open_moe_checkpoint
 from lazarus_core.models.builtin import resolve_builtin
 from lazarus_core.overlay import load_model, make_policy, plan_overlay, write_overlay
-from lazarus_core.overlay.load import IMPLEMENTATION, experts_modules
+from lazarus_core.overlay.load import IMPLEMENTATION, experts_modules, load_overlay_layers
 from lazarus_core.routing.loading import load_model as load_original
 
 
@@ -140,3 +140,70 @@ def test_builtin_upcycled_meets_the_acceptance_bar(tmp_path):
     assert abs(ver["perplexity_increase"]) <= 0.01
     assert ver["top1_agreement"] >= 0.99 and ver["verdict"] == "PASS" and code == 0
     assert ver["top1_agreement_ci95"][0] >= 0.99  # the whole 95% interval clears the bar
+
+
+def _reconstructed(original: torch.nn.Module, overlay) -> torch.nn.Module:
+    """``original`` with every experts module's weights set to the overlay's ``base + A @ B`` (and biases), as
+    ordinary transformers expert parameters in the family's layout."""
+    gpt_oss = original.config.model_type == "gpt_oss"
+    for layer, ex in load_overlay_layers(overlay).items():
+        module = experts_modules(original)[layer]
+        gate, up, down = (ex.reconstruct(p) for p in ("gate", "up", "down"))  # [E, out, in] fp32
+        if gpt_oss:  # gate_up_proj [E, H, 2I], gate/up interleaved on the last axis; down_proj [E, I, H]
+            gate_up = torch.stack([gate, up], 2).flatten(1, 2).transpose(1, 2)  # rows g0 u0 g1 u1 ..., then [E, H, 2I]
+            bias = torch.stack([ex.bias_gate, ex.bias_up], -1).flatten(-2)
+            module.gate_up_proj_bias.data.copy_(bias)
+            module.down_proj_bias.data.copy_(ex.bias_down)
+            down = down.transpose(1, 2)
+        else:  # gate_up_proj [E, 2I, H] (gate rows above up rows), down_proj [E, H, I]
+            gate_up = torch.cat([gate, up], 1)
+        module.gate_up_proj.data.copy_(gate_up)
+        module.down_proj.data.copy_(down)
+    return original
+
+
+@pytest.mark.parametrize("name", ["olmoe", "gpt_oss_mxfp4"])
+def test_model_backpropagates_like_reconstructed_weights(checkpoint_dir, tmp_path, name):
+    # Outside no_grad: gradients w.r.t. the input embeddings (through attention, routers, routing weights and
+    # experts of every layer) match the same model with the reconstructed expert weights.
+    src = str(checkpoint_dir(name))
+    _compress(src, tmp_path / "ov", rank=2)  # low rank: the overlay differs from the source
+    model = load_model(overlay=tmp_path / "ov", backend="cpu")
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    reference = _reconstructed(load_original(src)[0], tmp_path / "ov")
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    emb = model.get_input_embeddings()(ids).detach()
+    probe = torch.randn(2, 9, model.config.vocab_size)
+    grads = []
+    for m in (model, reference):
+        e = emb.clone().requires_grad_()
+        logits = m(inputs_embeds=e).logits
+        (logits * probe).sum().backward()
+        grads.append((logits.detach(), e.grad))
+    (logits, grad), (ref_logits, ref_grad) = grads
+    torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
+    assert ref_grad.abs().max() > 0
+    torch.testing.assert_close(grad, ref_grad, atol=1e-5 * float(ref_grad.abs().max()), rtol=1e-4)
+
+
+def test_torch_compile_traces_the_experts_without_graph_breaks(checkpoint_dir, tmp_path):
+    src = str(checkpoint_dir("gpt_oss_mxfp4"))  # biases, clamped activation; bf16 factors as stored
+    _compress(src, tmp_path / "ov", rank=2, dtype="bf16")
+    model = load_model(overlay=tmp_path / "ov", backend="cpu")
+    hidden = model.config.hidden_size
+    # the MoE block (router, top-k, experts call) in one graph; the whole model traces with no break too, but
+    # tracing attention and masks takes most of a minute on the 2-core CI machine
+    explanation = torch._dynamo.explain(model.model.layers[0].mlp)(torch.randn(1, 6, hidden))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    experts = experts_modules(model)[0]
+    x, gy = torch.randn(5, hidden), torch.randn(5, hidden)
+    ids = torch.stack([torch.randperm(model.config.num_local_experts)[:2] for _ in range(5)])
+    w = torch.rand(5, 2)
+    outputs = []
+    for module in (experts, torch.compile(experts, fullgraph=True, backend="aot_eager")):
+        xg = x.clone().requires_grad_()
+        y = module(xg, ids, w)
+        y.backward(gy)
+        outputs.append((y.detach(), xg.grad))
+    for eager, compiled in zip(*outputs):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
