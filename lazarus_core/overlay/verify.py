@@ -27,6 +27,13 @@ def thresholds() -> dict[str, float]:
     return {"max_perplexity_increase": MAX_PERPLEXITY_INCREASE, "min_top1_agreement": MIN_TOP1_AGREEMENT}
 
 
+def verdict(report: "VerifyReport") -> bool:
+    """PASS (True) needs all three: perplexity increase <= ``MAX_PERPLEXITY_INCREASE``, top-1 agreement >=
+    ``MIN_TOP1_AGREEMENT``, and an overlay no larger than the source experts it replaces (``size_ratio >= 1``)."""
+    return report.perplexity_increase <= MAX_PERPLEXITY_INCREASE and report.top1_agreement >= MIN_TOP1_AGREEMENT \
+        and report.size_ratio >= 1
+
+
 def agreement_interval(agree: int, count: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval of a share ``agree / count`` (95 % for the default ``z``).
 
@@ -276,7 +283,6 @@ def verify_overlay(model: str, overlay: str | Path, *, text: str | None = None, 
     report.perplexity_overlay = math.exp(nll_v / count)
     report.top1_agreement = agree / count
     report.top1_agreement_ci95 = agreement_interval(agree, count)
-    report.passed = report.perplexity_increase <= MAX_PERPLEXITY_INCREASE and \
-        report.top1_agreement >= MIN_TOP1_AGREEMENT and report.size_ratio >= 1
+    report.passed = verdict(report)
     report.seconds = time.perf_counter() - t0
     return report
