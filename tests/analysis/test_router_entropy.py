@@ -176,6 +176,7 @@ FAMILY_CASES = {
     "qwen3_moe": "softmax",
     "deepseek_v3": "sigmoid",
     "gpt_oss": "softmax",
+    "dbrx": "softmax",
 }
 
 
@@ -189,8 +190,8 @@ def _weights_from_reference(family, logits, ids, cfg):
     sel = np.take_along_axis(p if family != "deepseek_v3" else 1 / (1 + np.exp(-x)), ids, 1)
     if family == "olmoe":
         return sel                                   # not renormalised
-    if family == "qwen3_moe":
-        return sel / sel.sum(1, keepdims=True)       # norm_topk_prob=True
+    if family in ("qwen3_moe", "dbrx"):
+        return sel / sel.sum(1, keepdims=True)       # norm_topk_prob=True; DBRX's p-norm with p = 1
     return sel / sel.sum(1, keepdims=True) * cfg.routed_scaling_factor
 
 

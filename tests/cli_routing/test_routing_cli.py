@@ -51,7 +51,7 @@ def test_every_action_on_demo_upcycled(action, upcycled_model, run_cli):
     assert payload["action"] == action
 
 
-@pytest.mark.parametrize("family", ["olmoe", "mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", ["olmoe", "mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3", "gpt_oss", "dbrx"])
 def test_explore_and_weights_on_every_family(family, tmp_path, run_cli):
     from tests.routing.tiny_models import save_tiny_checkpoint, tiny_config
 
@@ -59,14 +59,15 @@ def test_explore_and_weights_on_every_family(family, tmp_path, run_cli):
     code, payload, err = run_cli("explore", "-m", path, "-p", "the man is to the water as one is to two")
     assert code == 0, err
     routed = payload["log"][0]
-    k = tiny_config(family).num_experts_per_tok
+    cfg = tiny_config(family)
+    k = cfg.ffn_config.moe_top_k if family == "dbrx" else cfg.num_experts_per_tok
     assert all(np.array(v["topk_ids"]).shape == (len(routed["token_ids"]), k) for v in routed["layers"].values())
     # <s> the <unk>(man) is to the water as: specials are SP, words keep their types
     assert routed["types"]["semantic"][:8] == ["SP", "FUNC", "SP", "FUNC", "TO", "FUNC", "NOUN", "AS"]
     code, w, err = run_cli("weights", "-m", path, "-p", "it is what it is", "-p", "one two three")
     assert code == 0, err
     sums = [layer["row_sum_mean"] for layer in w["layers"]]
-    if family in ("mixtral", "gpt_oss"):                                     # softmax over the k best: rows sum to 1
+    if family in ("mixtral", "gpt_oss", "dbrx"):      # softmax over the k best / top-k over their 1-norm: sum 1
         assert sums == pytest.approx([1.0] * len(sums), abs=1e-5)
 
 
