@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("name", ["gpt_oss_mxfp4", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["gpt_oss_mxfp4", "qwen3_moe", "deepseek_v3", "dbrx"])
 def test_overlay_model_on_gpu_matches_cpu(checkpoint_dir, tmp_path, name, backend):
     src = str(checkpoint_dir(name))
     ckpt = open_moe_checkpoint(src)
