@@ -99,8 +99,8 @@ def test_checked_once_not_per_forward_call(monkeypatch):
     built = len(checks)
     assert built >= 7  # five factors and two bases, checked when the layer was built
     ids, w = random_routing(4, E, 2)
-    for _ in range(3):
-        overlay_moe_op(torch.randn(4, H), ids, w, ex, backend="cpu")
-    assert len(checks) == built  # the op rebuilds the layer from the same tensors per call: recognised, not rechecked
+    for _ in range(3):  # x requires grad: through the custom op, which rebuilds the layer from its tensors
+        overlay_moe_op(torch.randn(4, H, requires_grad=True), ids, w, ex, backend="cpu").sum().backward()
+    assert len(checks) == built  # forward and backward rebuilt it from the same tensors: recognised, not rechecked
     with pytest.raises(ValueError, match=r"OverlayExperts\.at_up"):  # a replaced tensor is new: checked again
         dataclasses.replace(ex, at_up=ex.at_up[:, :, :-1].contiguous())
