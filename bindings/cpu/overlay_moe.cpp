@@ -1,7 +1,10 @@
-// Why: binds the CPU overlay kernels (fused expand + activation + weighted reduction), checking every
-// shape, dtype and index range so a raw pointer never reads outside its buffer.
+// Why: binds the CPU overlay kernels (fused expand + activation + weighted reduction, the stored-weight
+// matrix-vector products), checking every shape, dtype and index range so a raw pointer never reads outside
+// its buffer. Weights travel in their stored dtype with a format code (Storage: 0 fp32, 1 bf16, 2 fp16,
+// 3 MXFP4); 16-bit values as int16/uint16 arrays of their bits (numpy has no bfloat16).
 #include "overlay_moe/overlay_moe.h"
 
+#include <algorithm>
 #include <string>
 
 #include "buffer_checks.h"
@@ -21,26 +24,57 @@ int64_t dim(const py::array& a, const char* name, int nd, int i) {
 template <typename T>
 const T* ptr(const py::array& a) { return static_cast<const T*>(a.data()); }
 
-const float* optional_bias(const py::object& bias, const char* name, int64_t n) {
-  if (bias.is_none()) return nullptr;
-  py::array b = bias.cast<py::array>();
-  check_array<float>(b, name, n, "float32");
-  return ptr<float>(b);
+Storage storage_format(int format) {
+  if (format < 0 || format > 3) throw py::value_error("format must be 0 (fp32), 1 (bf16), 2 (fp16) or 3 (mxfp4)");
+  return static_cast<Storage>(format);
 }
 
-// offsets [E+1] non-decreasing from 0 to P; pair_token [P] in [0, T); returns nothing, raises ValueError.
-void check_routing(const py::array& offsets, const py::array& pair_token, const py::array& pair_weight, int64_t E,
-                   int64_t P, int64_t T) {
+// Raises unless `a` holds n values of the dense format `f` (fp32, or 16-bit bits for bf16/fp16), C-contiguous.
+void check_stored(const py::array& a, const char* name, int64_t n, Storage f) {
+  if (f == Storage::kF32) return check_array<float>(a, name, n, "float32");
+  if (f == Storage::kMXFP4) throw py::value_error(std::string(name) + " must be a dense format, not MXFP4");
+  if (a.itemsize() != 2 || a.dtype().kind() == 'f') {
+    throw py::type_error(std::string(name) + " must hold 16-bit bits (int16/uint16), got " +
+                         std::string(py::str(a.dtype())));
+  }
+  if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + " must be C-contiguous");
+  if (a.size() != n) {
+    throw py::value_error(std::string(name) + " has " + std::to_string(a.size()) + " elements, expected " +
+                          std::to_string(n));
+  }
+}
+
+template <typename F>
+const F* optional_stored(const py::object& t, const char* name, int64_t n, Storage f) {
+  if (t.is_none()) return nullptr;
+  py::array a = t.cast<py::array>();
+  check_stored(a, name, n, f);
+  return static_cast<const F*>(a.data());
+}
+
+// Checks that every index of `idx` (int64, n values) lies in [0, bound).
+void check_indices(const py::array& idx, const char* name, int64_t n, int64_t bound) {
+  check_array<int64_t>(idx, name, n, "int64");
+  const int64_t* v = ptr<int64_t>(idx);
+  for (int64_t i = 0; i < n; ++i)
+    if (v[i] < 0 || v[i] >= bound) throw py::value_error(std::string(name) + " holds an index out of range");
+}
+
+// offsets [E+1] int64, non-decreasing from 0 to P; raises ValueError.
+void check_offsets(const py::array& offsets, int64_t E, int64_t P) {
   check_array<int64_t>(offsets, "offsets", E + 1, "int64");
-  check_array<int64_t>(pair_token, "pair_token", P, "int64");
-  check_array<float>(pair_weight, "pair_weight", P, "float32");
   const int64_t* o = ptr<int64_t>(offsets);
   if (o[0] != 0 || o[E] != P) throw py::value_error("offsets must start at 0 and end at the number of pairs");
   for (int64_t e = 0; e < E; ++e)
     if (o[e + 1] < o[e]) throw py::value_error("offsets must be non-decreasing");
-  const int64_t* tok = ptr<int64_t>(pair_token);
-  for (int64_t p = 0; p < P; ++p)
-    if (tok[p] < 0 || tok[p] >= T) throw py::value_error("pair_token holds a token index out of range");
+}
+
+// offsets as above; pair_token [P] in [0, T); pair_weight [P] float32.
+void check_routing(const py::array& offsets, const py::array& pair_token, const py::array& pair_weight, int64_t E,
+                   int64_t P, int64_t T) {
+  check_offsets(offsets, E, P);
+  check_array<float>(pair_weight, "pair_weight", P, "float32");
+  check_indices(pair_token, "pair_token", P, T);
 }
 
 void check_slots(const py::object& slot_pair, const py::object& slot_expert, int64_t T, int64_t K, int64_t P,
@@ -54,43 +88,72 @@ void check_slots(const py::object& slot_pair, const py::object& slot_expert, int
   }
 }
 
-OverlayGateUpArgs gate_up_args(const py::array& gu0, const py::array& s_gu, const py::array& pair_token,
-                               const py::array& pair_weight, const py::array& offsets, const py::array& at_gate,
-                               const py::array& at_up, const py::object& bias_gate, const py::object& bias_up,
-                               int activation, float alpha, float limit, py::array& h, py::array& hw) {
+template <typename F>
+OverlayGateUpArgsT<F> gate_up_args(const py::array& gu0, const py::array& s_gu, const py::array& pair_token,
+                                   const py::array& pair_weight, const py::array& offsets, const py::array& at_gate,
+                                   const py::array& at_up, const py::object& bias_gate, const py::object& bias_up,
+                                   int activation, float alpha, float limit, py::array& h, py::array& hw, Storage f) {
   const int64_t E = dim(at_gate, "at_gate", 3, 0), rg = at_gate.shape(1), I = at_gate.shape(2);
   const int64_t ru = dim(at_up, "at_up", 3, 1);
   const int64_t T = dim(gu0, "gu0", 2, 0), P = dim(s_gu, "s_gu", 2, 0);
   if (activation != 0 && activation != 1) throw py::value_error("activation must be 0 (swiglu) or 1 (gpt_oss)");
   check_array<float>(gu0, "gu0", T * 2 * I, "float32");
   check_array<float>(s_gu, "s_gu", P * (rg + ru), "float32");
-  check_array<float>(at_gate, "at_gate", E * rg * I, "float32");
-  check_array<float>(at_up, "at_up", E * ru * I, "float32");
+  check_stored(at_gate, "at_gate", E * rg * I, f);
+  check_stored(at_up, "at_up", E * ru * I, f);
   check_array<float>(h, "h", P * I, "float32");
   check_array<float>(hw, "hw", T * I, "float32");
   check_writeable(h, "h");
   check_writeable(hw, "hw");
   check_routing(offsets, pair_token, pair_weight, E, P, T);
-  return OverlayGateUpArgs{ptr<float>(gu0), ptr<float>(s_gu), ptr<int64_t>(pair_token), ptr<float>(pair_weight),
-                           ptr<int64_t>(offsets), ptr<float>(at_gate), ptr<float>(at_up),
-                           optional_bias(bias_gate, "bias_gate", E * I), optional_bias(bias_up, "bias_up", E * I),
-                           T, I, P, E, rg, ru, activation, alpha, limit,
-                           static_cast<float*>(h.mutable_data()), static_cast<float*>(hw.mutable_data())};
+  return OverlayGateUpArgsT<F>{ptr<float>(gu0), ptr<float>(s_gu), ptr<int64_t>(pair_token), ptr<float>(pair_weight),
+                               ptr<int64_t>(offsets), ptr<F>(at_gate), ptr<F>(at_up),
+                               optional_stored<F>(bias_gate, "bias_gate", E * I, f),
+                               optional_stored<F>(bias_up, "bias_up", E * I, f), T, I, P, E, rg, ru, activation, alpha,
+                               limit, static_cast<float*>(h.mutable_data()), static_cast<float*>(hw.mutable_data())};
 }
 
-OverlayDownArgs down_args(const py::array& s_d, const py::array& pair_token, const py::array& pair_weight,
-                          const py::array& offsets, const py::array& at_down, const py::object& bias_down,
-                          py::array& y) {
+template <typename F>
+OverlayDownArgsT<F> down_args(const py::array& s_d, const py::array& pair_token, const py::array& pair_weight,
+                              const py::array& offsets, const py::array& at_down, const py::object& bias_down,
+                              py::array& y, Storage f) {
   const int64_t E = dim(at_down, "at_down", 3, 0), rd = at_down.shape(1), H = at_down.shape(2);
   const int64_t T = dim(y, "y", 2, 0), P = dim(s_d, "s_d", 2, 0);
   check_array<float>(s_d, "s_d", P * rd, "float32");
-  check_array<float>(at_down, "at_down", E * rd * H, "float32");
+  check_stored(at_down, "at_down", E * rd * H, f);
   check_array<float>(y, "y", T * H, "float32");
   check_writeable(y, "y");
   check_routing(offsets, pair_token, pair_weight, E, P, T);
-  return OverlayDownArgs{ptr<float>(s_d), ptr<int64_t>(pair_token), ptr<float>(pair_weight), ptr<int64_t>(offsets),
-                         ptr<float>(at_down), optional_bias(bias_down, "bias_down", E * H), T, H, P, E, rd,
-                         static_cast<float*>(y.mutable_data())};
+  return OverlayDownArgsT<F>{ptr<float>(s_d), ptr<int64_t>(pair_token), ptr<float>(pair_weight), ptr<int64_t>(offsets),
+                             ptr<F>(at_down), optional_stored<F>(bias_down, "bias_down", E * H, f), T, H, P, E, rd,
+                             static_cast<float*>(y.mutable_data())};
+}
+
+// Calls fn.template operator()<F>() with F the element type of the dense format f.
+template <typename Fn>
+void with_factor_type(Storage f, Fn&& fn) {
+  switch (f) {
+    case Storage::kF32: return fn(float{});
+    case Storage::kBF16: return fn(bf16_t{});
+    case Storage::kF16: return fn(f16_t{});
+    default: throw py::value_error("factor_format must be 0 (fp32), 1 (bf16) or 2 (fp16)");
+  }
+}
+
+// A stored weight [rows, cols]: dense `data` of `format`, or MXFP4 blocks `data` + `scales`.
+StoredMatrix stored_matrix(const py::array& data, const py::object& scales, int format, int64_t rows, int64_t cols) {
+  const Storage f = storage_format(format);
+  if (rows < 0 || cols < 0) throw py::value_error("rows and cols must be non-negative");
+  if (f != Storage::kMXFP4) {
+    check_stored(data, "weight", rows * cols, f);
+    return StoredMatrix{f, data.data(), nullptr, rows, cols};
+  }
+  if (cols % 32) throw py::value_error("an MXFP4 weight needs cols % 32 == 0, got " + std::to_string(cols));
+  if (scales.is_none()) throw py::value_error("an MXFP4 weight needs scales");
+  py::array s = scales.cast<py::array>();
+  check_array<uint8_t>(data, "blocks", rows * cols / 2, "uint8");
+  check_array<uint8_t>(s, "scales", rows * cols / 32, "uint8");
+  return StoredMatrix{f, data.data(), ptr<uint8_t>(s), rows, cols};
 }
 
 }  // namespace
@@ -100,35 +163,105 @@ void bind_overlay_moe(py::module_& m) {
       "overlay_gate_up",
       [](const py::array& gu0, const py::array& s_gu, const py::array& pair_token, const py::array& pair_weight,
          const py::array& offsets, const py::array& at_gate, const py::array& at_up, const py::object& bias_gate,
-         const py::object& bias_up, int activation, float alpha, float limit, py::array h, py::array hw) {
-        const OverlayGateUpArgs a = gate_up_args(gu0, s_gu, pair_token, pair_weight, offsets, at_gate, at_up,
-                                                 bias_gate, bias_up, activation, alpha, limit, h, hw);
-        py::gil_scoped_release release;
-        overlay_gate_up_cpu(a);
+         const py::object& bias_up, int activation, float alpha, float limit, py::array h, py::array hw,
+         int factor_format) {
+        with_factor_type(storage_format(factor_format), [&](auto tag) {
+          using F = decltype(tag);
+          const auto a = gate_up_args<F>(gu0, s_gu, pair_token, pair_weight, offsets, at_gate, at_up, bias_gate,
+                                         bias_up, activation, alpha, limit, h, hw, storage_format(factor_format));
+          py::gil_scoped_release release;
+          overlay_gate_up_cpu(a);
+        });
       },
       py::arg("gu0"), py::arg("s_gu"), py::arg("pair_token"), py::arg("pair_weight"), py::arg("offsets"),
       py::arg("at_gate"), py::arg("at_up"), py::arg("bias_gate"), py::arg("bias_up"), py::arg("activation"),
-      py::arg("alpha"), py::arg("limit"), py::arg("h"), py::arg("hw"),
-      "h [P, I] = act(gu0[token] + bias + A^T-expand of s_gu) per expert-sorted pair; hw [T, I] = weighted sum.");
+      py::arg("alpha"), py::arg("limit"), py::arg("h"), py::arg("hw"), py::arg("factor_format") = 0,
+      "h [P, I] = act(gu0[token] + bias + A^T-expand of s_gu) per expert-sorted pair; hw [T, I] = weighted sum. "
+      "Factors and biases in factor_format (0 fp32, 1 bf16 bits, 2 fp16 bits).");
   m.def(
       "overlay_down",
       [](const py::array& s_d, const py::array& pair_token, const py::array& pair_weight, const py::array& offsets,
-         const py::array& at_down, const py::object& bias_down, py::array y) {
-        const OverlayDownArgs a = down_args(s_d, pair_token, pair_weight, offsets, at_down, bias_down, y);
-        py::gil_scoped_release release;
-        overlay_down_cpu(a);
+         const py::array& at_down, const py::object& bias_down, py::array y, int factor_format) {
+        with_factor_type(storage_format(factor_format), [&](auto tag) {
+          using F = decltype(tag);
+          const auto a = down_args<F>(s_d, pair_token, pair_weight, offsets, at_down, bias_down, y,
+                                      storage_format(factor_format));
+          py::gil_scoped_release release;
+          overlay_down_cpu(a);
+        });
       },
       py::arg("s_d"), py::arg("pair_token"), py::arg("pair_weight"), py::arg("offsets"), py::arg("at_down"),
-      py::arg("bias_down"), py::arg("y"),
+      py::arg("bias_down"), py::arg("y"), py::arg("factor_format") = 0,
       "y [T, H] += sum over pairs of weight * (A_down[e] s_d + bias_down[e]).");
+  m.def(
+      "stored_matvec",
+      [](const py::array& data, const py::object& scales, int format, int64_t rows, int64_t cols, const py::array& x,
+         const py::object& x_rows, py::array y) {
+        const StoredMatrix w = stored_matrix(data, scales, format, rows, cols);
+        check_array<float>(x, "x", -1, "float32");
+        if (cols == 0 ? x.size() != 0 : x.size() % cols) throw py::value_error("x must have rows of cols values");
+        const int64_t x_count = cols ? x.size() / cols : 0;
+        const int64_t* idx = nullptr;
+        int64_t n = x_count;
+        if (!x_rows.is_none()) {
+          py::array r = x_rows.cast<py::array>();
+          n = r.size();
+          check_indices(r, "x_rows", n, x_count);
+          idx = ptr<int64_t>(r);
+        }
+        check_array<float>(y, "y", n * rows, "float32");
+        check_writeable(y, "y");
+        if (cols == 0) {
+          std::fill_n(static_cast<float*>(y.mutable_data()), n * rows, 0.0f);
+          return;
+        }
+        float* out = static_cast<float*>(y.mutable_data());
+        py::gil_scoped_release release;
+        stored_matvec_cpu(w, ptr<float>(x), idx, n, out, rows);
+      },
+      py::arg("data"), py::arg("scales"), py::arg("format"), py::arg("rows"), py::arg("cols"), py::arg("x"),
+      py::arg("x_rows"), py::arg("y"),
+      "y [n, rows] = x[x_rows] @ W^T for a stored W [rows, cols] (format 0 fp32, 1 bf16, 2 fp16, 3 MXFP4 with "
+      "scales), decoded in registers; x float32 [*, cols].");
+  m.def(
+      "overlay_shrink",
+      [](const py::array& b, int factor_format, int64_t experts, int64_t rank, int64_t cols, const py::array& offsets,
+         int64_t max_pairs, const py::array& inp, const py::object& rows, py::array s) {
+        const StoredMatrix w = stored_matrix(b, py::none(), factor_format, experts * rank, cols);
+        if (w.format == Storage::kMXFP4) throw py::value_error("overlay_shrink: factors must be a dense format");
+        const int64_t P = dim(s, "s", 2, 0);
+        if (s.shape(1) != rank) throw py::value_error("s must be [P, rank]");
+        check_array<float>(s, "s", P * rank, "float32");
+        check_writeable(s, "s");
+        check_offsets(offsets, experts, P);
+        const int64_t* o = ptr<int64_t>(offsets);
+        check_array<float>(inp, "inp", -1, "float32");
+        if (cols == 0 || inp.size() % cols) throw py::value_error("inp must have rows of cols > 0 values");
+        const int64_t* idx = nullptr;
+        if (!rows.is_none()) {
+          py::array r = rows.cast<py::array>();
+          check_indices(r, "rows", P, inp.size() / cols);
+          idx = ptr<int64_t>(r);
+        } else if (inp.size() / cols < P) {
+          throw py::value_error("inp has fewer rows than pairs");
+        }
+        float* out = static_cast<float*>(s.mutable_data());
+        py::gil_scoped_release release;
+        overlay_shrink_cpu(w, rank, o, experts, max_pairs, ptr<float>(inp), idx, out);
+      },
+      py::arg("b"), py::arg("factor_format"), py::arg("experts"), py::arg("rank"), py::arg("cols"), py::arg("offsets"),
+      py::arg("max_pairs"), py::arg("inp"), py::arg("rows"), py::arg("s"),
+      "s[p] = B[e(p)] @ inp[rows[p]] for expert-sorted pairs of experts with at most max_pairs pairs (the others "
+      "are left untouched); B [experts, rank, cols] stored in factor_format.");
   m.def(
       "overlay_gate_up_portable",
       [](const py::array& gu0, const py::array& s_gu, const py::array& pair_token, const py::array& pair_weight,
          const py::array& offsets, const py::array& at_gate, const py::array& at_up, const py::object& bias_gate,
          const py::object& bias_up, int activation, float alpha, float limit, py::array h, py::array hw,
          const py::array& slot_pair, const py::array& slot_expert, int64_t top_k) {
-        const OverlayGateUpArgs a = gate_up_args(gu0, s_gu, pair_token, pair_weight, offsets, at_gate, at_up,
-                                                 bias_gate, bias_up, activation, alpha, limit, h, hw);
+        const OverlayGateUpArgs a = gate_up_args<float>(gu0, s_gu, pair_token, pair_weight, offsets, at_gate, at_up,
+                                                        bias_gate, bias_up, activation, alpha, limit, h, hw,
+                                                        Storage::kF32);
         if (top_k <= 0 || a.pairs != a.tokens * top_k) throw py::value_error("pairs must equal tokens * top_k");
         check_slots(slot_pair, slot_expert, a.tokens, top_k, a.pairs, a.experts);
         py::gil_scoped_release release;
@@ -140,7 +273,8 @@ void bind_overlay_moe(py::module_& m) {
       [](const py::array& s_d, const py::array& pair_token, const py::array& pair_weight, const py::array& offsets,
          const py::array& at_down, const py::object& bias_down, py::array y, const py::array& slot_pair,
          const py::array& slot_expert, int64_t top_k) {
-        const OverlayDownArgs a = down_args(s_d, pair_token, pair_weight, offsets, at_down, bias_down, y);
+        const OverlayDownArgs a = down_args<float>(s_d, pair_token, pair_weight, offsets, at_down, bias_down, y,
+                                                   Storage::kF32);
         if (top_k <= 0 || a.pairs != a.tokens * top_k) throw py::value_error("pairs must equal tokens * top_k");
         check_slots(slot_pair, slot_expert, a.tokens, top_k, a.pairs, a.experts);
         py::gil_scoped_release release;

@@ -45,4 +45,22 @@ LZ_HD uint16_t float_to_bf16_bits(float f) {
 
 LZ_HD float bf16_bits_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
 
+// IEEE binary16 bits -> fp32 (exact). Exponent and mantissa are moved into fp32 position and rescaled by
+// 2^112 (the bias difference), which also normalises subnormals; Inf/NaN (exponent 31) are rebuilt.
+LZ_HD float f16_bits_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t magnitude = static_cast<uint32_t>(h & 0x7FFFu) << 13;
+  if ((h & 0x7C00u) == 0x7C00u) return bits_to_float(sign | 0x7F800000u | magnitude);
+  return bits_to_float(float_to_bits(bits_to_float(magnitude) * 5.192296858534828e33f) | sign);  // * 2^112
+}
+
+// How a weight tensor is stored (the tags the CPU kernels are templated on).
+enum class Storage : int { kF32 = 0, kBF16 = 1, kF16 = 2, kMXFP4 = 3 };
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+LZ_HD float to_float(float v) { return v; }
+LZ_HD float to_float(bf16_t v) { return bf16_bits_to_float(v.bits); }
+LZ_HD float to_float(f16_t v) { return f16_bits_to_float(v.bits); }
+
 }  // namespace lazarus

@@ -3,8 +3,11 @@
 // follows each of them: the per-expert expand A[e] s, the bias, the activation and the routing-weighted
 // reduction over the k experts of each token, so the intermediate h never round-trips per expert.
 //
-// Layout (all fp32, dense, C-contiguous; the binding checks sizes). T tokens, K experts per token,
-// P = T * K (token, expert) pairs SORTED BY EXPERT: pairs offsets[e] .. offsets[e+1]-1 use expert e.
+// Layout (dense, C-contiguous; the binding checks sizes). Activations, products and outputs are fp32; the
+// CPU kernels read the expand factors and biases in their stored type F (float, bf16_t or f16_t:
+// OverlayGateUpArgsT<F>); the CUDA kernels read fp32 (OverlayGateUpArgs = OverlayGateUpArgsT<float>).
+// T tokens, K experts per token, P = T * K (token, expert) pairs SORTED BY EXPERT: pairs offsets[e] ..
+// offsets[e+1]-1 use expert e.
 //   gu0        [T, 2I]   base gate (columns 0..I-1) and up (I..2I-1) products x @ base^T
 //   s_gu       [P, rg+ru] shrink of each pair: B_gate[e] x (first rg) then B_up[e] x
 //   pair_token [P] int64  token of each sorted pair;  pair_weight [P] its routing weight
@@ -12,7 +15,7 @@
 //   at_gate    [E, rg, I], at_up [E, ru, I]   expand factors TRANSPOSED (A[e]^T), rows contiguous
 //   bias_gate, bias_up [E, I] or nullptr
 //   activation 0: silu(g) * u;  1: GPT-OSS  g' = min(g, limit), u' = clamp(u, -limit, limit),
-//              g' * sigmoid(alpha * g') * (u' + 1)
+//              g' * sigmoid(alpha * g') * (u' + 1); the CPU clamps propagate NaN (as torch.clamp does)
 // overlay_gate_up writes h [P, I] (activation of each pair) and hw [T, I] = sum over a token's pairs
 // of pair_weight * h (overwritten, not accumulated).
 // overlay_down accumulates y [T, H] += sum over pairs pair_weight * (A_down[e] s_d + bias_down[e]) with
@@ -25,38 +28,68 @@
 
 #include <cstdint>
 
+#include "common/float_bits.h"
+
 namespace lazarus {
 
-struct OverlayGateUpArgs {
+template <typename F>
+struct OverlayGateUpArgsT {
   const float* gu0;
   const float* s_gu;
   const int64_t* pair_token;
   const float* pair_weight;
   const int64_t* offsets;
-  const float* at_gate;
-  const float* at_up;
-  const float* bias_gate;
-  const float* bias_up;
+  const F* at_gate;
+  const F* at_up;
+  const F* bias_gate;
+  const F* bias_up;
   int64_t tokens, inter, pairs, experts, rank_gate, rank_up;
   int activation;
   float alpha, limit;
   float* h;
   float* hw;
 };
+using OverlayGateUpArgs = OverlayGateUpArgsT<float>;
 
-struct OverlayDownArgs {
+template <typename F>
+struct OverlayDownArgsT {
   const float* s_d;
   const int64_t* pair_token;
   const float* pair_weight;
   const int64_t* offsets;
-  const float* at_down;
-  const float* bias_down;
+  const F* at_down;
+  const F* bias_down;
   int64_t tokens, hidden, pairs, experts, rank_down;
   float* y;
 };
+using OverlayDownArgs = OverlayDownArgsT<float>;
 
-void overlay_gate_up_cpu(const OverlayGateUpArgs& a);
-void overlay_down_cpu(const OverlayDownArgs& a);
+// Instantiated for F = float, bf16_t, f16_t.
+template <typename F>
+void overlay_gate_up_cpu(const OverlayGateUpArgsT<F>& a);
+template <typename F>
+void overlay_down_cpu(const OverlayDownArgsT<F>& a);
+
+// A row-major weight W [rows, cols] as stored: dense (kF32, kBF16, kF16: `data` holds rows * cols values) or
+// MXFP4 (kMXFP4: `data` = blocks [rows, cols/32, 16], `scales` [rows, cols/32]; cols % 32 == 0).
+struct StoredMatrix {
+  Storage format;
+  const void* data;
+  const uint8_t* scales;
+  int64_t rows, cols;
+};
+
+// y[i, r] = sum_c W[r, c] * x[x_rows ? x_rows[i] : i, c] for i < n, r < w.rows: x fp32 rows of w.cols, y rows
+// with stride ldy. MXFP4 is decoded in registers inside the product (the base GEMV of small batches); sums
+// are fp32. Cannot fail (the binding validated sizes and indices).
+void stored_matvec_cpu(const StoredMatrix& w, const float* x, const int64_t* x_rows, int64_t n, float* y,
+                       int64_t ldy);
+
+// The grouped shrink of expert-sorted pairs: s[p, j] = sum_c B[e, j, c] * inp[rows ? rows[p] : p, c] for p in
+// offsets[e] .. offsets[e+1]-1, with B = `b` viewed as [experts, rank, b.cols] (b.rows = experts * rank, a
+// dense format). Experts with more than max_pairs pairs are skipped (the op runs those as a BLAS GEMM).
+void overlay_shrink_cpu(const StoredMatrix& b, int64_t rank, const int64_t* offsets, int64_t experts,
+                        int64_t max_pairs, const float* inp, const int64_t* rows, float* s);
 
 #if defined(LAZARUS_WITH_CUDA)
 int overlay_gate_up_cuda(const OverlayGateUpArgs& a, const int64_t* slot_pair, const int64_t* slot_expert,

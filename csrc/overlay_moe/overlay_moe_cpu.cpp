@@ -1,42 +1,60 @@
-// Why: the CPU fused expand + activation + weighted reduction of the overlay MoE forward. Pairs are
-// grouped by expert so each expand row A[e]^T[j, cols] is loaded once per tile of 4 pairs; threads own
-// column blocks, so the per-token sums need no atomics and are deterministic.
+// Why: the CPU overlay MoE kernels, reading every weight in its stored precision (fp32, bf16, fp16, MXFP4)
+// and computing in fp32 registers. The fused expand + activation + weighted reduction groups pairs by
+// expert so each expand row A[e]^T[j, cols] is loaded once per tile of 4 pairs; threads own column blocks,
+// so the per-token sums need no atomics and are deterministic. The matrix-vector kernels (base GEMV of
+// small batches, grouped shrink) decode a weight row in registers and apply it to up to 4 tokens at once.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#endif
-
+#include "common/avx2_math.h"
+#include "common/float_bits.h"
+#include "common/mxfp4_codec.h"
 #include "overlay_moe/overlay_moe.h"
 #include "overlay_moe/overlay_moe_math.h"
 
 namespace lazarus {
 namespace {
 
-constexpr int64_t kCols = 256;  // columns per block: pair rows read as 1 KB runs; 4 pairs x 2 x 256 floats of accumulators
-constexpr int64_t kTile = 4;    // pairs sharing one pass over an expert's expand rows
+constexpr int64_t kCols = 256;        // columns per block: pair rows read as 1 KB runs; 4 pairs x 2 x 256 floats
+constexpr int64_t kTile = 4;          // pairs sharing one pass over an expert's expand rows
+constexpr int kMaxTokens = 4;         // token rows sharing one pass over a weight row in the matrix-vector kernels
+constexpr int64_t kRowsPerItem = 16;  // weight rows per OpenMP work item of the matrix-vector kernels
+
+inline float sigmoid_cpu(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+// The family activation; the GPT-OSS clamps propagate NaN as torch.clamp does (a comparison with NaN is
+// false, so a NaN passes through unchanged).
+inline float activation_cpu(float g, float u, int kind, float alpha, float limit) {
+  if (kind == overlay::kGptOss) {
+    g = g > limit ? limit : g;
+    u = u > limit ? limit : (u < -limit ? -limit : u);
+    return g * sigmoid_cpu(alpha * g) * (u + 1.0f);
+  }
+  return g * sigmoid_cpu(g) * u;
+}
 
 // acc[q][c] += sum_j s[q][j] * at[j][c0 + c]   for q < n pairs, c < w columns (portable loop)
-inline void expand_tile_portable(float (*acc)[kCols], const float* const* s, int64_t n, const float* at, int64_t rank,
-                                 int64_t ld, int64_t c0, int64_t w) {
+template <typename F>
+void expand_tile_portable(float (*acc)[kCols], const float* const* s, int64_t n, const F* at, int64_t rank,
+                          int64_t ld, int64_t c0, int64_t w) {
   for (int64_t j = 0; j < rank; ++j) {
-    const float* row = at + j * ld + c0;
+    const F* row = at + j * ld + c0;
     for (int64_t q = 0; q < n; ++q) {
       const float sj = s[q][j];
       float* out = acc[q];
-#pragma omp simd
-      for (int64_t c = 0; c < w; ++c) out[c] += sj * row[c];
+      for (int64_t c = 0; c < w; ++c) out[c] += sj * to_float(row[c]);
     }
   }
 }
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(LAZARUS_AVX2_MATH)
 // Register-blocked AVX2/FMA micro-kernel: N pairs x 16 columns stay in 2N ymm accumulators for the whole
-// rank loop, so each expand row is loaded once per N pairs and no accumulator goes through memory.
-template <int N>
-__attribute__((target("avx2,fma"))) void expand_tile_avx2(float (*acc)[kCols], const float* const* s, const float* at,
-                                                          int64_t rank, int64_t ld, int64_t c0, int64_t w) {
+// rank loop, so each expand row is loaded (and converted to fp32) once per N pairs.
+template <int N, typename F>
+LZ_TARGET_AVX2 void expand_tile_avx2(float (*acc)[kCols], const float* const* s, const F* at, int64_t rank,
+                                     int64_t ld, int64_t c0, int64_t w) {
   int64_t c = 0;
   for (; c + 16 <= w; c += 16) {
     __m256 v[N][2];
@@ -44,10 +62,10 @@ __attribute__((target("avx2,fma"))) void expand_tile_avx2(float (*acc)[kCols], c
       v[q][0] = _mm256_loadu_ps(acc[q] + c);
       v[q][1] = _mm256_loadu_ps(acc[q] + c + 8);
     }
-    const float* col = at + c0 + c;
+    const F* col = at + c0 + c;
     for (int64_t j = 0; j < rank; ++j) {
-      const __m256 r0 = _mm256_loadu_ps(col + j * ld);
-      const __m256 r1 = _mm256_loadu_ps(col + j * ld + 8);
+      const __m256 r0 = simd::load8(col + j * ld);
+      const __m256 r1 = simd::load8(col + j * ld + 8);
       for (int q = 0; q < N; ++q) {
         const __m256 b = _mm256_broadcast_ss(s[q] + j);
         v[q][0] = _mm256_fmadd_ps(b, r0, v[q][0]);
@@ -61,59 +79,39 @@ __attribute__((target("avx2,fma"))) void expand_tile_avx2(float (*acc)[kCols], c
   }
   for (; c < w; ++c)
     for (int q = 0; q < N; ++q)
-      for (int64_t j = 0; j < rank; ++j) acc[q][c] += s[q][j] * at[j * ld + c0 + c];
+      for (int64_t j = 0; j < rank; ++j) acc[q][c] += s[q][j] * to_float(at[j * ld + c0 + c]);
 }
 
-// exp(x) for 8 floats (Cephes expf polynomial, relative error ~2e-7; x clamped to [-88, 88]).
-__attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f));
-  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
-  const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
-}
-
-// h[c] = act(g[c], u[c]); hw[c] += wt * h[c] for c < w, 8 at a time (scalar tail: the shared arithmetic).
-__attribute__((target("avx2,fma"))) void activate_avx2(const float* g, const float* u, int64_t w, int kind, float alpha,
-                                                       float limit, float wt, float* h, float* hw) {
+// h[c] = act(g[c], u[c]); hw[c] += wt * h[c] for c < w, 8 at a time (scalar tail: activation_cpu).
+// min/max return their SECOND operand when either is NaN: the limit goes first so a NaN passes through.
+LZ_TARGET_AVX2 void activate_avx2(const float* g, const float* u, int64_t w, int kind, float alpha, float limit,
+                                  float wt, float* h, float* hw) {
   const __m256 one = _mm256_set1_ps(1.0f), lim = _mm256_set1_ps(limit), nlim = _mm256_set1_ps(-limit);
   const __m256 scale = _mm256_set1_ps(kind == overlay::kGptOss ? -alpha : -1.0f), vw = _mm256_set1_ps(wt);
   int64_t c = 0;
   for (; c + 8 <= w; c += 8) {
     __m256 gv = _mm256_loadu_ps(g + c), uv = _mm256_loadu_ps(u + c);
     if (kind == overlay::kGptOss) {
-      gv = _mm256_min_ps(gv, lim);
-      uv = _mm256_add_ps(_mm256_min_ps(_mm256_max_ps(uv, nlim), lim), one);
+      gv = _mm256_min_ps(lim, gv);
+      uv = _mm256_add_ps(_mm256_min_ps(lim, _mm256_max_ps(nlim, uv)), one);
     }
-    const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_mul_ps(scale, gv))));
+    const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, simd::exp_avx2(_mm256_mul_ps(scale, gv))));
     const __m256 hv = _mm256_mul_ps(_mm256_mul_ps(gv, sig), uv);
     _mm256_storeu_ps(h + c, hv);
     _mm256_storeu_ps(hw + c, _mm256_fmadd_ps(vw, hv, _mm256_loadu_ps(hw + c)));
   }
   for (; c < w; ++c) {
-    h[c] = overlay::activation(g[c], u[c], kind, alpha, limit);
+    h[c] = activation_cpu(g[c], u[c], kind, alpha, limit);
     hw[c] += wt * h[c];
   }
 }
-
-bool cpu_has_avx2_fma() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
 #endif
 
-inline void expand_tile(float (*acc)[kCols], const float* const* s, int64_t n, const float* at, int64_t rank,
-                        int64_t ld, int64_t c0, int64_t w) {
-#if defined(__x86_64__) || defined(_M_X64)
-  if (cpu_has_avx2_fma()) {
+template <typename F>
+void expand_tile(float (*acc)[kCols], const float* const* s, int64_t n, const F* at, int64_t rank, int64_t ld,
+                 int64_t c0, int64_t w) {
+#if defined(LAZARUS_AVX2_MATH)
+  if (simd::cpu_has_avx2_fma_f16c()) {
     switch (n) {
       case 1: return expand_tile_avx2<1>(acc, s, at, rank, ld, c0, w);
       case 2: return expand_tile_avx2<2>(acc, s, at, rank, ld, c0, w);
@@ -125,9 +123,183 @@ inline void expand_tile(float (*acc)[kCols], const float* const* s, int64_t n, c
   expand_tile_portable(acc, s, n, at, rank, ld, c0, w);
 }
 
+void activate(const float* g, const float* u, int64_t w, int kind, float alpha, float limit, float wt, float* h,
+              float* hw) {
+#if defined(LAZARUS_AVX2_MATH)
+  if (simd::cpu_has_avx2_fma_f16c()) return activate_avx2(g, u, w, kind, alpha, limit, wt, h, hw);
+#endif
+  for (int64_t c = 0; c < w; ++c) {
+    h[c] = activation_cpu(g[c], u[c], kind, alpha, limit);
+    hw[c] += wt * h[c];
+  }
+}
+
+// ---- matrix-vector products of stored weights: out[t] = dot(W row, x[t]) for nt <= kMaxTokens token rows.
+
+template <typename F>
+void row_dots_portable(const F* w, int64_t cols, const float* const* x, int nt, float* out) {
+  for (int t = 0; t < nt; ++t) {
+    float acc = 0.0f;
+    for (int64_t c = 0; c < cols; ++c) acc += to_float(w[c]) * x[t][c];
+    out[t] = acc;
+  }
+}
+
+void row_dots_mxfp4_portable(const uint8_t* blocks, const uint8_t* scales, int64_t groups, const float* const* x,
+                             int nt, float* out) {
+  for (int t = 0; t < nt; ++t) out[t] = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) {
+    const float scale = mxfp4::e8m0_to_float(scales[g]);
+    for (int j = 0; j < mxfp4::kBytesPerBlock; ++j) {
+      float lo, hi;
+      mxfp4::decode_byte(blocks[g * mxfp4::kBytesPerBlock + j], scale, &lo, &hi);
+      for (int t = 0; t < nt; ++t) out[t] += lo * x[t][32 * g + 2 * j] + hi * x[t][32 * g + 2 * j + 1];
+    }
+  }
+}
+
+#if defined(LAZARUS_AVX2_MATH)
+template <int NT, typename F>
+LZ_TARGET_AVX2 void row_dots_avx2(const F* w, int64_t cols, const float* const* x, float* out) {
+  __m256 acc[NT][2];
+  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= cols; c += 16) {
+    const __m256 w0 = simd::load8(w + c), w1 = simd::load8(w + c + 8);
+    for (int t = 0; t < NT; ++t) {
+      acc[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[t] + c), acc[t][0]);
+      acc[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x[t] + c + 8), acc[t][1]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    float tail = 0.0f;
+    for (int64_t k = c; k < cols; ++k) tail += to_float(w[k]) * x[t][k];
+    out[t] = simd::hsum(_mm256_add_ps(acc[t][0], acc[t][1])) + tail;
+  }
+}
+
+// 2^(s-128): the E8M0 scale times 1/2, since the code table below holds twice each E2M1 value (0xFF: NaN).
+struct HalfScales {
+  float v[256];
+  HalfScales() {
+    for (int s = 0; s < 256; ++s) v[s] = mxfp4::e8m0_to_float(static_cast<uint8_t>(s)) * 0.5f;
+  }
+};
+
+// One MXFP4 row against NT token rows whose 32-element blocks were permuted by permute_for_mxfp4: per block,
+// the 16 bytes go to both lanes, lane 0 keeps the low nibbles (elements 0, 2, ..., 30) and lane 1 the high
+// ones (1, 3, ..., 31); a byte shuffle maps each code to 2 * its E2M1 value as int8, converted to fp32 8 at a
+// time. Each token's block dot product is scaled once, into a per-token accumulator.
+template <int NT>
+LZ_TARGET_AVX2 void row_dots_mxfp4_avx2(const uint8_t* blocks, const uint8_t* scales, int64_t groups,
+                                        const float* const* xp, float* out) {
+  static const HalfScales half_scales;
+  const __m256i shifts = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i twice_e2m1 = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12,
+                                              0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+  __m256 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * g)));
+    const __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(packed, shifts), nibble);
+    const __m256i v = _mm256_shuffle_epi8(twice_e2m1, codes);
+    const __m128i even = _mm256_castsi256_si128(v), odd = _mm256_extracti128_si256(v, 1);
+    const __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(even));
+    const __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(even, 8)));
+    const __m256 f2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(odd));
+    const __m256 f3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(odd, 8)));
+    const __m256 scale = _mm256_set1_ps(half_scales.v[scales[g]]);
+    for (int t = 0; t < NT; ++t) {
+      const float* xg = xp[t] + 32 * g;
+      const __m256 p = _mm256_fmadd_ps(f1, _mm256_loadu_ps(xg + 8), _mm256_mul_ps(f0, _mm256_loadu_ps(xg)));
+      const __m256 q = _mm256_fmadd_ps(f3, _mm256_loadu_ps(xg + 24), _mm256_mul_ps(f2, _mm256_loadu_ps(xg + 16)));
+      acc[t] = _mm256_fmadd_ps(_mm256_add_ps(p, q), scale, acc[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = simd::hsum(acc[t]);
+}
+#endif
+
+// Element order row_dots_mxfp4_avx2 expects within each 32-element block: even elements, then odd ones.
+void permute_for_mxfp4(const float* x, int64_t cols, float* xp) {
+  for (int64_t b = 0; b < cols; b += 32)
+    for (int j = 0; j < 16; ++j) {
+      xp[b + j] = x[b + 2 * j];
+      xp[b + 16 + j] = x[b + 2 * j + 1];
+    }
+}
+
+bool use_avx2() {
+#if defined(LAZARUS_AVX2_MATH)
+  return simd::cpu_has_avx2_fma_f16c();
+#else
+  return false;
+#endif
+}
+
+// out[t] = dot(row r of w, x[t]) for t < nt <= kMaxTokens (x permuted for MXFP4 when use_avx2()).
+template <typename F>
+void row_dots(const StoredMatrix& w, int64_t r, const float* const* x, int nt, float* out) {
+  const F* row = static_cast<const F*>(w.data) + r * w.cols;
+#if defined(LAZARUS_AVX2_MATH)
+  if (use_avx2()) {
+    switch (nt) {
+      case 1: return row_dots_avx2<1>(row, w.cols, x, out);
+      case 2: return row_dots_avx2<2>(row, w.cols, x, out);
+      case 3: return row_dots_avx2<3>(row, w.cols, x, out);
+      default: return row_dots_avx2<4>(row, w.cols, x, out);
+    }
+  }
+#endif
+  row_dots_portable(row, w.cols, x, nt, out);
+}
+
+template <>
+void row_dots<uint8_t>(const StoredMatrix& w, int64_t r, const float* const* x, int nt, float* out) {
+  const int64_t groups = w.cols / 32;
+  const uint8_t* blocks = static_cast<const uint8_t*>(w.data) + r * groups * 16;
+  const uint8_t* scales = w.scales + r * groups;
+#if defined(LAZARUS_AVX2_MATH)
+  if (use_avx2()) {
+    switch (nt) {
+      case 1: return row_dots_mxfp4_avx2<1>(blocks, scales, groups, x, out);
+      case 2: return row_dots_mxfp4_avx2<2>(blocks, scales, groups, x, out);
+      case 3: return row_dots_mxfp4_avx2<3>(blocks, scales, groups, x, out);
+      default: return row_dots_mxfp4_avx2<4>(blocks, scales, groups, x, out);
+    }
+  }
+#endif
+  row_dots_mxfp4_portable(blocks, scales, groups, x, nt, out);
+}
+
+// y[i * ldy + (r - r0)] = dot(row r, x[i]) for rows [r0, r1) and the n token rows x[0..n).
+template <typename F>
+void rows_times_tokens(const StoredMatrix& w, int64_t r0, int64_t r1, const float* const* x, int64_t n, float* y,
+                       int64_t ldy) {
+  float out[kMaxTokens];
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t t0 = 0; t0 < n; t0 += kMaxTokens) {
+      const int nt = static_cast<int>(std::min<int64_t>(kMaxTokens, n - t0));
+      row_dots<F>(w, r, x + t0, nt, out);
+      for (int i = 0; i < nt; ++i) y[(t0 + i) * ldy + (r - r0)] = out[i];
+    }
+}
+
+void rows_times_tokens_any(const StoredMatrix& w, int64_t r0, int64_t r1, const float* const* x, int64_t n,
+                           float* y, int64_t ldy) {
+  switch (w.format) {
+    case Storage::kBF16: return rows_times_tokens<bf16_t>(w, r0, r1, x, n, y, ldy);
+    case Storage::kF16: return rows_times_tokens<f16_t>(w, r0, r1, x, n, y, ldy);
+    case Storage::kMXFP4: return rows_times_tokens<uint8_t>(w, r0, r1, x, n, y, ldy);
+    default: return rows_times_tokens<float>(w, r0, r1, x, n, y, ldy);
+  }
+}
+
 }  // namespace
 
-void overlay_gate_up_cpu(const OverlayGateUpArgs& a) {
+template <typename F>
+void overlay_gate_up_cpu(const OverlayGateUpArgsT<F>& a) {
   const int64_t I = a.inter, rg = a.rank_gate, ru = a.rank_up, r = rg + ru;
   const int64_t blocks = (I + kCols - 1) / kCols;
   std::memset(a.hw, 0, sizeof(float) * a.tokens * I);
@@ -148,12 +320,12 @@ void overlay_gate_up_cpu(const OverlayGateUpArgs& a) {
           std::memcpy(g[q], base, sizeof(float) * w);
           std::memcpy(u[q], base + I, sizeof(float) * w);
           if (a.bias_gate) {
-            const float* bg = a.bias_gate + e * I + c0;
-            for (int64_t c = 0; c < w; ++c) g[q][c] += bg[c];
+            const F* bg = a.bias_gate + e * I + c0;
+            for (int64_t c = 0; c < w; ++c) g[q][c] += to_float(bg[c]);
           }
           if (a.bias_up) {
-            const float* bu = a.bias_up + e * I + c0;
-            for (int64_t c = 0; c < w; ++c) u[q][c] += bu[c];
+            const F* bu = a.bias_up + e * I + c0;
+            for (int64_t c = 0; c < w; ++c) u[q][c] += to_float(bu[c]);
           }
           sg[q] = a.s_gu + (p0 + q) * r;
           su[q] = sg[q] + rg;
@@ -162,27 +334,16 @@ void overlay_gate_up_cpu(const OverlayGateUpArgs& a) {
         expand_tile(u, su, n, a.at_up + e * ru * I, ru, I, c0, w);
         for (int64_t q = 0; q < n; ++q) {
           const int64_t p = p0 + q, t = a.pair_token[p];
-          const float wt = a.pair_weight[p];
-          float* hp = a.h + p * I + c0;
-          float* hwt = a.hw + t * I + c0;
-#if defined(__x86_64__) || defined(_M_X64)
-          if (cpu_has_avx2_fma()) {
-            activate_avx2(g[q], u[q], w, a.activation, a.alpha, a.limit, wt, hp, hwt);
-            continue;
-          }
-#endif
-          for (int64_t c = 0; c < w; ++c) {
-            const float v = overlay::activation(g[q][c], u[q][c], a.activation, a.alpha, a.limit);
-            hp[c] = v;
-            hwt[c] += wt * v;
-          }
+          activate(g[q], u[q], w, a.activation, a.alpha, a.limit, a.pair_weight[p], a.h + p * I + c0,
+                   a.hw + t * I + c0);
         }
       }
     }
   }
 }
 
-void overlay_down_cpu(const OverlayDownArgs& a) {
+template <typename F>
+void overlay_down_cpu(const OverlayDownArgsT<F>& a) {
   const int64_t H = a.hidden, rd = a.rank_down;
   const int64_t blocks = (H + kCols - 1) / kCols;
 #if defined(LAZARUS_WITH_OPENMP)
@@ -196,7 +357,7 @@ void overlay_down_cpu(const OverlayDownArgs& a) {
         const int64_t n = std::min(kTile, a.offsets[e + 1] - p0);
         const float* s[kTile];
         for (int64_t q = 0; q < n; ++q) {
-          for (int64_t c = 0; c < w; ++c) acc[q][c] = a.bias_down ? a.bias_down[e * H + c0 + c] : 0.0f;
+          for (int64_t c = 0; c < w; ++c) acc[q][c] = a.bias_down ? to_float(a.bias_down[e * H + c0 + c]) : 0.0f;
           s[q] = a.s_d + (p0 + q) * rd;
         }
         expand_tile(acc, s, n, a.at_down + e * rd * H, rd, H, c0, w);
@@ -208,6 +369,60 @@ void overlay_down_cpu(const OverlayDownArgs& a) {
         }
       }
     }
+  }
+}
+
+template void overlay_gate_up_cpu<float>(const OverlayGateUpArgsT<float>&);
+template void overlay_gate_up_cpu<bf16_t>(const OverlayGateUpArgsT<bf16_t>&);
+template void overlay_gate_up_cpu<f16_t>(const OverlayGateUpArgsT<f16_t>&);
+template void overlay_down_cpu<float>(const OverlayDownArgsT<float>&);
+template void overlay_down_cpu<bf16_t>(const OverlayDownArgsT<bf16_t>&);
+template void overlay_down_cpu<f16_t>(const OverlayDownArgsT<f16_t>&);
+
+void stored_matvec_cpu(const StoredMatrix& w, const float* x, const int64_t* x_rows, int64_t n, float* y,
+                       int64_t ldy) {
+  if (n == 0 || w.rows == 0) return;
+  std::vector<const float*> xs(n);
+  std::vector<float> permuted;
+  const bool permute = w.format == Storage::kMXFP4 && use_avx2();
+  if (permute) permuted.resize(static_cast<size_t>(n * w.cols));
+  for (int64_t i = 0; i < n; ++i) {
+    const float* row = x + (x_rows ? x_rows[i] : i) * w.cols;
+    if (permute) {
+      permute_for_mxfp4(row, w.cols, permuted.data() + i * w.cols);
+      row = permuted.data() + i * w.cols;
+    }
+    xs[i] = row;
+  }
+  const int64_t items = (w.rows + kRowsPerItem - 1) / kRowsPerItem;
+#if defined(LAZARUS_WITH_OPENMP)
+#pragma omp parallel for schedule(static) if (items > 1)
+#endif
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t r0 = it * kRowsPerItem;
+    rows_times_tokens_any(w, r0, std::min(w.rows, r0 + kRowsPerItem), xs.data(), n, y + r0, ldy);
+  }
+}
+
+void overlay_shrink_cpu(const StoredMatrix& b, int64_t rank, const int64_t* offsets, int64_t experts,
+                        int64_t max_pairs, const float* inp, const int64_t* rows, float* s) {
+  std::vector<std::pair<int64_t, int64_t>> items;  // (expert, first rank row)
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t n = offsets[e + 1] - offsets[e];
+    if (n == 0 || n > max_pairs) continue;
+    for (int64_t j0 = 0; j0 < rank; j0 += kRowsPerItem) items.emplace_back(e, j0);
+  }
+  const int64_t n_items = static_cast<int64_t>(items.size());
+#if defined(LAZARUS_WITH_OPENMP)
+#pragma omp parallel for schedule(dynamic) if (n_items > 1)
+#endif
+  for (int64_t it = 0; it < n_items; ++it) {
+    const int64_t e = items[it].first, j0 = items[it].second, p0 = offsets[e], n = offsets[e + 1] - p0;
+    std::vector<const float*> xs(n);
+    for (int64_t q = 0; q < n; ++q) xs[q] = inp + (rows ? rows[p0 + q] : p0 + q) * b.cols;
+    // Expert e's factor rows j0.. of the [experts * rank, cols] matrix, written to s[p0.., j0..].
+    rows_times_tokens_any(b, e * rank + j0, e * rank + std::min(rank, j0 + kRowsPerItem), xs.data(), n,
+                          s + p0 * rank + j0, rank);
   }
 }
 

@@ -13,6 +13,7 @@
 #include <omp.h>
 #endif
 
+#include "common/avx2_math.h"
 #include "common/float_bits.h"
 #include "router_entropy/router_entropy_math.h"
 
@@ -73,26 +74,6 @@ bool cpu_has_avx2_f16c_fma() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                           __builtin_cpu_supports("f16c");
   return has;
-}
-
-// exp(x) for x <= 0 (Cephes expf: range reduction by ln 2, degree-5 polynomial; about 2e-7 relative),
-// exactly 0 below -87.3 (and at -inf).
-LZ_AVX2 inline __m256 exp_nonpositive(__m256 x) {
-  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(pow2)), underflow);
 }
 
 // log(x) for normal x > 0 (Cephes logf: mantissa in [sqrt(1/2), sqrt(2)), degree-8 polynomial).
@@ -180,7 +161,7 @@ LZ_AVX2 void rows_avx2(const void* logits, int64_t begin, int64_t end, int64_t e
           // v = 1 + u rounded (the correction restores what rounding v lost). sigmoid(x) = (x >= 0 ? 1 : u) / v
           // is kept too: it saves the second exp.
           const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-          const __m256 u = exp_nonpositive(_mm256_xor_ps(_mm256_and_ps(x, abs_mask), _mm256_set1_ps(-0.0f)));
+          const __m256 u = simd::exp_avx2(_mm256_xor_ps(_mm256_and_ps(x, abs_mask), _mm256_set1_ps(-0.0f)));
           const __m256 v = _mm256_add_ps(u, _mm256_set1_ps(1.0f));
           __m256 inv_v = _mm256_rcp_ps(v);
           inv_v = _mm256_mul_ps(inv_v, _mm256_fnmadd_ps(v, inv_v, _mm256_set1_ps(2.0f)));  // one Newton step
@@ -224,7 +205,7 @@ LZ_AVX2 void rows_avx2(const void* logits, int64_t begin, int64_t end, int64_t e
       } else {
         for (int64_t j = 0; j < padded; j += 8) {
           const __m256 d = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(yr + j), m), floor_d);
-          const __m256 e = exp_nonpositive(d);
+          const __m256 e = simd::exp_avx2(d);
           vz = _mm256_add_ps(vz, e);
           vs = _mm256_fmadd_ps(e, d, vs);
           _mm256_storeu_ps(yr + j, e);

@@ -324,7 +324,7 @@ def overlay_moe_forward_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_
 
     h = activation_reference(project(xp, "gate"), project(xp, "up"), experts.activation, experts.alpha, experts.limit)
     y = project(h, "down") * topk_weights.reshape(-1, 1).to(dtype)
-    return y.reshape(t, k, -1).sum(1).to(x.dtype)
+    return y.reshape(t, k, experts.hidden_size).sum(1).to(x.dtype)
 
 
 @dataclass
@@ -367,16 +367,166 @@ def _routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int,
                     slot_pair=slot_pair, slot_expert=flat, counts_t=counts)
 
 
-def _shrink_blas(inp: torch.Tensor, rows: torch.Tensor | None, factors: torch.Tensor, routing: _Routing) -> torch.Tensor:
-    """``out[p] = factors[e(p)] @ inp[rows[p]]`` for expert-sorted pairs: one BLAS GEMM per expert that has pairs."""
-    if rows is not None:
-        inp = inp[rows]
-    out = torch.empty(inp.shape[0], factors.shape[1], dtype=torch.float32, device=inp.device)
+# Storage format codes of the CPU extension (csrc/common/float_bits.h Storage).
+_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_MXFP4 = 3
+# CPU crossovers (benchmarks/bench_overlay_moe.py at the gpt-oss-20b shape): products of at most GEMV_MAX_ROWS
+# input rows decode the weight in registers (memory-bound GEMV); larger ones decode DECODE_TILE_ROWS weight
+# rows at a time to fp32 and run BLAS. Experts with at most SHRINK_MAX_PAIRS pairs shrink in the same GEMV
+# kernel, the others as one BLAS GEMM on their factors decoded to fp32.
+GEMV_MAX_ROWS = 16
+DECODE_TILE_ROWS = 256
+SHRINK_MAX_PAIRS = 16
+
+
+def _bits(t: torch.Tensor):
+    """numpy view of a contiguous CPU tensor for the extension (16-bit floats as their int16 bits)."""
+    return t.view(torch.int16).numpy() if t.element_size() == 2 and t.is_floating_point() else t.numpy()
+
+
+def _np(t: torch.Tensor | None):
+    return None if t is None else _bits(t)
+
+
+def _check_stored_weight(w: torch.Tensor | None, blocks: torch.Tensor | None, scales: torch.Tensor | None
+                         ) -> tuple[int, int]:
+    if (w is None) == (blocks is None) or (blocks is None) != (scales is None):
+        raise ValueError("stored_matmul: pass either a float weight w, or MXFP4 blocks and scales")
+    if w is not None:
+        if w.dim() != 2 or w.dtype not in _FORMATS:
+            raise TypeError(f"stored_matmul: w must be a 2-D fp32/bf16/fp16 tensor, got {w.dtype} {list(w.shape)}")
+        return w.shape[0], w.shape[1]
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise TypeError(f"stored_matmul: blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
+    if blocks.dim() != 3 or blocks.shape[2] != 16 or tuple(scales.shape) != tuple(blocks.shape[:2]):
+        raise ValueError(f"stored_matmul: blocks must be [out, in/32, 16] and scales [out, in/32], got "
+                         f"{list(blocks.shape)} and {list(scales.shape)}")
+    return blocks.shape[0], blocks.shape[1] * 32
+
+
+def _decode_rows(w: torch.Tensor | None, blocks: torch.Tensor | None, scales: torch.Tensor | None, r0: int, r1: int,
+                 out: torch.Tensor) -> torch.Tensor:
+    """Rows ``r0:r1`` of the stored weight decoded into ``out`` (fp32 ``[r1 - r0, in]``)."""
+    if w is not None:
+        return out.copy_(w[r0:r1])
+    from lazarus_core.ops.mxfp4_dequant import mxfp4_dequant
+
+    return mxfp4_dequant(blocks[r0:r1], scales[r0:r1], out=out)
+
+
+def stored_matmul_reference(x: torch.Tensor, w: torch.Tensor | None = None, *, blocks: torch.Tensor | None = None,
+                            scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Readable :func:`stored_matmul`: decode the whole weight to fp32, then ``x @ W^T``."""
+    if w is None:
+        from lazarus_core.ops.mxfp4_dequant import mxfp4_dequant_reference
+
+        w = mxfp4_dequant_reference(blocks, scales).reshape(blocks.shape[0], -1)
+    return x.float() @ w.float().T
+
+
+def stored_matmul(x: torch.Tensor, w: torch.Tensor | None = None, *, blocks: torch.Tensor | None = None,
+                  scales: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """``x @ W^T`` for a weight kept in its stored precision, computed in fp32 without materialising ``W`` in fp32.
+
+    On the CPU, at most :data:`GEMV_MAX_ROWS` rows of ``x`` run a matrix-vector kernel that decodes ``W`` in
+    registers (bf16/fp16 converted, MXFP4 decoded inside the product); more rows decode
+    :data:`DECODE_TILE_ROWS` rows of ``W`` at a time into one reused fp32 buffer and run BLAS on it. An fp32
+    ``W`` with many rows goes straight to BLAS.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``[n, in]`` float (computed in fp32).
+    w : torch.Tensor, optional
+        ``[out, in]`` fp32, bf16 or fp16.
+    blocks, scales : torch.Tensor, optional
+        Instead of ``w``: an MXFP4 weight, uint8 ``[out, in/32, 16]`` and ``[out, in/32]``.
+    backend : {"auto", "cpu", "torch"}
+        ``"torch"`` decodes the whole weight and multiplies (the reference); other devices than the CPU run it.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[n, out]`` fp32.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Both or neither weight form, wrong dtypes or shapes (the message names the argument).
+    """
+    out_dim, in_dim = _check_stored_weight(w, blocks, scales)
+    if x.dim() != 2 or x.shape[1] != in_dim:
+        raise ValueError(f"stored_matmul: x must be [n, {in_dim}], got {list(x.shape)}")
+    impl = select_backend("stored_matmul", backend, x.device, {"cpu": _stored_matmul_cpu,
+                                                              "torch": stored_matmul_reference})
+    return impl(x, w, blocks=blocks, scales=scales)
+
+
+def _stored_matmul_cpu(x: torch.Tensor, w: torch.Tensor | None = None, *, blocks: torch.Tensor | None = None,
+                       scales: torch.Tensor | None = None) -> torch.Tensor:
+    out_dim, in_dim = (w.shape if w is not None else (blocks.shape[0], blocks.shape[1] * 32))
+    xf = x.to(torch.float32).contiguous()
+    n = xf.shape[0]
+    if w is not None and w.dtype == torch.float32:
+        return xf @ w.T
+    y = torch.empty(n, out_dim, dtype=torch.float32)
+    if n == 0 or out_dim == 0:
+        return y
+    if n <= GEMV_MAX_ROWS:
+        data, sc, fmt = (_bits(w), None, _FORMATS[w.dtype]) if w is not None else (blocks.numpy(), scales.numpy(), _MXFP4)
+        cpu_extension().stored_matvec(data, sc, fmt, out_dim, in_dim, xf.numpy(), None, y.numpy())
+        return y
+    tile = torch.empty(min(DECODE_TILE_ROWS, out_dim), in_dim, dtype=torch.float32)
+    part = torch.empty(n, tile.shape[0], dtype=torch.float32)
+    for r0 in range(0, out_dim, tile.shape[0]):
+        r1 = min(out_dim, r0 + tile.shape[0])
+        decoded = _decode_rows(w, blocks, scales, r0, r1, tile[:r1 - r0])
+        torch.mm(xf, decoded.T, out=part[:, :r1 - r0])
+        y[:, r0:r1] = part[:, :r1 - r0]
+    return y
+
+
+def _base_weight(ex: OverlayExperts, which: str) -> dict[str, torch.Tensor | None]:
+    if ex.base_format == "float":
+        return {"w": getattr(ex, f"base_{which}")}
+    return {"blocks": getattr(ex, f"base_{which}_blocks"), "scales": getattr(ex, f"base_{which}_scales")}
+
+
+def _base_cpu(inp: torch.Tensor, ex: OverlayExperts, which: str) -> torch.Tensor:
+    """``inp @ base^T`` of ``which`` ("gate_up" or "down") in its stored precision."""
+    w = _base_weight(ex, which)
+    return _stored_matmul_cpu(inp, w.pop("w", None), **w)
+
+
+def _base_torch(inp: torch.Tensor, ex: OverlayExperts, which: str) -> torch.Tensor:
+    return inp @ ex.base_fp32(which).T
+
+
+def _shrink_blas(inp: torch.Tensor, rows: torch.Tensor | None, factors: torch.Tensor, routing: _Routing,
+                 skip_pairs: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[p] = factors[e(p)] @ inp[rows[p]]`` for expert-sorted pairs: one BLAS GEMM per expert that has pairs
+    (more than ``skip_pairs`` pairs when given), on the expert's factors in fp32."""
+    if out is None:
+        out = torch.empty(routing.pair_expert.numel(), factors.shape[1], dtype=torch.float32, device=inp.device)
     start = 0
     for e, n in enumerate(routing.counts):
-        if n:
-            torch.mm(inp[start:start + n], factors[e].T, out=out[start:start + n])
-            start += n
+        if n and (skip_pairs is None or n > skip_pairs):
+            src = inp[rows[start:start + n]] if rows is not None else inp[start:start + n]
+            torch.mm(src, factors[e].to(torch.float32).T, out=out[start:start + n])
+        start += n
+    return out
+
+
+def _shrink_cpu(inp: torch.Tensor, rows: torch.Tensor | None, factors: torch.Tensor, routing: _Routing) -> torch.Tensor:
+    """As :func:`_shrink_blas`; experts with at most SHRINK_MAX_PAIRS pairs run the stored-precision GEMV kernel."""
+    n_experts, rank, cols = factors.shape
+    out = torch.empty(routing.pair_expert.numel(), rank, dtype=torch.float32)
+    if rank == 0 or out.shape[0] == 0:
+        return out
+    cpu_extension().overlay_shrink(_bits(factors), _FORMATS[factors.dtype], n_experts, rank, cols,
+                                   routing.offsets.numpy(), SHRINK_MAX_PAIRS, inp.numpy(), _np(rows), out.numpy())
+    if max(routing.counts) > SHRINK_MAX_PAIRS:
+        _shrink_blas(inp, rows, factors, routing, skip_pairs=SHRINK_MAX_PAIRS, out=out)
     return out
 
 
@@ -388,12 +538,12 @@ def _gate_up_torch(gu0, s_gu, r: _Routing, ex: OverlayExperts, h, hw):
             continue
         rows = slice(start, start + n)
         tok = r.pair_token[rows]
-        g = gu0[tok, :i] + s_gu[rows, :rg] @ ex.at_gate[e]
-        u = gu0[tok, i:] + s_gu[rows, rg:] @ ex.at_up[e]
+        g = gu0[tok, :i] + s_gu[rows, :rg] @ ex.at_gate[e].float()
+        u = gu0[tok, i:] + s_gu[rows, rg:] @ ex.at_up[e].float()
         if ex.bias_gate is not None:
-            g = g + ex.bias_gate[e]
+            g = g + ex.bias_gate[e].float()
         if ex.bias_up is not None:
-            u = u + ex.bias_up[e]
+            u = u + ex.bias_up[e].float()
         h[rows] = activation_reference(g, u, ex.activation, ex.alpha, ex.limit)
         start += n
     hw.zero_().index_add_(0, r.pair_token, h * r.pair_weight[:, None])
@@ -405,44 +555,49 @@ def _down_torch(s_d, r: _Routing, ex: OverlayExperts, y):
     for e, n in enumerate(r.counts):
         if n:
             rows = slice(start, start + n)
-            corr[rows] = s_d[rows] @ ex.at_down[e]
+            corr[rows] = s_d[rows] @ ex.at_down[e].float()
             if ex.bias_down is not None:
-                corr[rows] += ex.bias_down[e]
+                corr[rows] += ex.bias_down[e].float()
             start += n
     y.index_add_(0, r.pair_token, corr * r.pair_weight[:, None])
 
 
-def _np(t: torch.Tensor | None):
-    return None if t is None else t.numpy()
+def _check_portable(ex: OverlayExperts) -> None:
+    if ex.factor_dtype != torch.float32:
+        raise TypeError("the portable overlay kernels (the host twin of the CUDA arithmetic) read fp32 factors, got "
+                        f"{ex.factor_dtype}")
 
 
 def _gate_up_cpu(gu0, s_gu, r: _Routing, ex: OverlayExperts, h, hw, portable: bool = False):
     ext = cpu_extension()
     args = (gu0.numpy(), s_gu.numpy(), r.pair_token.numpy(), r.pair_weight.numpy(), r.offsets.numpy(),
-            ex.at_gate.numpy(), ex.at_up.numpy(), _np(ex.bias_gate), _np(ex.bias_up), ACTIVATIONS[ex.activation],
+            _bits(ex.at_gate), _bits(ex.at_up), _np(ex.bias_gate), _np(ex.bias_up), ACTIVATIONS[ex.activation],
             ex.alpha, ex.limit, h.numpy(), hw.numpy())
     if portable:
+        _check_portable(ex)
         ext.overlay_gate_up_portable(*args, r.slot_pair.numpy(), r.slot_expert.numpy(), r.slot_pair.numel() // hw.shape[0])
     else:
-        ext.overlay_gate_up(*args)
+        ext.overlay_gate_up(*args, _FORMATS[ex.factor_dtype])
 
 
 def _down_cpu(s_d, r: _Routing, ex: OverlayExperts, y, portable: bool = False):
     ext = cpu_extension()
-    args = (s_d.numpy(), r.pair_token.numpy(), r.pair_weight.numpy(), r.offsets.numpy(), ex.at_down.numpy(),
+    args = (s_d.numpy(), r.pair_token.numpy(), r.pair_weight.numpy(), r.offsets.numpy(), _bits(ex.at_down),
             _np(ex.bias_down), y.numpy())
     if portable:
+        _check_portable(ex)
         ext.overlay_down_portable(*args, r.slot_pair.numpy(), r.slot_expert.numpy(), r.slot_pair.numel() // y.shape[0])
     else:
-        ext.overlay_down(*args)
+        ext.overlay_down(*args, _FORMATS[ex.factor_dtype])
 
 
-# backend -> (grouped shrink, fused gate/up stage, fused down stage)
+# backend -> (base product, grouped shrink, fused gate/up stage, fused down stage); GPU backends live in
+# lazarus_core.ops.overlay_moe_gpu
 _IMPLS = {
-    "cpu": (_shrink_blas, _gate_up_cpu, _down_cpu),
+    "cpu": (_base_cpu, _shrink_cpu, _gate_up_cpu, _down_cpu),
     "cuda": "cuda",      # -> lazarus_core.ops.overlay_moe_gpu.overlay_moe_forward_gpu
     "triton": "triton",
-    "torch": (_shrink_blas, _gate_up_torch, _down_torch),
+    "torch": (_base_torch, _shrink_blas, _gate_up_torch, _down_torch),
 }
 
 
@@ -481,10 +636,11 @@ def overlay_moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     topk_weights : torch.Tensor
         ``[T, K]`` routing weights as the model mixes them (the family's convention already applied).
     experts : OverlayExperts
-        The layer's overlay, fp32, on ``x``'s device.
+        The layer's overlay in its storage precision, on ``x``'s device.
     backend : str
-        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"`` for the fused stages; the dense
-        products always go to BLAS/cuBLAS through torch.
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``. ``"cpu"`` reads every weight as stored
+        (see :func:`stored_matmul` for the base products and the shrink); ``"torch"`` is the readable path on
+        fp32 copies.
     check_ids : bool
         Check that every id is in ``[0, E)`` (one device-to-host copy, a sync on GPUs). Callers whose ids come
         from a top-k over the layer's own E router scores (the model integration) may skip it so the host
@@ -507,22 +663,19 @@ def overlay_moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     if isinstance(impl, str):
         from lazarus_core.ops.overlay_moe_gpu import overlay_moe_forward_gpu
         return overlay_moe_forward_gpu(x, topk_ids, topk_weights, experts, impl)
-    shrink, gate_up, down = impl
-    if experts.base_format != "float" or experts.base_gate_up.dtype != torch.float32 or \
-            experts.factor_dtype != torch.float32:
-        experts = experts.to_float()   # interim: storage-precision kernels come next
+    base, shrink, gate_up, down = impl
     t, i = x.shape[0], experts.intermediate_size
-    xf = x.to(torch.float32).contiguous()
     if t == 0:
         return torch.zeros_like(x)
-    r = _routing(topk_ids, topk_weights, experts.num_experts, sort=shrink is _shrink_blas)
-    gu0 = xf @ experts.base_gate_up.T                                    # [T, 2I]  BLAS, once per token
+    xf = x.to(torch.float32).contiguous()
+    r = _routing(topk_ids, topk_weights, experts.num_experts)
+    gu0 = base(xf, experts, "gate_up")                                  # [T, 2I]  once per token
     s_gu = shrink(xf, r.pair_token, experts.b_gate_up, r)                # [P, rg+ru] grouped shrink
-    h = torch.empty(r.pair_token.numel(), i, dtype=torch.float32, device=x.device)
-    hw = torch.empty(t, i, dtype=torch.float32, device=x.device)
+    h = torch.empty(r.pair_token.numel(), i, dtype=torch.float32)
+    hw = torch.empty(t, i, dtype=torch.float32)
     gate_up(gu0, s_gu, r, experts, h, hw)                                # fused expand + bias + act + weighted sum
     s_d = shrink(h, None, experts.b_down, r)                             # [P, rd]
-    y = hw @ experts.base_down.T                                         # [T, H] BLAS on the weighted sum
+    y = base(hw, experts, "down")                                        # [T, H] on the weighted sum
     down(s_d, r, experts, y)                                             # fused expand + bias + weighted sum
     return y.to(x.dtype)
 
@@ -538,9 +691,9 @@ def overlay_moe_flops(tokens: int, top_k: int, experts: OverlayExperts) -> int:
 
 
 def overlay_moe_bytes(tokens: int, top_k: int, experts: OverlayExperts) -> int:
-    """Weight bytes one forward must read at least: the bases plus the factors of the experts it touches
-    (``min(E, tokens * top_k)`` distinct experts), fp32."""
+    """Weight bytes one forward must read at least, as stored: the bases plus the factors and biases of the
+    experts it touches (``min(E, tokens * top_k)`` distinct experts)."""
     used = min(experts.num_experts, tokens * top_k)
-    per_expert = sum(t[0].numel() for t in (experts.b_gate_up, experts.at_gate, experts.at_up, experts.b_down,
-                                            experts.at_down))
-    return 4 * (experts.base_gate_up.numel() + experts.base_down.numel() + used * per_expert)
+    per_expert = [t for n, t in experts.tensors().items() if not n.startswith("base_")]
+    base = sum(t.numel() * t.element_size() for n, t in experts.tensors().items() if n.startswith("base_"))
+    return base + used * sum(t[0].numel() * t.element_size() for t in per_expert)

@@ -61,7 +61,7 @@ def test_mxfp4_base_is_stored_and_counted(upcycled, tmp_path):
     assert config["base_dtype"] == "mxfp4" and config["base_method"] == "refined"
     f = read_layer(tmp_path / "ov", config, 0)
     base = overlay_base(ckpt, 0, "gate")
-    err = float((f.base["gate"] - base).norm() / base.norm())
+    err = float((f.base_fp32("gate") - base).norm() / base.norm())
     assert 0 < err < 0.2  # MXFP4 rounding, nothing worse
     with pytest.raises(ValueError, match="--base-dtype"):
         plan_overlay(ckpt, layers, make_policy(rank=1), base_dtype="int3")

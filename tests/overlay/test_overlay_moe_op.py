@@ -1,24 +1,30 @@
-"""overlay_moe_forward on every backend against its readable reference: fresh random overlays, odd token
-counts, k in {1, 2, 4, 8}, ranks including 0 and 1, both activations, with and without expert biases."""
+"""overlay_moe_forward and stored_matmul on every CPU path against their readable references: overlays in
+storage precision (fp32/bf16/fp16 factors; fp32/bf16/fp16 or MXFP4 bases), fresh random draws, odd sizes,
+T in {0, 1, 3, 17, 300} (the GEMV and the decoded-tile paths, the GEMV and the BLAS shrink), k in {1, 2, 4, 8},
+ranks including 0 and 1, both activations, with and without expert biases, and edge values."""
 
 from __future__ import annotations
+
 
 import pytest
 import torch
 
 from lazarus_core import BackendUnavailableError
-from lazarus_core.ops import overlay_moe_forward, overlay_moe_forward_reference
+from lazarus_core.ops import mxfp4_quantize, overlay_moe_forward, overlay_moe_forward_reference
 from lazarus_core.ops import overlay_moe as op
 from tests.overlay.random_overlay import random_overlay, random_routing
 
 CPU_BACKENDS = ["torch", "cpu", "cpu_portable", "triton"]
+STORED_BACKENDS = ["torch", "cpu"]
+TOKENS = (0, 1, 3, 17, 300)
+FACTOR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _run(backend, x, ids, w, ex):
     if backend == "cpu_portable":  # the host twin of the CUDA arithmetic
         impls = dict(op._IMPLS)
         try:
-            op._IMPLS["cpu"] = (op._shrink_blas, lambda *a: op._gate_up_cpu(*a, portable=True),
+            op._IMPLS["cpu"] = (op._base_cpu, op._shrink_cpu, lambda *a: op._gate_up_cpu(*a, portable=True),
                                 lambda *a: op._down_cpu(*a, portable=True))
             return overlay_moe_forward(x, ids, w, ex, backend="cpu")
         finally:
@@ -27,38 +33,82 @@ def _run(backend, x, ids, w, ex):
     return overlay_moe_forward(x, ids, w, ex, backend=backend)
 
 
-def _tolerance(ref: torch.Tensor) -> float:
-    return 2e-5 * max(1.0, float(ref.abs().max()))
+def _assert_matches(out: torch.Tensor, x, ids, w, ex) -> None:
+    """The flash-attention rule: against a float64 oracle on the same stored values, the kernel's error is at
+    most twice the fp32 reference's (plus a floor of 1e-6 of the output scale); NaN positions match exactly."""
+    oracle = overlay_moe_forward_reference(x.double(), ids, w.double(), ex.to_float(torch.float64))
+    ref = overlay_moe_forward_reference(x, ids, w, ex).double()
+    assert out.shape == oracle.shape and out.dtype == x.dtype
+    nan = torch.isnan(oracle)
+    assert torch.equal(torch.isnan(out), nan) and torch.equal(torch.isnan(ref), nan)
+    out, ref, oracle = (t.double().masked_fill(nan, 0) for t in (out, ref, oracle))
+    scale, err, ref_err = (float(t.abs().max()) if t.numel() else 0.0 for t in (oracle, out - oracle, ref - oracle))
+    scale = max(1.0, scale)
+    assert err <= 2 * ref_err + 1e-6 * scale, (err, ref_err, scale)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("tokens,top_k,ranks", [(1, 1, (1, 1, 1)), (7, 2, (3, 5, 2)), (13, 4, (0, 0, 0)),
                                                 (5, 8, (4, 1, 0))], ids=lambda v: str(v).replace(" ", ""))
 @pytest.mark.parametrize("activation,bias", [("swiglu", False), ("gpt_oss", True)], ids=["swiglu", "gpt_oss+bias"])
-def test_matches_reference(backend, tokens, top_k, ranks, activation, bias):
+def test_fp32_overlay_matches_reference(backend, tokens, top_k, ranks, activation, bias):
     ex = random_overlay(9, 37, 21, ranks, bias=bias, activation=activation)
     x = torch.randn(tokens, 37) * 2
     ids, w = random_routing(tokens, 9, top_k)
-    ref = overlay_moe_forward_reference(x, ids, w, ex)
-    out = _run(backend, x, ids, w, ex)
-    assert out.shape == ref.shape and out.dtype == x.dtype
-    torch.testing.assert_close(out, ref, atol=_tolerance(ref), rtol=1e-4)
+    _assert_matches(_run(backend, x, ids, w, ex), x, ids, w, ex)
 
 
-def test_reference_equals_full_weights():
+# (base, factors): every base format and every factor dtype, each at least twice.
+STORAGE = [("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("mxfp4", "bf16"),
+           ("mxfp4", "fp16"), ("mxfp4", "fp32")]
+
+
+@pytest.mark.parametrize("base,factors", STORAGE, ids=[f"{b}-base-{f}-factors" for b, f in STORAGE])
+@pytest.mark.parametrize("activation,bias", [("swiglu", False), ("gpt_oss", True)], ids=["swiglu", "gpt_oss+bias"])
+def test_storage_precision_matches_reference(base, factors, activation, bias):
+    # MXFP4 needs in % 32 == 0 on both projections; float bases take sizes that are not multiples of 8.
+    hidden, inter = (64, 96) if base == "mxfp4" else (37, 21)
+    ex = random_overlay(5, hidden, inter, (3, 5, 2), bias=bias, activation=activation,
+                        factor_dtype=FACTOR_DTYPES[factors], base=base)
+    assert ex.factor_dtype == FACTOR_DTYPES[factors] and ex.base_format == ("mxfp4" if base == "mxfp4" else "float")
+    for tokens in TOKENS:  # T=300, k=2 over 5 experts: > SHRINK_MAX_PAIRS pairs per expert (the BLAS shrink)
+        x = torch.randn(tokens, hidden) * 2
+        ids, w = random_routing(tokens, 5, 2)
+        for backend in STORED_BACKENDS:
+            _assert_matches(overlay_moe_forward(x, ids, w, ex, backend=backend), x, ids, w, ex)
+
+
+def test_decoded_tiles_and_gemv_paths_agree(monkeypatch):
+    # Many ragged tiles (5 weight rows per tile), and every product through the GEMV kernel.
+    ex = random_overlay(3, 64, 32, (2, 3, 1), bias=True, activation="gpt_oss", factor_dtype=torch.bfloat16,
+                        base="mxfp4")
+    x = torch.randn(40, 64)
+    ids, w = random_routing(40, 3, 2)
+    monkeypatch.setattr(op, "DECODE_TILE_ROWS", 5)
+    _assert_matches(overlay_moe_forward(x, ids, w, ex, backend="cpu"), x, ids, w, ex)
+    monkeypatch.setattr(op, "GEMV_MAX_ROWS", 1000)
+    monkeypatch.setattr(op, "SHRINK_MAX_PAIRS", 1000)
+    _assert_matches(overlay_moe_forward(x, ids, w, ex, backend="cpu"), x, ids, w, ex)
+
+
+@pytest.mark.parametrize("base", ["fp32", "mxfp4"])
+def test_reference_equals_full_weights(base):
     # The reference never forms W_e; check it against the dense expert MLP on reconstructed weights.
-    ex = random_overlay(5, 19, 11, (2, 3, 4), bias=True, activation="gpt_oss")
-    x = torch.randn(6, 19)
+    hidden, inter = (64, 32) if base == "mxfp4" else (19, 11)
+    ex = random_overlay(5, hidden, inter, (2, 3, 4), bias=True, activation="gpt_oss", base=base,
+                        factor_dtype=torch.float32 if base == "fp32" else torch.bfloat16)
+    x = torch.randn(6, hidden)
     ids, w = random_routing(6, 5, 3)
     wg, wu, wd = (ex.reconstruct(p) for p in ("gate", "up", "down"))
-    expected = torch.zeros(6, 19)
+    bg, bu, bd = (b.float() for b in (ex.bias_gate, ex.bias_up, ex.bias_down))
+    expected = torch.zeros(6, hidden)
     for t in range(6):
         for k in range(3):
             e = int(ids[t, k])
-            g, u = wg[e] @ x[t] + ex.bias_gate[e], wu[e] @ x[t] + ex.bias_up[e]
+            g, u = wg[e] @ x[t] + bg[e], wu[e] @ x[t] + bu[e]
             g, u = g.clamp(max=7.0), u.clamp(-7.0, 7.0)
             h = g * torch.sigmoid(1.702 * g) * (u + 1)
-            expected[t] += w[t, k] * (wd[e] @ h + ex.bias_down[e])
+            expected[t] += w[t, k] * (wd[e] @ h + bd[e])
     torch.testing.assert_close(overlay_moe_forward_reference(x, ids, w, ex), expected, atol=1e-4, rtol=1e-4)
 
 
@@ -68,20 +118,136 @@ def test_gpt_oss_clamp_edges_and_repeated_expert():
     x = torch.randn(11, 33) * 10
     ids = torch.tensor([[1, 0]] * 11)
     w = torch.rand(11, 2)
-    ref = overlay_moe_forward_reference(x, ids, w, ex)
     for backend in ("cpu", "torch", "triton"):
-        torch.testing.assert_close(_run(backend, x, ids, w, ex), ref, atol=_tolerance(ref), rtol=1e-4)
+        _assert_matches(_run(backend, x, ids, w, ex), x, ids, w, ex)
 
 
-def test_zero_tokens_and_bf16_input():
-    ex = random_overlay(4, 16, 8, (1, 1, 1), bias=False, activation="swiglu")
-    out = overlay_moe_forward(torch.empty(0, 16), torch.empty(0, 2, dtype=torch.int64), torch.empty(0, 2), ex)
-    assert out.shape == (0, 16)
-    x = torch.randn(3, 16).to(torch.bfloat16)
+@pytest.mark.parametrize("factors", ["bf16", "fp32"])
+def test_edge_values(factors):
+    fdt = FACTOR_DTYPES[factors]
+    ex = random_overlay(4, 64, 32, (3, 2, 2), bias=True, activation="gpt_oss", factor_dtype=fdt, base="mxfp4")
+    # bf16 extremes: gate/up biases at +-bf16 max (clamped to +-limit), factors of one expert at the smallest
+    # bf16 subnormal, another expert all zero; duplicate experts per token; zero routing weights.
+    big = torch.finfo(torch.bfloat16).max
+    ex.bias_gate[0].fill_(big)
+    ex.bias_up[0].fill_(-big)
+    ex.bias_gate[1, ::2] = -big
+    tiny = torch.tensor(2.0 ** -133).to(fdt)  # the smallest positive bf16 subnormal
+    for t in (ex.b_gate_up, ex.at_gate, ex.at_up, ex.b_down, ex.at_down):
+        t[2].fill_(tiny)
+        t[3].zero_()
+    ids = torch.tensor([[0, 0], [1, 2], [3, 3], [2, 1], [0, 3]])
+    w = torch.tensor([[0.5, 0.5], [0.0, 1.0], [0.3, 0.0], [0.0, 0.0], [1.0, 2.0]])
+    x = torch.randn(5, 64)
+    for backend in STORED_BACKENDS:
+        out = overlay_moe_forward(x, ids, w, ex, backend=backend)
+        assert torch.isfinite(out).all()
+        _assert_matches(out, x, ids, w, ex)
+        assert torch.equal(out[3], torch.zeros(64))  # both weights zero: exactly nothing
+
+
+def test_zero_rank_and_zero_experts_weights():
+    ex = random_overlay(3, 37, 21, (0, 0, 0), bias=False, activation="swiglu", factor_dtype=torch.bfloat16,
+                        base="bf16")
+    x = torch.randn(4, 37)
+    ids, w = random_routing(4, 3, 2)
+    for backend in STORED_BACKENDS:
+        _assert_matches(overlay_moe_forward(x, ids, w, ex, backend=backend), x, ids, w, ex)
+
+
+def test_gpt_oss_clamp_propagates_nan():
+    # transformers' GPT-OSS experts clamp with torch.clamp, which keeps NaN: a NaN token stays NaN (an activation
+    # that clamps NaN to +-limit returns a finite row), and the other tokens are untouched.
+    ex = random_overlay(4, 64, 32, (2, 2, 2), bias=True, activation="gpt_oss", factor_dtype=torch.bfloat16,
+                        base="mxfp4")
+    x = torch.randn(3, 64)
+    x[1, 5] = float("nan")
     ids, w = random_routing(3, 4, 2)
-    out = overlay_moe_forward(x, ids, w, ex, backend="cpu")
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), overlay_moe_forward_reference(x.float(), ids, w, ex), atol=0.05, rtol=0.02)
+    for backend in STORED_BACKENDS:
+        out = overlay_moe_forward(x, ids, w, ex, backend=backend)
+        assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
+        _assert_matches(out, x, ids, w, ex)
+    # NaN only in the gate bias of expert 2: the pairs routed there, and nothing else.
+    ex.bias_gate[2, 3] = float("nan")
+    x = torch.randn(3, 64)
+    ids = torch.tensor([[2, 0], [1, 0], [3, 1]])
+    for backend in STORED_BACKENDS:
+        out = overlay_moe_forward(x, ids, w, ex, backend=backend)
+        assert torch.isnan(out[0]).all() and torch.isfinite(out[1:]).all()
+        _assert_matches(out, x, ids, w, ex)
+
+
+def test_mxfp4_nan_scale_in_the_base():
+    ex = random_overlay(3, 64, 32, (1, 1, 1), bias=False, activation="swiglu", factor_dtype=torch.bfloat16,
+                        base="mxfp4")
+    ex.base_down_scales[7, 0] = 0xFF  # row 7 of the down base: output column 7 of every token is NaN
+    ex.base_down_scales[9, 0] = 0     # 2^-127, a subnormal scale, kept
+    for tokens in (2, 20):            # the GEMV and the decoded-tile paths
+        x = torch.randn(tokens, 64)
+        ids, w = random_routing(tokens, 3, 2)
+        for backend in STORED_BACKENDS:
+            out = overlay_moe_forward(x, ids, w, ex, backend=backend)
+            assert torch.isnan(out[:, 7]).all() and int(torch.isnan(out).sum()) == tokens
+            _assert_matches(out, x, ids, w, ex)
+
+
+def test_layout_keeps_storage_precision_and_counts_stored_bytes():
+    e, h, i, (rg, ru, rd) = 3, 64, 96, (2, 3, 4)
+    ex = random_overlay(e, h, i, (rg, ru, rd), bias=True, activation="gpt_oss", factor_dtype=torch.bfloat16,
+                        base="mxfp4")
+    assert ex.base_gate_up is None and ex.base_down is None
+    assert ex.base_gate_up_blocks.dtype == torch.uint8 and ex.base_gate_up_blocks.shape == (2 * i, h // 32, 16)
+    assert ex.base_down_scales.shape == (h, i // 32)
+    assert {t.dtype for n, t in ex.tensors().items() if not n.startswith("base_")} == {torch.bfloat16}
+    base_bytes = (2 * i * h + h * i) * 17 // 32                       # 4.25 bits per value
+    factor_bytes = 2 * e * ((rg + ru) * h + rg * i + ru * i + rd * i + rd * h + 2 * i + h)
+    assert ex.nbytes() == base_bytes + factor_bytes
+    assert (ex.hidden_size, ex.intermediate_size, ex.num_experts) == (h, i, e)
+    assert ex.ranks == {"gate": rg, "up": ru, "down": rd}
+    fp32 = ex.to_float()
+    assert fp32.base_format == "float" and fp32.b_gate_up.dtype == torch.float32
+    torch.testing.assert_close(fp32.base_gate_up, ex.base_fp32("gate_up"), atol=0, rtol=0)
+    for p in ("gate", "up", "down"):
+        torch.testing.assert_close(fp32.reconstruct(p), ex.reconstruct(p), atol=0, rtol=0)
+
+
+def test_load_overlay_layers_keeps_the_stored_dtypes(checkpoint_dir, tmp_path):
+    from lazarus_core.models import open_moe_checkpoint
+    from lazarus_core.overlay import load_overlay_layers, make_policy, plan_overlay, read_config, write_overlay
+    from lazarus_core.overlay.verify import overlay_bytes_on_disk
+
+    model = str(checkpoint_dir("gpt_oss_mxfp4"))
+    ckpt = open_moe_checkpoint(model)
+    plan = plan_overlay(ckpt, list(ckpt.moe_layers), make_policy(rank=2), dtype="bf16", base_dtype="mxfp4",
+                        base_method="mean")
+    write_overlay(ckpt, tmp_path / "ov", plan, model=model)
+    layers = load_overlay_layers(tmp_path / "ov")
+    assert set(layers) == set(ckpt.moe_layers)
+    for ex in layers.values():
+        assert ex.base_format == "mxfp4" and ex.factor_dtype == torch.bfloat16
+    # As many bytes in memory as in the shards: nothing expanded.
+    assert sum(ex.nbytes() for ex in layers.values()) == overlay_bytes_on_disk(tmp_path / "ov",
+                                                                               read_config(tmp_path / "ov"))
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp16", "mxfp4"])
+def test_stored_matmul_matches_reference(fmt, monkeypatch):
+    monkeypatch.setattr(op, "DECODE_TILE_ROWS", 7)  # ragged tiles on the large-n path
+    rows, cols = (19, 96) if fmt == "mxfp4" else (19, 37)
+    w = torch.randn(rows, cols)
+    kw = dict(zip(("blocks", "scales"), mxfp4_quantize(w))) if fmt == "mxfp4" else {"w": w.to(FACTOR_DTYPES[fmt])}
+    if fmt == "mxfp4":
+        kw["scales"][3, 1] = 0xFF  # a NaN block: row 3 of every output is NaN
+        kw["scales"][4, 0] = 0     # a subnormal scale
+    for n in (0, 1, 2, 3, 4, 5, 17, 40):
+        x = torch.randn(n, cols)
+        ref = op.stored_matmul_reference(x, **kw)
+        out = op.stored_matmul(x, **kw)
+        oracle = x.double() @ op.stored_matmul_reference(torch.eye(cols), **kw).double()
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5, equal_nan=True)
+        if n:
+            err, ref_err = ((t.double() - oracle).nan_to_num().abs().max() for t in (out, ref))
+            assert err <= 2 * ref_err + 1e-6 * max(1.0, float(oracle.nan_to_num().abs().max()))
 
 
 def test_bad_inputs_name_the_argument():
@@ -98,13 +264,27 @@ def test_bad_inputs_name_the_argument():
         overlay_moe_forward(x, ids.float(), w, ex)
     with pytest.raises(ValueError, match="backend must be one of"):
         overlay_moe_forward(x, ids, w, ex, backend="nope")
+    base = {"gate": torch.zeros(8, 16), "up": torch.zeros(8, 16), "down": torch.zeros(16, 8)}
+    a = {"gate": torch.zeros(4, 8, 1), "up": torch.zeros(4, 8, 1), "down": torch.zeros(4, 16, 1)}
+    b = {"gate": torch.zeros(4, 1, 16), "up": torch.zeros(4, 1, 16), "down": torch.zeros(4, 1, 8)}
     with pytest.raises(ValueError, match="up.A has shape"):
-        op.OverlayExperts.from_factors({"gate": torch.zeros(8, 16), "up": torch.zeros(8, 16), "down": torch.zeros(16, 8)},
-                                       {"gate": torch.zeros(4, 8, 1), "up": torch.zeros(4, 9, 1), "down": torch.zeros(4, 16, 1)},
-                                       {"gate": torch.zeros(4, 1, 16), "up": torch.zeros(4, 1, 16), "down": torch.zeros(4, 1, 8)})
+        op.OverlayExperts.from_factors(base, {**a, "up": torch.zeros(4, 9, 1)}, b)
+    with pytest.raises(ValueError, match="every base must be float or every base MXFP4"):
+        op.OverlayExperts.from_factors({**base, "down": mxfp4_quantize(torch.zeros(16, 32))}, a, b)
+    packed = {"gate": mxfp4_quantize(torch.zeros(8, 32)), "up": mxfp4_quantize(torch.zeros(8, 32)),
+              "down": mxfp4_quantize(torch.zeros(32, 32))}
+    with pytest.raises(ValueError, match="in % 32 == 0"):  # down's input (I = 8) cannot hold MXFP4 blocks
+        op.OverlayExperts.from_factors(packed, {**a, "down": torch.zeros(4, 32, 1)},
+                                       {**b, "gate": torch.zeros(4, 1, 32), "up": torch.zeros(4, 1, 32)})
+    with pytest.raises(ValueError, match="either a float weight"):
+        op.stored_matmul(x, torch.zeros(4, 16), blocks=torch.zeros(4, 1, 16, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="w must be a 2-D"):
+        op.stored_matmul(x, torch.zeros(4, 16, dtype=torch.int32))
+    with pytest.raises(ValueError, match="x must be"):
+        op.stored_matmul(x, torch.zeros(4, 15))
 
 
-def test_cpu_binding_rejects_bad_offsets():
+def test_cpu_binding_rejects_bad_offsets_and_indices():
     from lazarus_core.ops._backends import cpu_extension
 
     ext = cpu_extension()
@@ -120,6 +300,30 @@ def test_cpu_binding_rejects_bad_offsets():
         ext.overlay_gate_up(gu0.numpy(), s.numpy(), torch.tensor([5]).numpy(), torch.ones(1).numpy(),
                             torch.tensor([0, 1, 1]).numpy(), ex.at_gate.numpy(), ex.at_up.numpy(), None, None, 0, 1.0,
                             7.0, h.numpy(), hw.numpy())
+    with pytest.raises(TypeError, match="at_gate must hold 16-bit"):  # fp32 factors announced as bf16
+        ext.overlay_gate_up(gu0.numpy(), s.numpy(), torch.zeros(1, dtype=torch.int64).numpy(), torch.ones(1).numpy(),
+                            torch.tensor([0, 1, 1]).numpy(), ex.at_gate.numpy(), ex.at_up.numpy(), None, None, 0, 1.0,
+                            7.0, h.numpy(), hw.numpy(), 1)
+    w, x, y = torch.zeros(3, 8), torch.zeros(2, 8), torch.zeros(1, 3)
+    with pytest.raises(ValueError, match="x_rows holds an index out of range"):
+        ext.stored_matvec(w.numpy(), None, 0, 3, 8, x.numpy(), torch.tensor([2]).numpy(), y.numpy())
+    with pytest.raises(ValueError, match="cols % 32"):
+        ext.stored_matvec(torch.zeros(3, 4, dtype=torch.uint8).numpy(), torch.zeros(3, dtype=torch.uint8).numpy(),
+                          3, 3, 8, x.numpy(), None, y.numpy())
+    with pytest.raises(ValueError, match="rows holds an index out of range"):
+        ext.overlay_shrink(ex.b_down.numpy(), 0, 2, 1, 4, torch.tensor([0, 1, 1]).numpy(), 16,
+                           torch.zeros(1, 4).numpy(), torch.tensor([1]).numpy(), torch.zeros(1, 1).numpy())
+
+
+def test_zero_tokens_and_bf16_input():
+    ex = random_overlay(4, 16, 8, (1, 1, 1), bias=False, activation="swiglu", factor_dtype=torch.bfloat16)
+    out = overlay_moe_forward(torch.empty(0, 16), torch.empty(0, 2, dtype=torch.int64), torch.empty(0, 2), ex)
+    assert out.shape == (0, 16)
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    ids, w = random_routing(3, 4, 2)
+    out = overlay_moe_forward(x, ids, w, ex, backend="cpu")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), overlay_moe_forward_reference(x.float(), ids, w, ex), atol=0.05, rtol=0.02)
 
 
 def test_cuda_backend_unavailable_here_is_explicit():

@@ -1,0 +1,65 @@
+// Why: the AVX2 pieces several CPU kernels share (exp, loads of stored bf16/fp16, horizontal sums), written
+// once. Functions carry target attributes: callers check the CPU at run time (cpu_has_avx2_fma_f16c) first.
+#pragma once
+
+#include <cstdint>
+
+#include "common/float_bits.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define LAZARUS_AVX2_MATH 1
+#include <immintrin.h>
+
+#define LZ_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+namespace lazarus {
+namespace simd {
+
+inline bool cpu_has_avx2_fma_f16c() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+}
+
+// exp(x) for 8 floats (Cephes expf: range reduction by ln 2, degree-5 polynomial; about 2e-7 relative).
+// x < -87.3 and NaN give 0; x above 88.3 gives exp(88.3) (finite), so 1 / (1 + exp(-x)) never divides by Inf.
+LZ_TARGET_AVX2 inline __m256 exp_avx2(__m256 x) {
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(pow2)), underflow);
+}
+
+// 8 consecutive stored values -> fp32 (exact): fp32, bf16 (bits shifted into the high half), fp16 (F16C).
+LZ_TARGET_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+LZ_TARGET_AVX2 inline __m256 load8(const bf16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+LZ_TARGET_AVX2 inline __m256 load8(const f16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+LZ_TARGET_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+}  // namespace simd
+}  // namespace lazarus
+#endif
