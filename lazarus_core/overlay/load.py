@@ -93,7 +93,7 @@ def experts_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
 
 def load_overlay_layers(overlay: str | os.PathLike, *, device: str | torch.device = "cpu",
                         layers: list[int] | None = None) -> dict[int, OverlayExperts]:
-    """Read an overlay checkpoint into kernel-layout :class:`OverlayExperts` (fp32), per MoE layer."""
+    """Read an overlay checkpoint into :class:`OverlayExperts` in its stored precision (no fp32 expansion)."""
     config = read_config(overlay)
     out = {}
     for layer in layers if layers is not None else config["moe_layers"]:
