@@ -179,7 +179,7 @@ def overlay_moe_op(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     """
     if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and (x.requires_grad or
                                                                                topk_weights.requires_grad)):
-        # eager inference: the op would run this same call, after ~0.1 ms of dispatch per layer
+        # eager inference: the op would run this same call after the dispatcher's pytree and autograd wrapping
         return _forward(x, topk_ids, topk_weights, experts, backend, check_ids)
     tensors, spec = flatten_overlay(experts)
     return _overlay_moe_op(x, topk_ids, topk_weights, tensors, spec, backend, check_ids)
