@@ -77,3 +77,60 @@ def test_malformed_entries_name_the_tensor(tmp_path, entry, match):
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         SafetensorsFile(tmp_path / "absent.safetensors")
+
+
+def _f32(begin, end):
+    return {"dtype": "F32", "shape": [(end - begin) // 4], "data_offsets": [begin, end]}
+
+
+# Files the safetensors library refuses: the tensors must tile the data section exactly.
+@pytest.mark.parametrize("header,data_bytes,match", [
+    ({"a": _f32(0, 8), "b": _f32(4, 12)}, 16, r"tensor 'b': data_offsets \[4, 12\] overlap tensor 'a' \(ends at 8\)"),
+    ({"a": _f32(0, 8), "b": _f32(0, 8)}, 8, r"tensor 'b': data_offsets \[0, 8\] overlap tensor 'a'"),
+    ({"a": _f32(0, 16), "z": {"dtype": "U8", "shape": [0], "data_offsets": [4, 4]}}, 16, r"tensor 'z'.* overlap"),
+    ({"a": _f32(0, 8), "b": _f32(12, 20)}, 20, r"tensor 'b': data_offsets \[12, 20\] leave bytes 8\.\.12 after the "
+                                               r"end of tensor 'a' covered by no tensor"),
+    ({"a": _f32(4, 12)}, 12, r"tensor 'a': data_offsets \[4, 12\] leave bytes 0\.\.4 after the start of the data"),
+    ({"a": _f32(0, 8)}, 12, r"the last tensor 'a' ends at byte \d+ but the file has \d+ bytes \(4 trailing bytes"),
+    ({}, 4, r"the header \(no tensor data\) ends at byte \d+ but the file has \d+ bytes \(4 trailing"),
+    ({"a": _f32(0, 16)}, 8, r"tensor 'a': data ends at byte \d+ but the file has \d+ bytes \(truncated file\)"),
+])
+def test_refuses_what_safetensors_refuses(tmp_path, header, data_bytes, match):
+    path = _with_header(tmp_path / "bad.safetensors", header, b"\0" * data_bytes)
+    with pytest.raises(Exception, match="invalid offset|not fully covered"):
+        with safe_open(str(path), "pt") as ref:
+            [ref.get_tensor(k) for k in ref.keys()]
+    with pytest.raises(CheckpointError, match=rf"bad\.safetensors: .*{match}"):
+        SafetensorsFile(path)
+
+
+# ... and files it accepts: any header order, empty tensors sharing an offset, no tensors at all.
+@pytest.mark.parametrize("header,data_bytes", [
+    ({"b": _f32(8, 16), "a": _f32(0, 8)}, 16),
+    ({"e": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}, "a": _f32(0, 8),
+      "f": {"dtype": "U8", "shape": [2, 0], "data_offsets": [8, 8]}}, 8),
+    ({}, 0),
+])
+def test_accepts_what_safetensors_accepts(tmp_path, header, data_bytes):
+    data = bytes(range(data_bytes))
+    path = _with_header(tmp_path / "ok.safetensors", header, data)
+    f = SafetensorsFile(path)
+    with safe_open(str(path), "pt") as ref:
+        assert sorted(ref.keys()) == sorted(f.tensors)
+        for name in ref.keys():
+            assert torch.equal(f.read(name), ref.get_tensor(name)), name
+
+
+def test_read_rows_over_leading_axes(sample):
+    f = SafetensorsFile(sample)
+    with safe_open(str(sample), "pt") as ref:
+        u8 = ref.get_tensor("u8")  # [4, 3, 16]
+        bf16 = ref.get_tensor("bf16")  # [6, 2, 3]
+    assert torch.equal(f.read_rows("u8", 1, 3), u8[1:3])
+    assert torch.equal(f.read_rows("u8", 5, 11, axes=2), u8.reshape(12, 16)[5:11])
+    assert torch.equal(f.read_rows("bf16", 2, 7, axes=3), bf16.reshape(-1)[2:7].reshape(5))
+    assert f.read_rows("u8", 2, 2).shape == (0, 3, 16)
+    with pytest.raises(IndexError, match=r"tensor 'u8' of shape \[4, 3, 16\]: rows 3:13 out of range 0:12"):
+        f.read_rows("u8", 3, 13, axes=2)
+    with pytest.raises(IndexError, match=r"tensor 'i64' of shape \[10\]: cannot take rows over its first 2 axes"):
+        f.read_rows("i64", 0, 1, axes=2)
