@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,11 +12,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from lazarus_core.distributed import World, current_world, split_contiguous
 from lazarus_core.routing.corpus import Corpus, Window, corpus_from_iterable, iter_windows
 from lazarus_core.routing.locate import find_moe_layers
 from lazarus_core.routing.recorder import RoutingRecorder
-from lazarus_core.routing.trace_format import ACTIVATION_DTYPES
+from lazarus_core.routing.trace_format import ACTIVATION_DTYPES, META_FILE, TraceError
+from lazarus_core.routing.trace_merge import merge_trace_parts
 from lazarus_core.routing.trace_writer import LayerBatch, TraceWriter
+
+PARTS_DIR = ".parts"  # a distributed capture's per-rank traces, inside the output directory until merged
 
 
 @dataclass
@@ -94,6 +99,7 @@ def capture_routing(
     resume: bool = False,
     progress: bool = True,
     model_meta: dict | None = None,
+    world: World | None = None,
 ) -> CaptureResult:
     """Capture the routing of every real token of a corpus into a trace directory (DESIGN.md section 6).
 
@@ -151,6 +157,14 @@ def capture_routing(
         Show a rich progress bar with tokens/s.
     model_meta : dict, optional
         ``model`` / ``revision`` / ``tokenizer`` entries for ``trace.json`` (defaults from the config).
+    world : World, optional
+        The torch.distributed job (default: :func:`lazarus_core.distributed.current_world`, which joins
+        torchrun's process group). With several ranks the documents are cut into contiguous ranges of
+        about equal tokens, one per rank; each rank captures its range into
+        ``out_dir/.parts/rank-R-of-W`` (a resumable trace), and rank 0 merges the parts into one trace in
+        document order, with ``"distributed": {"world_size", "assignment": {rank: [first_doc, last_doc]}}``
+        in ``trace.json``. Token rows, sampled activations and ``doc_ids`` equal a single-process capture.
+        A rank that dies leaves its part; rerunning with ``resume=True`` finishes it and merges.
 
     Returns
     -------
@@ -176,7 +190,26 @@ def capture_routing(
     info = find_moe_layers(model)
     selected = sorted(info.select(list(layers) if layers is not None else None))
     tokenize = tokenize_fn(tokenizer)
-    total = sum(len(w.token_ids) for w in iter_windows(tokenize, corpus.texts, seq_len, max_tokens))
+    doc_tokens = np.zeros(len(corpus.texts), dtype=np.int64)
+    for w in iter_windows(tokenize, corpus.texts, seq_len, max_tokens):
+        doc_tokens[w.doc_id] += len(w.token_ids)
+    total = int(doc_tokens.sum())
+    world = world if world is not None else current_world(next(model.parameters()).device)
+    docs = range(len(corpus.texts))
+    token_offset, final_dir = 0, Path(out_dir)
+    if world.distributed:
+        ranges = split_contiguous(doc_tokens.tolist(), world.world_size)
+        docs = ranges[world.rank]
+        token_offset = int(doc_tokens[:docs.start].sum())
+        merged_meta = final_dir / META_FILE
+        if merged_meta.is_file():
+            raise TraceError(f"{merged_meta} already exists; choose another output directory"
+                             + ("" if not resume else " (that trace is complete: nothing to resume)"))
+        out_dir = final_dir / PARTS_DIR / f"rank-{world.rank:05d}-of-{world.world_size:05d}"
+        stale = [p for p in (final_dir / PARTS_DIR).glob("rank-*") if not p.name.endswith(f"-of-{world.world_size:05d}")]
+        if stale:
+            raise TraceError(f"{final_dir / PARTS_DIR} holds parts of a capture with another number of ranks "
+                             f"({stale[0].name}); rerun with that many ranks, or delete {final_dir / PARTS_DIR}")
     config = model.config
     wants_activations = hidden_states or expert_outputs or all_experts
     sampled = _sample(total, sample_tokens, seed) if wants_activations else None
@@ -203,6 +236,55 @@ def capture_routing(
         "max_tokens": max_tokens,
         "hidden_size": int(getattr(config, "hidden_size", 0) or 0) or None,
     }
+    if world.distributed and resume and (Path(out_dir) / META_FILE).is_file() and \
+            json.loads((Path(out_dir) / META_FILE).read_text()).get("complete"):
+        part = None  # this rank's part finished in an earlier run: only the merge is left
+    else:
+        try:
+            part = _capture_part(model, tokenizer, corpus, Path(out_dir), meta, selected, info, docs=docs,
+                                 token_offset=token_offset, total=int(doc_tokens[docs.start:docs.stop].sum()),
+                                 sampled=sampled, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
+                                 logits=logits, hidden_states=hidden_states, expert_outputs=expert_outputs,
+                                 all_experts=all_experts, activation_dtype=activation_dtype, shard_tokens=shard_tokens,
+                                 resume=resume, progress=progress and world.is_root, activations=activations)
+        except Exception as exc:
+            if not world.distributed:
+                raise
+            failed = world.all_ok(False, f"{type(exc).__name__}: {exc}")
+            raise TraceError("distributed capture failed (the other ranks' parts are kept; rerun with --resume): "
+                             + "; ".join(failed)) from exc
+    if not world.distributed:
+        return part
+    failed = world.all_ok(True)
+    if failed:
+        raise TraceError("distributed capture failed (parts kept; rerun with --resume): " + "; ".join(failed))
+    merged = None
+    if world.is_root:
+        parts = [final_dir / PARTS_DIR / f"rank-{r:05d}-of-{world.world_size:05d}" for r in range(world.world_size)]
+        assignment = {str(r): [rng.start, rng.stop - 1] for r, rng in enumerate(ranges)}
+        merged = merge_trace_parts(parts, final_dir, extra_meta={"distributed": {
+            "world_size": world.world_size, "assignment": assignment,
+            "assignment_meaning": "rank -> [first_doc, last_doc] of its contiguous document range"}})
+        if not any((final_dir / PARTS_DIR).iterdir()):
+            (final_dir / PARTS_DIR).rmdir()
+    merged = world.broadcast(merged)
+    runs = world.gather((part.tokens_this_run, part.seconds) if part else (0, 0.0))
+    runs = world.broadcast(runs)
+    run_tokens, seconds = sum(r[0] for r in runs), max(r[1] for r in runs)
+    return CaptureResult(
+        trace_dir=str(final_dir), family=info.family, layers=selected, num_tokens=merged["num_tokens"],
+        num_documents=merged["num_documents"], num_shards=len(merged["shards"]), tokens_this_run=run_tokens,
+        seconds=seconds,
+        tokens_per_second=round(run_tokens / seconds, 1) if seconds > 0 else 0.0, resumed=bool(resume))
+
+
+def _capture_part(model, tokenizer, corpus: Corpus, out_dir: Path, meta: dict, selected: list[int], info, *,
+                  docs: range, token_offset: int, total: int, sampled, seq_len: int, batch_size: int,
+                  max_tokens: int | None, logits: bool, hidden_states: bool, expert_outputs: bool, all_experts: bool,
+                  activation_dtype: str, shard_tokens: int | None, resume: bool, progress: bool,
+                  activations: dict | None) -> CaptureResult:
+    """Capture the documents ``docs`` (whose first token is token ``token_offset`` of the whole capture)
+    into the trace directory ``out_dir``."""
     writer = TraceWriter(Path(out_dir), meta, selected, logits, shard_tokens=shard_tokens, resume=resume,
                          activations=activations)
     skip = writer.sequences_done
@@ -212,13 +294,14 @@ def capture_routing(
     pad_id = pad_id if pad_id is not None else (getattr(tokenizer, "eos_token_id", None) or 0)
     decoder = decoder_of(model)
 
-    windows = iter_windows(tokenize, corpus.texts, seq_len, max_tokens)
-    done_tokens = 0
+    tokenize = tokenize_fn(tokenizer)
+    windows = (w for w in iter_windows(tokenize, corpus.texts, seq_len, max_tokens) if w.doc_id in docs)
+    done_tokens = token_offset  # global token index of the next token (the activation sample is global)
     for _ in range(skip):
         done_tokens += len(next(windows).token_ids)
 
     bar = _progress_bar(progress)
-    task = bar.add_task("capture", total=total, completed=done_tokens) if bar else None
+    task = bar.add_task("capture", total=total, completed=done_tokens - token_offset) if bar else None
     start, run_tokens = time.perf_counter(), 0
     try:
         if bar:
