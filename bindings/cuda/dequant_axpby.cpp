@@ -43,6 +43,13 @@ void bind_dequant_axpby(py::module_& m) {
       },
       py::arg("src_ptr"), py::arg("n"), py::arg("alpha"), py::arg("y_ptr"), py::arg("beta"), py::arg("out_ptr"),
       py::arg("stream"));
+  m.def(
+      "mxfp4_axpby_vector_path",
+      [](uintptr_t y, uintptr_t out) {
+        return mxfp4_axpby_vector_path(reinterpret_cast<const void*>(y), reinterpret_cast<const void*>(out));
+      },
+      py::arg("y_ptr"), py::arg("out_ptr"),
+      "Whether mxfp4_axpby reads y / writes out as float2 (both 8-byte aligned) or takes the scalar path.");
 }
 
 }  // namespace bindings

@@ -1,6 +1,8 @@
-// Why: binds the CUDA overlay launchers; the Python op checks shapes, dtypes, devices and index ranges
-// of the device tensors before their pointers arrive here.
-#include "overlay_moe/overlay_moe.h"
+// Why: binds the CUDA overlay launchers (tiles of expert-sorted pairs, factors in storage dtype); the Python
+// op (lazarus_core/ops/overlay_moe_gpu.py) builds the tile map and checks shapes, dtypes and devices of the
+// tensors before their pointers arrive here. Also binds the launch-geometry function, which runs on the host
+// (the CPU tests check it for token counts above the old 65,535 limit).
+#include "overlay_moe/overlay_moe_gpu.h"
 
 #include "buffer_checks.h"
 
@@ -12,73 +14,100 @@ void raise_on_cuda_error(int code, const char* what);
 namespace {
 template <typename T>
 T* p(uintptr_t v) { return reinterpret_cast<T*>(v); }
+
+OverlayTiles tiles_of(uintptr_t tile_expert, uintptr_t tile_row, uintptr_t offsets, int64_t n_tiles, int block_m,
+                      const char* op) {
+  if (n_tiles < 0 || block_m < 1 || block_m > kMaxTileRows)
+    throw py::value_error(std::string(op) + ": n_tiles must be >= 0 and block_m in [1, " +
+                          std::to_string(kMaxTileRows) + "], got " + std::to_string(n_tiles) + ", " +
+                          std::to_string(block_m));
+  for (auto [v, name] : {std::pair{tile_expert, "tile_expert"}, {tile_row, "tile_row"}, {offsets, "offsets"}})
+    check_device_pointer(v, name, n_tiles);
+  return OverlayTiles{p<const int32_t>(tile_expert), p<const int64_t>(tile_row), p<const int64_t>(offsets), n_tiles,
+                      block_m};
+}
+
+Storage storage_of(int code, const char* op) {
+  if (code < 0 || code > 2)
+    throw py::value_error(std::string(op) + ": factor dtype code must be 0 (fp32), 1 (bf16) or 2 (fp16), got " +
+                          std::to_string(code));
+  return static_cast<Storage>(code);
+}
 }  // namespace
 
 void bind_overlay_moe(py::module_& m) {
   m.def(
-      "overlay_gate_up",
-      [](uintptr_t gu0, uintptr_t s_gu, uintptr_t pair_token, uintptr_t pair_weight, uintptr_t offsets,
-         uintptr_t at_gate, uintptr_t at_up, uintptr_t bias_gate, uintptr_t bias_up, int activation, float alpha,
-         float limit, uintptr_t h, uintptr_t hw, uintptr_t slot_pair, uintptr_t slot_expert, int64_t tokens,
-         int64_t inter, int64_t experts, int64_t rank_gate, int64_t rank_up, int64_t top_k, uintptr_t stream) {
-        if (tokens < 0 || inter < 0 || experts <= 0 || rank_gate < 0 || rank_up < 0 || top_k <= 0)
-          throw py::value_error("overlay_gate_up: sizes must be non-negative (experts, top_k positive)");
-        const int64_t P = tokens * top_k;
-        for (auto [v, name] : {std::pair{gu0, "gu0"}, {pair_weight, "pair_weight"}, {h, "h"}, {hw, "hw"},
-                               {slot_pair, "slot_pair"}, {slot_expert, "slot_expert"}})
-          check_device_pointer(v, name, P * inter);
-        const OverlayGateUpArgs a{p<const float>(gu0), p<const float>(s_gu), p<const int64_t>(pair_token),
-                                  p<const float>(pair_weight), p<const int64_t>(offsets), p<const float>(at_gate),
-                                  p<const float>(at_up), p<const float>(bias_gate), p<const float>(bias_up), tokens,
-                                  inter, P, experts, rank_gate, rank_up, activation, alpha, limit, p<float>(h),
-                                  p<float>(hw)};
-        int code;
-        {
-          py::gil_scoped_release release;
-          code = overlay_gate_up_cuda(a, p<const int64_t>(slot_pair), p<const int64_t>(slot_expert), top_k,
-                                      reinterpret_cast<void*>(stream));
-        }
-        raise_on_cuda_error(code, "overlay_gate_up");
-      });
-  m.def(
-      "overlay_down",
-      [](uintptr_t s_d, uintptr_t pair_token, uintptr_t pair_weight, uintptr_t offsets, uintptr_t at_down,
-         uintptr_t bias_down, uintptr_t y, uintptr_t slot_pair, uintptr_t slot_expert, int64_t tokens, int64_t hidden,
-         int64_t experts, int64_t rank_down, int64_t top_k, uintptr_t stream) {
-        if (tokens < 0 || hidden < 0 || experts <= 0 || rank_down < 0 || top_k <= 0)
-          throw py::value_error("overlay_down: sizes must be non-negative (experts, top_k positive)");
-        const int64_t P = tokens * top_k;
-        for (auto [v, name] : {std::pair{pair_weight, "pair_weight"}, {y, "y"}, {slot_pair, "slot_pair"},
-                               {slot_expert, "slot_expert"}})
-          check_device_pointer(v, name, P * hidden);
-        const OverlayDownArgs a{p<const float>(s_d), p<const int64_t>(pair_token), p<const float>(pair_weight),
-                                p<const int64_t>(offsets), p<const float>(at_down), p<const float>(bias_down), tokens,
-                                hidden, P, experts, rank_down, p<float>(y)};
-        int code;
-        {
-          py::gil_scoped_release release;
-          code = overlay_down_cuda(a, p<const int64_t>(slot_pair), p<const int64_t>(slot_expert), top_k,
-                                   reinterpret_cast<void*>(stream));
-        }
-        raise_on_cuda_error(code, "overlay_down");
-      });
-  m.def(
-      "overlay_shrink",
-      [](uintptr_t inp, uintptr_t rows, uintptr_t pair_expert, uintptr_t b, uintptr_t s, int64_t pairs, int64_t in_dim,
-         int64_t rank, uintptr_t stream) {
-        if (pairs < 0 || in_dim < 0 || rank < 0)
-          throw py::value_error("overlay_shrink: sizes must be non-negative");
-        for (auto [v, name] : {std::pair{inp, "inp"}, {pair_expert, "pair_expert"}, {b, "b"}, {s, "s"}})
+      "overlay_grouped_shrink",
+      [](uintptr_t inp, uintptr_t rows, uintptr_t tile_expert, uintptr_t tile_row, uintptr_t offsets, int64_t n_tiles,
+         int block_m, uintptr_t b, int b_dtype, uintptr_t out, int64_t pairs, int64_t in_dim, int64_t rank,
+         uintptr_t stream) {
+        if (pairs < 0 || in_dim < 0 || rank < 0) throw py::value_error("overlay_grouped_shrink: negative size");
+        const OverlayTiles t = tiles_of(tile_expert, tile_row, offsets, n_tiles, block_m, "overlay_grouped_shrink");
+        const Storage dt = storage_of(b_dtype, "overlay_grouped_shrink");
+        for (auto [v, name] : {std::pair{inp, "inp"}, {rows, "rows"}, {b, "b"}, {out, "out"}})
           check_device_pointer(v, name, pairs * rank);
         int code;
         {
           py::gil_scoped_release release;
-          code = overlay_shrink_cuda(p<const float>(inp), p<const int64_t>(rows), p<const int64_t>(pair_expert),
-                                     p<const float>(b), p<float>(s), pairs, in_dim, rank,
-                                     reinterpret_cast<void*>(stream));
+          code = overlay_grouped_shrink_cuda(p<const float>(inp), p<const int64_t>(rows), t, p<const void>(b), dt,
+                                             p<float>(out), pairs, in_dim, rank, reinterpret_cast<void*>(stream));
         }
-        raise_on_cuda_error(code, "overlay_shrink");
+        raise_on_cuda_error(code, "overlay_grouped_shrink");
       });
+  m.def(
+      "overlay_gate_up_expand",
+      [](uintptr_t gu0, uintptr_t s_gu, uintptr_t slot, uintptr_t tile_expert, uintptr_t tile_row, uintptr_t offsets,
+         int64_t n_tiles, int block_m, uintptr_t at_gate, uintptr_t at_up, uintptr_t bias_gate, uintptr_t bias_up,
+         int dtype, int activation, float alpha, float limit, uintptr_t h, int64_t pairs, int64_t inter,
+         int64_t rank_gate, int64_t rank_up, int64_t top_k, uintptr_t stream) {
+        if (pairs < 0 || inter < 0 || rank_gate < 0 || rank_up < 0 || top_k <= 0)
+          throw py::value_error("overlay_gate_up_expand: sizes must be non-negative (top_k positive)");
+        const OverlayTiles t = tiles_of(tile_expert, tile_row, offsets, n_tiles, block_m, "overlay_gate_up_expand");
+        const Storage dt = storage_of(dtype, "overlay_gate_up_expand");
+        for (auto [v, name] : {std::pair{gu0, "gu0"}, {slot, "slot"}, {h, "h"}}) check_device_pointer(v, name, pairs * inter);
+        const OverlayExpandArgs a{p<const float>(s_gu), p<const int64_t>(slot), p<const void>(at_gate),
+                                  p<const void>(at_up), p<const void>(bias_gate), p<const void>(bias_up), dt, pairs,
+                                  inter, rank_gate, rank_up, top_k, activation, alpha, limit, p<const float>(gu0),
+                                  nullptr, p<float>(h)};
+        int code;
+        {
+          py::gil_scoped_release release;
+          code = overlay_gate_up_expand_cuda(a, t, reinterpret_cast<void*>(stream));
+        }
+        raise_on_cuda_error(code, "overlay_gate_up_expand");
+      });
+  m.def(
+      "overlay_down_expand",
+      [](uintptr_t s_d, uintptr_t slot, uintptr_t weight, uintptr_t tile_expert, uintptr_t tile_row, uintptr_t offsets,
+         int64_t n_tiles, int block_m, uintptr_t at_down, uintptr_t bias_down, int dtype, uintptr_t corr, int64_t pairs,
+         int64_t hidden, int64_t rank_down, uintptr_t stream) {
+        if (pairs < 0 || hidden < 0 || rank_down < 0) throw py::value_error("overlay_down_expand: negative size");
+        const OverlayTiles t = tiles_of(tile_expert, tile_row, offsets, n_tiles, block_m, "overlay_down_expand");
+        const Storage dt = storage_of(dtype, "overlay_down_expand");
+        for (auto [v, name] : {std::pair{slot, "slot"}, {weight, "weight"}, {corr, "corr"}})
+          check_device_pointer(v, name, pairs * hidden);
+        const OverlayExpandArgs a{p<const float>(s_d), p<const int64_t>(slot), p<const void>(at_down), nullptr,
+                                  p<const void>(bias_down), nullptr, dt, pairs, hidden, rank_down, 0, 1, 0, 0.0f,
+                                  0.0f, nullptr, p<const float>(weight), p<float>(corr)};
+        int code;
+        {
+          py::gil_scoped_release release;
+          code = overlay_down_expand_cuda(a, t, reinterpret_cast<void*>(stream));
+        }
+        raise_on_cuda_error(code, "overlay_down_expand");
+      });
+  m.def(
+      "overlay_launch_geometry",
+      [](int64_t n_tiles, int64_t extent, int64_t per_block) {
+        if (n_tiles < 0 || extent < 0 || per_block <= 0)
+          throw py::value_error("overlay_launch_geometry: sizes must be non-negative (per_block positive)");
+        const OverlayGrid g = overlay_grid(n_tiles, extent, per_block);
+        return py::make_tuple(g.x, g.y, g.blocks);
+      },
+      "The (gridDim.x, gridDim.y, blocks per tile) an overlay kernel launches with (host computation).");
+  m.attr("overlay_tile_rows") = kMaxTileRows;
+  m.attr("overlay_threads") = kOverlayThreads;
+  m.attr("overlay_shrink_warps") = kShrinkWarps;
 }
 
 }  // namespace bindings

@@ -190,67 +190,116 @@ def test_dequant_axpby_float_source_running_mean(backend, dtype):
     expected = torch.zeros(129, 301)
     for w in experts:
         expected = dequant_axpby_reference(w, expected, alpha=1.0 / len(experts))
-    if backend == "cuda" and dtype != torch.bfloat16:
-        # fp32/fp16 sources go through torch.add(alpha=...), which may fuse into one FMA rounding (as on the CPU).
-        torch.testing.assert_close(mean.cpu(), expected, rtol=1e-6, atol=1e-6)
-    else:
-        torch.testing.assert_close(mean.cpu(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(mean.cpu(), expected, rtol=0, atol=0)    # exact on every source (no FMA)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_dequant_axpby_mxfp4_at_odd_float_offsets(backend):
+    # y and out as views one float into their buffers (4-byte, not 8-byte aligned): the CUDA kernel read them as
+    # float2 with no check and faulted; it now takes the scalar path there.
+    blocks = torch.randint(0, 256, (33, 3, 16), dtype=torch.uint8)
+    scales = torch.randint(110, 140, (33, 3), dtype=torch.uint8)
+    y_buf, out_buf = torch.randn(33 * 96 + 1, device="cuda"), _poisoned((33 * 96 + 1,), torch.float32)
+    y, out = y_buf[1:].view(33, 96), out_buf[1:].view(33, 96)
+    assert y.data_ptr() % 8 == 4 and out.data_ptr() % 8 == 4
+    dequant_axpby(blocks.cuda(), y, scales=scales.cuda(), alpha=1 / 7, beta=-2.0, out=out, backend=backend)
+    expected = dequant_axpby_reference(blocks, y.cpu(), scales=scales, alpha=1 / 7, beta=-2.0)
+    torch.testing.assert_close(out.cpu(), expected, rtol=0, atol=0)
+    assert torch.isnan(out_buf[0])                                   # nothing written before the view
 
 
 # ---------------------------------------------------------------- overlay_moe_forward
 
 
-def _overlay_to(ex, device: str, dtype: torch.dtype = torch.float32):
-    from dataclasses import fields, replace
+def _on_cuda(ex):
+    """The same overlay (stored dtypes, MXFP4 blocks included) on the GPU."""
+    from dataclasses import replace
 
-    return replace(ex, **{f.name: getattr(ex, f.name).to(device=device, dtype=dtype) for f in fields(ex)
-                          if isinstance(getattr(ex, f.name), torch.Tensor)})
+    return replace(ex, **{n: t.cuda() for n, t in ex.tensors().items()})
 
 
-def _assert_near_float64(out: torch.Tensor, x, ids, w, ex) -> None:
-    """``out`` (from the GPU) against the reference computed in float64: relative Frobenius error < 5e-6.
+def _assert_near_float64(out: torch.Tensor, x, ids, w, ex, tol: float = 5e-6) -> None:
+    """``out`` (from the GPU) against the reference computed in float64 on the same stored values: relative
+    Frobenius error < ``tol``.
 
-    fp32 summed in any order lands near 1e-7 to 1e-6 here (the CPU backends: 1.6e-7 to 6.2e-7 on these shapes);
-    a wrong index, a missed pair or a lost term is orders of magnitude above."""
-    ref = overlay_moe_forward_reference(x.double(), ids, w.double(), _overlay_to(ex, "cpu", torch.float64))
+    fp32 summed in any order lands near 1e-7 to 1e-6 here; a wrong index, a missed pair or a lost term is
+    orders of magnitude above."""
+    ref = overlay_moe_forward_reference(x.double(), ids, w.double(), ex.to_float(torch.float64))
     err = float((out.cpu().double() - ref).norm() / ref.norm().clamp_min(1e-30))
-    assert torch.isfinite(out).all() and err < 5e-6, f"relative error {err:.2e} vs the float64 reference"
+    assert torch.isfinite(out).all() and err < tol, f"relative error {err:.2e} vs the float64 reference"
+
+
+_STORED = [(torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.bfloat16, "mxfp4"), (torch.float16, "fp32")]
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("factor_dtype,base", _STORED, ids=["fp32", "bf16", "bf16+mxfp4", "fp16+fp32base"])
 @pytest.mark.parametrize("tokens,top_k,ranks", [(1, 1, (1, 1, 1)), (7, 2, (3, 5, 2)), (13, 4, (0, 0, 0)),
                                                 (5, 8, (4, 1, 0)), (257, 4, (16, 9, 33))],
                          ids=lambda v: str(v).replace(" ", ""))
 @pytest.mark.parametrize("activation,bias", [("swiglu", False), ("gpt_oss", True)], ids=["swiglu", "gpt_oss+bias"])
-def test_overlay_moe_matches_reference(backend, tokens, top_k, ranks, activation, bias):
-    hidden, inter = (37, 21) if tokens < 100 else (301, 517)    # the large case spans many column blocks
-    ex = random_overlay(9, hidden, inter, ranks, bias=bias, activation=activation)
+def test_overlay_moe_matches_reference(backend, factor_dtype, base, tokens, top_k, ranks, activation, bias):
+    if base == "mxfp4":
+        hidden, inter = (64, 96) if tokens < 100 else (320, 544)
+    else:
+        hidden, inter = (37, 21) if tokens < 100 else (301, 517)    # the large case spans many column blocks
+    ex = random_overlay(9, hidden, inter, ranks, bias=bias, activation=activation, factor_dtype=factor_dtype,
+                        base=base)
     x = torch.randn(tokens, hidden) * 2
     ids, w = random_routing(tokens, 9, top_k)
-    out = overlay_moe_forward(x.cuda(), ids.cuda(), w.cuda(), _overlay_to(ex, "cuda"), backend=backend)
+    out = overlay_moe_forward(x.cuda(), ids.cuda(), w.cuda(), _on_cuda(ex), backend=backend)
     assert out.device.type == "cuda" and out.shape == (tokens, hidden) and out.dtype == torch.float32
     _assert_near_float64(out, x, ids, w, ex)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_overlay_moe_clamp_edges_and_repeated_expert(backend):
-    ex = random_overlay(3, 33, 17, (2, 2, 2), bias=True, activation="gpt_oss", scale=2.0)
-    x = torch.randn(11, 33) * 10
-    ids = torch.tensor([[1, 0]] * 11)
-    w = torch.rand(11, 2)
-    out = overlay_moe_forward(x.cuda(), ids.cuda(), w.cuda(), _overlay_to(ex, "cuda"), backend=backend)
+@pytest.mark.parametrize("keep", ["gate", "up", "down"])
+def test_overlay_moe_each_bias_on_its_own(backend, keep):
+    from dataclasses import replace
+
+    full = random_overlay(5, 37, 21, (3, 2, 4), bias=True, activation="gpt_oss", factor_dtype=torch.bfloat16)
+    ex = replace(full, **{f"bias_{p}": None for p in ("gate", "up", "down") if p != keep})
+    x = torch.randn(9, 37)
+    ids, w = random_routing(9, 5, 2)
+    _assert_near_float64(overlay_moe_forward(x.cuda(), ids.cuda(), w.cuda(), _on_cuda(ex), backend=backend),
+                         x, ids, w, ex)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_overlay_moe_more_than_65535_tokens(backend):
+    # The old CUDA kernels put tokens on gridDim.y (at most 65,535): this launch failed.
+    ex = random_overlay(8, 64, 32, (2, 3, 2), bias=True, activation="gpt_oss", factor_dtype=torch.bfloat16,
+                        base="mxfp4")
+    x = torch.randn(70000, 64)
+    ids, w = random_routing(70000, 8, 2)
+    out = overlay_moe_forward(x.cuda(), ids.cuda(), w.cuda(), _on_cuda(ex), backend=backend)
     _assert_near_float64(out, x, ids, w, ex)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_overlay_moe_clamp_edges_nan_and_repeated_expert(backend):
+    ex = random_overlay(3, 33, 17, (2, 2, 2), bias=True, activation="gpt_oss", scale=2.0)
+    x = torch.randn(11, 33) * 10
+    ids = torch.tensor([[1, 0]] * 11)
+    w = torch.rand(11, 2)
+    out = overlay_moe_forward(x.cuda(), ids.cuda(), w.cuda(), _on_cuda(ex), backend=backend)
+    _assert_near_float64(out, x, ids, w, ex)
+    x[4, 0] = float("nan")          # transformers' torch.clamp keeps NaN; fminf-style clamps made it +-limit
+    out = overlay_moe_forward(x.cuda(), ids.cuda(), w.cuda(), _on_cuda(ex), backend=backend).cpu()
+    ref = overlay_moe_forward_reference(x, ids, w, ex)
+    assert torch.isnan(ref[4]).all() and torch.equal(torch.isnan(out), torch.isnan(ref))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_overlay_moe_zero_tokens_and_bf16(backend):
-    ex = _overlay_to(random_overlay(4, 16, 8, (1, 1, 1), bias=False, activation="swiglu"), "cuda")
-    out = overlay_moe_forward(torch.empty(0, 16, device="cuda"), torch.empty(0, 2, dtype=torch.int64, device="cuda"),
+    ex = _on_cuda(random_overlay(4, 32, 64, (1, 1, 1), bias=False, activation="swiglu", factor_dtype=torch.bfloat16,
+                                 base="bf16"))
+    out = overlay_moe_forward(torch.empty(0, 32, device="cuda"), torch.empty(0, 2, dtype=torch.int64, device="cuda"),
                               torch.empty(0, 2, device="cuda"), ex, backend=backend)
-    assert out.shape == (0, 16)
-    x = torch.randn(3, 16)
+    assert out.shape == (0, 32)
+    x = torch.randn(3, 32)
     ids, w = random_routing(3, 4, 2)
     out = overlay_moe_forward(x.to(torch.bfloat16).cuda(), ids.cuda(), w.cuda(), ex, backend=backend)
-    assert out.dtype == torch.bfloat16
-    ref = overlay_moe_forward_reference(x.to(torch.bfloat16).float(), ids, w, _overlay_to(ex, "cpu"))
-    torch.testing.assert_close(out.float().cpu(), ref, atol=0.05, rtol=0.02)
+    assert out.dtype == torch.bfloat16        # the base product in bf16 (cuBLAS, fp32 accumulation)
+    ref = overlay_moe_forward_reference(x.to(torch.bfloat16).float(), ids, w, ex.to_float())
+    torch.testing.assert_close(out.float().cpu(), ref.cpu(), atol=0.05, rtol=0.02)

@@ -51,13 +51,50 @@ def test_portable_cpu_path_matches():
 def test_float_source(backend, dtype, alpha, beta):
     w = torch.randn(7, 13).to(dtype)
     y = torch.randn(7, 13)
-    expected = dequant_axpby_reference(w, y, alpha=alpha, beta=beta)
-    actual = dequant_axpby(w, y, alpha=alpha, beta=beta, backend=backend)
-    if backend == "cpu" and dtype != torch.bfloat16:
-        # fp16/fp32 sources go through torch.add(alpha=...), which may fuse into one FMA rounding.
-        torch.testing.assert_close(actual, expected, rtol=2.5e-7, atol=2.5e-7)
+    _exact(dequant_axpby(w, y, alpha=alpha, beta=beta, backend=backend),
+           dequant_axpby_reference(w, y, alpha=alpha, beta=beta))
+
+
+def _rounded_f64(decoded: torch.Tensor, y: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """alpha * w + beta * y with each operation done in float64 and rounded to fp32 (alpha, beta too).
+
+    float64 holds every fp32 product exactly and double rounding of + and * through float64 is innocuous
+    (53 >= 2 * 24 + 2), so this is fp32 arithmetic with one rounding per operation, independent of torch."""
+    f32 = lambda v: v.to(torch.float32).to(torch.float64)  # noqa: E731
+    a, b = f32(torch.tensor(alpha, dtype=torch.float64)), f32(torch.tensor(beta, dtype=torch.float64))
+    return f32(f32(a * decoded.double()) + f32(b * y.double())).float()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("source", ["fp32", "fp16", "bf16", "mxfp4"])
+def test_exact_at_one_seventh(backend, source):
+    # alpha = 1/7 is inexact in fp32, so an FMA contraction of alpha * w + beta * y changes about 12% of the
+    # results (the fp32/fp16 cpu path did before it rounded the product on its own).
+    y = torch.randn(37, 96)
+    if source == "mxfp4":
+        blocks, scales = _mxfp4((37, 3))
+        decoded = torch.from_numpy(decode_f64(blocks.numpy(), scales.numpy())).reshape(37, 96)
+        out = dequant_axpby(blocks, y, scales=scales, alpha=1 / 7, beta=0.3, backend=backend)
     else:
-        _exact(actual, expected)
+        w = torch.randn(37, 96).to({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[source])
+        decoded = w.double()
+        out = dequant_axpby(w, y, alpha=1 / 7, beta=0.3, backend=backend)
+    _exact(out, _rounded_f64(decoded, y, 1 / 7, 0.3))
+    fused = (torch.tensor(1 / 7, dtype=torch.float64).float().double() * decoded.double()
+             + torch.tensor(0.3).double() * y.double()).float()          # one rounding (an FMA-like result)
+    assert (fused != out).float().mean() > 0.01                              # the test can tell the two apart
+
+
+def test_cuda_mxfp4_path_checks_alignment():
+    # The CUDA kernel read y / wrote out as float2 with no check: a view at an odd float offset faulted. The
+    # launcher now picks the float2 path only when both pointers are 8-byte aligned (a host function).
+    C = pytest.importorskip("lazarus_core._C_cuda", reason="the CUDA extension was not built here")
+    base = 0x7F0000000000
+    assert C.mxfp4_axpby_vector_path(base, base + 8)
+    assert not C.mxfp4_axpby_vector_path(base + 4, base + 8)
+    assert not C.mxfp4_axpby_vector_path(base, base + 12)
+    y = torch.zeros(65)[1:]                                   # the view a caller can pass: contiguous, offset 4
+    assert not C.mxfp4_axpby_vector_path(y.data_ptr(), y.data_ptr())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

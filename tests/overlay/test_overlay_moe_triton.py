@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lazarus_core.ops import mxfp4_dequant, mxfp4_quantize, overlay_moe_forward, overlay_moe_forward_reference
+from lazarus_core.ops import mxfp4_dequant, overlay_moe_forward, overlay_moe_forward_reference
 from lazarus_core.ops.overlay_moe import OverlayExperts
 from lazarus_core.ops.overlay_moe_gpu import BLOCK_M, tile_map
 from tests.overlay.random_overlay import random_overlay, random_routing
@@ -22,23 +22,12 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", 
                                 reason="the Triton backend needs TRITON_INTERPRET=1 (set by tests/conftest.py) or a GPU")
 
 
-def _mxfp4_overlay(n_experts: int, hidden: int, inter: int, ranks, *, bias: bool, activation: str,
-                   dtype: torch.dtype) -> OverlayExperts:
-    """An overlay with an MXFP4 base (quantised from a Gaussian) and factors in ``dtype``."""
-    ex = random_overlay(n_experts, hidden, inter, ranks, bias=bias, activation=activation)
-    base = {"gate": ex.base_gate_up[:inter], "up": ex.base_gate_up[inter:], "down": ex.base_down}
-    packed = {p: mxfp4_quantize(w, backend="torch") for p, w in base.items()}
-    a = {p: ex.factors(p)[1] for p in ("gate", "up", "down")}
-    b = {p: ex.factors(p)[2] for p in ("gate", "up", "down")}
-    biases = {"gate": ex.bias_gate, "up": ex.bias_up, "down": ex.bias_down} if bias else None
-    return OverlayExperts.from_factors(packed, a, b, biases, activation=activation, dtype=dtype)
-
-
 def _overlay(base_format: str, dtype: torch.dtype, *, bias: bool, activation: str, ranks=(3, 5, 2)) -> OverlayExperts:
+    """7 experts; an MXFP4 base needs H and I in multiples of 32, a float one gets odd sizes (base in ``dtype``)."""
     if base_format == "mxfp4":
-        return _mxfp4_overlay(7, 64, 96, ranks, bias=bias, activation=activation, dtype=dtype)
-    ex = random_overlay(7, 37, 21, ranks, bias=bias, activation=activation)
-    return OverlayExperts(**{n: t.to(dtype) for n, t in ex.tensors().items()}, activation=activation)
+        return random_overlay(7, 64, 96, ranks, bias=bias, activation=activation, factor_dtype=dtype, base="mxfp4")
+    return random_overlay(7, 37, 21, ranks, bias=bias, activation=activation, factor_dtype=dtype,
+                          base={torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype])
 
 
 def _assert_matches_float64(out: torch.Tensor, x, ids, w, ex, tol: float = 2e-6) -> None:
