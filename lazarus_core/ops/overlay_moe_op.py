@@ -232,16 +232,18 @@ def overlay_moe_backward(grad_y: torch.Tensor, x: torch.Tensor, topk_ids: torch.
     t, k = topk_ids.shape
     if t == 0:
         return torch.zeros_like(x), torch.zeros_like(topk_weights)
-    inter = experts.intermediate_size
-    (base_g, a_g, b_g), (base_u, a_u, b_u), (base_d, a_d, b_d) = (
-        tuple(f.to(cdtype) for f in experts.factors(p)) for p in ("gate", "up", "down"))
+    inter, rg = experts.intermediate_size, experts.ranks["gate"]
+    base_gu = experts.base_fp32("gate_up", cdtype)                   # [2I, H], an MXFP4 base decoded once
+    base_d = experts.base_fp32("down", cdtype)                       # [H, I]
+    at_g, at_u, at_d = (t.to(cdtype) for t in (experts.at_gate, experts.at_up, experts.at_down))  # A[e]^T
+    b_gu, b_d = experts.b_gate_up.to(cdtype), experts.b_down.to(cdtype)
+    b_g, b_u = b_gu[:, :rg], b_gu[:, rg:]
     biases = [None if b is None else b.to(cdtype) for b in (experts.bias_gate, experts.bias_up, experts.bias_down)]
     gy, xc = grad_y.to(cdtype), x.detach().to(cdtype)
     flat = topk_ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)                         # pairs grouped by expert
     counts = torch.bincount(flat, minlength=experts.num_experts).tolist()
     pair_token, pair_weight = order // k, topk_weights.detach().reshape(-1)[order].to(cdtype)
-    base_gu = torch.cat([base_g, base_u], 0)                          # [2I, H]
     gu0 = xc @ base_gu.T                                             # [T, 2I] base gate/up, once per token
     gb = gy @ base_d                                                 # [T, I] base_d^T gy, once per token
     d_gu = torch.zeros(t, 2 * inter, dtype=cdtype, device=x.device)  # [dg; du] summed over each token's pairs
@@ -255,21 +257,21 @@ def overlay_moe_backward(grad_y: torch.Tensor, x: torch.Tensor, topk_ids: torch.
         start += n
         tok = pair_token[rows]
         xe, gye, gbe = xc[tok], gy[tok], gb[tok]
-        g = gu0[tok, :inter] + (xe @ b_g[e].T) @ a_g[e].T
-        u = gu0[tok, inter:] + (xe @ b_u[e].T) @ a_u[e].T
+        g = gu0[tok, :inter] + (xe @ b_g[e].T) @ at_g[e]
+        u = gu0[tok, inter:] + (xe @ b_u[e].T) @ at_u[e]
         if biases[0] is not None:
             g = g + biases[0][e]
         if biases[1] is not None:
             u = u + biases[1][e]
         h, dh_dg, dh_du = activation_backward(g, u, experts.activation, experts.alpha, experts.limit)
-        ad = gye @ a_d[e]                                            # [n, rd] = (A_d^T gy)
+        ad = gye @ at_d[e].T                                         # [n, rd] = (A_d^T gy)
         dw[rows] = (gbe * h).sum(1) + (ad * (h @ b_d[e].T)).sum(1)
         if biases[2] is not None:
             dw[rows] += gye @ biases[2][e]
         dh = pair_weight[rows, None] * (gbe + ad @ b_d[e])          # [n, I]
         dg, du = dh * dh_dg, dh * dh_du
         d_gu.index_add_(0, tok, torch.cat([dg, du], 1))
-        dx.index_add_(0, tok, (dg @ a_g[e]) @ b_g[e] + (du @ a_u[e]) @ b_u[e])
+        dx.index_add_(0, tok, (dg @ at_g[e].T) @ b_g[e] + (du @ at_u[e].T) @ b_u[e])
     dx += d_gu @ base_gu
     dw_slots = torch.empty_like(dw)
     dw_slots[order] = dw
