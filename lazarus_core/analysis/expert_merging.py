@@ -169,8 +169,8 @@ class MergedExperts:
 
     * expert a's parameters (weights and biases) become the frequency-weighted average
       ``(f_a * W_a + f_b * W_b) / (f_a + f_b)`` (``f`` = selection counts; equal weights when both are 0);
-    * a forward hook on the router replaces a's raw logit by ``logsumexp(l_a, l_b)`` and removes b from
-      the competition, then re-routes with the family's rule (:func:`lazarus_core.routing.conventions.route`).
+    * a routing hook (:func:`lazarus_core.routing.interventions.rewrite_routing`) replaces a's raw logit by
+      ``logsumexp(l_a, l_b)`` and removes b from the competition, then re-routes with the family's rule (:func:`lazarus_core.routing.conventions.route`).
       For softmax families the merged expert's probability is then exactly ``p_a + p_b``; the router's
       weights cannot express a logsumexp, so the hook is the exact form. Its slot freed, the next best
       expert joins the top-k (k stays the model's).
@@ -212,18 +212,22 @@ class MergedExperts:
         self._handles: list = []
 
     def __enter__(self) -> "MergedExperts":
+        from lazarus_core.routing.interventions import rewrite_routing
+
         with torch.no_grad():
             for l, ps in self.by_layer.items():
                 layer = self.info.layers[l]
                 for name, p in layer.experts.named_parameters():
                     if p.shape[:1] != (layer.num_experts,):
-                        continue
+                        if not p.shape or p.shape[0] % layer.num_experts:
+                            continue
+                        p = p.view(layer.num_experts, -1, *p.shape[1:])  # DBRX: fused [E*I, H] -> [E, I, H]
                     for a, b in ps:
                         fa, fb = float(self.frequencies.get((l, a), 0.0)), float(self.frequencies.get((l, b), 0.0))
                         wa = 0.5 if fa + fb <= 0 else fa / (fa + fb)
                         self._saved.append((p, a, p[a].clone()))
                         p[a] = (wa * p[a].double() + (1.0 - wa) * p[b].double()).to(p.dtype)
-                self._handles.append(layer.router.register_forward_hook(self._hook(layer, ps)))
+                self._handles.extend(rewrite_routing(layer, self._rewrite(layer, ps)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -234,21 +238,20 @@ class MergedExperts:
                 p[a] = old
         self._saved, self._handles = [], []
 
-    def _hook(self, layer, pairs):
+    def _rewrite(self, layer, pairs):
         from lazarus_core.routing.conventions import route
 
         keep = torch.tensor([a for a, _ in pairs])
         drop = torch.tensor([b for _, b in pairs])
         rule = self.info.rule
 
-        def hook(module, args, output):
-            logits = output[0]
+        def rewrite(logits, old_weights, old_ids):
             x = logits.reshape(-1, logits.shape[-1]).float().clone()
             x[:, keep] = torch.logaddexp(x[:, keep], x[:, drop])
             weights, ids = route(x, rule, layer.top_k, correction_bias=layer.correction_bias, exclude=drop.tolist())
-            return (logits, weights.to(output[1].dtype), ids.to(output[2].dtype), *output[3:])
+            return weights.to(old_weights.dtype), ids.to(old_ids.dtype)
 
-        return hook
+        return rewrite
 
 
 @dataclass

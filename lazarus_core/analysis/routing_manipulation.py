@@ -14,17 +14,22 @@ DEFAULT_NOISE = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 class _RouterTap:
-    """Forward hook keeping the last output of a router: (logits [T, E], weights [T, k], ids [T, k])."""
+    """Keeps the last routing of one MoE layer: (logits [T, E], weights [T, k], ids [T, k]), for every family
+    (DBRX routes in its block: :func:`lazarus_core.routing.interventions.rewrite_routing`)."""
 
-    def __init__(self, router: torch.nn.Module) -> None:
+    def __init__(self, layer) -> None:
+        from lazarus_core.routing.interventions import rewrite_routing
+
         self.output = None
-        self.handle = router.register_forward_hook(self._hook)
+        self.handles = rewrite_routing(layer, self._keep)
 
-    def _hook(self, module, args, output):
-        self.output = output
+    def _keep(self, logits, weights, ids):
+        self.output = (logits, weights, ids)
+        return weights, ids
 
     def close(self) -> None:
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
 
 
 class _Probe:
@@ -37,7 +42,7 @@ class _Probe:
 
     def route_at(self, embeds: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits float32 [B, E] and primary expert int64 [B] at ``target`` of a batch embeds [B, n, H]."""
-        tap = _RouterTap(self.layer.router)
+        tap = _RouterTap(self.layer)
         try:
             self.model(inputs_embeds=embeds, use_cache=False)
         finally:

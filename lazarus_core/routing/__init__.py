@@ -16,6 +16,7 @@ from lazarus_core.routing.interventions import (
     ablate_experts,
     boost_expert,
     force_experts,
+    rewrite_routing,
     set_top_k,
     suppress_expert,
 )
@@ -27,7 +28,8 @@ from lazarus_core.routing.trace_reader import LayerTrace, TokenSpan, Trace, load
 __all__ = [
     "CaptureResult", "capture_routing", "convention_of", "route", "Corpus", "EmptyInputError",
     "corpus_from_jsonl", "corpus_from_prompts", "corpus_from_texts", "RoutingEdit", "RoutingIntervention",
-    "WeightOverride", "ablate_experts", "boost_expert", "force_experts", "set_top_k", "suppress_expert", "MoeLayer",
+    "WeightOverride", "ablate_experts", "boost_expert", "force_experts", "rewrite_routing", "set_top_k",
+    "suppress_expert", "MoeLayer",
     "MoeModelInfo", "NoMoeLayersError", "find_moe_layers", "LayerRouting", "RoutingRecorder", "TraceError",
     "LayerTrace", "TokenSpan", "Trace", "load_trace",
 ]

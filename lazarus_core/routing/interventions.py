@@ -113,7 +113,7 @@ class RoutingIntervention:
         for layer in self.layers.values():
             registry = getattr(layer.router, _REGISTRY_ATTR, None)
             if registry is None:
-                registry = {"edits": [], "handles": [], "logits": None}
+                registry = {"edits": [], "handles": []}
                 setattr(layer.router, _REGISTRY_ATTR, registry)
             registry["edits"].append(self.edit)
             if not registry["handles"]:
@@ -164,18 +164,42 @@ def _edited_routing(edits: list[RoutingEdit], logits: torch.Tensor, weights: tor
 
 def _install_hooks(layer: MoeLayer, info: MoeModelInfo, registry: dict) -> list:
     """Hooks applying ``registry["edits"]`` at one layer; returns their handles."""
+    return rewrite_routing(layer, lambda logits, weights, ids: _edited_routing(registry["edits"], logits, weights,
+                                                                               ids, layer, info))
+
+
+def rewrite_routing(layer: MoeLayer, rewrite) -> list:
+    """Hook ``rewrite`` into one MoE layer so that its experts mix with the routing it returns.
+
+    Parameters
+    ----------
+    layer : MoeLayer
+    rewrite : callable
+        ``rewrite(logits [T, E], weights [T, k], ids [T, k]) -> (weights [T, k'], ids [T, k'])``: the raw router
+        logits and the routing the model computed; returns the routing to use, in the dtypes of the given one.
+
+    Returns
+    -------
+    list of torch.utils.hooks.RemovableHandle
+        Remove them all to restore the layer. Families whose router returns ``(logits, weights, ids)`` get a
+        forward hook on the router; DBRX (:attr:`MoeLayer.routes_in_block`) a hook keeping the router
+        linear's logits and a forward pre-hook, first among the experts module's, replacing its
+        ``top_k_index`` / ``top_k_weights`` arguments (so a recorder sees what the experts mix with).
+    """
     if not layer.routes_in_block:
         def router_hook(module, args, output):
-            weights, ids = _edited_routing(registry["edits"], output[0], output[1], output[2], layer, info)
+            weights, ids = rewrite(output[0], output[1], output[2])
             return (output[0], weights, ids, *output[3:])
 
         return [layer.router.register_forward_hook(router_hook)]
 
+    kept: dict = {"logits": None}
+
     def keep_logits(module, args, output):
-        registry["logits"] = output
+        kept["logits"] = output
 
     def experts_hook(module, args, kwargs):
-        logits, registry["logits"] = registry["logits"], None
+        logits, kept["logits"] = kept["logits"], None
         if logits is None:
             raise RuntimeError(f"layer {layer.layer}: the experts module ran without its router")
         args, kwargs = list(args), dict(kwargs)
@@ -184,8 +208,7 @@ def _install_hooks(layer: MoeLayer, info: MoeModelInfo, registry: dict) -> list:
             if len(args) <= position and name not in kwargs:
                 raise RuntimeError(f"layer {layer.layer}: experts module called without {name}")
             given[name] = args[position] if len(args) > position else kwargs[name]
-        weights, ids = _edited_routing(registry["edits"], logits, given["top_k_weights"], given["top_k_index"],
-                                       layer, info)
+        weights, ids = rewrite(logits, given["top_k_weights"], given["top_k_index"])
         for position, name, value in ((1, "top_k_index", ids), (2, "top_k_weights", weights)):
             if len(args) > position:
                 args[position] = value
@@ -194,7 +217,6 @@ def _install_hooks(layer: MoeLayer, info: MoeModelInfo, registry: dict) -> list:
         return tuple(args), kwargs
 
     return [layer.router.register_forward_hook(keep_logits),
-            # first of the experts' pre-hooks, so a recorder sees the edited routing it mixes with
             layer.experts.register_forward_pre_hook(experts_hook, with_kwargs=True, prepend=True)]
 
 

@@ -129,3 +129,44 @@ def test_nested_interventions_and_generate_on_dbrx():
         assert not ((routing.topk_ids == 0) | (routing.topk_ids == 1)).any()
         if layer == 0:
             assert (routing.topk_ids == 6).any(dim=1).all()
+
+
+def test_merged_experts_on_dbrx_average_the_fused_rows_and_route_with_the_pair_mass():
+    from lazarus_core.analysis.expert_merging import MergedExperts
+
+    model = _model(1.0)
+    info = find_moe_layers(model)
+    mlp = model.transformer.blocks[1].ffn.experts.mlp
+    before = {n: getattr(mlp, n).detach().clone() for n in ("w1", "v1", "w2")}
+    ids = torch.randint(3, 96, (2, 6))
+    with MergedExperts(model, [(1, 0, 2)], {(1, 0): 3.0, (1, 2): 1.0}, info=info):
+        h, _, routing = _block_io(model, 1, ids)
+        for n, old in before.items():  # expert 0's rows 0:I of each [E*I, H] tensor; the rest untouched
+            torch.testing.assert_close(getattr(mlp, n)[:48], 0.75 * old[:48] + 0.25 * old[96:144])
+            assert torch.equal(getattr(mlp, n)[48:], old[48:])
+    assert not (routing.topk_ids == 2).any()
+    p = torch.softmax(h.double() @ info.layers[1].router.weight.detach().double().T, -1)
+    p[:, 0] += p[:, 2]
+    p[:, 2] = 0.0
+    top = p.topk(2, dim=-1)
+    expected = top.values / top.values.sum(-1, keepdim=True)        # the merged pair's mass, then DBRX's 1-norm
+    assert [sorted(r) for r in routing.topk_ids.tolist()] == [sorted(r) for r in top.indices.tolist()]
+    torch.testing.assert_close(routing.topk_weights.double(), expected, rtol=1e-5, atol=1e-6)
+    for n, old in before.items():
+        assert torch.equal(getattr(mlp, n), old)                     # restored
+
+
+def test_routing_manipulation_probe_reads_dbrx_routing():
+    from lazarus_core.analysis.routing_manipulation import _Probe
+
+    model = _model(1.0)
+    info = find_moe_layers(model)
+    ids = torch.randint(3, 96, (3, 5))
+    probe = _Probe(model, 1, info)
+    with torch.no_grad():
+        logits, primary = probe.route_at(probe.embed(ids), target=4)
+    routed = record_routing(model, ids)[1]
+    last = torch.arange(3) * 5 + 4                                   # position 4 of each sequence
+    torch.testing.assert_close(logits, routed.logits[last])
+    assert torch.equal(primary, routed.topk_ids[last, 0])
+    assert not info.layers[1].router._forward_hooks and not info.layers[1].experts._forward_pre_hooks
