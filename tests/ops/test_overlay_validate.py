@@ -8,7 +8,6 @@ import dataclasses
 import pytest
 import torch
 
-from lazarus_core.ops import mxfp4_quantize
 from lazarus_core.ops import overlay_validate
 from lazarus_core.ops.overlay_moe import OverlayExperts
 from lazarus_core.ops.overlay_validate import validate_overlay_experts
@@ -22,10 +21,8 @@ def _float_layer(**kw) -> OverlayExperts:
 
 
 def _mxfp4_layer() -> OverlayExperts:
-    ex = random_overlay(E, H, I, (2, 0, 3), bias=False, activation="swiglu")
-    gu, down = mxfp4_quantize(ex.base_gate_up), mxfp4_quantize(ex.base_down)
-    return dataclasses.replace(ex, base_gate_up=None, base_down=None, base_gate_up_blocks=gu[0],
-                               base_gate_up_scales=gu[1], base_down_blocks=down[0], base_down_scales=down[1])
+    return random_overlay(E, H, I, (2, 0, 3), bias=False, activation="swiglu", factor_dtype=torch.bfloat16,
+                          base="mxfp4")
 
 
 def _non_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ import dataclasses
 import pytest
 import torch
 
-from lazarus_core.ops import mxfp4_quantize
 from lazarus_core.ops.overlay_moe_op import flatten_overlay, overlay_moe_op, unflatten_overlay
 from tests.overlay.random_overlay import random_overlay, random_routing
 
@@ -16,11 +15,8 @@ from tests.overlay.random_overlay import random_overlay, random_routing
 def _layer(kind: str):
     if kind == "fp32":
         return random_overlay(5, 13, 7, (2, 3, 1), bias=True, activation="gpt_oss")
-    ex = random_overlay(5, 32, 64, (1, 2, 3), bias=False, activation="swiglu")  # bf16 factors, MXFP4 base
-    (gu_b, gu_s), (d_b, d_s) = mxfp4_quantize(ex.base_gate_up), mxfp4_quantize(ex.base_down)
-    low = {n: getattr(ex, n).to(torch.bfloat16) for n in ("b_gate_up", "at_gate", "at_up", "b_down", "at_down")}
-    return dataclasses.replace(ex, **low, base_gate_up=None, base_down=None, base_gate_up_blocks=gu_b,
-                               base_gate_up_scales=gu_s, base_down_blocks=d_b, base_down_scales=d_s)
+    return random_overlay(5, 32, 64, (1, 2, 3), bias=False, activation="swiglu", factor_dtype=torch.bfloat16,
+                          base="mxfp4")
 
 
 def test_flatten_round_trip():
