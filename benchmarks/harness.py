@@ -1,5 +1,6 @@
-"""Shared benchmark machinery: timing (warm-up, repeats, median), the machine's measured floors
-(copy bandwidth, fp32 matmul), a header describing the run, and table + JSON output."""
+"""Shared benchmark machinery: timing (warm-up, repeats, median), the machine's measured floors (copy
+bandwidth, fp32 matmul rate; the streaming read/write floors are in benchmarks.floors), a header describing
+the run, and table + JSON output."""
 
 from __future__ import annotations
 
@@ -53,6 +54,14 @@ def measure_copy_bandwidth(n_bytes: int = 1 << 30, device: str = "cpu") -> float
     dst = torch.empty_like(src)
     t = median_seconds(lambda: dst.copy_(src), repeats=7, cuda_events=device != "cpu")
     return 2 * n_bytes / t
+
+
+def measure_matmul_rate(m: int, k: int, n: int, *, device: str = "cpu", repeats: int = 10) -> float:
+    """fp32 FLOP/s (2 per multiply-add) of ``torch.mm`` on ``[m, k] @ [k, n]``: the compute floor of GEMM-bound ops
+    (measure at the op's own largest product, in the same run)."""
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    out = torch.empty(m, n, device=device)
+    return 2 * m * k * n / median_seconds(lambda: torch.mm(a, b, out=out), repeats=repeats, cuda_events=device != "cpu")
 
 
 def available_backends(op: str, impls: dict, device: torch.device) -> list[str]:

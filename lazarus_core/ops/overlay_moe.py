@@ -671,8 +671,8 @@ def overlay_moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     r = _routing(topk_ids, topk_weights, experts.num_experts)
     gu0 = base(xf, experts, "gate_up")                                  # [T, 2I]  once per token
     s_gu = shrink(xf, r.pair_token, experts.b_gate_up, r)                # [P, rg+ru] grouped shrink
-    h = torch.empty(r.pair_token.numel(), i, dtype=torch.float32)
-    hw = torch.empty(t, i, dtype=torch.float32)
+    h = torch.empty(r.pair_token.numel(), i, dtype=torch.float32, device=x.device)
+    hw = torch.empty(t, i, dtype=torch.float32, device=x.device)
     gate_up(gu0, s_gu, r, experts, h, hw)                                # fused expand + bias + act + weighted sum
     s_d = shrink(h, None, experts.b_down, r)                             # [P, rd]
     y = base(hw, experts, "down")                                        # [T, H] on the weighted sum
