@@ -32,7 +32,8 @@ def overlay_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, 
 
     Runs the custom op ``lazarus::overlay_moe`` (:func:`lazarus_core.ops.overlay_moe_op.overlay_moe_op`): it
     backpropagates to ``hidden_states`` and ``top_k_weights`` and ``torch.compile`` traces it without a graph
-    break. Calls that need a gradient never replay a CUDA graph (a replay records no autograd history)."""
+    break. Calls that need a gradient never replay a CUDA graph (a replay records no autograd history), nor do
+    traced ones (``torch.compile`` has its own CUDA graphs: ``mode="reduce-overhead"``)."""
     experts: OverlayExperts | None = getattr(self, "_lazarus_overlay", None)
     if experts is None:
         raise RuntimeError(f"{type(self).__name__} has no overlay attached; load the model with "
@@ -45,7 +46,7 @@ def overlay_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, 
 
     graphs: GraphCache | None = getattr(self, "_lazarus_graphs", None)
     needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad)
-    if graphs is not None and not needs_grad and graphs.applies(hidden_states):
+    if graphs is not None and not needs_grad and not torch.compiler.is_compiling() and graphs.applies(hidden_states):
         return graphs.run(forward, hidden_states, top_k_index, top_k_weights)
     return forward(hidden_states, top_k_index, top_k_weights)
 
