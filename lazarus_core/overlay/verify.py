@@ -232,9 +232,9 @@ def verify_overlay(model: str, overlay: str | Path, *, text: str | None = None, 
     config = read_config(overlay)
     ckpt = open_moe_checkpoint(model, revision=revision)
     check_source(ckpt, config, force=force, overlay=overlay)
-    stored = expert_bytes_as_stored(ckpt)
+    stored = expert_bytes_as_stored(ckpt, [int(layer) for layer in config["moe_layers"]])
     report = VerifyReport(model=model, overlay=str(overlay), reconstruction=reconstruction_errors(ckpt, overlay, config),
-                          source_expert_bytes=sum(stored[int(layer)] for layer in config["moe_layers"]),
+                          source_expert_bytes=sum(stored.values()),
                           overlay_bytes=overlay_bytes_on_disk(overlay, config))
     if not outputs:
         report.seconds = time.perf_counter() - t0
