@@ -27,8 +27,7 @@ import triton.language as tl
 from lazarus_core.ops._backends import triton_interpreter_enabled
 from lazarus_core.triton_kernels._mxfp4_math import e2m1_to_f32, e8m0_to_f32
 
-BLOCK_M = 16        # pairs per tile (the grouping unit; the op builds its tile map with this)
-BLOCK_N = 64        # output columns per program
+BLOCK_N = 128       # output columns per program
 BLOCK_R = 16        # rank step of the expand dots
 SHRINK_BLOCK_R = 32
 SHRINK_BLOCK_K = 64
@@ -173,7 +172,7 @@ def _programs_ok(*tensors: torch.Tensor) -> bool:
     return all(t.numel() for t in tensors)
 
 
-def grouped_shrink_triton(inp: torch.Tensor, rows: torch.Tensor, tiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+def grouped_shrink_triton(inp: torch.Tensor, rows: torch.Tensor, tiles: tuple,
                           b: torch.Tensor, pairs: int) -> torch.Tensor:
     """Grouped shrink ``s[q] = b[e(q)] @ inp[rows[q]]`` of every expert-sorted pair.
 
@@ -184,8 +183,9 @@ def grouped_shrink_triton(inp: torch.Tensor, rows: torch.Tensor, tiles: tuple[to
     rows : torch.Tensor
         int64 ``[P]``: the row of ``inp`` of sorted pair ``q``.
     tiles : tuple
-        ``(tile_expert int32 [n_tiles] (-1: unused), tile_row int64 [n_tiles], offsets int64 [E+1])``, tiles of
-        :data:`BLOCK_M` pairs.
+        ``(tile_expert int32 [n_tiles] (-1: unused), tile_row int64 [n_tiles], offsets int64 [E+1], block_m)``:
+        tiles of at most ``block_m`` (a power of two >= 16) pairs of one expert
+        (:func:`lazarus_core.ops.overlay_moe_gpu.tile_map`).
     b : torch.Tensor
         ``[E, R, D]`` shrink factors in their stored dtype.
     pairs : int
@@ -196,7 +196,7 @@ def grouped_shrink_triton(inp: torch.Tensor, rows: torch.Tensor, tiles: tuple[to
     torch.Tensor
         fp32 ``[P, R]``.
     """
-    tile_expert, tile_row, offsets = tiles
+    tile_expert, tile_row, offsets, block_m = tiles
     rank, in_dim = b.shape[1], b.shape[2]
     if pairs == 0 or rank == 0 or in_dim == 0:
         return torch.zeros(pairs, rank, dtype=torch.float32, device=inp.device)
@@ -207,13 +207,13 @@ def grouped_shrink_triton(inp: torch.Tensor, rows: torch.Tensor, tiles: tuple[to
     split = triton.cdiv(in_dim, k_chunk)
     out = torch.empty(split, pairs, rank, dtype=torch.float32, device=inp.device)
     _grouped_shrink_kernel[(tile_expert.numel(), rank_blocks, split)](
-        inp, rows, tile_expert, tile_row, offsets, b, out, in_dim, rank, pairs, k_chunk, BLOCK_M=BLOCK_M,
+        inp, rows, tile_expert, tile_row, offsets, b, out, in_dim, rank, pairs, k_chunk, BLOCK_M=block_m,
         BLOCK_R=SHRINK_BLOCK_R, BLOCK_K=SHRINK_BLOCK_K)
     return out[0] if split == 1 else out.sum(0)
 
 
 def gate_up_expand_triton(gu0: torch.Tensor, s_gu: torch.Tensor, slot: torch.Tensor,
-                          tiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor], experts, top_k: int,
+                          tiles: tuple, experts, top_k: int,
                           h: torch.Tensor) -> None:
     """Fused expand + biases + activation of every pair, written to ``h`` at the pair's slot.
 
@@ -233,7 +233,7 @@ def gate_up_expand_triton(gu0: torch.Tensor, s_gu: torch.Tensor, slot: torch.Ten
     h : torch.Tensor
         fp32 ``[T * K, I]`` output.
     """
-    tile_expert, tile_row, offsets = tiles
+    tile_expert, tile_row, offsets, block_m = tiles
     inter = h.shape[1]
     if not _programs_ok(tile_expert, h):
         return
@@ -242,25 +242,25 @@ def gate_up_expand_triton(gu0: torch.Tensor, s_gu: torch.Tensor, slot: torch.Ten
         gu0, s_gu, slot, tile_expert, tile_row, offsets, experts.at_gate, experts.at_up,
         bg if bg is not None else gu0, bu if bu is not None else gu0, h, inter, experts.at_gate.shape[1],
         experts.at_up.shape[1], experts.alpha, experts.limit, TOP_K=top_k, HAS_BIAS_GATE=bg is not None,
-        HAS_BIAS_UP=bu is not None, ACTIVATION=1 if experts.activation == "gpt_oss" else 0, BLOCK_M=BLOCK_M,
+        HAS_BIAS_UP=bu is not None, ACTIVATION=1 if experts.activation == "gpt_oss" else 0, BLOCK_M=block_m,
         BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R)
 
 
 def down_expand_triton(s_d: torch.Tensor, slot: torch.Tensor, slot_weight: torch.Tensor,
-                       tiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor], experts, corr: torch.Tensor) -> None:
+                       tiles: tuple, experts, corr: torch.Tensor) -> None:
     """``corr[slot] = w[slot] * (A_down[e] s_d[q] + bias_down[e])`` for every sorted pair ``q``.
 
     ``s_d`` is fp32 ``[P, rd]``, ``slot_weight`` fp32 ``[T * K]`` (the routing weight of each slot), ``corr`` the
     fp32 ``[T * K, H]`` output; ``slot``, ``tiles`` and ``experts`` as in :func:`gate_up_expand_triton`.
     """
     bd = experts.bias_down
-    tile_expert, tile_row, offsets = tiles
+    tile_expert, tile_row, offsets, block_m = tiles
     hidden = corr.shape[1]
     if not _programs_ok(tile_expert, corr):
         return
     _down_expand_kernel[(tile_expert.numel(), triton.cdiv(hidden, BLOCK_N))](
         s_d, slot, slot_weight, tile_expert, tile_row, offsets, experts.at_down, bd if bd is not None else corr, corr,
-        hidden, experts.at_down.shape[1], HAS_BIAS=bd is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R)
+        hidden, experts.at_down.shape[1], HAS_BIAS=bd is not None, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R)
 
 
 def mxfp4_matmul_triton(a: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, *, bf16_dot: bool = False

@@ -25,8 +25,8 @@ import torch
 from lazarus_core.ops._backends import cuda_extension, triton_module
 from lazarus_core.ops.overlay_moe import ACTIVATIONS, OverlayExperts
 
-BLOCK_M = 16   # pairs per tile on both backends (triton_kernels/overlay_moe.py and overlay_moe_cuda.cu read it)
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # overlay_moe_gpu.h FactorDtype
+BLOCK_M = 16   # pairs per tile (the kernels take it from the TileMap; the CUDA kernels allow at most 16)
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # Storage in csrc/common/float_bits.h
 
 
 @dataclass
@@ -45,7 +45,9 @@ class TileMap:
         int32 ``[n_tiles]``: expert of each tile, -1 for the unused tail (``n_tiles = P // BLOCK_M + min(E, P)``
         bounds the tiles of any routing).
     tile_row : torch.Tensor
-        int64 ``[n_tiles]``: first sorted pair of each tile; a tile ends at ``BLOCK_M`` pairs or its expert's end.
+        int64 ``[n_tiles]``: first sorted pair of each tile; a tile ends at ``block_m`` pairs or its expert's end.
+    block_m : int
+        Pairs per tile.
     """
 
     slot: torch.Tensor
@@ -53,10 +55,12 @@ class TileMap:
     offsets: torch.Tensor
     tile_expert: torch.Tensor
     tile_row: torch.Tensor
+    block_m: int
 
     @property
-    def tiles(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.tile_expert, self.tile_row, self.offsets
+    def tiles(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """``(tile_expert, tile_row, offsets, block_m)``, as the kernels take them."""
+        return self.tile_expert, self.tile_row, self.offsets, self.block_m
 
 
 def tile_map(topk_ids: torch.Tensor, n_experts: int, block_m: int = BLOCK_M) -> TileMap:
@@ -89,7 +93,8 @@ def tile_map(topk_ids: torch.Tensor, n_experts: int, block_m: int = BLOCK_M) -> 
     e = expert.clamp(max=n_experts - 1)
     tile_row = offsets[e] + (tid - (tile_end[e] - tiles_per_expert[e])) * block_m
     tile_expert = torch.where(expert < n_experts, expert, -1).to(torch.int32)
-    return TileMap(slot=slot, token=slot // k, offsets=offsets, tile_expert=tile_expert, tile_row=tile_row)
+    return TileMap(slot=slot, token=slot // k, offsets=offsets, tile_expert=tile_expert, tile_row=tile_row,
+                   block_m=block_m)
 
 
 def _dense_matmul(inp: torch.Tensor, weight: torch.Tensor, low_precision: bool) -> torch.Tensor:
@@ -147,7 +152,7 @@ class _Cuda:
 
     def _tiles(self, m: TileMap):
         return (m.tile_expert.data_ptr(), m.tile_row.data_ptr(), m.offsets.data_ptr(), m.tile_expert.numel(),
-                BLOCK_M)
+                m.block_m)
 
     def _stream(self) -> int:
         return torch.cuda.current_stream(self.device).cuda_stream

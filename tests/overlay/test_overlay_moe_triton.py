@@ -38,24 +38,33 @@ def _assert_matches_float64(out: torch.Tensor, x, ids, w, ex, tol: float = 2e-6)
     assert torch.isfinite(out).all() and err < tol, f"relative error {err:.2e} vs the float64 reference"
 
 
-@pytest.mark.parametrize("tokens", [0, 1, 3, 17])
-@pytest.mark.parametrize("base_format,dtype", [("float", torch.float32), ("float", torch.bfloat16),
-                                               ("mxfp4", torch.bfloat16)], ids=["fp32", "bf16", "mxfp4+bf16"])
-@pytest.mark.parametrize("activation,bias", [("swiglu", False), ("gpt_oss", True)], ids=["swiglu", "gpt_oss+bias"])
-def test_matches_reference(tokens, base_format, dtype, activation, bias):
-    ex = _overlay(base_format, dtype, bias=bias, activation=activation)
+_FORMATS = {"fp32": ("float", torch.float32), "bf16": ("float", torch.bfloat16), "mxfp4": ("mxfp4", torch.bfloat16)}
+_CASES = [(1, "fp32", "swiglu"), (3, "bf16", "gpt_oss"), (17, "mxfp4", "gpt_oss"), (1, "mxfp4", "swiglu"),
+          (17, "bf16", "swiglu"), (3, "mxfp4", "gpt_oss"), (17, "fp32", "gpt_oss")]
+
+
+@pytest.mark.parametrize("tokens,stored,activation", _CASES, ids=lambda v: str(v))
+def test_matches_reference(tokens, stored, activation):
+    # gpt_oss cases carry all three biases; swiglu cases none.
+    ex = _overlay(*_FORMATS[stored], bias=activation == "gpt_oss", activation=activation)
     x = torch.randn(tokens, ex.hidden_size) * 2
     ids, w = random_routing(tokens, ex.num_experts, 3)
     out = overlay_moe_forward(x, ids, w, ex, backend="triton")
     assert out.dtype == x.dtype and out.shape == (tokens, ex.hidden_size)
-    if tokens:
-        _assert_matches_float64(out, x, ids, w, ex)
+    _assert_matches_float64(out, x, ids, w, ex)
 
 
-@pytest.mark.parametrize("base_format", ["float", "mxfp4"])
-def test_many_tokens_repeated_experts_fp16(base_format):
+@pytest.mark.parametrize("stored", sorted(_FORMATS))
+def test_zero_tokens(stored):
+    ex = _overlay(*_FORMATS[stored], bias=True, activation="gpt_oss")
+    out = overlay_moe_forward(torch.zeros(0, ex.hidden_size), torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, 2),
+                              ex, backend="triton")
+    assert out.shape == (0, ex.hidden_size)
+
+
+def test_many_tokens_repeated_experts_fp16():
     # T = 130, k = 4 over 7 experts: several full tiles per expert plus partial ones; ranks over one dot step.
-    ex = _overlay(base_format, torch.float16, bias=True, activation="gpt_oss", ranks=(17, 1, 33))
+    ex = _overlay("mxfp4", torch.float16, bias=True, activation="gpt_oss", ranks=(17, 1, 33))
     x = torch.randn(130, ex.hidden_size)
     ids, w = random_routing(130, ex.num_experts, 4)
     _assert_matches_float64(overlay_moe_forward(x, ids, w, ex, backend="triton"), x, ids, w, ex)
@@ -147,18 +156,17 @@ tiles = {"tile_expert_ptr": "*i32", "tile_row_ptr": "*i64", "offsets_ptr": "*i64
 def build(fn, sig, constexprs):
     sig = dict(sig, **{name: "constexpr" for name in constexprs})
     assert triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target).asm["cubin"]
-for fdt, acts in (("fp32", (0,)), ("bf16", (0, 1))):
-    build(k._grouped_shrink_kernel, dict(tiles, inp_ptr="*fp32", rows_ptr="*i64", b_ptr="*" + fdt, out_ptr="*fp32",
-          in_dim="i64", rank="i64", pairs="i64", k_chunk="i64"), {"BLOCK_M": 16, "BLOCK_R": 32, "BLOCK_K": 64})
-    for act in acts:
-        build(k._gate_up_expand_kernel, dict(tiles, gu0_ptr="*fp32", s_ptr="*fp32", slot_ptr="*i64",
-              at_gate_ptr="*" + fdt, at_up_ptr="*" + fdt, bias_gate_ptr="*" + fdt, bias_up_ptr="*" + fdt,
-              h_ptr="*fp32", inter="i64", rank_gate="i64", rank_up="i64", alpha="fp32", limit="fp32"),
-              {"TOP_K": 4, "HAS_BIAS_GATE": act == 1, "HAS_BIAS_UP": act == 0, "ACTIVATION": act, "BLOCK_M": 16,
-               "BLOCK_N": 64, "BLOCK_R": 16})
-    build(k._down_expand_kernel, dict(tiles, s_ptr="*fp32", slot_ptr="*i64", weight_ptr="*fp32",
-          at_down_ptr="*" + fdt, bias_down_ptr="*" + fdt, corr_ptr="*fp32", hidden="i64", rank_down="i64"),
-          {"HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_R": 16})
+fdt = "*bf16"                                    # factors as stored; one bias of gate/up (set on their own)
+build(k._grouped_shrink_kernel, dict(tiles, inp_ptr="*fp32", rows_ptr="*i64", b_ptr=fdt, out_ptr="*fp32",
+      in_dim="i64", rank="i64", pairs="i64", k_chunk="i64"), {"BLOCK_M": 16, "BLOCK_R": 32, "BLOCK_K": 64})
+build(k._gate_up_expand_kernel, dict(tiles, gu0_ptr="*fp32", s_ptr="*fp32", slot_ptr="*i64", at_gate_ptr=fdt,
+      at_up_ptr=fdt, bias_gate_ptr=fdt, bias_up_ptr=fdt, h_ptr="*fp32", inter="i64", rank_gate="i64",
+      rank_up="i64", alpha="fp32", limit="fp32"),
+      {"TOP_K": 4, "HAS_BIAS_GATE": True, "HAS_BIAS_UP": False, "ACTIVATION": 1, "BLOCK_M": 16, "BLOCK_N": 128,
+       "BLOCK_R": 16})
+build(k._down_expand_kernel, dict(tiles, s_ptr="*fp32", slot_ptr="*i64", weight_ptr="*fp32", at_down_ptr=fdt,
+      bias_down_ptr=fdt, corr_ptr="*fp32", hidden="i64", rank_down="i64"),
+      {"HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_R": 16})
 for a_dt, bf16 in (("fp32", False), ("bf16", True)):
     build(k._mxfp4_matmul_kernel, dict(a_ptr="*" + a_dt, blocks_ptr="*u8", scales_ptr="*u8", out_ptr="*fp32",
           m="i64", n="i64", groups="i64"), {"BLOCK_M": 16, "BLOCK_N": 64, "GROUPS": 2, "DOT_BF16": bf16})
