@@ -1,9 +1,13 @@
 """Streaming every expert of one projection out of a real-shaped checkpoint: decoded GB/s and the peak
 resident memory above the process baseline (must stay within a few experts, not E experts).
 
-Run ``python benchmarks/bench_checkpoint_stream.py [--repeats N] [--dir DIR] [--out DIR]`` for the
-table + JSON (not part of the test run). Each measurement runs in a fresh subprocess so its peak RSS
-(``ru_maxrss``) is its own. Files are read warm (just written, in the page cache).
+Also the row-chunk sweep of the cosine Gram (``MoeCheckpoint.expert_rows`` over every expert, chunk by chunk)
+at DeepSeek-V3 FP8 expert shape, against decoding each expert whole once (the least decoding work): a ratio
+near 1 means each scale-block row is decoded once, not once per chunk.
+
+Run ``python benchmarks/bench_checkpoint_stream.py [--repeats N] [--dir DIR] [--out DIR] [--rows-only]`` for
+the table + JSON (not part of the test run). Each streaming measurement runs in a fresh subprocess so its peak
+RSS (``ru_maxrss``) is its own. Files are read warm (just written, in the page cache).
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import BenchRow, machine_header, measure_copy_bandwidth, print_table, write_json  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    BenchRow,
+    machine_header,
+    measure_copy_bandwidth,
+    median_seconds,
+    print_table,
+    write_json,
+)
 
 # name -> (family config, projection(s) streamed, experts, [out, in] per expert as streamed)
 CASES = {
@@ -30,8 +41,16 @@ CASES = {
 }
 
 
-def _write_case(family: str, experts: int, directory: Path) -> Path:
-    """A one-layer checkpoint holding just what is streamed (the reader validates only what it reads)."""
+# DeepSeek-V3 routed expert [out, in] per projection, and the row chunks the sweep reads them in (the cosine
+# Gram's chunk is 2 x out / E rows rounded to the 128-row scale block: 128 rows at E = 256).
+ROW_SWEEP = {"gate": (2048, 7168), "down": (7168, 2048)}
+ROW_CHUNKS = (128, 512, 2048)
+ROW_SWEEP_EXPERTS = 8
+
+
+def _write_case(family: str, experts: int, directory: Path, projections: tuple[str, ...] = ("gate",)) -> Path:
+    """A one-layer checkpoint holding just what is streamed (the reader validates only what it reads);
+    ``projections`` (DeepSeek-V3 only): which expert projections to write."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -57,11 +76,13 @@ def _write_case(family: str, experts: int, directory: Path) -> Path:
                   "topk_group": 4 if experts % 8 == 0 else 1,
                   "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}}
         for e in range(experts):
-            name = f"model.layers.0.mlp.experts.{e}.gate_proj.weight"
-            bits = torch.randint(0, 256, (2048, 7168), dtype=torch.uint8, generator=g)
-            bits[(bits & 0x7F) == 0x7F] = 0  # no NaN codes
-            tensors[name] = bits.view(torch.float8_e4m3fn)
-            tensors[name + "_scale_inv"] = torch.rand(16, 56, generator=g) * 1e-3
+            for projection in projections:
+                name = f"model.layers.0.mlp.experts.{e}.{projection}_proj.weight"
+                rows, cols = ROW_SWEEP[projection]
+                bits = torch.randint(0, 256, (rows, cols), dtype=torch.uint8, generator=g)
+                bits[(bits & 0x7F) == 0x7F] = 0  # no NaN codes
+                tensors[name] = bits.view(torch.float8_e4m3fn)
+                tensors[name + "_scale_inv"] = torch.rand(-(-rows // 128), -(-cols // 128), generator=g) * 1e-3
     (directory / "config.json").write_text(json.dumps(config))
     save_file(tensors, str(directory / "model.safetensors"))
     return directory
@@ -131,14 +152,15 @@ def _measure(path: Path, projections: tuple[str, ...], method: str, repeats: int
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(repeats: int = 3, directory: Path | None = None) -> tuple[list[BenchRow], dict]:
-    """Generate each case, stream it with lazarus and with safe_open + torch reference; return rows + floors."""
+def run(repeats: int = 3, directory: Path | None = None, rows_only: bool = False) -> tuple[list[BenchRow], dict]:
+    """Generate each case, stream it with lazarus and with safe_open + torch reference (unless ``rows_only``),
+    then the row-chunk sweep (:func:`run_row_sweep`); return rows + floors."""
     import statistics
 
     copy_bw = measure_copy_bandwidth(256 << 20)
     rows: list[BenchRow] = []
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        for label, (family, projections, experts, (out_dim, in_dim)) in CASES.items():
+        for label, (family, projections, experts, (out_dim, in_dim)) in ({} if rows_only else CASES).items():
             path = _write_case(family, experts, Path(tmp) / family)
             expert_bytes = out_dim * in_dim * 4
             # The reference path is slow (torch MXFP4 decode): one timed run is enough for the ratio.
@@ -160,7 +182,43 @@ def run(repeats: int = 3, directory: Path | None = None) -> tuple[list[BenchRow]
                            "all_experts_decoded_mb": r["decoded_bytes"] / 2**20,
                            "file_mb": (path / "model.safetensors").stat().st_size / 2**20}))
             del results
-    return rows, {"copy_bandwidth_gb_s": copy_bw / 1e9}
+    return rows + run_row_sweep(repeats, directory), {"copy_bandwidth_gb_s": copy_bw / 1e9}
+
+
+def run_row_sweep(repeats: int = 3, directory: Path | None = None) -> list[BenchRow]:
+    """Time ``expert_rows`` over all rows of every expert in chunks (Gram order: each chunk of every expert, then
+    the next chunk) against ``expert_weight`` of each expert once, at DeepSeek-V3 FP8 shape."""
+    from lazarus_core.models import open_moe_checkpoint
+
+    rows: list[BenchRow] = []
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        path = _write_case("deepseek_v3", ROW_SWEEP_EXPERTS, Path(tmp) / "deepseek_v3", tuple(ROW_SWEEP))
+        ckpt = open_moe_checkpoint(path)
+        for projection, (out_dim, in_dim) in ROW_SWEEP.items():
+            decoded = ROW_SWEEP_EXPERTS * out_dim * in_dim * 4
+
+            def whole(projection=projection):
+                for e in range(ROW_SWEEP_EXPERTS):
+                    ckpt.expert_weight(0, projection, e)
+
+            def chunked(chunk: int, projection=projection, out_dim=out_dim):
+                for start in range(0, out_dim, chunk):
+                    for e in range(ROW_SWEEP_EXPERTS):
+                        ckpt.expert_rows(0, projection, e, start, min(out_dim, start + chunk))
+
+            whole_t = median_seconds(whole, repeats=repeats, warmup=1)
+            shape = f"{ROW_SWEEP_EXPERTS} x [{out_dim}, {in_dim}]"
+            rows.append(BenchRow(op=f"deepseek-v3 {projection} experts, fp8", backend="expert_weight (whole)",
+                                 shape=shape, dtype="fp32 out", median_ms=whole_t * 1e3,
+                                 gb_per_s=decoded / whole_t / 1e9, ratio_to_reference=1.0))
+            for chunk in ROW_CHUNKS:
+                t = median_seconds(lambda chunk=chunk: chunked(chunk), repeats=repeats, warmup=1)
+                rows.append(BenchRow(op=f"deepseek-v3 {projection} experts, fp8", backend=f"expert_rows x {chunk}",
+                                     shape=shape, dtype="fp32 out", median_ms=t * 1e3, gb_per_s=decoded / t / 1e9,
+                                     ratio_to_reference=whole_t / t, extra={"chunk_rows": chunk,
+                                                                            "chunks": -(-out_dim // chunk)}))
+        ckpt.close()
+    return rows
 
 
 def main() -> None:
@@ -168,11 +226,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None, help="where to write the generated checkpoints (temp)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--rows-only", action="store_true", help="only the DeepSeek-V3 row-chunk sweep")
     args = parser.parse_args()
     header = machine_header()
-    rows, floors = run(args.repeats, args.dir)
+    rows, floors = run(args.repeats, args.dir, args.rows_only)
     print_table("checkpoint_stream", {**header, **{k: round(v, 1) for k, v in floors.items()}}, rows)
     for r in rows:
+        if "peak_rss_above_baseline_mb" not in r.extra:
+            continue
         print(f"  {r.op} [{r.backend}]: peak RSS above baseline {r.extra['peak_rss_above_baseline_mb']:.0f} MB = "
               f"{r.extra['peak_rss_in_decoded_experts']:.1f} decoded experts "
               f"(all experts decoded: {r.extra['all_experts_decoded_mb']:.0f} MB)")
