@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/avx2_math.h"
@@ -186,38 +187,55 @@ struct HalfScales {
   }
 };
 
-// One MXFP4 row against NT token rows whose 32-element blocks were permuted by permute_for_mxfp4: per block,
-// the 16 bytes go to both lanes, lane 0 keeps the low nibbles (elements 0, 2, ..., 30) and lane 1 the high
-// ones (1, 3, ..., 31); a byte shuffle maps each code to 2 * its E2M1 value as int8, converted to fp32 8 at a
-// time. Each token's block dot product is scaled once, into a per-token accumulator.
+// One MXFP4 block as fp32 in the block-permuted order: the 16 bytes go to both lanes, lane 0 keeps the low
+// nibbles (elements 0, 2, ..., 30) and lane 1 the high ones (1, 3, ..., 31); a byte shuffle maps each code to
+// 2 * its E2M1 value as int8, converted to fp32 8 at a time: f[0] = elements 0, 2, .., 14, f[1] = 16, .., 30,
+// f[2] = 1, 3, .., 15, f[3] = 17, .., 31 (times 2, unscaled).
+LZ_TARGET_AVX2 inline void decode_block_twice(const uint8_t* bytes, __m256 f[4]) {
+  const __m256i shifts = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+  const __m256i twice_e2m1 = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12,
+                                              0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+  const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  const __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(packed, shifts), _mm256_set1_epi8(0x0F));
+  const __m256i v = _mm256_shuffle_epi8(twice_e2m1, codes);
+  const __m128i even = _mm256_castsi256_si128(v), odd = _mm256_extracti128_si256(v, 1);
+  f[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(even));
+  f[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(even, 8)));
+  f[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(odd));
+  f[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(odd, 8)));
+}
+
+// One MXFP4 row against NT token rows whose 32-element blocks were permuted by permute_for_mxfp4: each
+// token's block dot product (on the unscaled codes) is scaled once, into a per-token accumulator.
 template <int NT>
 LZ_TARGET_AVX2 void row_dots_mxfp4_avx2(const uint8_t* blocks, const uint8_t* scales, int64_t groups,
                                         const float* const* xp, float* out) {
   static const HalfScales half_scales;
-  const __m256i shifts = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
-  const __m256i twice_e2m1 = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12,
-                                              0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
   __m256 acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * g)));
-    const __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(packed, shifts), nibble);
-    const __m256i v = _mm256_shuffle_epi8(twice_e2m1, codes);
-    const __m128i even = _mm256_castsi256_si128(v), odd = _mm256_extracti128_si256(v, 1);
-    const __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(even));
-    const __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(even, 8)));
-    const __m256 f2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(odd));
-    const __m256 f3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(odd, 8)));
+    __m256 f[4];
+    decode_block_twice(blocks + 16 * g, f);
     const __m256 scale = _mm256_set1_ps(half_scales.v[scales[g]]);
     for (int t = 0; t < NT; ++t) {
       const float* xg = xp[t] + 32 * g;
-      const __m256 p = _mm256_fmadd_ps(f1, _mm256_loadu_ps(xg + 8), _mm256_mul_ps(f0, _mm256_loadu_ps(xg)));
-      const __m256 q = _mm256_fmadd_ps(f3, _mm256_loadu_ps(xg + 24), _mm256_mul_ps(f2, _mm256_loadu_ps(xg + 16)));
+      const __m256 p = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xg + 8), _mm256_mul_ps(f[0], _mm256_loadu_ps(xg)));
+      const __m256 q = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xg + 24), _mm256_mul_ps(f[2], _mm256_loadu_ps(xg + 16)));
       acc[t] = _mm256_fmadd_ps(_mm256_add_ps(p, q), scale, acc[t]);
     }
   }
   for (int t = 0; t < NT; ++t) out[t] = simd::hsum(acc[t]);
+}
+
+// One MXFP4 row decoded to fp32 (exact) in the block-permuted order, for rows applied to many tokens.
+LZ_TARGET_AVX2 void decode_row_mxfp4_avx2(const uint8_t* blocks, const uint8_t* scales, int64_t groups, float* out) {
+  static const HalfScales half_scales;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 f[4];
+    decode_block_twice(blocks + 16 * g, f);
+    const __m256 scale = _mm256_set1_ps(half_scales.v[scales[g]]);
+    for (int k = 0; k < 4; ++k) _mm256_storeu_ps(out + 32 * g + 8 * k, _mm256_mul_ps(f[k], scale));
+  }
 }
 #endif
 
@@ -273,17 +291,36 @@ void row_dots<uint8_t>(const StoredMatrix& w, int64_t r, const float* const* x, 
   row_dots_mxfp4_portable(blocks, scales, groups, x, nt, out);
 }
 
-// y[i * ldy + (r - r0)] = dot(row r, x[i]) for rows [r0, r1) and the n token rows x[0..n).
+// y[i * ldy + (r - r0)] = dot(row r, x[i]) for rows [r0, r1) and the n token rows x[0..n). An MXFP4 row
+// met by more than kMaxTokens tokens is decoded once into a row buffer (same permuted order as x) instead of
+// once per pass.
 template <typename F>
 void rows_times_tokens(const StoredMatrix& w, int64_t r0, int64_t r1, const float* const* x, int64_t n, float* y,
                        int64_t ldy) {
   float out[kMaxTokens];
-  for (int64_t r = r0; r < r1; ++r)
+  std::vector<float> decoded;
+#if defined(LAZARUS_AVX2_MATH)
+  if (std::is_same<F, uint8_t>::value && n > kMaxTokens && use_avx2()) decoded.resize(static_cast<size_t>(w.cols));
+#endif
+  const StoredMatrix row_buffer{Storage::kF32, decoded.data(), nullptr, 1, w.cols};
+  for (int64_t r = r0; r < r1; ++r) {
+#if defined(LAZARUS_AVX2_MATH)
+    if (!decoded.empty()) {
+      const int64_t groups = w.cols / 32;
+      decode_row_mxfp4_avx2(static_cast<const uint8_t*>(w.data) + r * groups * 16, w.scales + r * groups, groups,
+                            decoded.data());
+    }
+#endif
     for (int64_t t0 = 0; t0 < n; t0 += kMaxTokens) {
       const int nt = static_cast<int>(std::min<int64_t>(kMaxTokens, n - t0));
-      row_dots<F>(w, r, x + t0, nt, out);
+      if (decoded.empty()) {
+        row_dots<F>(w, r, x + t0, nt, out);
+      } else {
+        row_dots<float>(row_buffer, 0, x + t0, nt, out);
+      }
       for (int i = 0; i < nt; ++i) y[(t0 + i) * ldy + (r - r0)] = out[i];
     }
+  }
 }
 
 void rows_times_tokens_any(const StoredMatrix& w, int64_t r0, int64_t r1, const float* const* x, int64_t n,

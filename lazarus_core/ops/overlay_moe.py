@@ -505,14 +505,16 @@ def _base_torch(inp: torch.Tensor, ex: OverlayExperts, which: str) -> torch.Tens
 def _shrink_blas(inp: torch.Tensor, rows: torch.Tensor | None, factors: torch.Tensor, routing: _Routing,
                  skip_pairs: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``out[p] = factors[e(p)] @ inp[rows[p]]`` for expert-sorted pairs: one BLAS GEMM per expert that has pairs
-    (more than ``skip_pairs`` pairs when given), on the expert's factors in fp32."""
+    (more than ``skip_pairs`` pairs when given), on the expert's factors converted to fp32 into one reused buffer
+    (it stays in cache: the stored factors are read once, at their own width)."""
     if out is None:
         out = torch.empty(routing.pair_expert.numel(), factors.shape[1], dtype=torch.float32, device=inp.device)
+    buf = None if factors.dtype == torch.float32 else torch.empty(factors.shape[1:], device=inp.device)
     start = 0
     for e, n in enumerate(routing.counts):
         if n and (skip_pairs is None or n > skip_pairs):
             src = inp[rows[start:start + n]] if rows is not None else inp[start:start + n]
-            torch.mm(src, factors[e].to(torch.float32).T, out=out[start:start + n])
+            torch.mm(src, (factors[e] if buf is None else buf.copy_(factors[e])).T, out=out[start:start + n])
         start += n
     return out
 
