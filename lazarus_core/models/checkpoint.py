@@ -21,7 +21,7 @@ from lazarus_core.models._memory import ResidentBudget
 from lazarus_core.models.errors import CheckpointError
 from lazarus_core.models.families import FamilySpec, detect_family
 from lazarus_core.models.resolve import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, ModelSource, resolve_model
-from lazarus_core.models.safetensors_file import DTYPES, FLOAT_DTYPES, SafetensorsFile, TensorInfo
+from lazarus_core.models.safetensors_file import FLOAT_DTYPES, SafetensorsFile, TensorInfo
 
 if TYPE_CHECKING:
     from lazarus_core.models.encoded import EncodedExpert
@@ -605,9 +605,7 @@ class MoeCheckpoint:
         name = self._dbrx_name(layer, projection)
         f, info = self._locate(name)
         self._expect(f, info, (e * i, h), FLOAT_DTYPES)
-        nbytes = info.nbytes // e
-        raw = f._read_bytes(name, info.start + expert * nbytes, nbytes, scratch if out is not None else None)
-        rows = raw.view(DTYPES[info.dtype][0]).view(i, h)
+        rows = f.read_rows(name, expert * i, (expert + 1) * i, scratch=scratch if out is not None else None)
         if projection == "down":
             rows = rows.t()
         return out.copy_(rows) if out is not None else rows.to(dtype).contiguous()
