@@ -4,6 +4,8 @@
 // (the CPU tests check it for token counts above the old 65,535 limit).
 #include "overlay_moe/overlay_moe_gpu.h"
 
+#include <string>
+
 #include "buffer_checks.h"
 
 namespace lazarus {
@@ -36,9 +38,13 @@ Storage storage_of(int code, const char* op) {
 }  // namespace
 
 void bind_overlay_moe(py::module_& m) {
+  // Each launcher is bound twice: NAME takes device pointers and a stream; NAME_host runs the host twin of the
+  // same kernel bodies on host pointers (the stream is ignored), for the CPU tests.
+  for (const bool host : {false, true}) {
+  const std::string sfx = host ? "_host" : "";
   m.def(
-      "overlay_grouped_shrink",
-      [](uintptr_t inp, uintptr_t rows, uintptr_t tile_expert, uintptr_t tile_row, uintptr_t offsets, int64_t n_tiles,
+      ("overlay_grouped_shrink" + sfx).c_str(),
+      [host](uintptr_t inp, uintptr_t rows, uintptr_t tile_expert, uintptr_t tile_row, uintptr_t offsets, int64_t n_tiles,
          int block_m, uintptr_t b, int b_dtype, uintptr_t out, int64_t pairs, int64_t in_dim, int64_t rank,
          uintptr_t stream) {
         if (pairs < 0 || in_dim < 0 || rank < 0) throw py::value_error("overlay_grouped_shrink: negative size");
@@ -49,14 +55,17 @@ void bind_overlay_moe(py::module_& m) {
         int code;
         {
           py::gil_scoped_release release;
-          code = overlay_grouped_shrink_cuda(p<const float>(inp), p<const int64_t>(rows), t, p<const void>(b), dt,
-                                             p<float>(out), pairs, in_dim, rank, reinterpret_cast<void*>(stream));
+          code = host ? detail::overlay_grouped_shrink_host(p<const float>(inp), p<const int64_t>(rows), t,
+                                                            p<const void>(b), dt, p<float>(out), pairs, in_dim, rank)
+                      : overlay_grouped_shrink_cuda(p<const float>(inp), p<const int64_t>(rows), t, p<const void>(b),
+                                                    dt, p<float>(out), pairs, in_dim, rank,
+                                                    reinterpret_cast<void*>(stream));
         }
         raise_on_cuda_error(code, "overlay_grouped_shrink");
       });
   m.def(
-      "overlay_gate_up_expand",
-      [](uintptr_t gu0, uintptr_t s_gu, uintptr_t slot, uintptr_t tile_expert, uintptr_t tile_row, uintptr_t offsets,
+      ("overlay_gate_up_expand" + sfx).c_str(),
+      [host](uintptr_t gu0, uintptr_t s_gu, uintptr_t slot, uintptr_t tile_expert, uintptr_t tile_row, uintptr_t offsets,
          int64_t n_tiles, int block_m, uintptr_t at_gate, uintptr_t at_up, uintptr_t bias_gate, uintptr_t bias_up,
          int dtype, int activation, float alpha, float limit, uintptr_t h, int64_t pairs, int64_t inter,
          int64_t rank_gate, int64_t rank_up, int64_t top_k, uintptr_t stream) {
@@ -72,13 +81,14 @@ void bind_overlay_moe(py::module_& m) {
         int code;
         {
           py::gil_scoped_release release;
-          code = overlay_gate_up_expand_cuda(a, t, reinterpret_cast<void*>(stream));
+          code = host ? detail::overlay_gate_up_expand_host(a, t)
+                      : overlay_gate_up_expand_cuda(a, t, reinterpret_cast<void*>(stream));
         }
         raise_on_cuda_error(code, "overlay_gate_up_expand");
       });
   m.def(
-      "overlay_down_expand",
-      [](uintptr_t s_d, uintptr_t slot, uintptr_t weight, uintptr_t tile_expert, uintptr_t tile_row, uintptr_t offsets,
+      ("overlay_down_expand" + sfx).c_str(),
+      [host](uintptr_t s_d, uintptr_t slot, uintptr_t weight, uintptr_t tile_expert, uintptr_t tile_row, uintptr_t offsets,
          int64_t n_tiles, int block_m, uintptr_t at_down, uintptr_t bias_down, int dtype, uintptr_t corr, int64_t pairs,
          int64_t hidden, int64_t rank_down, uintptr_t stream) {
         if (pairs < 0 || hidden < 0 || rank_down < 0) throw py::value_error("overlay_down_expand: negative size");
@@ -92,10 +102,12 @@ void bind_overlay_moe(py::module_& m) {
         int code;
         {
           py::gil_scoped_release release;
-          code = overlay_down_expand_cuda(a, t, reinterpret_cast<void*>(stream));
+          code = host ? detail::overlay_down_expand_host(a, t)
+                      : overlay_down_expand_cuda(a, t, reinterpret_cast<void*>(stream));
         }
         raise_on_cuda_error(code, "overlay_down_expand");
       });
+  }
   m.def(
       "overlay_launch_geometry",
       [](int64_t n_tiles, int64_t extent, int64_t per_block) {

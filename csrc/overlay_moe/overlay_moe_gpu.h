@@ -80,6 +80,15 @@ struct OverlayExpandArgs {
 
 int overlay_gate_up_expand_cuda(const OverlayExpandArgs& a, const OverlayTiles& tiles, void* stream);
 int overlay_down_expand_cuda(const OverlayExpandArgs& a, const OverlayTiles& tiles, void* stream);
+
+namespace detail {
+// The host twin: the kernels' per-(tile, row/column) bodies run over every index on HOST pointers, the
+// warp reduction in the shuffle-tree order (bound as *_host in _C_cuda; the CPU tests run it).
+int overlay_grouped_shrink_host(const float* inp, const int64_t* rows, const OverlayTiles& tiles, const void* b,
+                                Storage b_dtype, float* out, int64_t pairs, int64_t in_dim, int64_t rank);
+int overlay_gate_up_expand_host(const OverlayExpandArgs& a, const OverlayTiles& tiles);
+int overlay_down_expand_host(const OverlayExpandArgs& a, const OverlayTiles& tiles);
+}  // namespace detail
 #endif
 
 }  // namespace lazarus

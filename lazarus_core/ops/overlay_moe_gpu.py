@@ -123,7 +123,8 @@ def _base_matmul(inp: torch.Tensor, which: str, ex: OverlayExperts, x_dtype: tor
         return triton_module(inp.device).mxfp4_matmul_triton(inp.contiguous(), blocks, scales, bf16_dot=bf16)
     from lazarus_core.ops.mxfp4_dequant import mxfp4_dequant
 
-    decoded = mxfp4_dequant(blocks, scales, dtype=torch.bfloat16 if bf16 else torch.float32, backend=backend)
+    decoded = mxfp4_dequant(blocks, scales, dtype=torch.bfloat16 if bf16 else torch.float32,
+                            backend="cuda" if inp.is_cuda else "auto")
     return _dense_matmul(inp, decoded.reshape(blocks.shape[0], -1), bf16)
 
 
@@ -146,40 +147,51 @@ def _ptr(t: torch.Tensor | None) -> int:
 
 
 class _Cuda:
-    def __init__(self, device: torch.device):
-        self.ext = cuda_extension()
-        self.device = device
+    """The CUDA launchers; ``host=True`` runs their host twin (the same kernel bodies on CPU tensors, for tests)."""
 
-    def _tiles(self, m: TileMap):
+    def __init__(self, device: torch.device, host: bool = False):
+        self.ext = cuda_extension() if not host else _import_cuda_module()
+        self.device, self.host = device, host
+
+    def _call(self, name: str, *args) -> None:
+        if self.host:
+            getattr(self.ext, name + "_host")(*args, 0)
+            return
+        with torch.cuda.device(self.device):
+            getattr(self.ext, name)(*args, torch.cuda.current_stream(self.device).cuda_stream)
+
+    @staticmethod
+    def _tiles(m: TileMap):
         return (m.tile_expert.data_ptr(), m.tile_row.data_ptr(), m.offsets.data_ptr(), m.tile_expert.numel(),
                 m.block_m)
 
-    def _stream(self) -> int:
-        return torch.cuda.current_stream(self.device).cuda_stream
-
     def shrink(self, inp, rows, m: TileMap, b, pairs):
         out = torch.empty(pairs, b.shape[1], dtype=torch.float32, device=inp.device)
-        with torch.cuda.device(self.device):
-            self.ext.overlay_grouped_shrink(inp.data_ptr(), rows.data_ptr(), *self._tiles(m), b.data_ptr(),
-                                            _DTYPE_CODES[b.dtype], out.data_ptr(), pairs, b.shape[2], b.shape[1],
-                                            self._stream())
+        self._call("overlay_grouped_shrink", inp.data_ptr(), rows.data_ptr(), *self._tiles(m), b.data_ptr(),
+                   _DTYPE_CODES[b.dtype], out.data_ptr(), pairs, b.shape[2], b.shape[1])
         return out
 
     def gate_up(self, gu0, s_gu, m: TileMap, ex, top_k, h):
-        with torch.cuda.device(self.device):
-            self.ext.overlay_gate_up_expand(gu0.data_ptr(), s_gu.data_ptr(), m.slot.data_ptr(), *self._tiles(m),
-                                            ex.at_gate.data_ptr(), ex.at_up.data_ptr(), _ptr(ex.bias_gate),
-                                            _ptr(ex.bias_up), _DTYPE_CODES[ex.factor_dtype],
-                                            ACTIVATIONS[ex.activation], ex.alpha, ex.limit, h.data_ptr(),
-                                            m.slot.numel(), h.shape[1], ex.at_gate.shape[1], ex.at_up.shape[1], top_k,
-                                            self._stream())
+        self._call("overlay_gate_up_expand", gu0.data_ptr(), s_gu.data_ptr(), m.slot.data_ptr(), *self._tiles(m),
+                   ex.at_gate.data_ptr(), ex.at_up.data_ptr(), _ptr(ex.bias_gate), _ptr(ex.bias_up),
+                   _DTYPE_CODES[ex.factor_dtype], ACTIVATIONS[ex.activation], ex.alpha, ex.limit, h.data_ptr(),
+                   m.slot.numel(), h.shape[1], ex.at_gate.shape[1], ex.at_up.shape[1], top_k)
 
     def down(self, s_d, m: TileMap, slot_weight, ex, corr):
-        with torch.cuda.device(self.device):
-            self.ext.overlay_down_expand(s_d.data_ptr(), m.slot.data_ptr(), slot_weight.data_ptr(), *self._tiles(m),
-                                         ex.at_down.data_ptr(), _ptr(ex.bias_down), _DTYPE_CODES[ex.factor_dtype],
-                                         corr.data_ptr(), m.slot.numel(), corr.shape[1], ex.at_down.shape[1],
-                                         self._stream())
+        self._call("overlay_down_expand", s_d.data_ptr(), m.slot.data_ptr(), slot_weight.data_ptr(), *self._tiles(m),
+                   ex.at_down.data_ptr(), _ptr(ex.bias_down), _DTYPE_CODES[ex.factor_dtype], corr.data_ptr(),
+                   m.slot.numel(), corr.shape[1], ex.at_down.shape[1])
+
+
+def _import_cuda_module():
+    """``lazarus_core._C_cuda`` without requiring a device (its host twin runs anywhere it was built)."""
+    from lazarus_core.ops._backends import _import_extension
+    from lazarus_core.errors import BackendUnavailableError
+
+    mod = _import_extension("_C_cuda")
+    if isinstance(mod, str):
+        raise BackendUnavailableError(mod)
+    return mod
 
 
 _BACKENDS = {"cuda": _Cuda, "triton": _Triton}

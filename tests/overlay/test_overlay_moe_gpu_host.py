@@ -1,6 +1,7 @@
-"""The host-side parts of the GPU overlay that run without a GPU: the CUDA launch geometry (any token count;
-the old kernels put tokens on gridDim.y and failed above 65,535) and the shared host/device arithmetic of
-overlay_moe_math.h (the GPT-OSS clamp keeps NaN, as torch.clamp in transformers does)."""
+"""The parts of the CUDA overlay that run without a GPU: the launch geometry (any token count; the old kernels
+put tokens on gridDim.y and failed above 65,535), the shared host/device arithmetic of overlay_moe_math.h (the
+GPT-OSS clamp keeps NaN, as torch.clamp in transformers does), and the host twin of the CUDA kernels' bodies
+(_C_cuda *_host) inside the GPU pipeline, against the reference."""
 
 from __future__ import annotations
 
@@ -71,3 +72,62 @@ def test_portable_gpt_oss_clamp_keeps_nan():
         np.testing.assert_array_equal(np.isnan(h[0]), np.isnan(expected))
         np.testing.assert_allclose(h[0], expected, rtol=1e-6, atol=1e-6)
     assert np.isnan(h[0, [0, 1, 4]]).all()
+
+
+@pytest.fixture
+def cuda_host_backend(monkeypatch):
+    """The GPU pipeline of overlay_moe_gpu with the CUDA kernels' host twin (_C_cuda *_host) as its kernels."""
+    _cuda_ext()
+    from lazarus_core.ops import overlay_moe_gpu
+
+    monkeypatch.setitem(overlay_moe_gpu._BACKENDS, "cuda_host", lambda dev: overlay_moe_gpu._Cuda(dev, host=True))
+    return lambda x, ids, w, ex: overlay_moe_gpu.overlay_moe_forward_gpu(x, ids, w, ex, "cuda_host")
+
+
+_TWIN_CASES = [(1, 1, torch.float32, "fp32", "swiglu", (1, 1, 1)), (3, 2, torch.bfloat16, "bf16", "gpt_oss", (3, 5, 2)),
+               (17, 4, torch.float16, "fp32", "gpt_oss", (0, 0, 0)), (40, 8, torch.bfloat16, "mxfp4", "gpt_oss", (4, 1, 33)),
+               (130, 3, torch.bfloat16, "fp32", "swiglu", (5, 3, 2))]
+
+
+@pytest.mark.parametrize("tokens,top_k,factor_dtype,base,activation,ranks", _TWIN_CASES, ids=lambda v: str(v))
+def test_cuda_kernel_bodies_match_reference(cuda_host_backend, tokens, top_k, factor_dtype, base, activation, ranks):
+    # The per-tile bodies the CUDA kernels run (tile lookup, storage-dtype loads, shrink with the warp-tree
+    # reduction, expands, biases, activation, weighted epilogue) over every index, against the reference.
+    from tests.overlay.random_overlay import random_overlay, random_routing
+    from lazarus_core.ops import overlay_moe_forward_reference
+
+    hidden, inter = (64, 96) if base == "mxfp4" else (45, 23)
+    ex = random_overlay(9, hidden, inter, ranks, bias=activation == "gpt_oss", activation=activation,
+                        factor_dtype=factor_dtype, base=base)
+    x = torch.randn(tokens, hidden) * 2
+    ids, w = random_routing(tokens, 9, top_k)
+    out = cuda_host_backend(x, ids, w, ex)
+    ref = overlay_moe_forward_reference(x.double(), ids, w.double(), ex.to_float(torch.float64))
+    err = float((out.double() - ref).norm() / ref.norm())
+    assert torch.isfinite(out).all() and err < 2e-6, f"relative error {err:.2e}"
+
+
+def test_cuda_kernel_bodies_each_bias_and_nan(cuda_host_backend):
+    from dataclasses import replace
+
+    from tests.overlay.random_overlay import random_overlay, random_routing
+    from lazarus_core.ops import overlay_moe_forward_reference
+
+    full = random_overlay(5, 37, 21, (3, 2, 4), bias=True, activation="gpt_oss", factor_dtype=torch.bfloat16)
+    x = torch.randn(9, 37)
+    ids, w = random_routing(9, 5, 2)
+    for keep in ("gate", "up", "down"):
+        ex = replace(full, **{f"bias_{p}": None for p in ("gate", "up", "down") if p != keep})
+        ref = overlay_moe_forward_reference(x, ids, w, ex)
+        torch.testing.assert_close(cuda_host_backend(x, ids, w, ex), ref, atol=1e-4, rtol=1e-4)
+    x[2, 5] = float("nan")
+    out, ref = cuda_host_backend(x, ids, w, full), overlay_moe_forward_reference(x, ids, w, full)
+    assert torch.isnan(ref[2]).all() and torch.equal(torch.isnan(out), torch.isnan(ref))
+
+
+def test_cuda_host_twin_rejects_bad_tile_size():
+    C = _cuda_ext()
+    with pytest.raises(ValueError, match="block_m"):
+        C.overlay_grouped_shrink_host(0, 0, 0, 0, 0, 1, 17, 0, 0, 0, 1, 1, 1, 0)
+    with pytest.raises(ValueError, match="dtype code"):
+        C.overlay_grouped_shrink_host(0, 0, 0, 0, 0, 0, 16, 0, 5, 0, 1, 1, 1, 0)
