@@ -5,12 +5,8 @@ that sweep all experts chunk by chunk with :meth:`MoeCheckpoint.expert_rows`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from lazarus_core.models.checkpoint import MoeCheckpoint
 
 # Width of the rounding interval of each E2M1 magnitude code (in units of the block scale): codes
 # 0..3 (0, .5, 1, 1.5) 0.5; 2 -> [1.75, 2.5); 3 -> [2.5, 3.5); 4 -> [3.5, 5); 6 -> [5, 6] (never clips).
