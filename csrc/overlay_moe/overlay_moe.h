@@ -5,7 +5,7 @@
 //
 // Layout (dense, C-contiguous; the binding checks sizes). Activations, products and outputs are fp32; the
 // CPU kernels read the expand factors and biases in their stored type F (float, bf16_t or f16_t:
-// OverlayGateUpArgsT<F>); the CUDA kernels read fp32 (OverlayGateUpArgs = OverlayGateUpArgsT<float>).
+// OverlayGateUpArgsT<F>). The CUDA kernels have their own contract: overlay_moe_gpu.h.
 // T tokens, K experts per token, P = T * K (token, expert) pairs SORTED BY EXPERT: pairs offsets[e] ..
 // offsets[e+1]-1 use expert e.
 //   gu0        [T, 2I]   base gate (columns 0..I-1) and up (I..2I-1) products x @ base^T
@@ -20,10 +20,7 @@
 // of pair_weight * h (overwritten, not accumulated).
 // overlay_down accumulates y [T, H] += sum over pairs pair_weight * (A_down[e] s_d + bias_down[e]) with
 // s_d [P, rd], at_down [E, rd, H], bias_down [E, H] or nullptr.
-// Ranks may be 0. The CPU functions cannot fail (the binding validated everything); the CUDA launchers
-// take device pointers plus the map slot_pair [T*K] (slot t*K+k -> pair) and slot_expert [T*K], and
-// return a cudaError_t as int. They need no sorted order and never read offsets (it may be null): the op
-// passes pairs in slot order on the GPU.
+// Ranks may be 0. The CPU functions cannot fail (the binding validated everything).
 #pragma once
 
 #include <cstdint>
@@ -91,20 +88,10 @@ void stored_matvec_cpu(const StoredMatrix& w, const float* x, const int64_t* x_r
 void overlay_shrink_cpu(const StoredMatrix& b, int64_t rank, const int64_t* offsets, int64_t experts,
                         int64_t max_pairs, const float* inp, const int64_t* rows, float* s);
 
-#if defined(LAZARUS_WITH_CUDA)
-int overlay_gate_up_cuda(const OverlayGateUpArgs& a, const int64_t* slot_pair, const int64_t* slot_expert,
-                         int64_t top_k, void* stream);
-int overlay_down_cuda(const OverlayDownArgs& a, const int64_t* slot_pair, const int64_t* slot_expert, int64_t top_k,
-                      void* stream);
-// s [P, rank] = B[pair_expert[p]] @ inp[rows[p]] (rows == nullptr: row p) with b [E, rank, in_dim] and inp
-// [*, in_dim]: the grouped shrink of every pair in one launch (device pointers).
-int overlay_shrink_cuda(const float* inp, const int64_t* rows, const int64_t* pair_expert, const float* b, float* s,
-                        int64_t pairs, int64_t in_dim, int64_t rank, void* stream);
-#endif
-
 namespace detail {
-// The per-(token, column) arithmetic of the CUDA kernels (overlay_moe_math.h) run on the host, bound
-// for tests: same arguments as the CPU functions plus the inverse permutation.
+// The shared host/device arithmetic of overlay_moe_math.h (activation, expand order) run per (token, column)
+// on the host, bound for tests: same arguments as the CPU functions plus the inverse permutation
+// (slot_pair [T*K]: slot t*K+k -> pair, slot_expert [T*K]).
 void overlay_gate_up_portable_cpu(const OverlayGateUpArgs& a, const int64_t* slot_pair, const int64_t* slot_expert,
                                   int64_t top_k);
 void overlay_down_portable_cpu(const OverlayDownArgs& a, const int64_t* slot_pair, const int64_t* slot_expert,
