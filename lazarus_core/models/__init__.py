@@ -2,6 +2,7 @@
 
 from lazarus_core.models.builtin import BuiltinModel, list_builtin_models, resolve_builtin
 from lazarus_core.models.checkpoint import PROJECTIONS, MoeCheckpoint, RouterWeights, open_moe_checkpoint
+from lazarus_core.models.encoded import EncodedExpert
 from lazarus_core.models.errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
 from lazarus_core.models.families import (
     SUPPORTED_FAMILIES,
@@ -27,6 +28,7 @@ __all__ = [
     "PROJECTIONS",
     "MoeCheckpoint",
     "RouterWeights",
+    "EncodedExpert",
     "open_moe_checkpoint",
     "CheckpointError",
     "ModelNotFoundError",
