@@ -145,11 +145,15 @@ def test_builtin_upcycled_meets_the_acceptance_bar(tmp_path):
 def _reconstructed(original: torch.nn.Module, overlay) -> torch.nn.Module:
     """``original`` with every experts module's weights set to the overlay's ``base + A @ B`` (and biases), as
     ordinary transformers expert parameters in the family's layout."""
-    gpt_oss = original.config.model_type == "gpt_oss"
+    model_type = original.config.model_type
     for layer, ex in load_overlay_layers(overlay).items():
         module = experts_modules(original)[layer]
         gate, up, down = (ex.reconstruct(p) for p in ("gate", "up", "down"))  # [E, out, in] fp32
-        if gpt_oss:  # gate_up_proj [E, H, 2I], gate/up interleaved on the last axis; down_proj [E, I, H]
+        if model_type == "dbrx":  # mlp.w1 (gate), v1 (up), w2 (down transposed per expert), each [E*I, H]
+            for pname, w in (("w1", gate), ("v1", up), ("w2", down.transpose(1, 2))):
+                module.mlp._parameters[pname].data.copy_(w.reshape(-1, w.shape[-1]))
+            continue
+        if model_type == "gpt_oss":  # gate_up_proj [E, H, 2I], gate/up interleaved on the last axis; down_proj [E, I, H]
             gate_up = torch.stack([gate, up], 2).flatten(1, 2).transpose(1, 2)  # rows g0 u0 g1 u1 ..., then [E, H, 2I]
             bias = torch.stack([ex.bias_gate, ex.bias_up], -1).flatten(-2)
             module.gate_up_proj_bias.data.copy_(bias)
@@ -162,7 +166,7 @@ def _reconstructed(original: torch.nn.Module, overlay) -> torch.nn.Module:
     return original
 
 
-@pytest.mark.parametrize("name", ["olmoe", "gpt_oss_mxfp4"])
+@pytest.mark.parametrize("name", ["olmoe", "gpt_oss_mxfp4", "dbrx"])
 def test_model_backpropagates_like_reconstructed_weights(checkpoint_dir, tmp_path, name):
     # Outside no_grad: gradients w.r.t. the input embeddings (through attention, routers, routing weights and
     # experts of every layer) match the same model with the reconstructed expert weights.
