@@ -172,6 +172,15 @@ def _programs_ok(*tensors: torch.Tensor) -> bool:
     return all(t.numel() for t in tensors)
 
 
+def shrink_split(programs: int, in_dim: int) -> tuple[int, int]:
+    """``(split, k_chunk)``: split the input dimension into ``split`` chunks of ``k_chunk`` (a multiple of
+    :data:`SHRINK_BLOCK_K`) until the shrink has about :data:`SHRINK_TARGET_PROGRAMS` programs (decode)."""
+    k_steps = triton.cdiv(in_dim, SHRINK_BLOCK_K)
+    split = max(1, min(k_steps, SHRINK_TARGET_PROGRAMS // max(1, programs)))
+    k_chunk = triton.cdiv(k_steps, split) * SHRINK_BLOCK_K
+    return triton.cdiv(in_dim, k_chunk), k_chunk
+
+
 def grouped_shrink_triton(inp: torch.Tensor, rows: torch.Tensor, tiles: tuple,
                           b: torch.Tensor, pairs: int) -> torch.Tensor:
     """Grouped shrink ``s[q] = b[e(q)] @ inp[rows[q]]`` of every expert-sorted pair.
@@ -201,10 +210,7 @@ def grouped_shrink_triton(inp: torch.Tensor, rows: torch.Tensor, tiles: tuple,
     if pairs == 0 or rank == 0 or in_dim == 0:
         return torch.zeros(pairs, rank, dtype=torch.float32, device=inp.device)
     rank_blocks = triton.cdiv(rank, SHRINK_BLOCK_R)
-    k_steps = triton.cdiv(in_dim, SHRINK_BLOCK_K)
-    split = max(1, min(k_steps, SHRINK_TARGET_PROGRAMS // max(1, tile_expert.numel() * rank_blocks)))
-    k_chunk = triton.cdiv(k_steps, split) * SHRINK_BLOCK_K
-    split = triton.cdiv(in_dim, k_chunk)
+    split, k_chunk = shrink_split(tile_expert.numel() * rank_blocks, in_dim)
     out = torch.empty(split, pairs, rank, dtype=torch.float32, device=inp.device)
     _grouped_shrink_kernel[(tile_expert.numel(), rank_blocks, split)](
         inp, rows, tile_expert, tile_row, offsets, b, out, in_dim, rank, pairs, k_chunk, BLOCK_M=block_m,

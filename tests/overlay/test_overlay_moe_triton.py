@@ -130,6 +130,25 @@ def test_tile_map_covers_every_pair_once(tokens, top_k, n_experts):
     assert sorted(seen) == list(range(tokens * top_k))
 
 
+@pytest.mark.parametrize("tokens,in_dim,dtype", [(1, 301, torch.bfloat16), (2, 200, torch.float32),
+                                                 (40, 97, torch.float16)])
+def test_grouped_shrink_split_k(tokens, in_dim, dtype):
+    # Few tiles (decode) split the input dimension over programs; partials are summed after the kernel.
+    from lazarus_core.triton_kernels import grouped_shrink_triton
+    from lazarus_core.triton_kernels import overlay_moe as kernels
+
+    n_experts, top_k, rank = 5, 2, 19
+    ids, _ = random_routing(tokens, n_experts, top_k)
+    m = tile_map(ids, n_experts)
+    inp = torch.randn(tokens, in_dim)
+    b = torch.randn(n_experts, rank, in_dim).to(dtype)
+    out = grouped_shrink_triton(inp, m.token, m.tiles, b, tokens * top_k)
+    expected = torch.einsum("prk,pk->pr", b.double()[ids.reshape(-1)[m.slot]], inp.double()[m.token])
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-5)
+    split, k_chunk = kernels.shrink_split(m.tile_expert.numel(), in_dim)      # rank 19: one rank block
+    assert split > 1 and (split - 1) * k_chunk < in_dim <= split * k_chunk     # the split path ran, covering K
+
+
 @pytest.mark.parametrize("m,n,groups", [(1, 5, 1), (19, 70, 3), (4, 33, 2)])
 def test_mxfp4_matmul_decodes_in_the_gemm(m, n, groups):
     from lazarus_core.triton_kernels import mxfp4_matmul_triton
