@@ -7,7 +7,9 @@ The sample is ``SAMPLE_CHUNKS`` runs of ``SAMPLE_CHUNK_BYTES`` bytes at evenly s
 data, first and last byte included (all bytes when the tensor is smaller): 64 KiB of positioned reads per
 tensor however large the shard, so checking costs milliseconds per layer. Two different models differ in
 every run; an edit of a few weights between runs escapes it, which ``full_hash=True`` (``--full-hash``)
-closes at the cost of reading every expert byte.
+closes: it records the sha256 of all bytes too (``sha256_all``). Loading compares the sample only (loading
+reads no expert weights, so it must not read them all to check them); verifying and resuming, which read every
+expert anyway, compare all bytes when the fingerprint has them.
 """
 
 from __future__ import annotations
@@ -106,11 +108,14 @@ def _tensor_digest(f: SafetensorsFile, info: TensorInfo, *, full: bool, chunks: 
     return h.hexdigest()
 
 
-def _entries(files: _SourceFiles, names: list[str], *, full: bool, chunks: int, chunk_bytes: int) -> Iterator[tuple[str, dict[str, Any]]]:
+def _entries(files: _SourceFiles, names: list[str], *, full: bool) -> Iterator[tuple[str, dict[str, Any]]]:
     for name in names:
         f, info = files.locate(name)
-        yield name, {"dtype": info.dtype, "shape": list(info.shape),
-                     "sha256": _tensor_digest(f, info, full=full, chunks=chunks, chunk_bytes=chunk_bytes)}
+        entry = {"dtype": info.dtype, "shape": list(info.shape),
+                 "sha256": _tensor_digest(f, info, full=False, chunks=SAMPLE_CHUNKS, chunk_bytes=SAMPLE_CHUNK_BYTES)}
+        if full:
+            entry["sha256_all"] = _tensor_digest(f, info, full=True, chunks=0, chunk_bytes=0)
+        yield name, entry
 
 
 def source_fingerprint(ckpt: MoeCheckpoint, layers: list[int], *, full_hash: bool = False) -> dict[str, Any]:
@@ -122,23 +127,23 @@ def source_fingerprint(ckpt: MoeCheckpoint, layers: list[int], *, full_hash: boo
     layers : list of int
         MoE layers (model layer indices) the overlay covers.
     full_hash : bool
-        Hash every byte of every expert tensor instead of the deterministic sample.
+        Also hash every byte of every expert tensor (``sha256_all``), besides the deterministic sample.
 
     Returns
     -------
     dict
-        JSON-able: ``{"version", "revision", "full_hash", "sample": {"chunks", "chunk_bytes"} or None,
-        "layers", "tensors": {name: {"dtype", "shape", "sha256"}}}`` (names in natural order).
+        JSON-able: ``{"version", "revision", "full_hash", "sample": {"chunks", "chunk_bytes"}, "layers",
+        "tensors": {name: {"dtype", "shape", "sha256" (sample), "sha256_all" (with full_hash)}}}`` (names in
+        natural order).
     """
     files = _SourceFiles(ckpt)
     try:
         names = [n for layer in sorted(set(layers)) for n in expert_tensor_names(ckpt, layer, files.weight_map)]
-        tensors = dict(_entries(files, names, full=full_hash, chunks=SAMPLE_CHUNKS,
-                                chunk_bytes=SAMPLE_CHUNK_BYTES))
+        tensors = dict(_entries(files, names, full=full_hash))
     finally:
         files.close()
     return {"version": FINGERPRINT_VERSION, "revision": ckpt.source.revision, "full_hash": bool(full_hash),
-            "sample": None if full_hash else {"chunks": SAMPLE_CHUNKS, "chunk_bytes": SAMPLE_CHUNK_BYTES},
+            "sample": {"chunks": SAMPLE_CHUNKS, "chunk_bytes": SAMPLE_CHUNK_BYTES},
             "layers": sorted(set(int(x) for x in layers)), "tensors": tensors}
 
 
@@ -166,11 +171,11 @@ def _structure_problem(ckpt: MoeCheckpoint, config: dict[str, Any]) -> str | Non
     return None
 
 
-def _content_problem(ckpt: MoeCheckpoint, fingerprint: dict[str, Any]) -> str | None:
-    """The first tensor whose name, dtype, shape or hash differs from ``fingerprint``, described, or None."""
+def _content_problem(ckpt: MoeCheckpoint, fingerprint: dict[str, Any], all_bytes: bool) -> str | None:
+    """The first tensor whose name, dtype, shape or hash differs from ``fingerprint``, described, or None
+    (``all_bytes``: the all-bytes hashes are compared too, where the fingerprint has them)."""
     recorded: dict[str, dict] = fingerprint.get("tensors", {})
     sample = fingerprint.get("sample") or {}
-    full = bool(fingerprint.get("full_hash"))
     files = _SourceFiles(ckpt)
     try:
         current = [n for layer in fingerprint.get("layers", [])
@@ -185,25 +190,29 @@ def _content_problem(ckpt: MoeCheckpoint, fingerprint: dict[str, Any]) -> str | 
             if info.dtype != want.get("dtype") or list(info.shape) != list(want.get("shape", [])):
                 return (f"tensor {name!r} is {info.dtype} {list(info.shape)} in the source, {want.get('dtype')} "
                         f"{want.get('shape')} in the overlay's fingerprint")
-            got = _tensor_digest(f, info, full=full, chunks=int(sample.get("chunks", SAMPLE_CHUNKS)),
-                                 chunk_bytes=int(sample.get("chunk_bytes", SAMPLE_CHUNK_BYTES)))
-            if got != want.get("sha256"):
-                what = "all its bytes" if full else "its sampled bytes"
-                return (f"tensor {name!r} differs (sha256 of {what}: {got[:12]}... in the source, "
-                        f"{str(want.get('sha256'))[:12]}... in the overlay's fingerprint)")
+            checks = [("sha256", "its sampled bytes", False)]
+            if all_bytes and "sha256_all" in want:
+                checks.append(("sha256_all", "all its bytes", True))
+            for key, what, full in checks:
+                got = _tensor_digest(f, info, full=full, chunks=int(sample.get("chunks", SAMPLE_CHUNKS)),
+                                     chunk_bytes=int(sample.get("chunk_bytes", SAMPLE_CHUNK_BYTES)))
+                if got != want.get(key):
+                    return (f"tensor {name!r} differs (sha256 of {what}: {got[:12]}... in the source, "
+                            f"{str(want.get(key))[:12]}... in the overlay's fingerprint)")
     finally:
         files.close()
     return None
 
 
-def source_mismatch(ckpt: MoeCheckpoint, config: dict[str, Any]) -> str | None:
+def source_mismatch(ckpt: MoeCheckpoint, config: dict[str, Any], *, all_bytes: bool = True) -> str | None:
     """How the checkpoint differs from the one the overlay ``config`` was made from, described in one line
     (structure first, then the first fingerprinted tensor that differs), or None when it matches (or when the
-    config has no fingerprint and the structure fits)."""
+    config has no fingerprint and the structure fits). ``all_bytes``: compare the all-bytes hashes of a
+    ``--full-hash`` fingerprint too (reads every expert byte)."""
     problem = _structure_problem(ckpt, config)
     fingerprint = config.get("source", {}).get("fingerprint")
     if problem is None and fingerprint is not None:
-        problem = _content_problem(ckpt, fingerprint)
+        problem = _content_problem(ckpt, fingerprint, all_bytes)
     return problem
 
 
@@ -214,7 +223,7 @@ def _recorded(config: dict[str, Any]) -> str:
 
 
 def check_source(ckpt: MoeCheckpoint | ModelSource, config: dict[str, Any], *, force: bool = False,
-                 overlay: str | os.PathLike | None = None) -> None:
+                 overlay: str | os.PathLike | None = None, all_bytes: bool = False) -> None:
     """Refuse to apply, verify or resume an overlay on a checkpoint it was not made from.
 
     Parameters
@@ -228,6 +237,9 @@ def check_source(ckpt: MoeCheckpoint | ModelSource, config: dict[str, Any], *, f
         mismatch (family, number of experts, layers, shapes) is refused even so.
     overlay : str or PathLike, optional
         The overlay directory, named in the messages.
+    all_bytes : bool
+        Also compare the all-bytes hashes of a ``--full-hash`` fingerprint (reads every expert byte: for callers
+        that read them anyway, as verify does; loading compares the sample only).
 
     Raises
     ------
@@ -252,10 +264,13 @@ def check_source(ckpt: MoeCheckpoint | ModelSource, config: dict[str, Any], *, f
         print(f"lazarus: warning: {label} records no source fingerprint (written before fingerprints); it cannot "
               f"be checked against {ckpt.source.name}", file=sys.stderr)
         return
-    problem = _content_problem(ckpt, fingerprint)
+    problem = _content_problem(ckpt, fingerprint, all_bytes)
     if problem is None:
         return
-    message = f"{label} was made from {_recorded(config)}, not from {ckpt.source.name}: {problem}"
+    if config.get("source", {}).get("model") == ckpt.source.name:
+        message = f"{label} was made from {_recorded(config)}, whose expert files have changed since: {problem}"
+    else:
+        message = f"{label} was made from {_recorded(config)}, not from {ckpt.source.name}: {problem}"
     if not force:
         raise OverlaySourceMismatch(f"{message}; pass --force (force=True) to use it anyway")
     print(f"lazarus: WARNING: --force: {message}. Using it anyway: results will not be those of the model the "

@@ -131,3 +131,34 @@ def test_check_source_accepts_the_model_source(checkpoint_dir, tmp_path):
     config["source"]["fingerprint"]["tensors"].popitem()
     with pytest.raises(OverlaySourceMismatch, match="not in the overlay's fingerprint"):
         check_source(ckpt, config)
+
+
+def test_full_hash_catches_an_edit_the_sample_misses_and_loading_reads_only_the_sample(checkpoint_copy, tmp_path,
+                                                                                       monkeypatch):
+    import lazarus_core.overlay.fingerprint as fingerprint
+
+    monkeypatch.setattr(fingerprint, "SAMPLE_CHUNKS", 2)  # sample = the first and last 16 bytes of each tensor
+    monkeypatch.setattr(fingerprint, "SAMPLE_CHUNK_BYTES", 16)
+    src = checkpoint_copy("olmoe")
+    ckpt = open_moe_checkpoint(str(src))
+    plan = plan_overlay(ckpt, list(ckpt.moe_layers), make_policy(rank=2), dtype="fp32")
+    write_overlay(ckpt, tmp_path / "ov", plan, model=str(src), full_hash=True)
+    config = read_config(tmp_path / "ov")
+    entry = config["source"]["fingerprint"]["tensors"][(target := "model.layers.0.mlp.experts.2.gate_proj.weight")]
+    assert config["source"]["fingerprint"]["full_hash"] and entry["sha256"] != entry["sha256_all"]
+    f = SafetensorsFile(src / "model.safetensors")
+    middle = f.info(target).start + f.info(target).nbytes // 2
+    f.close()
+    with open(src / "model.safetensors", "r+b") as fh:  # one weight edited between the sampled runs
+        fh.seek(middle)
+        byte = fh.read(1)
+        fh.seek(middle)
+        fh.write(bytes([byte[0] ^ 0x40]))
+    edited = open_moe_checkpoint(str(src))
+    check_source(edited, config)  # loading compares the sample: it reads no expert weights
+    with pytest.raises(OverlaySourceMismatch, match=f"{target.replace('.', '[.]')}' differs [(]sha256 of all its bytes"):
+        check_source(edited, config, all_bytes=True)
+    with pytest.raises(OverlaySourceMismatch, match="all its bytes"):
+        verify_overlay(str(src), tmp_path / "ov", outputs=False)  # verify reads every expert: it compares all
+    with pytest.raises(OverlaySourceMismatch, match="--no-resume"):
+        write_overlay(edited, tmp_path / "ov", plan, model=str(src), full_hash=True)
