@@ -15,6 +15,14 @@ MEASURES = ("weights", "deltas", "routing", "outputs")
 
 
 # ------------------------------------------------------------------------------------------ similarity
+def _per_expert(p: torch.Tensor, num_experts: int) -> torch.Tensor | None:
+    """``p`` as ``[E, ...]`` (a view): expert-leading ``[E, ...]``, or DBRX's fused ``[E*I, H]`` as ``[E, I, H]``;
+    None when ``p`` is not split by expert."""
+    if not p.shape or p.shape[0] % num_experts:
+        return None
+    return p if p.shape[0] == num_experts else p.view(num_experts, -1, *p.shape[1:])
+
+
 def expert_parameters(experts: torch.nn.Module, num_experts: int, *, biases: bool = False) -> torch.Tensor:
     """Every expert's parameters of an experts module flattened into one row.
 
@@ -22,7 +30,8 @@ def expert_parameters(experts: torch.nn.Module, num_experts: int, *, biases: boo
     ----------
     experts : nn.Module
         A transformers experts module whose parameters have the expert as leading dimension
-        (``gate_up_proj`` [E, ...], ``down_proj`` [E, ...], optional ``*_bias`` [E, ...]).
+        (``gate_up_proj`` [E, ...], ``down_proj`` [E, ...], optional ``*_bias`` [E, ...]; DBRX ``mlp.w1`` / ``v1`` /
+        ``w2`` [E*I, H], expert e's rows e*I:(e+1)*I).
     num_experts : int
     biases : bool
         Include the bias vectors (default only the weight matrices).
@@ -33,7 +42,7 @@ def expert_parameters(experts: torch.nn.Module, num_experts: int, *, biases: boo
         float64 [E, P].
     """
     parts = [p.detach().double().reshape(num_experts, -1) for name, p in experts.named_parameters()
-             if p.shape[:1] == (num_experts,) and (biases or "bias" not in name)]
+             if _per_expert(p, num_experts) is not None and (biases or "bias" not in name)]
     if not parts:
         raise ValueError("the experts module has no per-expert parameters [E, ...]")
     return torch.cat(parts, dim=1)
@@ -217,11 +226,10 @@ class MergedExperts:
         with torch.no_grad():
             for l, ps in self.by_layer.items():
                 layer = self.info.layers[l]
-                for name, p in layer.experts.named_parameters():
-                    if p.shape[:1] != (layer.num_experts,):
-                        if not p.shape or p.shape[0] % layer.num_experts:
-                            continue
-                        p = p.view(layer.num_experts, -1, *p.shape[1:])  # DBRX: fused [E*I, H] -> [E, I, H]
+                for name, param in layer.experts.named_parameters():
+                    p = _per_expert(param, layer.num_experts)
+                    if p is None:
+                        continue
                     for a, b in ps:
                         fa, fb = float(self.frequencies.get((l, a), 0.0)), float(self.frequencies.get((l, b), 0.0))
                         wa = 0.5 if fa + fb <= 0 else fa / (fa + fb)
@@ -494,7 +502,7 @@ def expert_merging(model, trace, documents: Sequence[Sequence[int]] | None = Non
         freq.update({(l, e): float(counts[e]) for e in range(E)})
         if l not in bytes_per_expert:
             bytes_per_expert[l] = int(sum(p.numel() * p.element_size() for p in layer.experts.parameters()
-                                          if p.shape[:1] == (E,)) // E)
+                                          if _per_expert(p, E) is not None) // E)
         sims, data = {}, {}
         sims["weights"], sims["deltas"] = weight_similarity(layer.experts, E)
         flat = expert_parameters(layer.experts, E).numpy()

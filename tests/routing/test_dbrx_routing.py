@@ -170,3 +170,23 @@ def test_routing_manipulation_probe_reads_dbrx_routing():
     torch.testing.assert_close(logits, routed.logits[last])
     assert torch.equal(primary, routed.topk_ids[last, 0])
     assert not info.layers[1].router._forward_hooks and not info.layers[1].experts._forward_pre_hooks
+
+
+def test_expert_merging_analysis_runs_on_dbrx(tmp_path):
+    from lazarus_core.analysis.expert_merging import expert_merging, expert_parameters
+    from lazarus_core.routing.capture import capture_routing
+    from lazarus_core.routing.corpus import corpus_from_prompts
+    from lazarus_core.routing.trace_reader import load_trace
+    from tests.routing.tiny_models import tiny_tokenizer
+
+    model = _model(1.0)
+    mlp = model.transformer.blocks[0].ffn.experts.mlp
+    flat = expert_parameters(model.transformer.blocks[0].ffn.experts, 8)
+    assert flat.shape == (8, 3 * 48 * 32)                            # w1, v1, w2 rows of each expert
+    assert torch.equal(flat[5, : 48 * 32], mlp.w1.detach()[5 * 48:6 * 48].double().flatten())
+    texts = ["the water was long and people said no", "it is what it is", "one two three four five six"]
+    capture_routing(model, tiny_tokenizer(), corpus_from_prompts(texts), tmp_path / "t", logits=True, seq_len=16,
+                    progress=False)
+    res = expert_merging(model, load_trace(tmp_path / "t"), None, threshold=0.8, null_draws=4)
+    assert res.bytes_per_expert == {0: 3 * 48 * 32 * 4, 1: 3 * 48 * 32 * 4}   # fp32 rows of one expert
+    assert res.mergeable_share == 0.0 and not res.pareto               # random experts: nothing to merge
