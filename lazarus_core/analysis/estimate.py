@@ -11,13 +11,16 @@ Accounting, stated once:
 - expert bytes: the requested layers' routed-expert tensors as stored, from the config's shapes and storage:
   MXFP4 4.25 bits/value (codes + one scale byte per 32), FP8 1 byte/value + fp32 block scales, otherwise the
   config's dtype; expert biases included.
-- time: (experts x projections x layers x spectra per expert) x the median wall time of the engine's ``singular_values`` on a
-  random float32 delta of that projection's ``[out, in]`` shape on the chosen device (the dominant per-expert
-  step; decoding and reading the experts are not in it), divided by the number of processes.
-- peak memory, per process: the analysis's buffers for the largest projection: the mean expert, one delta, the
-  cosine pass's row chunks (about two experts), all float32 ``[out, in]``, plus one stored expert's raw bytes, the
-  float64 Gram ``[r, r]`` with the eigensolver's copy and one float64 ``[r, 512]`` column chunk (r = min(out, in)).
-  The Python / torch baseline of the process (a few hundred MB) is not in it.
+- time: (experts x projections x layers x spectra per expert) x the median wall time of the engine's
+  ``singular_values`` on a random float32 delta of that projection's ``[out, in]`` shape on the chosen device (the
+  dominant per-expert step; decoding, reading and the base refinement are not in it), divided by the processes.
+- peak memory, per process, for the largest projection ``[out, in]`` (r = min(out, in)): 6 float32 experts (mean,
+  delta, refined base, the cosine pass's row chunks, decode), one stored expert's raw bytes, 5 float64 ``[r, r]``
+  (the Gram, the eigensolver's copy and eigenvectors) and one float64 ``[r, 512]`` column chunk. Calibrated on the
+  measured peak (VmHWM growth) of ``analyze_projection`` with the refined base, 12 bf16 experts: 31.7 MiB at
+  [512, 2048] and 57.7 MiB at [1024, 1024] against 36 and 66 MiB from this formula; 6.0 against 10 MiB at
+  [256, 1024] with 8 experts (small shapes: the formula is an upper bound). The Python / torch baseline of the process
+  (a few hundred MB) is not in it.
 """
 
 from __future__ import annotations
@@ -180,7 +183,7 @@ def working_memory_bytes(shape: tuple[int, int], stored_bytes_per_value: float) 
     out_dim, in_dim = shape
     r = min(out_dim, in_dim)
     values = out_dim * in_dim
-    return 4 * values * 4 + math.ceil(values * stored_bytes_per_value) + 2 * r * r * 8 + r * GRAM_CHUNK * 8
+    return 6 * values * 4 + math.ceil(values * stored_bytes_per_value) + 5 * r * r * 8 + r * GRAM_CHUNK * 8
 
 
 def expert_seconds(shape: tuple[int, int], *, device: str = "cpu", repeats: int = 3) -> float:
@@ -316,6 +319,7 @@ def estimate_moe_type(model: str, layers: str | Sequence[int] | None = None, *, 
         expert_bytes=expert_bytes_from_config(spec, config, len(layer_list)), expert_steps=steps * len(shapes),
         seconds_per_expert=per_expert, seconds=seconds, nproc=nproc, device=str(device), peak_memory_bytes=peak,
         peak_memory_bytes_total=peak * nproc,
-        timing={"what": "singular_values of a random float32 [out, in] delta (decode and I/O not included)",
-                "spectra_per_expert": passes, "repeats": repeats, "statistic": "median", "device": str(device), "threads": torch.get_num_threads()},
+        timing={"what": "singular_values of a random float32 [out, in] delta (decode, I/O and base refinement "
+                         "not included)", "spectra_per_expert": passes, "repeats": repeats, "statistic": "median",
+                "device": str(device), "threads": torch.get_num_threads()},
     )

@@ -68,8 +68,8 @@ def markdown_table(header: tuple[str, ...], rows: list[list[str]]) -> str:
 
 
 def _sweep_markdown(sweep) -> str:
-    lines = [f"# moe-type-sweep (layers: {sweep.layers})", "", markdown_table(COLUMNS, [row_cells(r) for r in sweep.rows]),
-             "What was read:", ""]
+    table = markdown_table(COLUMNS, [row_cells(r) for r in sweep.rows])
+    lines = [f"# moe-type-sweep (layers: {sweep.layers})", "", table, "What was read:", ""]
     lines += [f"- {read_line(r)}" for r in sweep.rows]
     return "\n".join(lines) + "\n"
 

@@ -98,3 +98,4 @@ def test_cli_estimate_prints_and_writes_without_running_the_analysis(checkpoint_
                  "--repeats", "1", "-o", str(single)]) == 0
     row = json.loads(single.read_text())["estimate"]["rows"][0]["estimate"]
     assert row["layers"] == [1] and row["files"] == done[0]["files"]
+
