@@ -131,15 +131,15 @@ def overlay_base(ckpt: MoeCheckpoint, layer: int, projection: str, *, method: st
         return base
     cap = max(1, min(base.shape) // 4)
     n = ckpt.num_experts
-    mean64 = base.double()
-    acc = torch.empty_like(mean64)
+    mean, refined = base, torch.empty_like(base)
+    acc = torch.empty(base.shape, dtype=torch.float64)
     with threads_for(tuple(base.shape)):
         for _ in range(iterations):
-            acc.copy_(mean64)
+            acc.copy_(mean)
             for e, delta in iter_deltas(ckpt, layer, projection, base, backend=backend):
                 edge = None if edges is None else float(edges[e])
                 _, a, b = spectrum_and_factors(delta, lambda sv: _probe_rank(sv, edge, cap))
                 if a.shape[1]:
                     acc.addmm_(a, b, alpha=-1.0 / n)
-            base = acc.float()
+            base = refined.copy_(acc)  # the deltas of this iteration are done: overwrite in place
     return base
