@@ -292,8 +292,9 @@ def test_overlay_moe_clamp_edges_nan_and_repeated_expert(backend):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_overlay_moe_zero_tokens_and_bf16(backend):
-    ex = _on_cuda(random_overlay(4, 32, 64, (1, 1, 1), bias=False, activation="swiglu", factor_dtype=torch.bfloat16,
-                                 base="bf16"))
+    ex_cpu = random_overlay(4, 32, 64, (1, 1, 1), bias=False, activation="swiglu", factor_dtype=torch.bfloat16,
+                            base="bf16")
+    ex = _on_cuda(ex_cpu)
     out = overlay_moe_forward(torch.empty(0, 32, device="cuda"), torch.empty(0, 2, dtype=torch.int64, device="cuda"),
                               torch.empty(0, 2, device="cuda"), ex, backend=backend)
     assert out.shape == (0, 32)
@@ -301,5 +302,5 @@ def test_overlay_moe_zero_tokens_and_bf16(backend):
     ids, w = random_routing(3, 4, 2)
     out = overlay_moe_forward(x.to(torch.bfloat16).cuda(), ids.cuda(), w.cuda(), ex, backend=backend)
     assert out.dtype == torch.bfloat16        # the base product in bf16 (cuBLAS, fp32 accumulation)
-    ref = overlay_moe_forward_reference(x.to(torch.bfloat16).float(), ids, w, ex.to_float())
-    torch.testing.assert_close(out.float().cpu(), ref.cpu(), atol=0.05, rtol=0.02)
+    ref = overlay_moe_forward_reference(x.to(torch.bfloat16).float(), ids, w, ex_cpu.to_float())
+    torch.testing.assert_close(out.float().cpu(), ref, atol=0.05, rtol=0.02)
