@@ -65,3 +65,28 @@ def test_activation_backward_matches_torch(kind):
     torch.testing.assert_close(h, h_ref.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dg, dg_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(du, du_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_experts_forward_needing_grad_never_replays_a_cuda_graph():
+    from lazarus_core.overlay.load import overlay_experts_forward
+
+    class AlwaysReplay:  # stands in for GraphCache on a GPU: every call would replay (no autograd history)
+        replays = 0
+
+        def applies(self, x):
+            return True
+
+        def run(self, forward, *args):
+            AlwaysReplay.replays += 1
+            return forward(*args).detach()
+
+    module = torch.nn.Module()
+    module._lazarus_overlay = random_overlay(4, 9, 5, (1, 2, 1), bias=False, activation="swiglu")
+    module._lazarus_backend, module._lazarus_graphs = "cpu", AlwaysReplay()
+    ids, w = random_routing(3, 4, 2)
+    x = torch.randn(3, 9, requires_grad=True)
+    overlay_experts_forward(module, x, ids, w).sum().backward()
+    assert AlwaysReplay.replays == 0 and x.grad is not None and x.grad.abs().sum() > 0
+    with torch.no_grad():
+        overlay_experts_forward(module, x, ids, w)
+    assert AlwaysReplay.replays == 1  # inference still replays
