@@ -277,11 +277,14 @@ def _dbrx_facts(config: Mapping[str, Any]) -> dict[str, Any]:
     act = ffn.get("ffn_act_fn") or {"name": "silu"}
     return {
         **config,
-        "num_hidden_layers": _require(config, "dbrx", "n_layers", "num_hidden_layers"),
-        "hidden_size": _require(config, "dbrx", "d_model", "hidden_size"),
-        "num_experts_per_tok": ffn.get("moe_top_k", 1),  # transformers' DbrxFFNConfig defaults
-        "num_experts": ffn.get("moe_num_experts", 4),
-        "intermediate_size": _require(ffn, "dbrx", "ffn_hidden_size"),
+        "num_hidden_layers": _positive_int(_require(config, "dbrx", "n_layers", "num_hidden_layers"), "dbrx",
+                                           "n_layers"),
+        "hidden_size": _positive_int(_require(config, "dbrx", "d_model", "hidden_size"), "dbrx", "d_model"),
+        # transformers' DbrxFFNConfig defaults: moe_top_k 1, moe_num_experts 4
+        "num_experts_per_tok": _positive_int(ffn.get("moe_top_k", 1), "dbrx", "ffn_config.moe_top_k"),
+        "num_experts": _positive_int(ffn.get("moe_num_experts", 4), "dbrx", "ffn_config.moe_num_experts"),
+        "intermediate_size": _positive_int(_require(ffn, "dbrx", "ffn_hidden_size"), "dbrx",
+                                           "ffn_config.ffn_hidden_size"),
         "moe_normalize_expert_weights": ffn.get("moe_normalize_expert_weights", 1.0),
         "hidden_act": act.get("name", "silu") if isinstance(act, Mapping) else str(act),
     }

@@ -57,6 +57,8 @@ def test_dbrx_detected_from_architectures_and_its_routing_options():
      "moe_normalize_expert_weights must be a positive number"),
     ({**DBRX_INSTRUCT, "ffn_config": {**DBRX_INSTRUCT["ffn_config"], "moe_top_k": 17}}, "num_experts_per_tok=17"),
     ({k: v for k, v in DBRX_INSTRUCT.items() if k != "d_model"}, "lacks d_model"),
+    ({**DBRX_INSTRUCT, "ffn_config": {**DBRX_INSTRUCT["ffn_config"], "moe_top_k": 0}},
+     "ffn_config.moe_top_k must be a positive integer"),
 ])
 def test_bad_dbrx_config_is_one_clear_error(config, match):
     with pytest.raises(UnsupportedModelError, match=match):
