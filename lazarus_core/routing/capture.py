@@ -45,6 +45,8 @@ class CaptureResult:
 def decoder_of(model: nn.Module) -> nn.Module:
     """The decoder stack of a causal LM (skips the LM head, which routing capture does not need)."""
     inner = getattr(model, "model", None)
+    if not isinstance(inner, nn.Module):
+        inner = getattr(model, "transformer", None)  # DBRX: DbrxForCausalLM.transformer
     return inner if isinstance(inner, nn.Module) else model
 
 

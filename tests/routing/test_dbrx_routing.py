@@ -190,3 +190,10 @@ def test_expert_merging_analysis_runs_on_dbrx(tmp_path):
     res = expert_merging(model, load_trace(tmp_path / "t"), None, threshold=0.8, null_draws=4)
     assert res.bytes_per_expert == {0: 3 * 48 * 32 * 4, 1: 3 * 48 * 32 * 4}   # fp32 rows of one expert
     assert res.mergeable_share == 0.0 and not res.pareto               # random experts: nothing to merge
+
+
+def test_capture_runs_dbrx_without_its_lm_head():
+    from lazarus_core.routing.capture import decoder_of
+
+    model = _model(1.0)
+    assert decoder_of(model) is model.transformer                    # DbrxForCausalLM keeps its decoder there
