@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from lazarus_core import BackendUnavailableError
 from lazarus_core.analysis.estimate import ModelEstimate, estimate_moe_type, expert_tensor_names
-from lazarus_core.analysis.expert_structure import MoeTypeReport, analyze_moe_type, parse_layers
+from lazarus_core.analysis.expert_structure import MoeTypeReport, analyze_moe_type, parse_layers, spectrum_passes
 from lazarus_core.models.checkpoint import PROJECTIONS, MoeCheckpoint, open_moe_checkpoint
 from lazarus_core.models.resolve import CONFIG_NAME, INDEX_NAME, SINGLE_NAME
 from lazarus_core.models.safetensors_file import SafetensorsFile
@@ -216,6 +216,7 @@ def sweep_moe_type(models: Sequence[str], layers: str | None = None, *, revision
     """
     if not models:
         raise ValueError("no models to sweep: pass -m MODEL (repeatable) or models as arguments")
+    spectrum_passes(analyze_options.get("base_method", "refined"))  # a bad option fails the sweep, not each model
     t0 = time.perf_counter()
     rows: list[SweepRow] = []
     reports: list[MoeTypeReport | None] = []
@@ -249,6 +250,7 @@ def estimate_sweep(models: Sequence[str], layers: str | None = None, *, revision
     """
     if not models:
         raise ValueError("no models to estimate: pass -m MODEL (repeatable) or models as arguments")
+    spectrum_passes(base_method)
     rows = []
     for model in models:
         try:

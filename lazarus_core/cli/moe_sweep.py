@@ -166,10 +166,12 @@ def _run_sweep(args: argparse.Namespace) -> int:
         print_estimate(result, console)
         _write_outputs(args, {"estimate": result.to_dict()}, _estimate_markdown(result))
         return 0
+    def announce(model: str) -> None:
+        console.print(f"analysing {model} ...", highlight=False, markup=False)
+
     sweep = sweep_moe_type(models, args.layers, revision=args.revision, backend=args.backend,
                            progress=not args.no_progress, base_method=args.base,
-                           on_model=lambda m: console.print(f"analysing {m} ...", highlight=False, markup=False)
-                           if not args.no_progress else None)
+                           on_model=None if args.no_progress else announce)
     _print_sweep(sweep, console)
     _write_outputs(args, sweep.to_dict(), _sweep_markdown(sweep))
     return 0

@@ -100,6 +100,10 @@ def test_read_summary_counts_the_shards_and_expert_bytes_of_the_layers(checkpoin
     assert summary_row(report, read).read is read
 
 
-def test_sweep_needs_a_model():
+def test_sweep_needs_a_model_and_valid_options(checkpoint_dir, capsys):
     with pytest.raises(ValueError, match="no models"):
         sweep_moe_type([])
+    for extra in ([], ["--estimate"]):  # a bad option is the command's error, not a failed row per model
+        argv = ["introspect", "moe-expert", "moe-type-sweep", str(checkpoint_dir("olmoe")), "--base", "bogus", *extra]
+        assert main(argv) == 2
+        assert "--base must be one of" in capsys.readouterr().err

@@ -131,6 +131,12 @@ def test_estimate_fetches_only_config_and_index(hub, remote, tmp_path, monkeypat
     printed = capsys.readouterr().out
     assert "estimate" in printed and "org/tiny-moe" in printed
 
-    assert main(["introspect", "moe-expert", "moe-type-analyze", "-m", REPO, "--layers", "1", "--no-progress"]) == 0
+    sweep = tmp_path / "sweep.json"  # the sweep reads a hub model the same way, and says what it read
+    assert main(["introspect", "moe-expert", "moe-type-sweep", REPO, "--layers", "1", "--no-progress",
+                 "-o", str(sweep)]) == 0
+    read = json.loads(sweep.read_text())["rows"][0]["read"]
+    assert list(read["files"]) == wanted and read["weight_files_read"] == len(layer1)
+    assert read["weight_files_total"] == 3 and read["weight_file_bytes"] == sum(sizes[f] for f in layer1)
+    assert f"{REPO}: read 1 MoE layer(s) (1) from {len(layer1)} of 3 weight file(s)" in capsys.readouterr().out
     assert main(argv) == 0  # after the run everything is cached
     assert json.loads(out.read_text())["estimate"]["bytes_to_download"] == 0
