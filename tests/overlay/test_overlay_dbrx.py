@@ -80,3 +80,16 @@ def test_cli_compress_verify_generate_on_dbrx(pseudo_dbrx, tmp_path):
     assert main(["generate", "-m", pseudo_dbrx, "--overlay", str(tmp_path / "ov"), "-p", "the man said",
                  "--max-new-tokens", "3", "-o", str(tmp_path / "g.json")]) == 0
     assert json.loads((tmp_path / "g.json").read_text())["new_tokens"] == 3
+
+
+def test_energy_policy_picks_the_exact_95_rank_as_moe_type_reports(pseudo_dbrx, tmp_path):
+    from lazarus_core.analysis.expert_structure import analyze_moe_type
+
+    assert main(["introspect", "moe-expert", "moe-overlay-compute", "-m", pseudo_dbrx, "--energy", "0.95",
+                 "-o", str(tmp_path / "c.json"), "--no-progress"]) == 0
+    plan = json.loads((tmp_path / "c.json").read_text())
+    assert {(p["layer"], p["projection"]): p["rank"] for p in plan["projections"]} == {
+        (layer, proj): EXPECTED_RANKS[0.95] for layer in (0, 1) for proj in ("gate", "up", "down")}
+    report = analyze_moe_type(open_moe_checkpoint(pseudo_dbrx))
+    assert all(p.compressor_rank == EXPECTED_RANKS[0.95] for layer in report.layers for p in layer.projections.values())
+    assert report.compression["compressible"] and report.compression["ratio"] > 1
