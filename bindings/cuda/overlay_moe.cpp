@@ -46,19 +46,23 @@ void bind_overlay_moe(py::module_& m) {
       ("overlay_grouped_shrink" + sfx).c_str(),
       [host](uintptr_t inp, uintptr_t rows, uintptr_t tile_expert, uintptr_t tile_row, uintptr_t offsets, int64_t n_tiles,
          int block_m, uintptr_t b, int b_dtype, uintptr_t out, int64_t pairs, int64_t in_dim, int64_t rank,
-         uintptr_t stream) {
+         int64_t split, int64_t k_chunk, uintptr_t stream) {
         if (pairs < 0 || in_dim < 0 || rank < 0) throw py::value_error("overlay_grouped_shrink: negative size");
         const OverlayTiles t = tiles_of(tile_expert, tile_row, offsets, n_tiles, block_m, "overlay_grouped_shrink");
         const Storage dt = storage_of(b_dtype, "overlay_grouped_shrink");
+        if (split < 1 || split > kMaxGridYZ || k_chunk < 1 || split * k_chunk < in_dim)
+          throw py::value_error("overlay_grouped_shrink: split * k_chunk must cover in_dim (split in [1, 65535])");
+        const OverlaySplit sk{split, k_chunk};
         for (auto [v, name] : {std::pair{inp, "inp"}, {rows, "rows"}, {b, "b"}, {out, "out"}})
           check_device_pointer(v, name, pairs * rank);
         int code;
         {
           py::gil_scoped_release release;
           code = host ? detail::overlay_grouped_shrink_host(p<const float>(inp), p<const int64_t>(rows), t,
-                                                            p<const void>(b), dt, p<float>(out), pairs, in_dim, rank)
+                                                            p<const void>(b), dt, p<float>(out), pairs, in_dim, rank,
+                                                            sk)
                       : overlay_grouped_shrink_cuda(p<const float>(inp), p<const int64_t>(rows), t, p<const void>(b),
-                                                    dt, p<float>(out), pairs, in_dim, rank,
+                                                    dt, p<float>(out), pairs, in_dim, rank, sk,
                                                     reinterpret_cast<void*>(stream));
         }
         raise_on_cuda_error(code, "overlay_grouped_shrink");
@@ -108,6 +112,15 @@ void bind_overlay_moe(py::module_& m) {
         raise_on_cuda_error(code, "overlay_down_expand");
       });
   }
+  m.def(
+      "overlay_shrink_split",
+      [](int64_t n_tiles, int64_t rank, int64_t in_dim, int64_t target_blocks) {
+        if (n_tiles < 0 || rank < 0 || in_dim < 0 || target_blocks < 1)
+          throw py::value_error("overlay_shrink_split: sizes must be non-negative (target_blocks positive)");
+        const OverlaySplit sk = overlay_shrink_split(n_tiles, rank, in_dim, target_blocks);
+        return py::make_tuple(sk.split, sk.k_chunk);
+      },
+      "(split, k_chunk) of the grouped shrink's split-K for about target_blocks blocks (host computation).");
   m.def(
       "overlay_launch_geometry",
       [](int64_t n_tiles, int64_t extent, int64_t per_block) {

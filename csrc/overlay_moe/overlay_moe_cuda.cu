@@ -2,7 +2,8 @@
 // (overlay_moe_gpu.h), reading the factors in their storage dtype.
 // - grouped shrink: one warp per rank row j of B[e]; the warp streams that row once per tile (coalesced, in
 //   storage dtype) and accumulates the dot with each of the tile's up-to-16 input rows in registers, then
-//   reduces across lanes. No per-expert GEMM launches, no host sync.
+//   reduces across lanes. No per-expert GEMM launches, no host sync. Split-K on gridDim.z for decode (few
+//   tiles): each z covers one chunk of the input dimension and writes its own partials.
 // - expand (gate_up, down): one thread per output column; the thread walks the rank, loading A^T[e, j, c]
 //   once per tile (coalesced across the block) and multiplying it with s[q, j] of each of the tile's pairs
 //   (a broadcast load), so a tile costs one pass over its expert's expand factors. The epilogue adds the
@@ -39,16 +40,17 @@ LZ_HD bool tile_of(const OverlayTiles& t, int64_t tile, Tile* out) {
   return out->rows > 0;
 }
 
-// Lane `lane` of the warp that owns rank row j of the tile: acc[m] = sum over k = lane, lane + 32, ... of
-// B[e, j, k] * inp[rows[row0 + m], k] for the tile's rows (the lanes' partials are then tree-reduced).
+// Lane `lane` of the warp that owns rank row j of the tile: acc[m] = sum over k = k_begin + lane, + 32, ...
+// below k_end of B[e, j, k] * inp[rows[row0 + m], k] for the tile's rows (the lanes' partials are then
+// tree-reduced).
 template <typename F>
 LZ_HD void shrink_lane(const float* inp, const int64_t* rows, const Tile& t, const void* b, int64_t in_dim,
-                       int64_t rank, int64_t j, int lane, float* acc) {
+                       int64_t rank, int64_t j, int64_t k_begin, int64_t k_end, int lane, float* acc) {
   const float* x[kMaxTileRows];
   for (int m = 0; m < kMaxTileRows; ++m) x[m] = inp + (m < t.rows ? rows[t.row0 + m] : 0) * in_dim;
   const int64_t brow = (t.expert * rank + j) * in_dim;
   for (int m = 0; m < kMaxTileRows; ++m) acc[m] = 0.0f;
-  for (int64_t k = lane; k < in_dim; k += 32) {
+  for (int64_t k = k_begin + lane; k < k_end; k += 32) {
     const float bv = load<F>(b, brow + k);
 #pragma unroll
     for (int m = 0; m < kMaxTileRows; ++m)
@@ -108,21 +110,26 @@ template <typename F>
 __global__ void __launch_bounds__(kShrinkWarps * 32)
     grouped_shrink_kernel(const float* __restrict__ inp, const int64_t* __restrict__ rows, OverlayTiles tiles,
                           const void* __restrict__ b, float* __restrict__ out, int64_t in_dim, int64_t rank,
-                          OverlayGrid grid) {
+                          int64_t pairs, OverlaySplit split, OverlayGrid grid) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int64_t tile = blockIdx.x; tile < tiles.n_tiles; tile += gridDim.x) {
-    Tile t;
-    if (!tile_of(tiles, tile, &t)) continue;
-    for (int64_t rb = blockIdx.y; rb < grid.blocks; rb += gridDim.y) {
-      const int64_t j = rb * kShrinkWarps + warp;
-      if (j >= rank) continue;                      // whole warps skip together (j is per warp)
-      float acc[kMaxTileRows];
-      shrink_lane<F>(inp, rows, t, b, in_dim, rank, j, lane, acc);
+  for (int64_t z = blockIdx.z; z < split.split; z += gridDim.z) {
+    const int64_t k_begin = z * split.k_chunk;
+    const int64_t k_end = k_begin + split.k_chunk < in_dim ? k_begin + split.k_chunk : in_dim;
+    float* part = out + z * pairs * rank;
+    for (int64_t tile = blockIdx.x; tile < tiles.n_tiles; tile += gridDim.x) {
+      Tile t;
+      if (!tile_of(tiles, tile, &t)) continue;
+      for (int64_t rb = blockIdx.y; rb < grid.blocks; rb += gridDim.y) {
+        const int64_t j = rb * kShrinkWarps + warp;
+        if (j >= rank) continue;                      // whole warps skip together (j is per warp)
+        float acc[kMaxTileRows];
+        shrink_lane<F>(inp, rows, t, b, in_dim, rank, j, k_begin, k_end, lane, acc);
 #pragma unroll
-      for (int m = 0; m < kMaxTileRows; ++m) {
-        float v = acc[m];
-        for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
-        if (lane == 0 && m < t.rows) out[(t.row0 + m) * rank + j] = v;
+        for (int m = 0; m < kMaxTileRows; ++m) {
+          float v = acc[m];
+          for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
+          if (lane == 0 && m < t.rows) part[(t.row0 + m) * rank + j] = v;
+        }
       }
     }
   }
@@ -150,17 +157,22 @@ __global__ void __launch_bounds__(kOverlayThreads) expand_kernel(OverlayExpandAr
 
 template <typename F>
 void grouped_shrink_host(const float* inp, const int64_t* rows, const OverlayTiles& tiles, const void* b, float* out,
-                         int64_t in_dim, int64_t rank) {
+                         int64_t in_dim, int64_t rank, int64_t pairs, OverlaySplit split) {
   float acc[32][kMaxTileRows];
-  for (int64_t tile = 0; tile < tiles.n_tiles; ++tile) {
-    Tile t;
-    if (!tile_of(tiles, tile, &t)) continue;
-    for (int64_t j = 0; j < rank; ++j) {
-      for (int lane = 0; lane < 32; ++lane) shrink_lane<F>(inp, rows, t, b, in_dim, rank, j, lane, acc[lane]);
-      for (int off = 16; off > 0; off /= 2)          // lane l adds lane l + off's value from before this step
-        for (int lane = 0; lane + off < 32; ++lane)
-          for (int m = 0; m < kMaxTileRows; ++m) acc[lane][m] += acc[lane + off][m];
-      for (int m = 0; m < t.rows; ++m) out[(t.row0 + m) * rank + j] = acc[0][m];
+  for (int64_t z = 0; z < split.split; ++z) {
+    const int64_t k_begin = z * split.k_chunk;
+    const int64_t k_end = k_begin + split.k_chunk < in_dim ? k_begin + split.k_chunk : in_dim;
+    for (int64_t tile = 0; tile < tiles.n_tiles; ++tile) {
+      Tile t;
+      if (!tile_of(tiles, tile, &t)) continue;
+      for (int64_t j = 0; j < rank; ++j) {
+        for (int lane = 0; lane < 32; ++lane)
+          shrink_lane<F>(inp, rows, t, b, in_dim, rank, j, k_begin, k_end, lane, acc[lane]);
+        for (int off = 16; off > 0; off /= 2)        // lane l adds lane l + off's value from before this step
+          for (int lane = 0; lane + off < 32; ++lane)
+            for (int m = 0; m < kMaxTileRows; ++m) acc[lane][m] += acc[lane + off][m];
+        for (int m = 0; m < t.rows; ++m) out[(z * pairs + t.row0 + m) * rank + j] = acc[0][m];
+      }
     }
   }
 }
@@ -200,9 +212,12 @@ void dispatch(Storage dtype, Args&&... args) {
 template <typename F>
 struct Shrink {
   static void run(bool host, const OverlayGrid& g, cudaStream_t s, const float* inp, const int64_t* rows,
-                  const OverlayTiles& tiles, const void* b, float* out, int64_t in_dim, int64_t rank) {
-    if (host) return grouped_shrink_host<F>(inp, rows, tiles, b, out, in_dim, rank);
-    grouped_shrink_kernel<F><<<dims(g), kShrinkWarps * 32, 0, s>>>(inp, rows, tiles, b, out, in_dim, rank, g);
+                  const OverlayTiles& tiles, const void* b, float* out, int64_t in_dim, int64_t rank, int64_t pairs,
+                  const OverlaySplit& split) {
+    if (host) return grouped_shrink_host<F>(inp, rows, tiles, b, out, in_dim, rank, pairs, split);
+    const dim3 grid(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(split.split));
+    grouped_shrink_kernel<F><<<grid, kShrinkWarps * 32, 0, s>>>(inp, rows, tiles, b, out, in_dim, rank, pairs, split,
+                                                                 g);
   }
 };
 template <bool GATE_UP>
@@ -218,11 +233,15 @@ struct Expand {
 };
 
 int shrink(const float* inp, const int64_t* rows, const OverlayTiles& tiles, const void* b, Storage b_dtype,
-           float* out, int64_t pairs, int64_t in_dim, int64_t rank, void* stream, bool host) {
-  if (!valid(tiles, b_dtype)) return static_cast<int>(cudaErrorInvalidValue);
+           float* out, int64_t pairs, int64_t in_dim, int64_t rank, const OverlaySplit& split, void* stream,
+           bool host) {
+  if (!valid(tiles, b_dtype) || split.split < 1 || split.split > kMaxGridYZ || split.k_chunk < 1 ||
+      split.split * split.k_chunk < in_dim)
+    return static_cast<int>(cudaErrorInvalidValue);
   if (pairs == 0 || rank == 0 || tiles.n_tiles == 0) return 0;
   const OverlayGrid g = overlay_grid(tiles.n_tiles, rank, kShrinkWarps);
-  dispatch<Shrink>(b_dtype, host, g, static_cast<cudaStream_t>(stream), inp, rows, tiles, b, out, in_dim, rank);
+  dispatch<Shrink>(b_dtype, host, g, static_cast<cudaStream_t>(stream), inp, rows, tiles, b, out, in_dim, rank, pairs,
+                   split);
   return host ? 0 : static_cast<int>(cudaGetLastError());
 }
 
@@ -239,8 +258,8 @@ int expand(const OverlayExpandArgs& a, const OverlayTiles& tiles, void* stream, 
 
 int overlay_grouped_shrink_cuda(const float* inp, const int64_t* rows, const OverlayTiles& tiles, const void* b,
                                 Storage b_dtype, float* out, int64_t pairs, int64_t in_dim, int64_t rank,
-                                void* stream) {
-  return shrink(inp, rows, tiles, b, b_dtype, out, pairs, in_dim, rank, stream, false);
+                                OverlaySplit split, void* stream) {
+  return shrink(inp, rows, tiles, b, b_dtype, out, pairs, in_dim, rank, split, stream, false);
 }
 
 int overlay_gate_up_expand_cuda(const OverlayExpandArgs& a, const OverlayTiles& tiles, void* stream) {
@@ -253,8 +272,9 @@ int overlay_down_expand_cuda(const OverlayExpandArgs& a, const OverlayTiles& til
 
 namespace detail {
 int overlay_grouped_shrink_host(const float* inp, const int64_t* rows, const OverlayTiles& tiles, const void* b,
-                                Storage b_dtype, float* out, int64_t pairs, int64_t in_dim, int64_t rank) {
-  return shrink(inp, rows, tiles, b, b_dtype, out, pairs, in_dim, rank, nullptr, true);
+                                Storage b_dtype, float* out, int64_t pairs, int64_t in_dim, int64_t rank,
+                                OverlaySplit split) {
+  return shrink(inp, rows, tiles, b, b_dtype, out, pairs, in_dim, rank, split, nullptr, true);
 }
 int overlay_gate_up_expand_host(const OverlayExpandArgs& a, const OverlayTiles& tiles) {
   return expand<true>(a, tiles, nullptr, true);

@@ -10,7 +10,8 @@
 //   (a tile ends after block_m pairs or at its expert's end; block_m <= kMaxTileRows).
 // Factors and biases are fp32, bf16 or fp16 (Storage::kF32/kBF16/kF16 from common/float_bits.h), converted to
 // fp32 in registers; every sum accumulates in fp32. Inputs and outputs below are fp32 unless stated.
-//   grouped shrink   out [P, rank] row q = B[e(q)] @ inp[rows[q]],   B [E, rank, in_dim], inp [*, in_dim]
+//   grouped shrink   out [split, P, rank]: sum over z of out[z, q] = B[e(q)] @ inp[rows[q]],
+//                    B [E, rank, in_dim], inp [*, in_dim] (split-K, overlay_shrink_split)
 //   gate_up expand   h [T*K, I] row slot(q) = act(gu0[t, :I] + A_g[e] s[q, :rg] + bias_g[e],
 //                                                 gu0[t, I:] + A_u[e] s[q, rg:] + bias_u[e])
 //                    with s = s_gu [P, rg+ru], at_gate [E, rg, I], at_up [E, ru, I], biases [E, I] or null
@@ -57,10 +58,30 @@ LZ_HD OverlayGrid overlay_grid(int64_t n_tiles, int64_t extent, int64_t per_bloc
   return g;
 }
 
+// Split-K of the grouped shrink for decode: with few tiles, the input dimension is cut into `split` chunks of
+// `k_chunk` (a multiple of 32) so that about target_blocks blocks run; chunk z writes partials to
+// out[z, P, rank] (the op sums them). split = 1 when the tiles alone fill the target.
+struct OverlaySplit {
+  int64_t split, k_chunk;
+};
+
+LZ_HD OverlaySplit overlay_shrink_split(int64_t n_tiles, int64_t rank, int64_t in_dim, int64_t target_blocks) {
+  const int64_t blocks = n_tiles * ((rank + kShrinkWarps - 1) / kShrinkWarps);
+  const int64_t steps = (in_dim + 255) / 256;                     // at least 256 inputs (8 per lane) a chunk
+  const int64_t most = steps < kMaxGridYZ ? steps : kMaxGridYZ;
+  int64_t split = blocks > 0 ? target_blocks / blocks : 1;
+  split = split > most ? most : split;
+  split = split < 1 ? 1 : split;
+  const int64_t chunk = ((in_dim + split - 1) / split + 31) / 32 * 32;
+  if (chunk == 0) return OverlaySplit{1, 32};                      // in_dim = 0
+  return OverlaySplit{(in_dim + chunk - 1) / chunk, chunk};
+}
+
 #if defined(LAZARUS_WITH_CUDA)
+// out [split.split, pairs, rank] (see overlay_shrink_split).
 int overlay_grouped_shrink_cuda(const float* inp, const int64_t* rows, const OverlayTiles& tiles, const void* b,
                                 Storage b_dtype, float* out, int64_t pairs, int64_t in_dim, int64_t rank,
-                                void* stream);
+                                OverlaySplit split, void* stream);
 
 struct OverlayExpandArgs {
   const float* s;            // [P, rank_total] shrinks of the sorted pairs
@@ -85,7 +106,8 @@ namespace detail {
 // The host twin: the kernels' per-(tile, row/column) bodies run over every index on HOST pointers, the
 // warp reduction in the shuffle-tree order (bound as *_host in _C_cuda; the CPU tests run it).
 int overlay_grouped_shrink_host(const float* inp, const int64_t* rows, const OverlayTiles& tiles, const void* b,
-                                Storage b_dtype, float* out, int64_t pairs, int64_t in_dim, int64_t rank);
+                                Storage b_dtype, float* out, int64_t pairs, int64_t in_dim, int64_t rank,
+                                OverlaySplit split);
 int overlay_gate_up_expand_host(const OverlayExpandArgs& a, const OverlayTiles& tiles);
 int overlay_down_expand_host(const OverlayExpandArgs& a, const OverlayTiles& tiles);
 }  // namespace detail

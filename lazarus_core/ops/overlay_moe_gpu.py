@@ -165,11 +165,19 @@ class _Cuda:
         return (m.tile_expert.data_ptr(), m.tile_row.data_ptr(), m.offsets.data_ptr(), m.tile_expert.numel(),
                 m.block_m)
 
+    def _target_blocks(self) -> int:
+        """Blocks the split-K shrink aims for: two per SM (the host twin: a fixed 128)."""
+        if self.host:
+            return 128
+        return 2 * torch.cuda.get_device_properties(self.device).multi_processor_count
+
     def shrink(self, inp, rows, m: TileMap, b, pairs):
-        out = torch.empty(pairs, b.shape[1], dtype=torch.float32, device=inp.device)
+        rank, in_dim = b.shape[1], b.shape[2]
+        split, k_chunk = self.ext.overlay_shrink_split(m.tile_expert.numel(), rank, in_dim, self._target_blocks())
+        out = torch.empty(split, pairs, rank, dtype=torch.float32, device=inp.device)
         self._call("overlay_grouped_shrink", inp.data_ptr(), rows.data_ptr(), *self._tiles(m), b.data_ptr(),
-                   _DTYPE_CODES[b.dtype], out.data_ptr(), pairs, b.shape[2], b.shape[1])
-        return out
+                   _DTYPE_CODES[b.dtype], out.data_ptr(), pairs, in_dim, rank, split, k_chunk)
+        return out[0] if split == 1 else out.sum(0)
 
     def gate_up(self, gu0, s_gu, m: TileMap, ex, top_k, h):
         self._call("overlay_gate_up_expand", gu0.data_ptr(), s_gu.data_ptr(), m.slot.data_ptr(), *self._tiles(m),

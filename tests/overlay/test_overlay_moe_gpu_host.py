@@ -84,19 +84,24 @@ def cuda_host_backend(monkeypatch):
     return lambda x, ids, w, ex: overlay_moe_gpu.overlay_moe_forward_gpu(x, ids, w, ex, "cuda_host")
 
 
-_TWIN_CASES = [(1, 1, torch.float32, "fp32", "swiglu", (1, 1, 1)), (3, 2, torch.bfloat16, "bf16", "gpt_oss", (3, 5, 2)),
-               (17, 4, torch.float16, "fp32", "gpt_oss", (0, 0, 0)), (40, 8, torch.bfloat16, "mxfp4", "gpt_oss", (4, 1, 33)),
-               (130, 3, torch.bfloat16, "fp32", "swiglu", (5, 3, 2))]
+# (tokens, top_k, factor dtype, base, activation, ranks, hidden, inter); hidden 600 at T = 1 splits the shrink's K.
+_TWIN_CASES = [(1, 1, torch.float32, "fp32", "swiglu", (1, 1, 1), 45, 23),
+               (1, 2, torch.bfloat16, "fp32", "gpt_oss", (3, 5, 2), 600, 23),
+               (3, 2, torch.bfloat16, "bf16", "gpt_oss", (3, 5, 2), 45, 23),
+               (17, 4, torch.float16, "fp32", "gpt_oss", (0, 0, 0), 45, 23),
+               (40, 8, torch.bfloat16, "mxfp4", "gpt_oss", (4, 1, 33), 64, 96),
+               (130, 3, torch.bfloat16, "fp32", "swiglu", (5, 3, 2), 45, 23)]
 
 
-@pytest.mark.parametrize("tokens,top_k,factor_dtype,base,activation,ranks", _TWIN_CASES, ids=lambda v: str(v))
-def test_cuda_kernel_bodies_match_reference(cuda_host_backend, tokens, top_k, factor_dtype, base, activation, ranks):
-    # The per-tile bodies the CUDA kernels run (tile lookup, storage-dtype loads, shrink with the warp-tree
-    # reduction, expands, biases, activation, weighted epilogue) over every index, against the reference.
+@pytest.mark.parametrize("tokens,top_k,factor_dtype,base,activation,ranks,hidden,inter", _TWIN_CASES,
+                         ids=lambda v: str(v))
+def test_cuda_kernel_bodies_match_reference(cuda_host_backend, tokens, top_k, factor_dtype, base, activation, ranks,
+                                            hidden, inter):
+    # The per-tile bodies the CUDA kernels run (tile lookup, storage-dtype loads, split-K shrink with the
+    # warp-tree reduction, expands, biases, activation, weighted epilogue) over every index, vs the reference.
     from tests.overlay.random_overlay import random_overlay, random_routing
     from lazarus_core.ops import overlay_moe_forward_reference
 
-    hidden, inter = (64, 96) if base == "mxfp4" else (45, 23)
     ex = random_overlay(9, hidden, inter, ranks, bias=activation == "gpt_oss", activation=activation,
                         factor_dtype=factor_dtype, base=base)
     x = torch.randn(tokens, hidden) * 2
@@ -125,9 +130,26 @@ def test_cuda_kernel_bodies_each_bias_and_nan(cuda_host_backend):
     assert torch.isnan(ref[2]).all() and torch.equal(torch.isnan(out), torch.isnan(ref))
 
 
-def test_cuda_host_twin_rejects_bad_tile_size():
+def test_cuda_host_twin_rejects_bad_arguments():
     C = _cuda_ext()
+    #        inp rows tile_e tile_r offs n_tiles block_m b dtype out pairs in_dim rank split k_chunk stream
     with pytest.raises(ValueError, match="block_m"):
-        C.overlay_grouped_shrink_host(0, 0, 0, 0, 0, 1, 17, 0, 0, 0, 1, 1, 1, 0)
+        C.overlay_grouped_shrink_host(0, 0, 0, 0, 0, 1, 17, 0, 0, 0, 1, 1, 1, 1, 32, 0)
     with pytest.raises(ValueError, match="dtype code"):
-        C.overlay_grouped_shrink_host(0, 0, 0, 0, 0, 0, 16, 0, 5, 0, 1, 1, 1, 0)
+        C.overlay_grouped_shrink_host(0, 0, 0, 0, 0, 0, 16, 0, 5, 0, 1, 1, 1, 1, 32, 0)
+    with pytest.raises(ValueError, match="cover in_dim"):
+        C.overlay_grouped_shrink_host(0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 1, 100, 1, 3, 32, 0)
+
+
+@pytest.mark.parametrize("n_tiles,rank,in_dim,target", [(4, 128, 2880, 264), (1, 1, 600, 128), (3000, 64, 2880, 264),
+                                                        (2, 19, 0, 128), (1, 8, 31, 128), (5, 64, 100_000, 10**6)])
+def test_shrink_split_covers_the_input_dimension(n_tiles, rank, in_dim, target):
+    C = _cuda_ext()
+    split, chunk = C.overlay_shrink_split(n_tiles, rank, in_dim, target)
+    assert 1 <= split <= GRID_Y_LIMIT and chunk % 32 == 0 and chunk >= 32
+    assert split * chunk >= in_dim and (split - 1) * chunk < max(in_dim, 1)      # every input once, no empty chunk
+    blocks = n_tiles * -(-rank // C.overlay_shrink_warps)
+    if blocks >= target or in_dim <= 256:
+        assert split == 1                                                       # prefill / tiny K: no split
+    else:
+        assert split > 1 and blocks * split <= target
