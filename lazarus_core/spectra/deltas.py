@@ -13,7 +13,8 @@ from typing import Iterator
 import torch
 
 from lazarus_core.models.checkpoint import MoeCheckpoint
-from lazarus_core.spectra.linalg import spectrum_and_factors, threads_for
+from lazarus_core.spectra.linalg import threads_for
+from lazarus_core.spectra.parallel import low_rank_parts
 
 BASE_METHODS = ("refined", "mean")
 
@@ -93,7 +94,8 @@ def _probe_rank(singular: torch.Tensor, edge: float | None, cap: int) -> int:
 
 
 def overlay_base(ckpt: MoeCheckpoint, layer: int, projection: str, *, method: str = "refined", iterations: int = 5,
-                 backend: str = "auto", edges: torch.Tensor | None = None, mean: torch.Tensor | None = None
+                 backend: str = "auto", edges: torch.Tensor | None = None, mean: torch.Tensor | None = None,
+                 device: str | torch.device | None = "cpu", workers: int | None = None, batch: int | None = None
                  ) -> torch.Tensor:
     """fp32 ``[out, in]`` shared base of one projection.
 
@@ -118,6 +120,9 @@ def overlay_base(ckpt: MoeCheckpoint, layer: int, projection: str, *, method: st
         float64 ``[E]`` noise edges (:func:`noise_edges`) for quantised sources.
     mean : torch.Tensor, optional
         fp32 ``[out, in]`` mean expert if already computed.
+    device, workers, batch
+        Where the per-expert eigensolves run (:func:`lazarus_core.spectra.parallel.low_rank_parts`); the
+        update is summed in expert order on the CPU either way.
 
     Raises
     ------
@@ -136,9 +141,9 @@ def overlay_base(ckpt: MoeCheckpoint, layer: int, projection: str, *, method: st
     with threads_for(tuple(base.shape)):
         for _ in range(iterations):
             acc.copy_(mean)
-            for e, delta in iter_deltas(ckpt, layer, projection, base, backend=backend):
-                edge = None if edges is None else float(edges[e])
-                _, a, b = spectrum_and_factors(delta, lambda sv: _probe_rank(sv, edge, cap))
+            for e, a, b in low_rank_parts(ckpt, layer, projection, base,
+                                          lambda e, sv: _probe_rank(sv, None if edges is None else float(edges[e]), cap),
+                                          backend=backend, device=device, workers=workers, batch=batch):
                 if a.shape[1]:
                     acc.addmm_(a, b, alpha=-1.0 / n)
             base = refined.copy_(acc)  # the deltas of this iteration are done: overwrite in place

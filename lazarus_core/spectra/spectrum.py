@@ -19,8 +19,9 @@ from typing import Callable
 import torch
 
 from lazarus_core.models.checkpoint import MoeCheckpoint
-from lazarus_core.spectra.deltas import iter_deltas, marchenko_pastur_edge, mean_and_noise, overlay_base
-from lazarus_core.spectra.linalg import energy_rank, singular_values, threads_for
+from lazarus_core.spectra.deltas import marchenko_pastur_edge, mean_and_noise, overlay_base
+from lazarus_core.spectra.linalg import energy_rank, threads_for
+from lazarus_core.spectra.parallel import delta_spectra
 
 _DOT_CHUNK = 1 << 16  # elements per float64 dot-product chunk (no float64 copy of a whole expert)
 
@@ -135,8 +136,12 @@ def _dot64(x: torch.Tensor, y: torch.Tensor) -> float:
 def projection_spectrum(ckpt: MoeCheckpoint, layer: int, projection: str, *, backend: str = "auto",
                         base_method: str = "refined", on_expert: Callable[[], None] | None = None,
                         keep_base: bool = False, mean: torch.Tensor | None = None,
-                        noise_energy: torch.Tensor | None = None) -> ProjectionSpectrum:
-    """Spectra of every expert's delta from the overlay base for one projection (~3 experts in memory).
+                        noise_energy: torch.Tensor | None = None, device: str | torch.device | None = "cpu",
+                        workers: int | None = None, batch: int | None = None) -> ProjectionSpectrum:
+    """Spectra of every expert's delta from the overlay base for one projection.
+
+    Memory does not grow with E: one decoded expert, the base and one delta buffer, the float64 Gram and
+    its eigensolve (the refined base adds a float64 accumulator; docs/moe_type.md gives measured peaks).
 
     Parameters
     ----------
@@ -155,6 +160,14 @@ def projection_spectrum(ckpt: MoeCheckpoint, layer: int, projection: str, *, bac
     mean, noise_energy : torch.Tensor, optional
         The mean expert (fp32 ``[out, in]``) and rounding-noise energies (float64 ``[E]`` or None for a float
         source) from an earlier pass over the same projection; when ``mean`` is given both are taken as is.
+    device : str or torch.device
+        Where the Grams and eigensolves run (:mod:`lazarus_core.spectra.parallel`): "cpu" (per-expert
+        single-threaded workers) or an accelerator such as "cuda" (batched over experts, float64).
+    workers : int, optional
+        CPU worker threads (default: every core for large matrices, 1 for small ones).
+    batch : int, optional
+        Experts per batched call (default on a device: :data:`~lazarus_core.spectra.parallel.DEVICE_BATCH_BYTES`
+        of deltas); given with ``device="cpu"``, the batched path runs on CPU tensors.
 
     Returns
     -------
@@ -165,13 +178,14 @@ def projection_spectrum(ckpt: MoeCheckpoint, layer: int, projection: str, *, bac
         if mean is None:
             mean, noise_energy = mean_and_noise(ckpt, layer, projection, backend=backend)
         edges = None if noise_energy is None else marchenko_pastur_edge(noise_energy, shape)
-        base = overlay_base(ckpt, layer, projection, method=base_method, backend=backend, edges=edges, mean=mean)
+        base = overlay_base(ckpt, layer, projection, method=base_method, backend=backend, edges=edges, mean=mean,
+                            device=device, workers=workers, batch=batch)
         base_energy = _dot64(base, base)
         rows, energies = [], []
-        for _, delta in iter_deltas(ckpt, layer, projection, base, backend=backend):
-            sv = singular_values(delta)
+        for sv, dot in delta_spectra(ckpt, layer, projection, base, lambda d: _dot64(base, d), backend=backend,
+                                     device=device, workers=workers, batch=batch):
             rows.append(sv)
-            energies.append(max(base_energy + 2.0 * _dot64(base, delta) + float(sv.square().sum()), 0.0))
+            energies.append(max(base_energy + 2.0 * dot + float(sv.square().sum()), 0.0))
             if on_expert is not None:
                 on_expert()
     return ProjectionSpectrum(layer, projection, shape, torch.stack(rows), torch.tensor(energies, dtype=torch.float64),
