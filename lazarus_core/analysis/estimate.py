@@ -1,7 +1,7 @@
 """What a moe-type job will cost before it starts: the files and bytes it needs, how long it will take, how much
 memory it holds. Reads only ``config.json`` and ``model.safetensors.index.json`` (for a hub model those two files
-are the only ones fetched, plus the hub's file listing for sizes), and times the spectra engine's per-expert work
-on this machine.
+are the only ones fetched, plus the hub's file listing for sizes), and times the engine's per-expert work on this
+machine.
 
 Accounting, stated once:
 - files: ``config.json``, the index (when there is one) and the weight files holding a routed-expert tensor of a
@@ -11,9 +11,12 @@ Accounting, stated once:
 - expert bytes: the requested layers' routed-expert tensors as stored, from the config's shapes and storage:
   MXFP4 4.25 bits/value (codes + one scale byte per 32), FP8 1 byte/value + fp32 block scales, otherwise the
   config's dtype; expert biases included.
-- time: (experts x projections x layers x spectra per expert) x the median wall time of the engine's
-  ``singular_values`` on a random float32 delta of that projection's ``[out, in]`` shape on the chosen device (the
-  dominant per-expert step; decoding, reading and the base refinement are not in it), divided by the processes.
+- time: experts x projections x layers x the measured per-expert cost of the engine's whole projection pass
+  (``expert_structure.analyze_projection``: mean, spectra, the refined base's iterations, the compressor rank,
+  the cosine pass, decoding) on a temporary checkpoint of 3 random bf16 experts of the model's ``[I, H]``
+  shape on this machine (median of ``repeats`` runs; the down projection, with the same Gram size, is counted
+  at the same cost), divided by the number of processes. On the built-in models and an OLMoE-shaped layer the
+  spectra alone (``singular_values``) were 5.5-6.8x below the real run, so they are not the measure.
 - peak memory, per process, for the largest projection ``[out, in]`` (r = min(out, in)): 6 float32 experts (mean,
   delta, refined base, the cosine pass's row chunks, decode), one stored expert's raw bytes, 5 float64 ``[r, r]``
   (the Gram, the eigensolver's copy and eigenvectors) and one float64 ``[r, 512]`` column chunk. Calibrated on the
@@ -37,11 +40,11 @@ from lazarus_core.models.checkpoint import PROJECTIONS
 from lazarus_core.models.errors import CheckpointError, ModelNotFoundError
 from lazarus_core.models.families import FamilySpec, detect_family
 from lazarus_core.models.resolve import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, ModelSource, hub_offline, resolve_model
-from lazarus_core.spectra import singular_values, threads_for
 from lazarus_core.spectra.linalg import GRAM_CHUNK
 
 _FLOAT_BYTES = {"bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2, "float32": 4, "fp32": 4, "float": 4}
 _TIMINGS: dict[tuple, float] = {}
+CALIBRATION_EXPERTS = 3  # experts of the temporary checkpoint the per-expert cost is measured on
 
 
 @dataclass
@@ -71,10 +74,9 @@ class ModelEstimate:
     expert_bytes : int
         The requested layers' routed-expert tensors as stored (module docstring).
     expert_steps : int
-        Experts x projections x layers x spectra per expert (2 with the refined compressor base): the number of
-        per-expert spectra.
+        Experts x projections x layers: the number of per-expert projection passes.
     seconds_per_expert : dict
-        Projection -> measured median seconds of one per-expert spectrum of that shape.
+        Projection -> measured median seconds of one expert's projection pass.
     seconds : float
         Estimated wall time with ``nproc`` processes.
     peak_memory_bytes : int
@@ -186,47 +188,72 @@ def working_memory_bytes(shape: tuple[int, int], stored_bytes_per_value: float) 
     return 6 * values * 4 + math.ceil(values * stored_bytes_per_value) + 5 * r * r * 8 + r * GRAM_CHUNK * 8
 
 
-def expert_seconds(shape: tuple[int, int], *, device: str = "cpu", repeats: int = 3) -> float:
-    """Median wall time of the spectra engine's ``singular_values`` on a random float32 ``[out, in]`` delta.
+def expert_seconds(shape: tuple[int, int], *, device: str = "cpu", repeats: int = 1,
+                   base_method: str = "refined") -> float:
+    """Measured wall time per expert of the engine's projection pass (``analyze_projection``) for ``[out, in]``.
 
-    Measured once per (shape, device, repeats) in a process and remembered.
+    Runs the pass on a temporary checkpoint of :data:`CALIBRATION_EXPERTS` random bf16 experts of that shape
+    (written to the system's temporary directory, removed afterwards), after a warm-up on a tiny one; measured
+    once per (shape, base_method, repeats) in a process and remembered.
 
     Parameters
     ----------
     shape : (int, int)
-        ``[out, in]`` of one expert's projection.
+        ``[out, in]`` of one expert's gate/up projection (``[I, H]``).
     device : str
-        Torch device the delta lives on (``"cpu"``, ``"cuda"``...).
+        Device of the measurement; the spectra engine runs on the CPU only today.
     repeats : int
-        Timed calls (>= 1); the median is returned.
+        Timed passes (>= 1); the median is returned.
+    base_method : {"refined", "mean"}
+        The compressor base the pass uses.
 
     Returns
     -------
     float
-        Seconds per expert.
+        Seconds per expert and projection.
     """
+    from lazarus_core.analysis.expert_structure import spectrum_passes
+
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    key = (tuple(shape), str(device), repeats)
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"--device {device}: the spectra engine has no {device} path; estimate on --device cpu")
+    spectrum_passes(base_method)  # validates
+    key = (tuple(shape), base_method, repeats)
     if key not in _TIMINGS:
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: torch sees no CUDA device on this machine")
-        generator = torch.Generator().manual_seed(0)
-        delta = torch.randn(tuple(shape), generator=generator).to(dev)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            try:
-                with threads_for(tuple(shape)):  # the thread count the engine's per-expert pass uses
-                    singular_values(delta)
-            except RuntimeError as exc:
-                raise ValueError(f"--device {device}: the spectra engine cannot run there ({exc})") from None
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            times.append(time.perf_counter() - t0)
-        _TIMINGS[key] = statistics.median(times)
+        _projection_pass_seconds((8, 32), base_method)  # warm-up: lazy imports, allocator pools, LAPACK workspaces
+        _TIMINGS[key] = statistics.median(_projection_pass_seconds(tuple(shape), base_method)
+                                          for _ in range(repeats)) / CALIBRATION_EXPERTS
     return _TIMINGS[key]
+
+
+def _projection_pass_seconds(shape: tuple[int, int], base_method: str) -> float:
+    """Wall time of one ``analyze_projection`` of the up projection over a random temporary checkpoint."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from lazarus_core.analysis.expert_structure import analyze_projection
+    from lazarus_core.models.checkpoint import open_moe_checkpoint
+
+    inter, hidden = shape
+    generator = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="lazarus-estimate-") as tmp:
+        root = Path(tmp)
+        (root / CONFIG_NAME).write_text(json.dumps({
+            "model_type": "olmoe", "num_hidden_layers": 1, "hidden_size": hidden, "intermediate_size": inter,
+            "num_experts": CALIBRATION_EXPERTS, "num_experts_per_tok": 1}))
+        save_file({f"model.layers.0.mlp.experts.{e}.{name}_proj.weight":
+                   torch.randn(dims, generator=generator).to(torch.bfloat16)
+                   for e in range(CALIBRATION_EXPERTS)
+                   for name, dims in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter)))},
+                  str(root / SINGLE_NAME))
+        with open_moe_checkpoint(root) as ckpt:
+            t0 = time.perf_counter()
+            analyze_projection(ckpt, 0, "up", base_method=base_method)
+            return time.perf_counter() - t0
 
 
 def needed_files(source: ModelSource, spec: FamilySpec, layers: Sequence[int]) -> tuple[list[FileNeed], int]:
@@ -266,7 +293,7 @@ def needed_files(source: ModelSource, spec: FamilySpec, layers: Sequence[int]) -
 
 
 def estimate_moe_type(model: str, layers: str | Sequence[int] | None = None, *, revision: str | None = None,
-                      nproc: int = 1, device: str = "cpu", repeats: int = 3, base_method: str = "refined"
+                      nproc: int = 1, device: str = "cpu", repeats: int = 1, base_method: str = "refined"
                       ) -> ModelEstimate:
     """Files, bytes, time and memory of ``moe-type-analyze`` on ``model``, without reading any weight file.
 
@@ -283,16 +310,15 @@ def estimate_moe_type(model: str, layers: str | Sequence[int] | None = None, *, 
     device : str
         Device the per-expert cost is measured on.
     repeats : int
-        Timed calls per projection shape.
+        Timed passes of the per-expert cost (median).
     base_method : {"refined", "mean"}
-        The analysis's compressor base: a refined base costs a second spectrum per expert
-        (``expert_structure.spectrum_passes``).
+        The analysis's compressor base (the refined one costs several more passes per expert).
 
     Returns
     -------
     ModelEstimate
     """
-    from lazarus_core.analysis.expert_structure import parse_layers, spectrum_passes
+    from lazarus_core.analysis.expert_structure import parse_layers
 
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
@@ -304,9 +330,9 @@ def estimate_moe_type(model: str, layers: str | Sequence[int] | None = None, *, 
     files, total = needed_files(source, spec, layer_list)
     storage, per_value = storage_from_config(spec, config)
     shapes = projection_shapes(spec)
-    per_expert = {p: expert_seconds(shape, device=device, repeats=repeats) for p, shape in shapes.items()}
-    passes = spectrum_passes(base_method)
-    steps = len(layer_list) * spec.num_experts * passes
+    measured = expert_seconds(shapes["up"], device=device, repeats=repeats, base_method=base_method)
+    per_expert = {p: measured for p in shapes}
+    steps = len(layer_list) * spec.num_experts
     seconds = steps * sum(per_expert.values()) / nproc
     sizes = [f.size for f in files]
     unknown = any(s is None for s in sizes)
@@ -319,7 +345,8 @@ def estimate_moe_type(model: str, layers: str | Sequence[int] | None = None, *, 
         expert_bytes=expert_bytes_from_config(spec, config, len(layer_list)), expert_steps=steps * len(shapes),
         seconds_per_expert=per_expert, seconds=seconds, nproc=nproc, device=str(device), peak_memory_bytes=peak,
         peak_memory_bytes_total=peak * nproc,
-        timing={"what": "singular_values of a random float32 [out, in] delta (decode, I/O and base refinement "
-                         "not included)", "spectra_per_expert": passes, "repeats": repeats, "statistic": "median",
-                "device": str(device), "threads": torch.get_num_threads()},
+        timing={"what": f"analyze_projection (the whole per-projection pass, base {base_method!r}) on "
+                         f"{CALIBRATION_EXPERTS} random bf16 experts of shape {list(shapes['up'])}, per expert",
+                "base_method": base_method, "repeats": repeats, "statistic": "median", "device": str(device),
+                "threads": torch.get_num_threads()},
     )

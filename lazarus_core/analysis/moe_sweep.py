@@ -239,7 +239,7 @@ def sweep_moe_type(models: Sequence[str], layers: str | None = None, *, revision
 
 
 def estimate_sweep(models: Sequence[str], layers: str | None = None, *, revision: str | None = None, nproc: int = 1,
-                   device: str = "cpu", repeats: int = 3, base_method: str = "refined") -> SweepEstimate:
+                   device: str = "cpu", repeats: int = 1, base_method: str = "refined") -> SweepEstimate:
     """:func:`~lazarus_core.analysis.estimate.estimate_moe_type` for each model, and the totals.
 
     Returns

@@ -121,9 +121,9 @@ def print_estimate(result, console) -> None:
         console.print(f"total: {_size(result.bytes_needed)} needed, {_size(result.bytes_to_download)} to download, "
                       f"about {_duration(result.seconds)} with {result.nproc} process(es), peak "
                       f"{_size(result.peak_memory_bytes)} of working memory", highlight=False)
-        console.print(f"time = experts x projections x layers x {e.timing['spectra_per_expert']} spectra x the "
-                      f"measured median per-expert cost ({e.timing['what']}; {e.timing['repeats']} repeats on "
-                      f"{e.device}, {e.timing['threads']} threads) / processes", highlight=False, markup=False)
+        console.print(f"time = experts x projections x layers x the measured per-expert cost ({e.timing['what']}; "
+                      f"median of {e.timing['repeats']} on {e.device}, {e.timing['threads']} threads) / processes",
+                      highlight=False, markup=False)
 
 
 def _estimate(models: list[str], layers: str | None, args: argparse.Namespace):
@@ -181,10 +181,11 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     """``--estimate`` and its inputs (``--nproc``, ``--device``, ``--repeats``)."""
     parser.add_argument("--estimate", action="store_true",
                         help="print the files, bytes, time and memory the job needs (reads only config.json and the "
-                             "shard index; times the per-expert spectrum here) and exit without running it")
+                             "shard index; times the engine's per-expert pass here) and exit without running it")
     parser.add_argument("--nproc", type=int, default=1, help="with --estimate: processes the job is split over")
     parser.add_argument("--device", default="cpu", help="with --estimate: device the per-expert cost is measured on")
-    parser.add_argument("--repeats", type=int, default=3, help="with --estimate: timed calls per shape (median)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="with --estimate: timed runs of the per-expert cost (median)")
     parser.add_argument("--markdown", default=None, metavar="FILE.md", help="also write the table as markdown")
 
 

@@ -36,25 +36,35 @@ def test_needed_files_are_the_files_the_analysis_opens(checkpoint_dir):
 
 
 def test_time_and_memory_scale_with_experts_layers_and_processes(checkpoint_dir, monkeypatch):
-    measured = {(32, 64): 0.25, (64, 32): 0.5}  # stand-in per-expert costs, so the arithmetic is exact
-    monkeypatch.setattr(est, "expert_seconds", lambda shape, **kw: measured[tuple(shape)])
+    calls = []
+
+    def measured(shape, **kwargs):  # a stand-in per-expert cost, so the arithmetic is exact
+        calls.append((tuple(shape), kwargs["base_method"]))
+        return 0.25
+
+    monkeypatch.setattr(est, "expert_seconds", measured)
     path = str(checkpoint_dir("olmoe"))  # E=6, 2 MoE layers, gate/up [32, 64], down [64, 32], bf16
     one = estimate_moe_type(path, "1")
-    assert one.seconds_per_expert == {"gate": 0.25, "up": 0.25, "down": 0.5}
-    assert one.expert_steps == 6 * 3 * 2  # experts x projections x 2 spectra (refined compressor base)
-    assert one.seconds == pytest.approx(6 * 2 * (0.25 + 0.25 + 0.5))
+    assert calls == [((32, 64), "refined")] and one.seconds_per_expert == {"gate": 0.25, "up": 0.25, "down": 0.25}
+    assert one.expert_steps == 6 * 3 and one.seconds == pytest.approx(6 * 3 * 0.25)
     both = estimate_moe_type(path, None, nproc=4, base_method="mean")
-    assert both.layers == [0, 1] and both.seconds == pytest.approx(2 * 6 * 1.0 / 4)
+    assert calls[-1] == ((32, 64), "mean")
+    assert both.layers == [0, 1] and both.seconds == pytest.approx(2 * 6 * 3 * 0.25 / 4)
     assert both.peak_memory_bytes == one.peak_memory_bytes == working_memory_bytes((32, 64), 2.0)
     assert both.peak_memory_bytes_total == 4 * both.peak_memory_bytes
     assert one.storage == "bf16" and one.expert_bytes == 6 * 3 * 32 * 64 * 2
 
 
-def test_expert_seconds_is_a_positive_median_and_checks_its_inputs():
-    t = expert_seconds((24, 40), repeats=3)
-    assert 0.0 < t < 60.0 and expert_seconds((24, 40), repeats=3) == t  # remembered per shape
+def test_expert_seconds_times_the_projection_pass_and_checks_its_inputs():
+    t = expert_seconds((24, 40), repeats=1)
+    assert 0.0 < t < 60.0 and expert_seconds((24, 40), repeats=1) == t  # remembered per shape
+    assert expert_seconds((24, 40), repeats=1, base_method="mean") > 0.0
     with pytest.raises(ValueError, match="repeats"):
         expert_seconds((24, 40), repeats=0)
+    with pytest.raises(ValueError, match="--base"):
+        expert_seconds((24, 40), base_method="bogus")
+    with pytest.raises(ValueError, match="no cuda path"):
+        expert_seconds((24, 40), device="cuda")
 
 
 def test_bad_inputs_are_one_clear_error(checkpoint_dir, tmp_path, capsys):
