@@ -179,44 +179,50 @@ LZ_TARGET_AVX2 void row_dots_avx2(const F* w, int64_t cols, const float* const* 
   }
 }
 
-// 2^(s-128): the E8M0 scale times 1/2, since the code table below holds twice each E2M1 value (0xFF: NaN).
-struct HalfScales {
+// 2^(s-152): the E8M0 scale 2^(s-127) times 1/2 (the code table holds twice each E2M1 value) times 2^-24 (the
+// decoded integers sit in the top byte of an int32). 0xFF is NaN; s < 26 is subnormal or 0: such blocks hold
+// weights below 2^-78, whose products are then rounded (or dropped) at that tiny scale.
+struct BlockScales {
   float v[256];
-  HalfScales() {
-    for (int s = 0; s < 256; ++s) v[s] = mxfp4::e8m0_to_float(static_cast<uint8_t>(s)) * 0.5f;
+  BlockScales() {
+    for (int s = 0; s < 256; ++s) v[s] = mxfp4::e8m0_to_float(static_cast<uint8_t>(s)) * 2.98023223876953125e-8f;
   }
 };
 
-// One MXFP4 block as fp32 in the block-permuted order: the 16 bytes go to both lanes, lane 0 keeps the low
-// nibbles (elements 0, 2, ..., 30) and lane 1 the high ones (1, 3, ..., 31); a byte shuffle maps each code to
-// 2 * its E2M1 value as int8, converted to fp32 8 at a time: f[0] = elements 0, 2, .., 14, f[1] = 16, .., 30,
-// f[2] = 1, 3, .., 15, f[3] = 17, .., 31 (times 2, unscaled).
-LZ_TARGET_AVX2 inline void decode_block_twice(const uint8_t* bytes, __m256 f[4]) {
+// One MXFP4 block as fp32 times 2^25, in the order permute_for_mxfp4 gives x. The 16 bytes go to both lanes;
+// lane 0 keeps the low nibbles (elements 0, 2, ..., 30), lane 1 the high ones (1, 3, ..., 31); a byte shuffle
+// maps each code to 2 * its E2M1 value as int8, and four more place bytes 4k..4k+3 of each lane in the top byte
+// of a 32-bit lane (sign included), converted to fp32: f[k] = elements 8k + {0, 2, 4, 6, 1, 3, 5, 7}.
+LZ_TARGET_AVX2 inline void decode_block_shifted(const uint8_t* bytes, __m256 f[4]) {
   const __m256i shifts = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
   const __m256i twice_e2m1 = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12,
                                               0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
   const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
   const __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(packed, shifts), _mm256_set1_epi8(0x0F));
   const __m256i v = _mm256_shuffle_epi8(twice_e2m1, codes);
-  const __m128i even = _mm256_castsi256_si128(v), odd = _mm256_extracti128_si256(v, 1);
-  f[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(even));
-  f[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(even, 8)));
-  f[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(odd));
-  f[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(odd, 8)));
+  constexpr char z = -128;  // a shuffle index with the top bit set writes 0
+  const __m256i spread[4] = {
+      _mm256_setr_epi8(z, z, z, 0, z, z, z, 1, z, z, z, 2, z, z, z, 3, z, z, z, 0, z, z, z, 1, z, z, z, 2, z, z, z, 3),
+      _mm256_setr_epi8(z, z, z, 4, z, z, z, 5, z, z, z, 6, z, z, z, 7, z, z, z, 4, z, z, z, 5, z, z, z, 6, z, z, z, 7),
+      _mm256_setr_epi8(z, z, z, 8, z, z, z, 9, z, z, z, 10, z, z, z, 11, z, z, z, 8, z, z, z, 9, z, z, z, 10, z, z, z,
+                       11),
+      _mm256_setr_epi8(z, z, z, 12, z, z, z, 13, z, z, z, 14, z, z, z, 15, z, z, z, 12, z, z, z, 13, z, z, z, 14, z, z,
+                       z, 15)};
+  for (int k = 0; k < 4; ++k) f[k] = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(v, spread[k]));
 }
 
-// One MXFP4 row against NT token rows whose 32-element blocks were permuted by permute_for_mxfp4: each
-// token's block dot product (on the unscaled codes) is scaled once, into a per-token accumulator.
+// One MXFP4 row against NT token rows permuted by permute_for_mxfp4: each token's block dot product (on the
+// shifted codes) is scaled once, into a per-token accumulator.
 template <int NT>
 LZ_TARGET_AVX2 void row_dots_mxfp4_avx2(const uint8_t* blocks, const uint8_t* scales, int64_t groups,
                                         const float* const* xp, float* out) {
-  static const HalfScales half_scales;
+  static const BlockScales block_scales;
   __m256 acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m256 f[4];
-    decode_block_twice(blocks + 16 * g, f);
-    const __m256 scale = _mm256_set1_ps(half_scales.v[scales[g]]);
+    decode_block_shifted(blocks + 16 * g, f);
+    const __m256 scale = _mm256_set1_ps(block_scales.v[scales[g]]);
     for (int t = 0; t < NT; ++t) {
       const float* xg = xp[t] + 32 * g;
       const __m256 p = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xg + 8), _mm256_mul_ps(f[0], _mm256_loadu_ps(xg)));
@@ -227,24 +233,24 @@ LZ_TARGET_AVX2 void row_dots_mxfp4_avx2(const uint8_t* blocks, const uint8_t* sc
   for (int t = 0; t < NT; ++t) out[t] = simd::hsum(acc[t]);
 }
 
-// One MXFP4 row decoded to fp32 (exact) in the block-permuted order, for rows applied to many tokens.
+// One MXFP4 row decoded to fp32 (exact) in the permuted order, for rows applied to many tokens.
 LZ_TARGET_AVX2 void decode_row_mxfp4_avx2(const uint8_t* blocks, const uint8_t* scales, int64_t groups, float* out) {
-  static const HalfScales half_scales;
+  static const BlockScales block_scales;
   for (int64_t g = 0; g < groups; ++g) {
     __m256 f[4];
-    decode_block_twice(blocks + 16 * g, f);
-    const __m256 scale = _mm256_set1_ps(half_scales.v[scales[g]]);
+    decode_block_shifted(blocks + 16 * g, f);
+    const __m256 scale = _mm256_set1_ps(block_scales.v[scales[g]]);
     for (int k = 0; k < 4; ++k) _mm256_storeu_ps(out + 32 * g + 8 * k, _mm256_mul_ps(f[k], scale));
   }
 }
 #endif
 
-// Element order row_dots_mxfp4_avx2 expects within each 32-element block: even elements, then odd ones.
+// Element order decode_block_shifted produces: within each 8 elements, the even ones, then the odd ones.
 void permute_for_mxfp4(const float* x, int64_t cols, float* xp) {
-  for (int64_t b = 0; b < cols; b += 32)
-    for (int j = 0; j < 16; ++j) {
+  for (int64_t b = 0; b < cols; b += 8)
+    for (int j = 0; j < 4; ++j) {
       xp[b + j] = x[b + 2 * j];
-      xp[b + 16 + j] = x[b + 2 * j + 1];
+      xp[b + 4 + j] = x[b + 2 * j + 1];
     }
 }
 
