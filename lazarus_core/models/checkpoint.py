@@ -294,9 +294,9 @@ class MoeCheckpoint:
         what covers those rows (for analyses that sweep all experts chunk by chunk).
 
         Per-expert tensors, fused MXFP4 and DBRX gate/up read only the bytes of those rows; FP8 E4M3 reads and
-        decodes the scale-block rows covering them (at most ``block - 1`` extra rows at each end; none when
-        ``start`` and ``stop`` are multiples of the block, as the cosine Gram chooses); layouts stored transposed
-        (GPT-OSS bf16, DBRX down) read the expert and convert only those rows.
+        decodes from the start of the scale block holding ``start`` to ``stop`` (at most ``block - 1`` extra
+        rows; none when ``start`` is a multiple of the block, as in the cosine Gram's chunks); layouts stored
+        transposed (GPT-OSS bf16, DBRX down) read the expert and convert only those rows.
 
         Parameters
         ----------
