@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
@@ -133,9 +133,32 @@ def split_contiguous(weights: Sequence[float], parts: int) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
+class RankFailed(RuntimeError):
+    """A rank of a distributed job failed; raised on every rank, naming each failed rank and its error."""
+
+
+_T = TypeVar("_T")
+
+
+def on_every_rank(world: World, what: str, fn: Callable[[], _T]) -> _T:
+    """``fn()`` on this rank, then agree with the others: when any rank raised, every rank raises
+    :class:`RankFailed` (``"WHAT failed: rank R: error; ..."``) instead of hanging in a later collective.
+    In one process the error of ``fn`` propagates unchanged."""
+    try:
+        result = fn()
+    except Exception as exc:
+        if not world.distributed:
+            raise
+        raise RankFailed(f"{what} failed: " + "; ".join(world.all_ok(False, f"{type(exc).__name__}: {exc}"))) from exc
+    failed = world.all_ok(True)
+    if failed:
+        raise RankFailed(f"{what} failed: " + "; ".join(failed))
+    return result
+
+
 def assign_round_robin(items: Sequence[int], parts: int) -> dict[int, list[int]]:
     """``{rank: [items...]}`` dealing ``items`` (e.g. MoE layers, all of about equal cost) in turn."""
     return {r: list(items[r::parts]) for r in range(parts)}
 
 
-__all__ = ["World", "assign_round_robin", "current_world", "split_contiguous"]
+__all__ = ["RankFailed", "World", "assign_round_robin", "current_world", "on_every_rank", "split_contiguous"]

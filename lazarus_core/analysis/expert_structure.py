@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from lazarus_core.distributed import World, current_world
 from lazarus_core.models.checkpoint import PROJECTIONS, MoeCheckpoint
 from lazarus_core.overlay.ranks import PRESETS, choose_ranks, make_policy
 from lazarus_core.overlay.sizes import expert_bytes
@@ -139,14 +140,18 @@ class MoeTypeReport:
     thresholds: dict
     seconds: float = 0.0
     compression: dict = field(default_factory=dict)
+    distributed: dict | None = None
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "model": self.model, "family": self.family, "num_experts": self.num_experts, "top_k": self.top_k,
             "moe_type": self.moe_type, "confidence": self.confidence, "agreement": self.agreement,
             "thresholds": self.thresholds, "seconds": self.seconds, "compression": self.compression,
             "layers": [layer.to_dict() for layer in self.layers],
         }
+        if self.distributed is not None:  # torchrun job: world size and which rank computed which layers
+            d["distributed"] = self.distributed
+        return d
 
 
 def thresholds() -> dict:
@@ -216,8 +221,8 @@ def _bias_stats(ckpt: MoeCheckpoint, layer: int, projection: str) -> dict | None
 
 
 def analyze_projection(ckpt: MoeCheckpoint, layer: int, projection: str, *, backend: str = "auto",
-                       on_expert: Callable[[], None] | None = None, base_method: str = "refined"
-                       ) -> ProjectionStructure:
+                       on_expert: Callable[[], None] | None = None, base_method: str = "refined",
+                       device: str | None = None, workers: int | None = None) -> ProjectionStructure:
     """Delta spectra, energies, cosine geometry, noise floor and compressor rank of one projection.
 
     Parameters
@@ -228,17 +233,21 @@ def analyze_projection(ckpt: MoeCheckpoint, layer: int, projection: str, *, back
         Called after each expert of each spectrum pass (progress reporting; see :func:`spectrum_passes`).
     base_method : {"refined", "mean"}
         The compressor's base for ``compressor_rank`` (moe-overlay-compute ``--base``; default refined).
+    device, workers
+        Where the Grams and eigensolves run (:mod:`lazarus_core.spectra.parallel`): "cpu" with ``workers``
+        single-threaded worker threads (default every core), or batched on a device such as "cuda".
 
     Returns
     -------
     ProjectionStructure
     """
     spectrum = projection_spectrum(ckpt, layer, projection, backend=backend, base_method="mean", on_expert=on_expert,
-                                   keep_base=base_method != "mean")
+                                   keep_base=base_method != "mean", device=device, workers=workers)
     compressor = spectrum
     if base_method != "mean":
         compressor = projection_spectrum(ckpt, layer, projection, backend=backend, base_method=base_method,
-                                         on_expert=on_expert, mean=spectrum.base, noise_energy=spectrum.noise_energy)
+                                         on_expert=on_expert, mean=spectrum.base, noise_energy=spectrum.noise_energy,
+                                         device=device, workers=workers)
     spectrum.base = None
     return _structure(ckpt, layer, spectrum, compressor)
 
@@ -300,16 +309,30 @@ def compression_summary(ckpt: MoeCheckpoint, layers: Sequence[LayerStructure], b
     ranks = {(layer.layer, p): s.compressor_rank for layer in layers for p, s in layer.projections.items()}
     original, overlay = expert_bytes(ckpt, ranks, COMPRESSOR_DTYPE, [layer.layer for layer in layers]) if ranks \
         else (0, 0)  # the analysed layers' headers only: a hub model fetches no other shard
+    return compression_from_bytes(original, overlay, base_method)
+
+
+def compression_from_bytes(original: int, overlay: int, base_method: str = "refined") -> dict:
+    """The ``compression`` dict from the experts' bytes as stored and the overlay's (summed over layers)."""
     ratio = original / overlay if overlay else 0.0
     return {"preset": COMPRESSOR_PRESET, "energy": PRESETS[COMPRESSOR_PRESET], "base": base_method,
-            "dtype": COMPRESSOR_DTYPE, "ratio": ratio, "compressible": ratio > 1.0}
+            "dtype": COMPRESSOR_DTYPE, "ratio": ratio, "compressible": ratio > 1.0,
+            "original_bytes": original, "overlay_bytes": overlay}
 
 
 def analyze_layer(ckpt: MoeCheckpoint, layer: int, *, backend: str = "auto",
-                  on_expert: Callable[[], None] | None = None, base_method: str = "refined") -> LayerStructure:
-    """All three projections of one MoE layer, with the layer's classification."""
-    projections = {p: analyze_projection(ckpt, layer, p, backend=backend, on_expert=on_expert, base_method=base_method)
+                  on_expert: Callable[[], None] | None = None, base_method: str = "refined", device: str | None = None,
+                  workers: int | None = None) -> LayerStructure:
+    """All three projections of one MoE layer, with the layer's classification (``device`` / ``workers`` as
+    :func:`analyze_projection`)."""
+    projections = {p: analyze_projection(ckpt, layer, p, backend=backend, on_expert=on_expert, base_method=base_method,
+                                         device=device, workers=workers)
                    for p in PROJECTIONS}
+    return layer_structure(layer, projections)
+
+
+def layer_structure(layer: int, projections: dict[str, ProjectionStructure]) -> LayerStructure:
+    """A layer's classification from its projections' structures."""
     rank_ratio = sum(p.rank_ratio for p in projections.values()) / len(projections)
     cos_means = [p.cosine_similarity["mean"] for p in projections.values()]
     cos_stds = [p.cosine_similarity["std"] for p in projections.values()]
@@ -344,7 +367,8 @@ def parse_layers(spec: str | None, moe_layers: Sequence[int]) -> list[int]:
 
 
 def analyze_moe_type(ckpt: MoeCheckpoint, layers: Iterable[int] | None = None, *, backend: str = "auto",
-                     progress: bool = False, model_name: str | None = None, base_method: str = "refined"
+                     progress: bool = False, model_name: str | None = None, base_method: str = "refined",
+                     world: World | None = None, device: str | None = None, workers: int | None = None
                      ) -> MoeTypeReport:
     """Analyse the expert structure of ``layers`` (default: every MoE layer) of a checkpoint.
 
@@ -363,6 +387,13 @@ def analyze_moe_type(ckpt: MoeCheckpoint, layers: Iterable[int] | None = None, *
     base_method : {"refined", "mean"}
         Base of the compressor's spectra (``compressor_rank``, ``compression``), as moe-overlay-compute
         ``--base``; "mean" skips the refinement (one spectrum pass per projection instead of two).
+    device, workers
+        Where the Grams and eigensolves run (:func:`analyze_projection`; moe-type-analyze ``--device``).
+    world : World, optional
+        The torch.distributed job (default :func:`lazarus_core.distributed.current_world`): with several ranks
+        the layers (or, with fewer layers than ranks, the experts of a layer) are split over them
+        (:mod:`lazarus_core.analysis.moe_type_distributed`) and every rank returns the same report, equal to a
+        single process's, with ``distributed`` set.
 
     Returns
     -------
@@ -371,6 +402,12 @@ def analyze_moe_type(ckpt: MoeCheckpoint, layers: Iterable[int] | None = None, *
     import time
 
     layer_list = list(ckpt.moe_layers) if layers is None else list(layers)
+    world = world if world is not None else current_world()
+    if world.distributed:
+        from lazarus_core.analysis.moe_type_distributed import analyze_moe_type_distributed
+
+        return analyze_moe_type_distributed(ckpt, layer_list, world=world, backend=backend, progress=progress,
+                                            model_name=model_name, base_method=base_method)
     t0 = time.perf_counter()
     results: list[LayerStructure] = []
     total = len(layer_list) * len(PROJECTIONS) * ckpt.num_experts * spectrum_passes(base_method)
@@ -383,11 +420,20 @@ def analyze_moe_type(ckpt: MoeCheckpoint, layers: Iterable[int] | None = None, *
             for layer in layer_list:
                 bar.update(task, description=f"layer {layer}")
                 results.append(analyze_layer(ckpt, layer, backend=backend, on_expert=lambda: bar.advance(task),
-                                             base_method=base_method))
+                                             base_method=base_method, device=device, workers=workers))
     else:
-        results = [analyze_layer(ckpt, layer, backend=backend, base_method=base_method) for layer in layer_list]
-    moe_type, confidence, agreement = summarize(results)
-    return MoeTypeReport(model=model_name or str(ckpt.source), family=ckpt.family, num_experts=ckpt.num_experts,
-                         top_k=ckpt.spec.top_k, moe_type=moe_type, confidence=confidence, agreement=agreement,
-                         layers=results, thresholds=thresholds(), seconds=time.perf_counter() - t0,
-                         compression=compression_summary(ckpt, results, base_method))
+        results = [analyze_layer(ckpt, layer, backend=backend, base_method=base_method, device=device, workers=workers)
+                   for layer in layer_list]
+    return moe_type_report(results, model=model_name or str(ckpt.source), family=ckpt.family,
+                           num_experts=ckpt.num_experts, top_k=ckpt.spec.top_k,
+                           compression=compression_summary(ckpt, results, base_method), seconds=time.perf_counter() - t0)
+
+
+def moe_type_report(layers: list[LayerStructure], *, model: str, family: str, num_experts: int, top_k: int,
+                    compression: dict, seconds: float, distributed: dict | None = None) -> MoeTypeReport:
+    """The report of analysed ``layers``: the model-level call by :func:`summarize` (also what ``lazarus merge``
+    and a distributed job use to join layers analysed apart)."""
+    moe_type, confidence, agreement = summarize(layers)
+    return MoeTypeReport(model=model, family=family, num_experts=num_experts, top_k=top_k, moe_type=moe_type,
+                         confidence=confidence, agreement=agreement, layers=layers, thresholds=thresholds(),
+                         seconds=seconds, compression=compression, distributed=distributed)

@@ -9,13 +9,16 @@ from lazarus_core.cli.io import write_json
 
 
 def _analyze(model: str, revision: str | None, layers_spec: str | None, backend: str, progress: bool,
-             base_method: str = "refined"):
+             base_method: str = "refined", device: str = "cpu"):
     from lazarus_core.analysis.expert_structure import analyze_moe_type, parse_layers
     from lazarus_core.models import open_moe_checkpoint
+    from lazarus_core.spectra.parallel import use_device
 
+    use_device(device)  # also the default of the distributed path's spectra
     ckpt = open_moe_checkpoint(model, revision=revision)
     layers = parse_layers(layers_spec, ckpt.moe_layers)
-    return analyze_moe_type(ckpt, layers, backend=backend, progress=progress, model_name=model, base_method=base_method)
+    return analyze_moe_type(ckpt, layers, backend=backend, progress=progress, model_name=model, base_method=base_method,
+                            device=device)
 
 
 def _layers_spec(args: argparse.Namespace) -> str | None:
@@ -84,8 +87,12 @@ def _print_report(report, args: argparse.Namespace) -> None:
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
+    from lazarus_core.distributed import current_world
+
     report = _analyze(args.model, args.revision, _layers_spec(args), args.backend, progress=not args.no_progress,
-                      base_method=args.base_method)
+                      base_method=args.base_method, device=args.device)
+    if not current_world().is_root:  # under torchrun every rank holds the report; rank 0 reports it
+        return 0
     _print_report(report, args)
     if args.output:
         write_json(args.output, report.to_dict())
@@ -98,9 +105,9 @@ def _run_compare(args: argparse.Namespace) -> int:
 
     spec = _layers_spec(args)
     a = _analyze(args.model, args.revision, spec, args.backend, progress=not args.no_progress,
-                 base_method=args.base_method)
+                 base_method=args.base_method, device=args.device)
     b = _analyze(args.compare_model, args.compare_revision, spec, args.backend, progress=not args.no_progress,
-                 base_method=args.base_method)
+                 base_method=args.base_method, device=args.device)
     table = Table(title="moe-type-compare")
     table.add_column("")
     table.add_column(a.model)
@@ -137,6 +144,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add_output_argument(parser)
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device``: where the spectra's Grams and eigensolves run (lazarus_core.spectra.parallel)."""
+    parser.add_argument("--device", default="cpu",
+                        help="where the expert-delta Grams and eigensolves run: cpu (every core, single-threaded "
+                             "workers) or a torch device such as cuda / cuda:1 (batched over experts, float64)")
+
+
 def register(actions: argparse._SubParsersAction) -> None:
     """Add the moe-type actions."""
     analyze = actions.add_parser("moe-type-analyze", help="native MoE or pseudo-MoE, from expert-delta spectra")
@@ -149,6 +163,7 @@ def register(actions: argparse._SubParsersAction) -> None:
     analyze.set_defaults(func=with_estimate(_run_analyze))
     compare = actions.add_parser("moe-type-compare", help="moe-type-analyze of two models side by side")
     _common(compare)
+    add_device_argument(compare)  # moe-type-analyze's --device comes with its --estimate arguments
     compare.add_argument("-c", "--compare-model", required=True, help="the second model")
     compare.add_argument("--compare-revision", default=None)
     compare.set_defaults(func=_run_compare)

@@ -1,0 +1,200 @@
+"""moe-type-analyze over the ranks of a torch.distributed job (``torchrun ... lazarus introspect moe-expert
+moe-type-analyze``): the layers are dealt to the ranks; with fewer layers than ranks the experts of a layer
+are split over the ranks that share it. Rank 0 joins the pieces into the report a single process writes.
+
+Layer split: each rank runs :func:`~lazarus_core.analysis.expert_structure.analyze_layer` on its layers.
+
+Expert split (fewer layers than ranks): every rank of a layer's group forms the same shared bases (the mean
+expert, the rounding-noise energies and the refined base: one streaming pass each, computed by every rank
+rather than sent, since a rank needs them before it can take a delta), then the singular spectra of its
+contiguous share of the experts only; rank 0 concatenates the spectra in expert order and reads the layer's
+structure off them, including the E x E cosine Gram (one pass over the experts, on rank 0).
+
+The per-expert spectra are computed by the same engine calls on the same inputs as in one process, so the
+report is the same (ranks per expert, the call); only ``seconds`` differs, and ``distributed`` is added.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from lazarus_core.analysis.expert_structure import (MoeTypeReport, _structure, analyze_layer, compression_summary,
+                                                    layer_structure, moe_type_report, spectrum_passes)
+from lazarus_core.distributed import World, assign_round_robin, on_every_rank, split_contiguous
+from lazarus_core.models.checkpoint import PROJECTIONS, MoeCheckpoint
+from lazarus_core.spectra import ProjectionSpectrum, overlay_base, projection_spectrum
+from lazarus_core.spectra.deltas import marchenko_pastur_edge, mean_and_noise
+from lazarus_core.spectra.linalg import threads_for
+
+
+def moe_type_assignment(layers: list[int], world_size: int, num_experts: int
+                        ) -> tuple[dict[int, list[int]], dict[int, range] | None]:
+    """Which rank analyses what.
+
+    Parameters
+    ----------
+    layers : list of int
+        The MoE layers of the job, in report order.
+    world_size, num_experts : int
+
+    Returns
+    -------
+    layers_of : dict
+        ``rank -> [layers]``: round robin when there are at least as many layers as ranks; otherwise rank r
+        takes layer ``layers[r % len(layers)]``.
+    experts_of : dict or None
+        None for a layer split; else ``rank -> range`` of the experts (contiguous, about equal) it computes
+        within its layer (possibly empty when a layer has fewer experts than ranks).
+    """
+    if len(layers) >= world_size or not layers:
+        return assign_round_robin(layers, world_size), None
+    layer_of = {r: layers[r % len(layers)] for r in range(world_size)}
+    experts_of: dict[int, range] = {}
+    for layer in layers:
+        group = [r for r in range(world_size) if layer_of[r] == layer]
+        experts_of.update(zip(group, split_contiguous([1.0] * num_experts, len(group))))
+    return {r: [layer_of[r]] for r in range(world_size)}, experts_of
+
+
+class _ExpertSubset:
+    """A view of a checkpoint with only experts ``experts`` (expert i of the view is ``experts[i]``): what the
+    spectra engine streams when a rank computes its share of a layer's experts."""
+
+    def __init__(self, ckpt: MoeCheckpoint, experts: range):
+        self._ckpt, self._experts = ckpt, experts
+
+    @property
+    def num_experts(self) -> int:
+        return len(self._experts)
+
+    def encoded_expert(self, layer: int, projection: str, expert: int):
+        return self._ckpt.encoded_expert(layer, projection, self._experts[expert])
+
+    def __getattr__(self, name: str):
+        return getattr(self._ckpt, name)
+
+
+def _expert_share(ckpt: MoeCheckpoint, layer: int, experts: range, *, backend: str, base_method: str,
+                  on_expert: Callable[[], None] | None) -> list[tuple[str, int, ProjectionSpectrum, ProjectionSpectrum]]:
+    """``[(projection, first_expert, mean-base spectrum, compressor spectrum)]`` of ``experts`` of ``layer``,
+    from the bases of ALL the layer's experts (the calls :func:`analyze_projection` makes, restricted to them)."""
+    view = _ExpertSubset(ckpt, experts)
+    pieces = []
+    for p in PROJECTIONS:
+        shape = ckpt.projection_shape(p)
+        with threads_for(shape):
+            mean, noise = mean_and_noise(ckpt, layer, p, backend=backend)
+        mine = None if noise is None else noise[experts.start:experts.stop]
+        spectrum = projection_spectrum(view, layer, p, backend=backend, base_method="mean", mean=mean,
+                                       noise_energy=mine, on_expert=on_expert)
+        compressor = spectrum
+        if base_method != "mean":
+            edges = None if noise is None else marchenko_pastur_edge(noise, shape)
+            base = overlay_base(ckpt, layer, p, method=base_method, backend=backend, edges=edges, mean=mean)
+            compressor = projection_spectrum(view, layer, p, backend=backend, base_method="mean", mean=base,
+                                             noise_energy=mine, on_expert=on_expert)
+            compressor.base_method = base_method
+        pieces.append((p, experts.start, spectrum, compressor))
+    return pieces
+
+
+def _join_spectra(pieces: list[ProjectionSpectrum]) -> ProjectionSpectrum:
+    """One projection's spectrum from its experts' pieces (in expert order)."""
+    first = pieces[0]
+
+    def cat(name: str) -> torch.Tensor | None:
+        values = [getattr(sp, name) for sp in pieces]
+        return None if values[0] is None else torch.cat(values)
+
+    return ProjectionSpectrum(first.layer, first.projection, first.shape, cat("singular"), cat("expert_energy"),
+                              cat("noise_edge"), cat("noise_energy"), None, first.base_method)
+
+
+def analyze_moe_type_distributed(ckpt: MoeCheckpoint, layers: list[int], *, world: World, backend: str = "auto",
+                                 progress: bool = False, model_name: str | None = None, base_method: str = "refined"
+                                 ) -> MoeTypeReport:
+    """:func:`~lazarus_core.analysis.expert_structure.analyze_moe_type` with the work split over ``world``.
+
+    Parameters
+    ----------
+    ckpt : MoeCheckpoint
+    layers : list of int
+        MoE layers, in report order.
+    world : World
+        The job (every rank calls this with the same arguments).
+    backend, progress, model_name, base_method
+        As :func:`~lazarus_core.analysis.expert_structure.analyze_moe_type` (only rank 0 shows progress).
+
+    Returns
+    -------
+    MoeTypeReport
+        The same on every rank; ``distributed = {"world_size", "assignment": {"RANK": [layers]}}`` and, for an
+        expert split, ``"experts": {"RANK": [first, last]}`` (empty share: ``[]``).
+
+    Raises
+    ------
+    RankFailed
+        On every rank when any rank failed (names the ranks and their errors).
+    """
+    from lazarus_core.overlay.compute import progress_bar
+
+    t0 = time.perf_counter()
+    layers_of, experts_of = moe_type_assignment(layers, world.world_size, ckpt.num_experts)
+    mine = layers_of[world.rank]
+    per_layer = len(PROJECTIONS) * spectrum_passes(base_method)
+    work = per_layer * (ckpt.num_experts * len(mine) if experts_of is None else len(experts_of[world.rank]))
+
+    def share():
+        with progress_bar(progress and world.is_root, work, f"expert spectra (rank 0 of {world.world_size})") as step:
+            if experts_of is None:
+                return [analyze_layer(ckpt, layer, backend=backend, base_method=base_method, on_expert=step)
+                        for layer in mine]
+            if not experts_of[world.rank]:
+                return []
+            return _expert_share(ckpt, mine[0], experts_of[world.rank], backend=backend, base_method=base_method,
+                                 on_expert=step)
+
+    distributed = {"world_size": world.world_size, "assignment": {str(r): v for r, v in layers_of.items()}}
+    if experts_of is not None:
+        distributed["experts"] = {str(r): [e.start, e.stop - 1] if len(e) else [] for r, e in experts_of.items()}
+    parts = world.gather(on_every_rank(world, "distributed moe-type-analyze", share))
+
+    def join() -> MoeTypeReport | None:
+        if not world.is_root:
+            return None
+        report = _join(ckpt, layers, parts, experts_of is not None, model_name, base_method)
+        report.seconds, report.distributed = time.perf_counter() - t0, distributed
+        return report
+
+    report = world.broadcast(on_every_rank(world, "distributed moe-type-analyze (joining on rank 0)", join))
+    return report
+
+
+def _join(ckpt: MoeCheckpoint, layers: list[int], parts: list[list], by_experts: bool, model_name: str | None,
+          base_method: str) -> MoeTypeReport:
+    """Rank 0: the report from every rank's share, in ``layers`` order."""
+    if by_experts:
+        pieces: dict[tuple[int, str], list] = {}
+        for part in parts:
+            for p, start, spectrum, compressor in part:
+                pieces.setdefault((spectrum.layer, p), []).append((start, spectrum, compressor))
+        results = []
+        for layer in layers:
+            structures = {}
+            for p in PROJECTIONS:
+                ordered = sorted(pieces[(layer, p)], key=lambda x: x[0])
+                structures[p] = _structure(ckpt, layer, _join_spectra([x[1] for x in ordered]),
+                                           _join_spectra([x[2] for x in ordered]))
+            results.append(layer_structure(layer, structures))
+    else:
+        by_layer = {structure.layer: structure for part in parts for structure in part}
+        results = [by_layer[layer] for layer in layers]
+    return moe_type_report(results, model=model_name or str(ckpt.source), family=ckpt.family,
+                           num_experts=ckpt.num_experts, top_k=ckpt.spec.top_k,
+                           compression=compression_summary(ckpt, results, base_method), seconds=0.0)
+
+
+__all__ = ["analyze_moe_type_distributed", "moe_type_assignment"]
