@@ -73,10 +73,12 @@ def tile_map(topk_ids: torch.Tensor, n_experts: int, block_m: int = BLOCK_M) -> 
     n_experts : int
         ``E``.
     block_m : int
+        Pairs per tile: at most 16 for the CUDA kernels, a power of two of at least 16 for ``tl.dot``.
 
     Returns
     -------
     TileMap
+        Device tensors only; built without a host sync (argsort, a scatter-add histogram, cumsum, searchsorted).
     """
     k = topk_ids.shape[1]
     flat = topk_ids.reshape(-1).long()
@@ -98,8 +100,9 @@ def tile_map(topk_ids: torch.Tensor, n_experts: int, block_m: int = BLOCK_M) -> 
 
 
 def _dense_matmul(inp: torch.Tensor, weight: torch.Tensor, low_precision: bool) -> torch.Tensor:
-    """fp32 ``inp @ weight^T``: in the weight's half dtype with fp32 accumulation when ``low_precision`` (cuBLAS
-    ``out_dtype``; the same numbers in fp32 off CUDA), else in fp32."""
+    """fp32 ``inp @ weight^T``: with ``inp`` rounded to the weight's half dtype and fp32 accumulation when
+    ``low_precision`` (cuBLAS through ``torch.mm(..., out_dtype=float32)``; off CUDA the same arithmetic in fp32:
+    products of half values are exact in fp32), else in fp32."""
     if low_precision and weight.dtype in (torch.bfloat16, torch.float16):
         rounded = inp.to(weight.dtype)
         if weight.is_cuda:
