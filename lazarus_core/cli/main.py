@@ -8,6 +8,7 @@ import sys
 from typing import Sequence
 
 from lazarus_core import BackendUnavailableError, __version__
+from lazarus_core.distributed import RankFailed
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     __import__("lazarus_core.cli.introspect", fromlist=["register"]).register(sub)
     __import__("lazarus_core.cli.generate", fromlist=["register"]).register(sub)
     __import__("lazarus_core.cli.experiment", fromlist=["register"]).register(sub)
+    __import__("lazarus_core.cli.merge", fromlist=["register"]).register(sub)
     return parser
 
 
@@ -76,7 +78,7 @@ _OUTPUTS = {"output": ("-o/--output", False), "plot": ("--plot", False), "csv": 
             "out": ("--out", True)}
 # User errors: one line on stderr, exit code 2, no traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
-               IndexError, BackendUnavailableError)
+               IndexError, BackendUnavailableError, RankFailed)
 
 
 def check_outputs(args: argparse.Namespace) -> None:
