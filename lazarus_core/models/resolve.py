@@ -138,7 +138,7 @@ class ModelSource:
 
                 try:
                     info = huggingface_hub.model_info(self.name, revision=self.revision, files_metadata=True)
-                except (OSError, ValueError):  # hub errors are OSErrors; a malformed answer a ValueError
+                except (OSError, ValueError, *_transport_errors()):  # unreachable, an HTTP error, a malformed answer
                     return self._remote_sizes
                 self._remote_sizes = {s.rfilename: s.size for s in info.siblings or () if s.size is not None}
         return self._remote_sizes
