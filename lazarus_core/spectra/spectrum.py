@@ -136,7 +136,7 @@ def _dot64(x: torch.Tensor, y: torch.Tensor) -> float:
 def projection_spectrum(ckpt: MoeCheckpoint, layer: int, projection: str, *, backend: str = "auto",
                         base_method: str = "refined", on_expert: Callable[[], None] | None = None,
                         keep_base: bool = False, mean: torch.Tensor | None = None,
-                        noise_energy: torch.Tensor | None = None, device: str | torch.device | None = "cpu",
+                        noise_energy: torch.Tensor | None = None, device: str | torch.device | None = None,
                         workers: int | None = None, batch: int | None = None) -> ProjectionSpectrum:
     """Spectra of every expert's delta from the overlay base for one projection.
 
@@ -162,7 +162,8 @@ def projection_spectrum(ckpt: MoeCheckpoint, layer: int, projection: str, *, bac
         source) from an earlier pass over the same projection; when ``mean`` is given both are taken as is.
     device : str or torch.device
         Where the Grams and eigensolves run (:mod:`lazarus_core.spectra.parallel`): "cpu" (per-expert
-        single-threaded workers) or an accelerator such as "cuda" (batched over experts, float64).
+        single-threaded workers) or an accelerator such as "cuda" (batched over experts, float64); default
+        the process default (:func:`~lazarus_core.spectra.parallel.use_device`, "cpu" unless set).
     workers : int, optional
         CPU worker threads (default: every core for large matrices, 1 for small ones).
     batch : int, optional
