@@ -11,7 +11,7 @@ import types
 import pytest
 
 from lazarus_core.cli.main import main
-from tests.fixtures.hub_server import HubServer, point_hub_at, write_three_shard_checkpoint
+from tests.fixtures.hub_server import API, HubServer, point_hub_at, write_three_shard_checkpoint
 
 REPO = "org/tiny-moe"
 INDEX = "model.safetensors.index.json"
@@ -140,3 +140,26 @@ def test_estimate_fetches_only_config_and_index(hub, remote, tmp_path, monkeypat
     assert f"{REPO}: read 1 MoE layer(s) (1) from {len(layer1)} of 3 weight file(s)" in capsys.readouterr().out
     assert main(argv) == 0  # after the run everything is cached
     assert json.loads(out.read_text())["estimate"]["bytes_to_download"] == 0
+
+
+def test_estimate_says_unknown_when_sizes_cannot_be_had(hub, remote, tmp_path, monkeypatch, capsys):
+    from lazarus_core.analysis.estimate import estimate_moe_type
+
+    _, layer1 = remote
+    home = tmp_path / "hf_home"
+    point_hub_at(hub, home, monkeypatch)
+    hub.faults[API] = "http500"  # no file listing: the shard's size is unknown, not guessed
+    online = estimate_moe_type(REPO, "1", repeats=1)
+    assert [f.name for f in online.weight_files] == layer1 and online.weight_files[0].size is None
+    assert online.bytes_needed is None and online.bytes_to_download is None
+
+    point_hub_at(hub, home, monkeypatch, offline=True)  # config and index are cached now
+    n_requests = len(hub.requests)
+    offline = estimate_moe_type(REPO, "1", repeats=1)
+    assert [f.name for f in offline.files] == [f.name for f in online.files] and offline.bytes_needed is None
+    assert len(hub.requests) == n_requests
+
+    point_hub_at(hub, tmp_path / "empty_home", monkeypatch, offline=True)
+    assert main(["introspect", "moe-expert", "moe-type-analyze", "-m", REPO, "--estimate"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "HF_HUB_OFFLINE=1 forbids downloading it" in err
