@@ -9,6 +9,7 @@ test cannot hide or inflate the figure. The issue's figure is for [1024, 2048] b
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def peak_growth(warmup, target) -> dict:
     except OSError:
         pytest.skip("cannot reset VmHWM here")
     done = subprocess.run([sys.executable, "-c", _CHILD, str(warmup), str(target)], capture_output=True, text=True,
-                          timeout=600, check=False)
+                          timeout=600, check=False, cwd=Path(__file__).resolve().parents[2])  # tests/ importable
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
