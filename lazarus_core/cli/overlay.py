@@ -21,6 +21,10 @@ def _open(args: argparse.Namespace):
     from lazarus_core.analysis.expert_structure import parse_layers
     from lazarus_core.models import open_moe_checkpoint
 
+    if getattr(args, "device", None) is not None:  # where the spectra's Grams and eigensolves run
+        from lazarus_core.spectra.parallel import use_device
+
+        use_device(args.device)
     ckpt = open_moe_checkpoint(args.model, revision=args.revision)
     return ckpt, parse_layers(_layers_spec(args), ckpt.moe_layers)
 
@@ -125,15 +129,24 @@ def _print_plan(plan, console, verbose: bool) -> None:
 def _run_compute(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from lazarus_core.distributed import current_world
     from lazarus_core.overlay.compute import plan_overlay
+    from lazarus_core.overlay.distributed import plan_overlay_distributed
 
     ckpt, layers = _open(args)
-    plan = plan_overlay(ckpt, layers, _policy(args), dtype=args.dtype, backend=args.backend,
-                        progress=not args.no_progress, model_name=args.model, base_method=args.base_method,
-                        base_dtype=args.base_dtype)
+    world, extra = current_world(), {}
+    options = dict(dtype=args.dtype, backend=args.backend, progress=not args.no_progress, model_name=args.model,
+                   base_method=args.base_method, base_dtype=args.base_dtype)
+    if world.distributed:  # torchrun: layers split over the ranks, rank 0 reports
+        job = plan_overlay_distributed(ckpt, layers, _policy(args), world=world, **options)
+        plan, extra = job.plan, {"distributed": job.distributed}
+        if not world.is_root:
+            return 0
+    else:
+        plan = plan_overlay(ckpt, layers, _policy(args), **options)
     _print_plan(plan, Console(), args.verbose)
     if args.output:
-        write_json(args.output, plan.to_dict())
+        write_json(args.output, {**plan.to_dict(), **extra})
     return 0
 
 
@@ -143,8 +156,10 @@ def _run_compress(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lazarus_core.atomic_io import check_output_dir
+    from lazarus_core.distributed import current_world
     from lazarus_core.overlay.compute import (check_storage, compute_spectra, overlay_fingerprint, plan_overlay,
                                               prepare_overlay_dir, write_overlay)
+    from lazarus_core.overlay.distributed import compress_overlay_distributed
     from lazarus_core.overlay.plan_cache import PLAN_DIR
     from lazarus_core.overlay.ranks import PRESETS
 
@@ -153,24 +168,37 @@ def _run_compress(args: argparse.Namespace) -> int:
     policy = _policy(args)
     check_storage(ckpt, args.dtype, args.base_dtype)
     console = Console()
-    # Everything that can refuse the job is checked before the spectra (the long part).
-    previous = prepare_overlay_dir(ckpt, args.out, model=args.model, dtype=args.dtype, base_method=args.base_method,
-                                   base_dtype=args.base_dtype, resume=not args.no_resume, full_hash=args.full_hash)
-    fingerprint = overlay_fingerprint(ckpt, layers, previous, full_hash=args.full_hash)
-    spectra = compute_spectra(ckpt, layers, backend=args.backend, progress=not args.no_progress,
-                              base_method=args.base_method, cache_dir=Path(args.out) / PLAN_DIR,
-                              fingerprint=fingerprint)
-    plan = plan_overlay(ckpt, layers, policy, dtype=args.dtype, spectra=spectra, model_name=args.model,
-                        base_method=args.base_method, base_dtype=args.base_dtype)
+    world, extra = current_world(), {}
+    if world.distributed:  # torchrun: ranks take layers, one overlay directory and config; rank 0 reports
+        job = compress_overlay_distributed(ckpt, layers, policy, args.out, world=world, model=args.model,
+                                           revision=args.revision, dtype=args.dtype, base_method=args.base_method,
+                                           base_dtype=args.base_dtype, backend=args.backend,
+                                           resume=not args.no_resume, full_hash=args.full_hash,
+                                           progress=not args.no_progress)
+        if not world.is_root:
+            return 0
+        spectra, plan, result, extra = job.spectra, job.plan, job.result, {"distributed": job.distributed}
+    else:
+        # Everything that can refuse the job is checked before the spectra (the long part).
+        previous = prepare_overlay_dir(ckpt, args.out, model=args.model, dtype=args.dtype,
+                                       base_method=args.base_method, base_dtype=args.base_dtype,
+                                       resume=not args.no_resume, full_hash=args.full_hash)
+        fingerprint = overlay_fingerprint(ckpt, layers, previous, full_hash=args.full_hash)
+        spectra = compute_spectra(ckpt, layers, backend=args.backend, progress=not args.no_progress,
+                                  base_method=args.base_method, cache_dir=Path(args.out) / PLAN_DIR,
+                                  fingerprint=fingerprint)
+        plan = plan_overlay(ckpt, layers, policy, dtype=args.dtype, spectra=spectra, model_name=args.model,
+                            base_method=args.base_method, base_dtype=args.base_dtype)
     presets = _preset_plans(ckpt, layers, spectra, args.dtype, args.model, args)
     _print_plan(plan, console, args.verbose)
     for name, p in presets.items():  # preset labels state the ratio they give on THIS model
         mark = " (chosen)" if policy.preset == name else ""
         console.print(f"preset {name} (energy {PRESETS[name]:g}): {p.bytes.expert_ratio:.2f}x experts, max error "
                       f"{max(x.error['max'] for x in p.projections):.2e}{mark}")
-    result = write_overlay(ckpt, args.out, plan, model=args.model, revision=args.revision, backend=args.backend,
-                           resume=True, progress=not args.no_progress, spectra=spectra, full_hash=args.full_hash,
-                           fingerprint=fingerprint)  # resume=True: --no-resume already cleared the directory
+    if not world.distributed:
+        result = write_overlay(ckpt, args.out, plan, model=args.model, revision=args.revision, backend=args.backend,
+                               resume=True, progress=not args.no_progress, spectra=spectra, full_hash=args.full_hash,
+                               fingerprint=fingerprint)  # resume=True: --no-resume already cleared the directory
     resumed = f" ({len(result['resumed_layers'])} layer(s) kept from an earlier run)" if result["resumed_layers"] else ""
     console.print(f"wrote overlay to {result['path']}{resumed}; it covers layers {result['config']['moe_layers']}")
     if result["missing_layers"]:
@@ -179,7 +207,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     if args.output:
         write_json(args.output, {**plan.to_dict(), "out": result["path"], "written_layers": result["written_layers"],
                                  "resumed_layers": result["resumed_layers"], "missing_layers": result["missing_layers"],
-                                 "overlay_layers": result["config"]["moe_layers"],
+                                 "overlay_layers": result["config"]["moe_layers"], **extra,
                                  "presets": {k: {"energy": PRESETS[k], "expert_ratio": v.bytes.expert_ratio,
                                                  "max_error": max(x.error["max"] for x in v.projections)}
                                              for k, v in presets.items()}})
@@ -256,6 +284,9 @@ def _common(parser: argparse.ArgumentParser, *, ranks: bool = True) -> None:
                             help="shared base: mean of the experts, or refined by alternating least squares (default)")
         parser.add_argument("--base-dtype", default=None, choices=("bf16", "fp16", "fp32", "mxfp4"),
                             help="storage of the base (default: --dtype); mxfp4 = 4.25 bits/value like gpt-oss experts")
+        from lazarus_core.cli.moe_type import add_device_argument
+
+        add_device_argument(parser)
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_output_argument(parser)

@@ -375,7 +375,7 @@ def overlay_fingerprint(ckpt: MoeCheckpoint, layers: list[int], previous: dict |
 def write_overlay(ckpt: MoeCheckpoint, out_dir: str | Path, plan: OverlayPlan, *, model: str, revision: str | None = None,
                   backend: str = "auto", resume: bool = True, progress: bool = False,
                   spectra: dict[tuple[int, str], ProjectionSpectrum] | None = None, full_hash: bool = False,
-                  fingerprint: dict | None = None) -> dict:
+                  fingerprint: dict | None = None, only_layers: list[int] | None = None) -> dict:
     """Factor every planned (layer, projection) and write the overlay checkpoint to ``out_dir``.
 
     Parameters
@@ -399,6 +399,9 @@ def write_overlay(ckpt: MoeCheckpoint, out_dir: str | Path, plan: OverlayPlan, *
         :mod:`lazarus_core.overlay.fingerprint`).
     fingerprint : dict, optional
         The :func:`overlay_fingerprint` of this run, when the caller computed it already.
+    only_layers : list of int, optional
+        Write only these planned layers' shards and no config: one rank's share of a distributed compress
+        (:mod:`lazarus_core.overlay.distributed`); rank 0 then writes the config by a call without it.
 
     Returns
     -------
@@ -418,13 +421,15 @@ def write_overlay(ckpt: MoeCheckpoint, out_dir: str | Path, plan: OverlayPlan, *
     previous = prepare_overlay_dir(ckpt, out, model=model, dtype=plan.dtype, base_method=plan.base_method,
                                    base_dtype=plan.base_dtype, resume=resume, full_hash=full_hash)
     fingerprint = fingerprint or overlay_fingerprint(ckpt, plan.layers, previous, full_hash=full_hash)
-    atomic_write_json(config_path, _config(ckpt, plan, model, revision, False, fingerprint, previous))
+    if only_layers is None:
+        atomic_write_json(config_path, _config(ckpt, plan, model, revision, False, fingerprint, previous))
     dtype = DTYPES[plan.dtype]
     base_tag = f"{plan.base_method}/{plan.base_dtype or plan.dtype}"
     written, resumed = [], []
     by_layer: dict[int, list] = {}
     for pp in plan.projections:
-        by_layer.setdefault(pp.layer, []).append(pp)
+        if only_layers is None or pp.layer in only_layers:
+            by_layer.setdefault(pp.layer, []).append(pp)
     with progress_bar(progress, len(plan.projections) * ckpt.num_experts, "compress") as advance:
         for layer, pps in by_layer.items():
             meta = _shard_meta(layer, {pp.projection: pp.rank for pp in pps}, plan.dtype, base_tag,
@@ -466,6 +471,9 @@ def write_overlay(ckpt: MoeCheckpoint, out_dir: str | Path, plan: OverlayPlan, *
                     tensors[tensor_name(layer, pp.projection, "bias")] = bias.to(dtype)
             write_layer_shard(out, layer, tensors, meta)
             written.append(layer)
+    if only_layers is not None:
+        return {"path": str(out), "written_layers": written, "resumed_layers": resumed, "missing_layers": [],
+                "config": None}
     missing = []
     for key, entry in (previous or {}).get("layers", {}).items():
         layer = int(key)
