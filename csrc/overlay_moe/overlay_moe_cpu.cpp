@@ -22,6 +22,7 @@ constexpr int64_t kCols = 256;        // columns per block: pair rows read as 1 
 constexpr int64_t kTile = 4;          // pairs sharing one pass over an expert's expand rows
 constexpr int kMaxTokens = 4;         // token rows sharing one pass over a weight row in the matrix-vector kernels
 constexpr int64_t kRowsPerItem = 16;  // weight rows per OpenMP work item of the matrix-vector kernels
+constexpr int64_t kPrefetchBytes = 512;  // software prefetch distance along each expand row
 
 inline float sigmoid_cpu(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
@@ -65,6 +66,9 @@ LZ_TARGET_AVX2 void expand_tile_avx2(float (*acc)[kCols], const float* const* s,
     }
     const F* col = at + c0 + c;
     for (int64_t j = 0; j < rank; ++j) {
+      // The rank rows are `rank` interleaved streams (row stride ld) too many for the hardware prefetcher:
+      // fetch each one kPrefetchBytes ahead (about 8 column steps: DRAM latency when few pairs share a pass).
+      _mm_prefetch(reinterpret_cast<const char*>(col + j * ld) + kPrefetchBytes, _MM_HINT_T0);
       const __m256 r0 = simd::load8(col + j * ld);
       const __m256 r1 = simd::load8(col + j * ld + 8);
       for (int q = 0; q < N; ++q) {
