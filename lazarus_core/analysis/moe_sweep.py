@@ -192,6 +192,14 @@ def read_summary(ckpt: MoeCheckpoint, layers: Sequence[int]) -> ReadSummary:
                        weight_file_bytes=sum(weights.values()), expert_bytes=expert_bytes, files=files)
 
 
+def _check_options(base_method: str, device: str | None) -> None:
+    """A bad ``--base`` or ``--device`` fails the whole sweep (ValueError), not each model in turn."""
+    from lazarus_core.spectra.parallel import resolve_device
+
+    spectrum_passes(base_method)
+    resolve_device(device)
+
+
 def sweep_moe_type(models: Sequence[str], layers: str | None = None, *, revision: str | None = None,
                    on_model: Callable[[str], None] | None = None, **analyze_options) -> MoeTypeSweep:
     """Run moe-type-analyze on each model in turn; a model that fails gets a row saying why.
@@ -216,7 +224,7 @@ def sweep_moe_type(models: Sequence[str], layers: str | None = None, *, revision
     """
     if not models:
         raise ValueError("no models to sweep: pass -m MODEL (repeatable) or models as arguments")
-    spectrum_passes(analyze_options.get("base_method", "refined"))  # a bad option fails the sweep, not each model
+    _check_options(analyze_options.get("base_method", "refined"), analyze_options.get("device"))
     t0 = time.perf_counter()
     rows: list[SweepRow] = []
     reports: list[MoeTypeReport | None] = []
@@ -250,7 +258,7 @@ def estimate_sweep(models: Sequence[str], layers: str | None = None, *, revision
     """
     if not models:
         raise ValueError("no models to estimate: pass -m MODEL (repeatable) or models as arguments")
-    spectrum_passes(base_method)
+    _check_options(base_method, device)
     rows = []
     for model in models:
         try:

@@ -170,7 +170,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
         console.print(f"analysing {model} ...", highlight=False, markup=False)
 
     sweep = sweep_moe_type(models, args.layers, revision=args.revision, backend=args.backend,
-                           progress=not args.no_progress, base_method=args.base,
+                           progress=not args.no_progress, base_method=args.base, device=args.device,
                            on_model=None if args.no_progress else announce)
     _print_sweep(sweep, console)
     _write_outputs(args, sweep.to_dict(), _sweep_markdown(sweep))
@@ -183,7 +183,9 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the files, bytes, time and memory the job needs (reads only config.json and the "
                              "shard index; times the engine's per-expert pass here) and exit without running it")
     parser.add_argument("--nproc", type=int, default=1, help="with --estimate: processes the job is split over")
-    parser.add_argument("--device", default="cpu", help="with --estimate: device the per-expert cost is measured on")
+    from lazarus_core.cli.moe_type import add_device_argument
+
+    add_device_argument(parser)  # the analysis's device, and with --estimate the one the cost is measured on
     parser.add_argument("--repeats", type=int, default=1,
                         help="with --estimate: timed runs of the per-expert cost (median)")
     parser.add_argument("--markdown", default=None, metavar="FILE.md", help="also write the table as markdown")

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from lazarus_core.analysis.expert_structure import analyze_moe_type
 from lazarus_core.analysis.moe_sweep import read_summary, summary_row, sweep_moe_type
@@ -103,7 +104,11 @@ def test_read_summary_counts_the_shards_and_expert_bytes_of_the_layers(checkpoin
 def test_sweep_needs_a_model_and_valid_options(checkpoint_dir, capsys):
     with pytest.raises(ValueError, match="no models"):
         sweep_moe_type([])
-    for extra in ([], ["--estimate"]):  # a bad option is the command's error, not a failed row per model
-        argv = ["introspect", "moe-expert", "moe-type-sweep", str(checkpoint_dir("olmoe")), "--base", "bogus", *extra]
-        assert main(argv) == 2
-        assert "--base must be one of" in capsys.readouterr().err
+    bad = [(["--base", "bogus"], "--base must be one of")]
+    if not torch.cuda.is_available():
+        bad.append((["--device", "cuda"], "no CUDA device"))
+    for option, message in bad:  # a bad option is the command's error, not a failed row per model
+        for extra in ([], ["--estimate"]):
+            argv = ["introspect", "moe-expert", "moe-type-sweep", str(checkpoint_dir("olmoe")), *option, *extra]
+            assert main(argv) == 2
+            assert message in capsys.readouterr().err
