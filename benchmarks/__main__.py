@@ -20,6 +20,7 @@ SUITES = {
     "overlay_moe": "benchmarks.bench_overlay_moe",
     "router_metrics": "benchmarks.bench_router_metrics",
     "dynamics": "benchmarks.bench_dynamics",
+    "distributed": "benchmarks.bench_distributed",
 }
 
 

@@ -133,6 +133,13 @@ def split_contiguous(weights: Sequence[float], parts: int) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
+def use_local_gpu() -> None:
+    """Make ``"cuda"`` mean this rank's GPU, ``cuda:LOCAL_RANK`` (one rank per GPU under torchrun), when CUDA is
+    available; a no-op otherwise. For jobs whose process group was joined before the device was known."""
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+
+
 class RankFailed(RuntimeError):
     """A rank of a distributed job failed; raised on every rank, naming each failed rank and its error."""
 
@@ -161,4 +168,4 @@ def assign_round_robin(items: Sequence[int], parts: int) -> dict[int, list[int]]
     return {r: list(items[r::parts]) for r in range(parts)}
 
 
-__all__ = ["RankFailed", "World", "assign_round_robin", "current_world", "on_every_rank", "split_contiguous"]
+__all__ = ["RankFailed", "World", "assign_round_robin", "current_world", "on_every_rank", "split_contiguous", "use_local_gpu"]

@@ -407,7 +407,8 @@ def analyze_moe_type(ckpt: MoeCheckpoint, layers: Iterable[int] | None = None, *
         from lazarus_core.analysis.moe_type_distributed import analyze_moe_type_distributed
 
         return analyze_moe_type_distributed(ckpt, layer_list, world=world, backend=backend, progress=progress,
-                                            model_name=model_name, base_method=base_method)
+                                            model_name=model_name, base_method=base_method, device=device,
+                                            workers=workers)
     t0 = time.perf_counter()
     results: list[LayerStructure] = []
     total = len(layer_list) * len(PROJECTIONS) * ckpt.num_experts * spectrum_passes(base_method)

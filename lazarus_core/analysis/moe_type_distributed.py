@@ -23,7 +23,7 @@ import torch
 
 from lazarus_core.analysis.expert_structure import (MoeTypeReport, _structure, analyze_layer, compression_summary,
                                                     layer_structure, moe_type_report, spectrum_passes)
-from lazarus_core.distributed import World, assign_round_robin, on_every_rank, split_contiguous
+from lazarus_core.distributed import World, assign_round_robin, on_every_rank, split_contiguous, use_local_gpu
 from lazarus_core.models.checkpoint import PROJECTIONS, MoeCheckpoint
 from lazarus_core.spectra import ProjectionSpectrum, overlay_base, projection_spectrum
 from lazarus_core.spectra.deltas import marchenko_pastur_edge, mean_and_noise
@@ -78,7 +78,7 @@ class _ExpertSubset:
 
 
 def _expert_share(ckpt: MoeCheckpoint, layer: int, experts: range, *, backend: str, base_method: str,
-                  on_expert: Callable[[], None] | None) -> list[tuple[str, int, ProjectionSpectrum, ProjectionSpectrum]]:
+                  on_expert: Callable[[], None] | None, device: str | None, workers: int | None) -> list[tuple[str, int, ProjectionSpectrum, ProjectionSpectrum]]:
     """``[(projection, first_expert, mean-base spectrum, compressor spectrum)]`` of ``experts`` of ``layer``,
     from the bases of ALL the layer's experts (the calls :func:`analyze_projection` makes, restricted to them)."""
     view = _ExpertSubset(ckpt, experts)
@@ -89,13 +89,14 @@ def _expert_share(ckpt: MoeCheckpoint, layer: int, experts: range, *, backend: s
             mean, noise = mean_and_noise(ckpt, layer, p, backend=backend)
         mine = None if noise is None else noise[experts.start:experts.stop]
         spectrum = projection_spectrum(view, layer, p, backend=backend, base_method="mean", mean=mean,
-                                       noise_energy=mine, on_expert=on_expert)
+                                       noise_energy=mine, on_expert=on_expert, device=device, workers=workers)
         compressor = spectrum
         if base_method != "mean":
             edges = None if noise is None else marchenko_pastur_edge(noise, shape)
-            base = overlay_base(ckpt, layer, p, method=base_method, backend=backend, edges=edges, mean=mean)
+            base = overlay_base(ckpt, layer, p, method=base_method, backend=backend, edges=edges, mean=mean,
+                                device=device, workers=workers)
             compressor = projection_spectrum(view, layer, p, backend=backend, base_method="mean", mean=base,
-                                             noise_energy=mine, on_expert=on_expert)
+                                             noise_energy=mine, on_expert=on_expert, device=device, workers=workers)
             compressor.base_method = base_method
         pieces.append((p, experts.start, spectrum, compressor))
     return pieces
@@ -114,8 +115,8 @@ def _join_spectra(pieces: list[ProjectionSpectrum]) -> ProjectionSpectrum:
 
 
 def analyze_moe_type_distributed(ckpt: MoeCheckpoint, layers: list[int], *, world: World, backend: str = "auto",
-                                 progress: bool = False, model_name: str | None = None, base_method: str = "refined"
-                                 ) -> MoeTypeReport:
+                                 progress: bool = False, model_name: str | None = None, base_method: str = "refined",
+                                 device: str | None = None, workers: int | None = None) -> MoeTypeReport:
     """:func:`~lazarus_core.analysis.expert_structure.analyze_moe_type` with the work split over ``world``.
 
     Parameters
@@ -125,7 +126,7 @@ def analyze_moe_type_distributed(ckpt: MoeCheckpoint, layers: list[int], *, worl
         MoE layers, in report order.
     world : World
         The job (every rank calls this with the same arguments).
-    backend, progress, model_name, base_method
+    backend, progress, model_name, base_method, device, workers
         As :func:`~lazarus_core.analysis.expert_structure.analyze_moe_type` (only rank 0 shows progress).
 
     Returns
@@ -142,6 +143,7 @@ def analyze_moe_type_distributed(ckpt: MoeCheckpoint, layers: list[int], *, worl
     from lazarus_core.overlay.compute import progress_bar
 
     t0 = time.perf_counter()
+    use_local_gpu()  # --device cuda: each rank's own GPU
     layers_of, experts_of = moe_type_assignment(layers, world.world_size, ckpt.num_experts)
     mine = layers_of[world.rank]
     per_layer = len(PROJECTIONS) * spectrum_passes(base_method)
@@ -150,12 +152,12 @@ def analyze_moe_type_distributed(ckpt: MoeCheckpoint, layers: list[int], *, worl
     def share():
         with progress_bar(progress and world.is_root, work, f"expert spectra (rank 0 of {world.world_size})") as step:
             if experts_of is None:
-                return [analyze_layer(ckpt, layer, backend=backend, base_method=base_method, on_expert=step)
-                        for layer in mine]
+                return [analyze_layer(ckpt, layer, backend=backend, base_method=base_method, on_expert=step,
+                                      device=device, workers=workers) for layer in mine]
             if not experts_of[world.rank]:
                 return []
             return _expert_share(ckpt, mine[0], experts_of[world.rank], backend=backend, base_method=base_method,
-                                 on_expert=step)
+                                 on_expert=step, device=device, workers=workers)
 
     distributed = {"world_size": world.world_size, "assignment": {str(r): v for r, v in layers_of.items()}}
     if experts_of is not None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lazarus_core.atomic_io import atomic_write_json
-from lazarus_core.distributed import World, assign_round_robin, on_every_rank
+from lazarus_core.distributed import World, assign_round_robin, on_every_rank, use_local_gpu
 from lazarus_core.models.checkpoint import PROJECTIONS, MoeCheckpoint
 from lazarus_core.overlay.compute import (OverlayPlan, compute_spectra, overlay_fingerprint, plan_overlay,
                                           prepare_overlay_dir, write_overlay)
@@ -67,6 +67,7 @@ def distributed_spectra(ckpt: MoeCheckpoint, layers: list[int], *, world: World,
     RankFailed
         On every rank when any rank failed.
     """
+    use_local_gpu()  # --device cuda: each rank's own GPU
     assignment = assign_round_robin(layers, world.world_size)
     mine = on_every_rank(world, "distributed spectra", lambda: compute_spectra(
         ckpt, assignment[world.rank], backend=backend, progress=progress and world.is_root, base_method=base_method,
