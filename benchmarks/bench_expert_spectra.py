@@ -112,3 +112,132 @@ def run(repeats: int = 1) -> tuple[list[BenchRow], dict]:
     floors = {"fp64_gram_gflops": fp64_rate / 1e9, "eigvalsh_1024_fp64_ms": eig_t * 1e3,
               "floor_layer_s": total_floor}
     return rows, floors
+
+
+# --layer64: moe-type-analyze of the whole 64-expert layer against the naive path, in one run (issue 18 s1).
+
+def _naive_ranks(ckpt, proj: str, experts: list[int]) -> tuple[list[int], float, float]:
+    """The naive path at torch's default threads: load and stack every expert, the mean, then
+    ``torch.linalg.svdvals`` of each delta in ``experts``: ``(95% ranks, load + stack s, mean svdvals s)``."""
+    from lazarus_core.spectra import energy_rank
+
+    t0 = time.perf_counter()
+    stacked = torch.stack([ckpt.expert_weight(0, proj, e) for e in range(ckpt.num_experts)])
+    base = stacked.mean(0)
+    t_load = time.perf_counter() - t0
+    ranks, times = [], []
+    for e in experts:
+        t0 = time.perf_counter()
+        ranks.append(energy_rank(torch.linalg.svdvals(stacked[e] - base), 0.95))
+        times.append(time.perf_counter() - t0)
+    return ranks, t_load, sum(times) / len(times)
+
+
+def _stages(ckpt, proj: str) -> dict[str, float]:
+    """Seconds of each stage of one projection's analysis at default workers (mean pass, refined base, one
+    spectrum pass, the cosine Gram) and of one expert's float64 Gram / eigvalsh on one thread."""
+    from lazarus_core.analysis.expert_structure import _cosine_gram
+    from lazarus_core.spectra import gram, mean_and_noise, one_thread, overlay_base, projection_spectrum
+
+    out = {}
+    t0 = time.perf_counter()
+    mean, _ = mean_and_noise(ckpt, 0, proj)
+    out["mean_pass"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    projection_spectrum(ckpt, 0, proj, base_method="mean", mean=mean)
+    out["spectrum_pass"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    overlay_base(ckpt, 0, proj, method="refined", mean=mean, iterations=1)
+    out["refine_iteration"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _cosine_gram(ckpt, 0, proj)
+    out["cosine_gram"] = time.perf_counter() - t0
+    delta = ckpt.expert_weight(0, proj, 0) - mean
+    with one_thread():
+        t0 = time.perf_counter()
+        g = gram(delta)
+        out["gram_1_expert_1_thread"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        torch.linalg.eigvalsh(g)
+        out["eigvalsh_1_expert_1_thread"] = time.perf_counter() - t0
+    return out
+
+
+def run_layer64(repeats: int = 3, naive_sample: int = 2, base_method: str = "mean", serial: bool = True,
+                directory: Path | None = None) -> dict:
+    """moe-type-analyze of one 64-expert OLMoE layer ([1024, 2048] gate/up, [2048, 1024] down, bf16) with the
+    engine's default (every core, single-threaded workers) and, if ``serial``, with one worker, interleaved
+    with the naive path (timed on ``naive_sample`` experts per projection, extrapolated to 64; the stacking
+    is timed in full), ``repeats`` times. Prints one JSON line per measurement (load average included) and
+    returns the medians, the ratio and whether the sampled experts' 95% ranks equal the naive ones."""
+    import os
+    import statistics
+
+    from lazarus_core.models import open_moe_checkpoint
+
+    def log(**entry) -> None:
+        entry["loadavg_1min"] = os.getloadavg()[0]
+        print(json.dumps(entry), flush=True)
+
+    default_threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = open_moe_checkpoint(write_layer(directory or Path(tmp) / "olmoe_layer"))
+        sample = list(range(naive_sample))
+        times: dict[str, list[float]] = {"naive": [], "engine": [], "engine_1_worker": []}
+        ranks_equal, naive_ranks = True, {}
+        for r in range(repeats):
+            naive = 0.0
+            for proj in ("gate", "up", "down"):
+                ranks, t_load, t_svd = _naive_ranks(ckpt, proj, sample)
+                naive += t_load + t_svd * ckpt.num_experts
+                log(repeat=r, path="naive", projection=proj, load_stack_s=t_load, svdvals_per_expert_s=t_svd,
+                    threads=torch.get_num_threads(), ranks_95=ranks)
+                naive_ranks.setdefault(proj, ranks)
+            times["naive"].append(naive)
+            log(repeat=r, path="naive", layer_s_extrapolated=naive)
+            for name, workers in (("engine", None), ("engine_1_worker", 1)):
+                if workers == 1 and not serial:
+                    continue
+                t0 = time.perf_counter()
+                report = _analyze(ckpt, base_method, workers)
+                seconds = time.perf_counter() - t0
+                assert torch.get_num_threads() == default_threads
+                times[name].append(seconds)
+                got = {p: s.experts_rank_95[:naive_sample] for p, s in report.layers[0].projections.items()}
+                equal = got == naive_ranks
+                ranks_equal &= equal
+                log(repeat=r, path=name, layer_s=seconds, ranks_95_sample=got, ranks_equal_naive=equal)
+        stages = {p: _stages(ckpt, p) for p in ("gate", "down")}
+        log(path="stages", stages=stages)
+    medians = {k: statistics.median(v) for k, v in times.items() if v}
+    result = {"medians_s": medians, "ratio_naive_over_engine": medians["naive"] / medians["engine"],
+              "ranks_equal": ranks_equal, "base": base_method, "repeats": repeats, "naive_sample": naive_sample,
+              "stages_s": stages, "cores": os.cpu_count(), "loadavg": os.getloadavg()}
+    if "engine_1_worker" in medians:
+        result["ratio_1_worker_over_engine"] = medians["engine_1_worker"] / medians["engine"]
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def _analyze(ckpt, base_method: str, workers: int | None):
+    """analyze_moe_type of layer 0 with ``workers`` CPU workers (None: the default, every core)."""
+    from lazarus_core.analysis.expert_structure import analyze_moe_type
+
+    return analyze_moe_type(ckpt, [0], base_method=base_method, workers=workers)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layer64", action="store_true", help="whole 64-expert layer: engine vs naive (issue 18)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--naive-sample", type=int, default=2, help="experts per projection the naive svdvals times")
+    parser.add_argument("--base", default="mean", choices=("mean", "refined"), help="moe-type-analyze --base")
+    parser.add_argument("--no-serial", action="store_true", help="skip the 1-worker engine run")
+    args = parser.parse_args()
+    if args.layer64:
+        run_layer64(args.repeats, args.naive_sample, args.base, not args.no_serial)
+    else:
+        for row in run()[0]:
+            print(row)

@@ -201,7 +201,8 @@ def expert_seconds(shape: tuple[int, int], *, device: str = "cpu", repeats: int 
     shape : (int, int)
         ``[out, in]`` of one expert's gate/up projection (``[I, H]``).
     device : str
-        Device of the measurement; the spectra engine runs on the CPU only today.
+        Where the measured pass runs its Grams and eigensolves (``analyze_projection(device=...)``: the CPU's
+        single-threaded workers on every core, or batched on a device such as "cuda").
     repeats : int
         Timed passes (>= 1); the median is returned.
     base_method : {"refined", "mean"}
@@ -216,18 +217,19 @@ def expert_seconds(shape: tuple[int, int], *, device: str = "cpu", repeats: int 
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if torch.device(device).type != "cpu":
-        raise ValueError(f"--device {device}: the spectra engine has no {device} path; estimate on --device cpu")
+    from lazarus_core.spectra.parallel import resolve_device
+
+    device = str(resolve_device(device))  # validates (a CUDA device must exist)
     spectrum_passes(base_method)  # validates
-    key = (tuple(shape), base_method, repeats)
+    key = (tuple(shape), base_method, repeats, device)
     if key not in _TIMINGS:
-        _projection_pass_seconds((8, 32), base_method)  # warm-up: lazy imports, allocator pools, LAPACK workspaces
-        _TIMINGS[key] = statistics.median(_projection_pass_seconds(tuple(shape), base_method)
+        _projection_pass_seconds((8, 32), base_method, device)  # warm-up: imports, allocator pools, LAPACK workspaces
+        _TIMINGS[key] = statistics.median(_projection_pass_seconds(tuple(shape), base_method, device)
                                           for _ in range(repeats)) / CALIBRATION_EXPERTS
     return _TIMINGS[key]
 
 
-def _projection_pass_seconds(shape: tuple[int, int], base_method: str) -> float:
+def _projection_pass_seconds(shape: tuple[int, int], base_method: str, device: str = "cpu") -> float:
     """Wall time of one ``analyze_projection`` of the up projection over a random temporary checkpoint."""
     import json
     import tempfile
@@ -252,7 +254,7 @@ def _projection_pass_seconds(shape: tuple[int, int], base_method: str) -> float:
                   str(root / SINGLE_NAME))
         with open_moe_checkpoint(root) as ckpt:
             t0 = time.perf_counter()
-            analyze_projection(ckpt, 0, "up", base_method=base_method)
+            analyze_projection(ckpt, 0, "up", base_method=base_method, device=device)
             return time.perf_counter() - t0
 
 

@@ -95,7 +95,7 @@ def _probe_rank(singular: torch.Tensor, edge: float | None, cap: int) -> int:
 
 def overlay_base(ckpt: MoeCheckpoint, layer: int, projection: str, *, method: str = "refined", iterations: int = 5,
                  backend: str = "auto", edges: torch.Tensor | None = None, mean: torch.Tensor | None = None,
-                 device: str | torch.device | None = "cpu", workers: int | None = None, batch: int | None = None
+                 device: str | torch.device | None = None, workers: int | None = None, batch: int | None = None
                  ) -> torch.Tensor:
     """fp32 ``[out, in]`` shared base of one projection.
 

@@ -45,9 +45,31 @@ def cpu_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_DEFAULT: dict = {"device": "cpu", "workers": None}  # the process default: use_device (the CLI's --device)
+
+
+def use_device(device: str | torch.device | None = None, workers: int | None = None) -> None:
+    """Set the process default placement of the engine's per-expert work (what ``device=None`` /
+    ``workers=None`` mean in :func:`delta_spectra`, :func:`low_rank_parts` and everything above them:
+    ``projection_spectrum``, ``overlay_base``, ``analyze_moe_type``, ``compute_spectra``, ``write_overlay``).
+    The CLI's ``--device`` calls it once per command.
+
+    Raises
+    ------
+    ValueError
+        As :func:`resolve_device`, or ``workers < 1``.
+    """
+    resolved = resolve_device("cpu" if device is None else device)
+    if workers is not None and int(workers) < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    _DEFAULT.update(device=str(resolved), workers=workers)
+
+
 def resolve_workers(workers: int | None, shape: Sequence[int]) -> int:
-    """Worker threads for a projection of ``shape``: ``workers`` if given (>= 1), else every core for
-    matrices of at least :data:`SMALL_MATRIX` elements and 1 below (thread hand-offs dominate there)."""
+    """Worker threads for a projection of ``shape``: ``workers`` if given (>= 1), else the :func:`use_device`
+    default, else every core for matrices of at least :data:`SMALL_MATRIX` elements and 1 below (thread
+    hand-offs dominate there)."""
+    workers = workers if workers is not None else _DEFAULT["workers"]
     if workers is not None:
         if int(workers) < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -56,7 +78,8 @@ def resolve_workers(workers: int | None, shape: Sequence[int]) -> int:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``torch.device`` of ``device`` (None -> cpu); a CUDA device must be available.
+    """``torch.device`` of ``device`` (None -> the :func:`use_device` default, "cpu" unless set); a CUDA device
+    must be available.
 
     Raises
     ------
@@ -64,7 +87,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         ``device`` is not a torch device name, or names CUDA without one available.
     """
     try:
-        dev = torch.device("cpu" if device is None else device)
+        dev = torch.device(_DEFAULT["device"] if device is None else device)
     except RuntimeError:
         raise ValueError(f"--device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -232,7 +255,7 @@ def dots_batched(deltas: torch.Tensor, base: torch.Tensor, chunk: int = 1 << 16)
 
 def delta_spectra(ckpt: MoeCheckpoint, layer: int, projection: str, base: torch.Tensor,
                   dot: Callable[[torch.Tensor], float], *, backend: str = "auto",
-                  device: str | torch.device | None = "cpu", workers: int | None = None, batch: int | None = None
+                  device: str | torch.device | None = None, workers: int | None = None, batch: int | None = None
                   ) -> Iterator[tuple[torch.Tensor, float]]:
     """Per expert in order: ``(singular values of W_e - base, <W_e - base, base>)``.
 
@@ -269,7 +292,7 @@ def delta_spectra(ckpt: MoeCheckpoint, layer: int, projection: str, base: torch.
 
 def low_rank_parts(ckpt: MoeCheckpoint, layer: int, projection: str, base: torch.Tensor,
                    rank_of: Callable[[int, torch.Tensor], int], *, backend: str = "auto",
-                   device: str | torch.device | None = "cpu", workers: int | None = None, batch: int | None = None
+                   device: str | torch.device | None = None, workers: int | None = None, batch: int | None = None
                    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Per expert in order: ``(expert, A, B)``, the truncated SVD of ``W_e - base`` at the rank
     ``rank_of(expert, singular values)`` chooses (float64 CPU ``[out, r]`` and ``[r, in]``); placement as

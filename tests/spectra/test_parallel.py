@@ -2,6 +2,8 @@
 the per-expert worker threads, and whole projection spectra (ranks equal, spectra to float64 rounding) on
 random and planted-rank checkpoints, float and MXFP4 (noise edges) sources."""
 
+import json
+
 import pytest
 import torch
 
@@ -118,3 +120,30 @@ def test_bad_device_workers_and_batch_are_named():
     with pytest.raises(ValueError, match="batch"):
         device_batch((4, 4), 8, 0)
     assert resolve_workers(None, (4, 4)) == 1 and device_batch((4, 4), 8, 20) == 8
+
+
+def test_cli_device_runs_the_spectra_there_and_refuses_a_missing_one(checkpoint_dir, tmp_path, capsys):
+    from lazarus_core.cli.main import main
+    from lazarus_core.spectra import parallel
+
+    path = str(checkpoint_dir("olmoe"))
+    try:
+        assert main(["introspect", "moe-expert", "moe-type-analyze", "-m", path, "--layer", "0", "--no-progress",
+                     "--base", "mean", "-o", str(tmp_path / "r.json"), "--device", "cpu"]) == 0
+        assert parallel._DEFAULT["device"] == "cpu"
+        ckpt = open_moe_checkpoint(path)
+        projections = json.loads((tmp_path / "r.json").read_text())["layers"][0]["projections"]
+        for p, structure in projections.items():
+            serial = projection_spectrum(ckpt, 0, p, base_method="mean", workers=1)
+            assert structure["experts_rank_95"] == [energy_rank(row, 0.95) for row in serial.singular], p
+        assert main(["introspect", "moe-expert", "moe-overlay-compute", "-m", path, "--layer", "0", "--no-progress",
+                     "--device", "cpu", "-o", str(tmp_path / "plan.json")]) == 0
+        if not torch.cuda.is_available():
+            for action in ("moe-type-compare", "moe-overlay-compute"):
+                extra = ["-c", path] if action == "moe-type-compare" else []
+                capsys.readouterr()
+                assert main(["introspect", "moe-expert", action, "-m", path, "--layer", "0", "--no-progress",
+                             "--device", "cuda", *extra]) != 0
+                assert "--device cuda: no CUDA device" in capsys.readouterr().err
+    finally:
+        parallel.use_device("cpu")
