@@ -368,8 +368,8 @@ def parse_layers(spec: str | None, moe_layers: Sequence[int]) -> list[int]:
 
 def analyze_moe_type(ckpt: MoeCheckpoint, layers: Iterable[int] | None = None, *, backend: str = "auto",
                      progress: bool = False, model_name: str | None = None, base_method: str = "refined",
-                     world: World | None = None, device: str | None = None, workers: int | None = None
-                     ) -> MoeTypeReport:
+                     world: World | None = None, device: str | None = None, workers: int | None = None,
+                     parts_dir: str | None = None) -> MoeTypeReport:
     """Analyse the expert structure of ``layers`` (default: every MoE layer) of a checkpoint.
 
     Parameters
@@ -394,6 +394,8 @@ def analyze_moe_type(ckpt: MoeCheckpoint, layers: Iterable[int] | None = None, *
         the layers (or, with fewer layers than ranks, the experts of a layer) are split over them
         (:mod:`lazarus_core.analysis.moe_type_distributed`) and every rank returns the same report, equal to a
         single process's, with ``distributed`` set.
+    parts_dir : str, optional
+        Distributed jobs only: where finished layers are kept so a rerun after a failed rank resumes.
 
     Returns
     -------
@@ -408,7 +410,7 @@ def analyze_moe_type(ckpt: MoeCheckpoint, layers: Iterable[int] | None = None, *
 
         return analyze_moe_type_distributed(ckpt, layer_list, world=world, backend=backend, progress=progress,
                                             model_name=model_name, base_method=base_method, device=device,
-                                            workers=workers)
+                                            workers=workers, parts_dir=parts_dir)
     t0 = time.perf_counter()
     results: list[LayerStructure] = []
     total = len(layer_list) * len(PROJECTIONS) * ckpt.num_experts * spectrum_passes(base_method)

@@ -12,17 +12,26 @@ structure off them, including the E x E cosine Gram (one pass over the experts, 
 
 The per-expert spectra are computed by the same engine calls on the same inputs as in one process, so the
 report is the same (ranks per expert, the call); only ``seconds`` differs, and ``distributed`` is added.
+
+Resumable (layer split, with ``parts_dir``; the CLI uses ``OUT.json.parts/``): each finished layer is saved as
+``layer-LLLLL.json`` with the source layer's fingerprint digest and the base method; a rerun after a failed
+rank loads the layers saved for the same source and base instead of computing them, and rank 0 removes the
+directory once the report is joined.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from lazarus_core.analysis.expert_structure import (MoeTypeReport, _structure, analyze_layer, compression_summary,
+from lazarus_core.analysis.expert_structure import (LayerStructure, MoeTypeReport, _structure, analyze_layer, compression_summary,
                                                     layer_structure, moe_type_report, spectrum_passes)
+from lazarus_core.atomic_io import atomic_write_json
 from lazarus_core.distributed import World, assign_round_robin, on_every_rank, split_contiguous, use_local_gpu
 from lazarus_core.models.checkpoint import PROJECTIONS, MoeCheckpoint
 from lazarus_core.spectra import ProjectionSpectrum, overlay_base, projection_spectrum
@@ -116,7 +125,8 @@ def _join_spectra(pieces: list[ProjectionSpectrum]) -> ProjectionSpectrum:
 
 def analyze_moe_type_distributed(ckpt: MoeCheckpoint, layers: list[int], *, world: World, backend: str = "auto",
                                  progress: bool = False, model_name: str | None = None, base_method: str = "refined",
-                                 device: str | None = None, workers: int | None = None) -> MoeTypeReport:
+                                 device: str | None = None, workers: int | None = None,
+                                 parts_dir: str | Path | None = None) -> MoeTypeReport:
     """:func:`~lazarus_core.analysis.expert_structure.analyze_moe_type` with the work split over ``world``.
 
     Parameters
@@ -128,6 +138,9 @@ def analyze_moe_type_distributed(ckpt: MoeCheckpoint, layers: list[int], *, worl
         The job (every rank calls this with the same arguments).
     backend, progress, model_name, base_method, device, workers
         As :func:`~lazarus_core.analysis.expert_structure.analyze_moe_type` (only rank 0 shows progress).
+    parts_dir : str or Path, optional
+        Where finished layers are kept until the report is joined (a layer split reuses the ones saved there
+        for the same source tensors and base; see the module docstring). On a file system every rank sees.
 
     Returns
     -------
@@ -152,8 +165,9 @@ def analyze_moe_type_distributed(ckpt: MoeCheckpoint, layers: list[int], *, worl
     def share():
         with progress_bar(progress and world.is_root, work, f"expert spectra (rank 0 of {world.world_size})") as step:
             if experts_of is None:
-                return [analyze_layer(ckpt, layer, backend=backend, base_method=base_method, on_expert=step,
-                                      device=device, workers=workers) for layer in mine]
+                return [_saved_layer(parts_dir, ckpt, layer, base_method, lambda layer=layer: analyze_layer(
+                    ckpt, layer, backend=backend, base_method=base_method, on_expert=step, device=device,
+                    workers=workers)) for layer in mine]
             if not experts_of[world.rank]:
                 return []
             return _expert_share(ckpt, mine[0], experts_of[world.rank], backend=backend, base_method=base_method,
@@ -169,10 +183,34 @@ def analyze_moe_type_distributed(ckpt: MoeCheckpoint, layers: list[int], *, worl
             return None
         report = _join(ckpt, layers, parts, experts_of is not None, model_name, base_method)
         report.seconds, report.distributed = time.perf_counter() - t0, distributed
+        if parts_dir is not None:
+            shutil.rmtree(parts_dir, ignore_errors=True)
         return report
 
     report = world.broadcast(on_every_rank(world, "distributed moe-type-analyze (joining on rank 0)", join))
     return report
+
+
+def _saved_layer(parts_dir: str | Path | None, ckpt: MoeCheckpoint, layer: int, base_method: str,
+                 compute: Callable[[], LayerStructure]) -> LayerStructure:
+    """The layer saved in ``parts_dir`` for this source layer and base, else ``compute()`` (then saved)."""
+    if parts_dir is None:
+        return compute()
+    from lazarus_core.analysis.moe_type_merge import layer_from_dict
+    from lazarus_core.overlay.fingerprint import layer_digest, source_fingerprint
+
+    key = {"source": layer_digest(ckpt, source_fingerprint(ckpt, [layer]), layer), "base_method": base_method}
+    path = Path(parts_dir) / f"layer-{layer:05d}.json"
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return layer_from_dict(saved["layer"])
+    except (OSError, ValueError, KeyError, TypeError):  # missing, torn or foreign: compute it again
+        pass
+    structure = compute()
+    Path(parts_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"key": key, "layer": structure.to_dict()})
+    return structure
 
 
 def _join(ckpt: MoeCheckpoint, layers: list[int], parts: list[list], by_experts: bool, model_name: str | None,

@@ -16,7 +16,8 @@ SAME = ("model", "family", "num_experts", "top_k", "thresholds")
 SAME_COMPRESSION = ("preset", "energy", "base", "dtype")
 
 
-def _layer(d: dict) -> LayerStructure:
+def layer_from_dict(d: dict) -> LayerStructure:
+    """A :class:`LayerStructure` from its ``to_dict()`` (a report's layer entry)."""
     projections = {p: ProjectionStructure(**{**s, "noise_floor": None if s["noise_floor"] is None
                                              else NoiseFloor(**s["noise_floor"])})
                    for p, s in d["projections"].items()}
@@ -71,7 +72,7 @@ def merge_moe_type_reports(parts: Sequence[dict], names: Sequence[str] | None = 
                                  "cover disjoint --layers")
             owner[d["layer"]] = name
             try:
-                layers.append(_layer(d))
+                layers.append(layer_from_dict(d))
             except (KeyError, TypeError) as exc:
                 raise ValueError(f"{name}: layer {d.get('layer')} is not a moe-type-analyze layer entry ({exc})") \
                     from None
@@ -106,4 +107,4 @@ def merge_moe_type_files(paths: Sequence[str | Path]) -> MoeTypeReport:
     return merge_moe_type_reports(parts, [str(p) for p in paths])
 
 
-__all__ = ["merge_moe_type_files", "merge_moe_type_reports"]
+__all__ = ["layer_from_dict", "merge_moe_type_files", "merge_moe_type_reports"]

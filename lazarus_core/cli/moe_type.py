@@ -9,7 +9,7 @@ from lazarus_core.cli.io import write_json
 
 
 def _analyze(model: str, revision: str | None, layers_spec: str | None, backend: str, progress: bool,
-             base_method: str = "refined", device: str = "cpu"):
+             base_method: str = "refined", device: str = "cpu", parts_dir: str | None = None):
     from lazarus_core.analysis.expert_structure import analyze_moe_type, parse_layers
     from lazarus_core.models import open_moe_checkpoint
     from lazarus_core.spectra.parallel import use_device
@@ -18,7 +18,7 @@ def _analyze(model: str, revision: str | None, layers_spec: str | None, backend:
     ckpt = open_moe_checkpoint(model, revision=revision)
     layers = parse_layers(layers_spec, ckpt.moe_layers)
     return analyze_moe_type(ckpt, layers, backend=backend, progress=progress, model_name=model, base_method=base_method,
-                            device=device)
+                            device=device, parts_dir=parts_dir)
 
 
 def _layers_spec(args: argparse.Namespace) -> str | None:
@@ -90,7 +90,8 @@ def _run_analyze(args: argparse.Namespace) -> int:
     from lazarus_core.distributed import current_world
 
     report = _analyze(args.model, args.revision, _layers_spec(args), args.backend, progress=not args.no_progress,
-                      base_method=args.base_method, device=args.device)
+                      base_method=args.base_method, device=args.device,
+                      parts_dir=f"{args.output}.parts" if args.output else None)  # torchrun: resumable layers
     if not current_world().is_root:  # under torchrun every rank holds the report; rank 0 reports it
         return 0
     _print_report(report, args)

@@ -102,7 +102,8 @@ def plan_overlay_distributed(ckpt: MoeCheckpoint, layers: list[int], policy: Ran
             return None
         made = plan_overlay(ckpt, layers, policy, dtype=dtype, spectra=spectra, model_name=model_name,
                             base_method=base_method, base_dtype=base_dtype)
-        made.seconds = time.perf_counter() - t0
+        if cache_dir is None:  # like a compute, whose plan_overlay times its own spectra (a compress's does not)
+            made.seconds = time.perf_counter() - t0
         return made
 
     made = world.broadcast(on_every_rank(world, "distributed overlay plan (rank 0)", plan))

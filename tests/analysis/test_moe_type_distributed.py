@@ -1,6 +1,7 @@
 """moe-type-analyze on 2 gloo ranks: the report equals one process's (ranks per expert, the call), records the
-assignment, splits the experts of a layer when there are fewer layers than ranks, and `torchrun ... lazarus
-introspect moe-expert moe-type-analyze` writes one JSON from rank 0."""
+assignment, splits the experts of a layer when there are fewer layers than ranks, resumes from the layers
+saved before a rank failed, and `torchrun ... lazarus introspect moe-expert moe-type-analyze` writes one JSON
+from rank 0."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 from lazarus_core.analysis.expert_structure import analyze_moe_type
 from lazarus_core.analysis.moe_type_distributed import moe_type_assignment
+from lazarus_core.distributed import RankFailed
 from lazarus_core.models import open_moe_checkpoint
 from tests.fixtures.distributed import run_ranks, write_olmoe_layers
 
@@ -26,10 +28,31 @@ def _comparable(report: dict) -> dict:
 
 
 def _analyze_on_ranks(world, model: str, out: str) -> None:
+    from lazarus_core.analysis import moe_type_distributed
+
     ckpt = open_moe_checkpoint(model)
     for name, layers in (("all", None), ("one", [2])):
         report = analyze_moe_type(ckpt, layers, world=world, model_name="m").to_dict()
         Path(out, f"{name}-rank{world.rank}.json").write_text(json.dumps(report))
+    analyze_layer, parts = moe_type_distributed.analyze_layer, Path(out, "parts")
+
+    def only(allowed):
+        def analyze(ckpt, layer, **kwargs):
+            if layer not in allowed:
+                raise RuntimeError(f"simulated crash in layer {layer}")
+            return analyze_layer(ckpt, layer, **kwargs)
+        return analyze
+
+    moe_type_distributed.analyze_layer = only({0, 1, 2})  # rank 1 fails on layer 3, after saving layer 1
+    try:
+        analyze_moe_type(ckpt, world=world, model_name="m", parts_dir=str(parts))
+    except RankFailed as exc:
+        Path(out, f"failed-rank{world.rank}.txt").write_text(str(exc))
+    Path(out, f"saved-rank{world.rank}.json").write_text(json.dumps(sorted(p.name for p in parts.iterdir())))
+    world.barrier()
+    moe_type_distributed.analyze_layer = only({3})       # the rerun loads the saved layers
+    report = analyze_moe_type(ckpt, world=world, model_name="m", parts_dir=str(parts)).to_dict()
+    Path(out, f"resumed-rank{world.rank}.json").write_text(json.dumps(report))
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +83,13 @@ def test_two_ranks_report_equals_one_process_by_layers_and_by_experts(model, tmp
         "world_size": 2, "assignment": {"0": [0, 2], "1": [1, 3]}}
     one = json.loads((tmp_path / "one-rank0.json").read_text())["distributed"]
     assert one == {"world_size": 2, "assignment": {"0": [2], "1": [2]}, "experts": {"0": [0, 2], "1": [3, 5]}}
+    # a failed rank stops both; the finished layers are kept and the rerun computes only layer 3
+    for r in (0, 1):
+        assert "rank 1: RuntimeError: simulated crash in layer 3" in (tmp_path / f"failed-rank{r}.txt").read_text()
+        assert json.loads((tmp_path / f"saved-rank{r}.json").read_text()) == [
+            "layer-00000.json", "layer-00001.json", "layer-00002.json"]
+        assert _comparable(json.loads((tmp_path / f"resumed-rank{r}.json").read_text())) == _comparable(single["all"])
+    assert not (tmp_path / "parts").exists()
 
 
 @pytest.mark.slow
@@ -79,3 +109,4 @@ def test_torchrun_moe_type_analyze_writes_one_json(model, tmp_path):
                                 base_method="mean").to_dict()
     assert _comparable(got) == _comparable(expected)
     assert got["distributed"] == {"world_size": 2, "assignment": {"0": [0, 3], "1": [1]}}
+    assert not Path(f"{out}.parts").exists()                  # the resumable layers are removed once joined
