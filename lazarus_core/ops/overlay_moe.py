@@ -5,8 +5,11 @@ The algebra (per token x routed to experts S with weights w_e):
 - each expert adds its low-rank correction ``A[e] (B[e] x)`` (+ bias), then the family's activation;
 - the down projection is linear: ``sum_e w_e base_down h_e = base_down (sum_e w_e h_e)``, one dense GEMM on
   the weighted sum plus the k low-rank corrections ``w_e (A_down[e] (B_down[e] h_e) + bias_down[e])``.
-Dense products (base GEMMs, the grouped shrinks ``x @ B[e]^T``) go to BLAS/cuBLAS through torch; the fused
-kernel (cpu/cuda/triton) does the expand + bias + activation + weighted reduction.
+The layer stays in its storage precision (bf16/fp16/fp32 factors, a float or MXFP4 base) and every kernel
+computes in fp32. On the CPU the dense products (base products, grouped shrinks ``x @ B[e]^T``) of small batches
+run a matrix-vector kernel that decodes the stored weight in registers, larger ones BLAS on fp32 tiles decoded
+into a reused buffer (:func:`stored_matmul`); the fused kernel (cpu/cuda/triton) does the expand + bias +
+activation + weighted reduction.
 """
 
 from __future__ import annotations
@@ -370,13 +373,15 @@ def _routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int,
 # Storage format codes of the CPU extension (csrc/common/float_bits.h Storage).
 _FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MXFP4 = 3
-# CPU crossovers (benchmarks/bench_overlay_moe.py at the gpt-oss-20b shape): products of at most GEMV_MAX_ROWS
-# input rows decode the weight in registers (memory-bound GEMV); larger ones decode DECODE_TILE_ROWS weight
-# rows at a time to fp32 and run BLAS. Experts with at most SHRINK_MAX_PAIRS pairs shrink in the same GEMV
-# kernel, the others as one BLAS GEMM on their factors decoded to fp32.
+# CPU crossovers (measured at the gpt-oss-20b shape, one thread): products of at most GEMV_MAX_ROWS input rows
+# decode the weight in registers (MXFP4 base: 3.2 ms at 4 rows against 20 ms for tiles + BLAS; even at 16, the
+# tiles win from 32); larger ones decode DECODE_TILE_ROWS weight rows at a time to fp32 and run BLAS (few large
+# tiles: every tile is two parallel regions, which cost the most on a shared machine). Experts with at most
+# SHRINK_MAX_PAIRS pairs shrink in the GEMV kernel (at 32 pairs per expert as fast as BLAS, in one parallel
+# region for all experts), the others as one BLAS GEMM each on their factors converted to fp32.
 GEMV_MAX_ROWS = 16
-DECODE_TILE_ROWS = 256
-SHRINK_MAX_PAIRS = 16
+DECODE_TILE_ROWS = 2048
+SHRINK_MAX_PAIRS = 64
 
 
 def _bits(t: torch.Tensor):
