@@ -226,6 +226,37 @@ def _analyze(ckpt, base_method: str, workers: int | None):
     return analyze_moe_type(ckpt, [0], base_method=base_method, workers=workers)
 
 
+def run_workers_ab(experts: int = 16, repeats: int = 3, projection: str = "gate") -> dict:
+    """The CPU worker threads against one worker (the serial path: 2-thread Gram, 1-thread eigensolve), on one
+    projection of an OLMoE-shaped layer of ``experts`` experts (mean base), interleaved ``repeats`` times; one
+    JSON line per run (with the load average), then the medians and their ratio."""
+    import os
+    import statistics
+
+    from lazarus_core.models import open_moe_checkpoint
+    from lazarus_core.spectra import projection_spectrum
+    from lazarus_core.spectra.parallel import cpu_cores
+
+    times: dict[int, list[float]] = {1: [], cpu_cores(): []}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = open_moe_checkpoint(write_layer(Path(tmp) / "layer", experts=experts))
+        reference = None
+        for r in range(repeats):
+            for workers in times:
+                t0 = time.perf_counter()
+                sp = projection_spectrum(ckpt, 0, projection, base_method="mean", workers=workers)
+                times[workers].append(time.perf_counter() - t0)
+                ranks = [sp.energy_rank(f) for f in (0.9, 0.95, 0.99)]
+                reference = reference or ranks
+                print(json.dumps({"repeat": r, "workers": workers, "s": times[workers][-1], "ranks": ranks,
+                                  "ranks_equal": ranks == reference, "loadavg_1min": os.getloadavg()[0]}), flush=True)
+    medians = {w: statistics.median(v) for w, v in times.items()}
+    result = {"experts": experts, "projection": projection, "medians_s": medians,
+              "ratio_1_worker_over_all": medians[1] / medians[max(medians)]}
+    print(json.dumps(result), flush=True)
+    return result
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -235,8 +266,12 @@ if __name__ == "__main__":
     parser.add_argument("--naive-sample", type=int, default=2, help="experts per projection the naive svdvals times")
     parser.add_argument("--base", default="mean", choices=("mean", "refined"), help="moe-type-analyze --base")
     parser.add_argument("--no-serial", action="store_true", help="skip the 1-worker engine run")
+    parser.add_argument("--workers-ab", type=int, default=0, metavar="EXPERTS",
+                        help="one projection of EXPERTS experts: every core's workers vs one worker")
     args = parser.parse_args()
-    if args.layer64:
+    if args.workers_ab:
+        run_workers_ab(args.workers_ab, args.repeats)
+    elif args.layer64:
         run_layer64(args.repeats, args.naive_sample, args.base, not args.no_serial)
     else:
         for row in run()[0]:
