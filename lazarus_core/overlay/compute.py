@@ -27,8 +27,8 @@ from lazarus_core.overlay.format import (CONFIG_NAME, FORMAT_NAME, FORMAT_VERSIO
 from lazarus_core.overlay.plan_cache import PLAN_DIR, load_layer_plan, save_layer_plan
 from lazarus_core.overlay.ranks import RankPolicy, choose_ranks
 from lazarus_core.overlay.sizes import DTYPES, ByteReport, byte_report, expert_bytes_as_stored, overlay_projection_bytes
-from lazarus_core.spectra import (ProjectionSpectrum, error_summary, factorize, iter_deltas, noise_edges, overlay_base,
-                                 projection_spectrum)
+from lazarus_core.spectra import ProjectionSpectrum, error_summary, noise_edges, overlay_base, projection_spectrum
+from lazarus_core.spectra.parallel import low_rank_parts
 
 
 @dataclass
@@ -451,8 +451,9 @@ def write_overlay(ckpt: MoeCheckpoint, out_dir: str | Path, plan: OverlayPlan, *
                     base = overlay_base(ckpt, layer, pp.projection, method=plan.base_method, backend=backend,
                                         edges=noise_edges(ckpt, layer, pp.projection))
                 a_all, b_all = [], []
-                for _, delta in iter_deltas(ckpt, layer, pp.projection, base, backend=backend):
-                    a, b = factorize(delta, pp.rank)
+                # the truncated SVD at the planned rank, on the --device (CPU: single-threaded workers)
+                for _, a, b in low_rank_parts(ckpt, layer, pp.projection, base, lambda _e, _sv, r=pp.rank: r,
+                                              backend=backend):
                     a_all.append(a.to(dtype))
                     b_all.append(b.to(dtype))
                     advance(f"layer {layer} {pp.projection}")
