@@ -10,8 +10,10 @@ projection.
   the overlay's MXFP4 base (MXFP4 decoded inside the GEMV at small T, decoded tiles + BLAS at large T).
 Floors, per path: at T=1 the weight bytes it must read as stored (the bases and the touched experts' tensors)
 over the measured streaming READ bandwidth (benchmarks/floors.py); at T=256 its flops over the measured fp32
-``torch.mm`` rate at the layer's largest product; at T=16 the larger of the two. A row above 100% of its floor
-fails the run. The 1-minute load average is recorded before and after (the cores are shared).
+``torch.mm`` rate at the layer's largest product; at T=16 the larger of the two. Both rates are measured before
+and after the rows and the higher one is used (the cores are shared: a floor measured in a busy moment would not
+bound an op timed in a quiet one). A row above 100% of its floor fails the run. The 1-minute load average is
+recorded before and after.
 
 Run `python -m benchmarks overlay_moe`.
 """
@@ -144,8 +146,8 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = device == "cuda"
     load_start = os.getloadavg()[0]
-    mem = measure_memory_floors(device=device)
-    flop_rate = measure_matmul_rate(256, H, 2 * I, device=device)
+    mems = [measure_memory_floors(device=device)]
+    flop_rates = [measure_matmul_rate(256, H, 2 * I, device=device)]
     ov = make_overlay(device=device)
     ov32 = ov.to_float()
     orig = make_original(device=device)
@@ -181,10 +183,9 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
             t_orig = orig_times[fastest]
             for name, t in orig_times.items():
                 moved = used * (orig.expert_bytes_fp32() if name.startswith("transformers") else orig.expert_bytes())
-                floor = _floor(tokens, moved, orig_flops, mem.read, flop_rate)
                 rows.append(BenchRow("original experts (MXFP4)", name, label, "mxfp4", t * 1e3, moved / t / 1e9,
-                                     100 * floor / t, t_orig / t, {"tokens": tokens, "floor_ms": floor * 1e3,
-                                                                   "gflop_per_s": orig_flops / t / 1e9}))
+                                     None, t_orig / t, {"tokens": tokens, "bytes": moved, "flops": orig_flops,
+                                                        "gflop_per_s": orig_flops / t / 1e9}))
             # The overlay: storage precision and its fp32 twin, on every compiled backend here.
             if tokens <= 16:  # the fp32 twin holds the same values: check it against the reference
                 torch.testing.assert_close(overlay_moe_forward(x, ids, w, ov32, backend="torch"),
@@ -193,7 +194,6 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
             t_fp32 = {}
             for dtype, layer in (("fp32 (float base, fp32 factors)", ov32), ("mxfp4 base + bf16 factors", ov)):
                 moved, flops = overlay_moe_bytes(tokens, K, layer), overlay_moe_flops(tokens, K, layer)
-                floor = _floor(tokens, moved, flops, mem.read, flop_rate)
                 for backend in available_backends("overlay_moe_forward", _IMPLS, torch.device(device)):
                     fwd = lambda a, b, c: overlay_moe_forward(a, b, c, layer, backend=backend,  # noqa: E731
                                                               check_ids=False)  # noqa: B023
@@ -207,12 +207,18 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
                         if dtype.startswith("fp32"):
                             t_fp32[name] = t
                         rows.append(BenchRow("overlay_moe_forward", name, label, dtype, t * 1e3, moved / t / 1e9,
-                                             100 * floor / t, t_orig / t,
-                                             {"tokens": tokens, "floor_ms": floor * 1e3,
+                                             None, t_orig / t,
+                                             {"tokens": tokens, "bytes": moved, "flops": flops,
                                               "gflop_per_s": flops / t / 1e9, "reference": f"original: {fastest}",
                                               "x_fp32_overlay": t_fp32[name] / t if name in t_fp32 else None}))
-                        if not dtype.startswith("fp32") and name == "cpu":
-                            verdicts[tokens] = (t_orig / t, 100 * floor / t, t_fp32[name] / t)
+    mems.append(measure_memory_floors(device=device))
+    flop_rates.append(measure_matmul_rate(256, H, 2 * I, device=device))
+    mem, flop_rate = max(mems, key=lambda m: m.read), max(flop_rates)
+    for row in rows:
+        floor = _floor(row.extra["tokens"], row.extra["bytes"], row.extra["flops"], mem.read, flop_rate)
+        row.pct_of_floor, row.extra["floor_ms"] = 100 * floor * 1e3 / row.median_ms, floor * 1e3
+        if row.op == "overlay_moe_forward" and row.backend == "cpu" and row.dtype.startswith("mxfp4"):
+            verdicts[row.extra["tokens"]] = (row.ratio_to_reference, row.pct_of_floor, row.extra["x_fp32_overlay"])
     summary = {}
     if 1 in verdicts:
         speedup, pct, _ = verdicts[1]
@@ -226,6 +232,8 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
     for line in summary.values():
         print(line)
     return rows, {**mem.to_dict(), "device": device, "matmul_gflop_per_s": flop_rate / 1e9,
+                  "read_gb_s_start_end": [m.read / 1e9 for m in mems],
+                  "matmul_gflop_per_s_start_end": [f / 1e9 for f in flop_rates],
                   "overlay_bytes": ov.nbytes(), "overlay_bytes_fp32_twin": ov32.nbytes(),
                   "original_expert_bytes": E * orig.expert_bytes(), "load_avg_1min_start": load_start,
                   "load_avg_1min_end": os.getloadavg()[0], **summary}
