@@ -35,7 +35,7 @@ def dtype_bytes(dtype: str) -> int:
 
 
 def _all_tensors(ckpt: MoeCheckpoint) -> dict[str, int]:
-    return {name: ckpt._info(name).nbytes for name in ckpt._weight_map}
+    return {name: ckpt.tensor_info(name).nbytes for name in ckpt.tensor_names()}
 
 
 def expert_bytes_as_stored(ckpt: MoeCheckpoint, layers: list[int] | None = None) -> dict[int, int]:
@@ -45,7 +45,7 @@ def expert_bytes_as_stored(ckpt: MoeCheckpoint, layers: list[int] | None = None)
     out = {}
     for layer in ckpt.moe_layers if layers is None else layers:
         prefix = ckpt.spec.names.moe_prefix(layer) + "experts."
-        out[layer] = sum(ckpt._info(name).nbytes for name in ckpt._weight_map if name.startswith(prefix))
+        out[layer] = sum(ckpt.tensor_info(name).nbytes for name in ckpt.tensor_names() if name.startswith(prefix))
     return out
 
 
