@@ -68,7 +68,7 @@ def test_ctrl_c_is_exit_130_and_leaves_no_temporary_file(checkpoint_dir, tmp_pat
 
     src = str(checkpoint_dir("olmoe"))
     capsys.readouterr()
-    monkeypatch.setattr(compute, "factorize", interrupted)  # in the middle of writing the first layer
+    monkeypatch.setattr(compute, "low_rank_parts", interrupted)  # in the middle of writing the first layer
     assert _compress("-m", src, "--rank", "2", "--out", str(tmp_path / "ov")) == 130
     assert _one_line(capsys) == "lazarus: interrupted"
     assert not [p.name for p in (tmp_path / "ov").rglob("*.tmp")]
