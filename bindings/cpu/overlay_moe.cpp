@@ -156,6 +156,56 @@ StoredMatrix stored_matrix(const py::array& data, const py::object& scales, int 
   return StoredMatrix{f, data.data(), ptr<uint8_t>(s), rows, cols};
 }
 
+// The checked problems of stored_matvec / overlay_shrink (their Python arguments, in order). A matvec with
+// cols == 0 writes its zeros here and comes back empty.
+MatvecProblem matvec_problem(const py::array& data, const py::object& scales, int format, int64_t rows, int64_t cols,
+                             const py::array& x, const py::object& x_rows, py::array& y) {
+  const StoredMatrix w = stored_matrix(data, scales, format, rows, cols);
+  check_array<float>(x, "x", -1, "float32");
+  if (cols == 0 ? x.size() != 0 : x.size() % cols) throw py::value_error("x must have rows of cols values");
+  const int64_t x_count = cols ? x.size() / cols : 0;
+  const int64_t* idx = nullptr;
+  int64_t n = x_count;
+  if (!x_rows.is_none()) {
+    py::array r = x_rows.cast<py::array>();
+    n = r.size();
+    check_indices(r, "x_rows", n, x_count);
+    idx = ptr<int64_t>(r);
+  }
+  check_array<float>(y, "y", n * rows, "float32");
+  check_writeable(y, "y");
+  float* out = static_cast<float*>(y.mutable_data());
+  if (cols == 0) {
+    std::fill_n(out, n * rows, 0.0f);
+    return MatvecProblem{};
+  }
+  return MatvecProblem{w, ptr<float>(x), idx, n, out, rows};
+}
+
+ShrinkProblem shrink_problem(const py::array& b, int factor_format, int64_t experts, int64_t rank, int64_t cols,
+                             const py::array& offsets, int64_t max_pairs, const py::array& inp,
+                             const py::object& rows, py::array& s) {
+  const StoredMatrix w = stored_matrix(b, py::none(), factor_format, experts * rank, cols);
+  if (w.format == Storage::kMXFP4) throw py::value_error("overlay_shrink: factors must be a dense format");
+  const int64_t P = dim(s, "s", 2, 0);
+  if (s.shape(1) != rank) throw py::value_error("s must be [P, rank]");
+  check_array<float>(s, "s", P * rank, "float32");
+  check_writeable(s, "s");
+  check_offsets(offsets, experts, P);
+  check_array<float>(inp, "inp", -1, "float32");
+  if (cols == 0 || inp.size() % cols) throw py::value_error("inp must have rows of cols > 0 values");
+  const int64_t* idx = nullptr;
+  if (!rows.is_none()) {
+    py::array r = rows.cast<py::array>();
+    check_indices(r, "rows", P, inp.size() / cols);
+    idx = ptr<int64_t>(r);
+  } else if (inp.size() / cols < P) {
+    throw py::value_error("inp has fewer rows than pairs");
+  }
+  return ShrinkProblem{w, rank, ptr<int64_t>(offsets), experts, max_pairs, ptr<float>(inp), idx,
+                       static_cast<float*>(s.mutable_data())};
+}
+
 }  // namespace
 
 void bind_overlay_moe(py::module_& m) {
@@ -197,27 +247,9 @@ void bind_overlay_moe(py::module_& m) {
       "stored_matvec",
       [](const py::array& data, const py::object& scales, int format, int64_t rows, int64_t cols, const py::array& x,
          const py::object& x_rows, py::array y) {
-        const StoredMatrix w = stored_matrix(data, scales, format, rows, cols);
-        check_array<float>(x, "x", -1, "float32");
-        if (cols == 0 ? x.size() != 0 : x.size() % cols) throw py::value_error("x must have rows of cols values");
-        const int64_t x_count = cols ? x.size() / cols : 0;
-        const int64_t* idx = nullptr;
-        int64_t n = x_count;
-        if (!x_rows.is_none()) {
-          py::array r = x_rows.cast<py::array>();
-          n = r.size();
-          check_indices(r, "x_rows", n, x_count);
-          idx = ptr<int64_t>(r);
-        }
-        check_array<float>(y, "y", n * rows, "float32");
-        check_writeable(y, "y");
-        if (cols == 0) {
-          std::fill_n(static_cast<float*>(y.mutable_data()), n * rows, 0.0f);
-          return;
-        }
-        float* out = static_cast<float*>(y.mutable_data());
+        const MatvecProblem p = matvec_problem(data, scales, format, rows, cols, x, x_rows, y);
         py::gil_scoped_release release;
-        stored_matvec_cpu(w, ptr<float>(x), idx, n, out, rows);
+        stored_matvec_and_shrink_cpu(p, ShrinkProblem{});
       },
       py::arg("data"), py::arg("scales"), py::arg("format"), py::arg("rows"), py::arg("cols"), py::arg("x"),
       py::arg("x_rows"), py::arg("y"),
@@ -227,32 +259,30 @@ void bind_overlay_moe(py::module_& m) {
       "overlay_shrink",
       [](const py::array& b, int factor_format, int64_t experts, int64_t rank, int64_t cols, const py::array& offsets,
          int64_t max_pairs, const py::array& inp, const py::object& rows, py::array s) {
-        const StoredMatrix w = stored_matrix(b, py::none(), factor_format, experts * rank, cols);
-        if (w.format == Storage::kMXFP4) throw py::value_error("overlay_shrink: factors must be a dense format");
-        const int64_t P = dim(s, "s", 2, 0);
-        if (s.shape(1) != rank) throw py::value_error("s must be [P, rank]");
-        check_array<float>(s, "s", P * rank, "float32");
-        check_writeable(s, "s");
-        check_offsets(offsets, experts, P);
-        const int64_t* o = ptr<int64_t>(offsets);
-        check_array<float>(inp, "inp", -1, "float32");
-        if (cols == 0 || inp.size() % cols) throw py::value_error("inp must have rows of cols > 0 values");
-        const int64_t* idx = nullptr;
-        if (!rows.is_none()) {
-          py::array r = rows.cast<py::array>();
-          check_indices(r, "rows", P, inp.size() / cols);
-          idx = ptr<int64_t>(r);
-        } else if (inp.size() / cols < P) {
-          throw py::value_error("inp has fewer rows than pairs");
-        }
-        float* out = static_cast<float*>(s.mutable_data());
+        const ShrinkProblem p = shrink_problem(b, factor_format, experts, rank, cols, offsets, max_pairs, inp, rows, s);
         py::gil_scoped_release release;
-        overlay_shrink_cpu(w, rank, o, experts, max_pairs, ptr<float>(inp), idx, out);
+        stored_matvec_and_shrink_cpu(MatvecProblem{}, p);
       },
       py::arg("b"), py::arg("factor_format"), py::arg("experts"), py::arg("rank"), py::arg("cols"), py::arg("offsets"),
       py::arg("max_pairs"), py::arg("inp"), py::arg("rows"), py::arg("s"),
       "s[p] = B[e(p)] @ inp[rows[p]] for expert-sorted pairs of experts with at most max_pairs pairs (the others "
       "are left untouched); B [experts, rank, cols] stored in factor_format.");
+  m.def(
+      "stored_matvec_and_shrink",
+      [](const py::array& data, const py::object& scales, int format, int64_t rows, int64_t cols, const py::array& x,
+         const py::object& x_rows, py::array y, const py::array& b, int factor_format, int64_t experts, int64_t rank,
+         int64_t b_cols, const py::array& offsets, int64_t max_pairs, const py::array& inp, const py::object& inp_rows,
+         py::array s) {
+        const MatvecProblem base = matvec_problem(data, scales, format, rows, cols, x, x_rows, y);
+        const ShrinkProblem shrink =
+            shrink_problem(b, factor_format, experts, rank, b_cols, offsets, max_pairs, inp, inp_rows, s);
+        py::gil_scoped_release release;
+        stored_matvec_and_shrink_cpu(base, shrink);
+      },
+      py::arg("data"), py::arg("scales"), py::arg("format"), py::arg("rows"), py::arg("cols"), py::arg("x"),
+      py::arg("x_rows"), py::arg("y"), py::arg("b"), py::arg("factor_format"), py::arg("experts"), py::arg("rank"),
+      py::arg("b_cols"), py::arg("offsets"), py::arg("max_pairs"), py::arg("inp"), py::arg("inp_rows"), py::arg("s"),
+      "stored_matvec (data .. y) and overlay_shrink (b .. s, b_cols = its cols) in one parallel region.");
   m.def(
       "overlay_gate_up_portable",
       [](const py::array& gu0, const py::array& s_gu, const py::array& pair_token, const py::array& pair_weight,

@@ -88,6 +88,28 @@ void stored_matvec_cpu(const StoredMatrix& w, const float* x, const int64_t* x_r
 void overlay_shrink_cpu(const StoredMatrix& b, int64_t rank, const int64_t* offsets, int64_t experts,
                         int64_t max_pairs, const float* inp, const int64_t* rows, float* s);
 
+// One product of each kind, run in ONE parallel region (a small batch's base GEMV and its grouped shrink read
+// the same input): y = x[x_rows] @ W^T as stored_matvec_cpu and s as overlay_shrink_cpu. An empty problem
+// (w.rows == 0 or n == 0; rank == 0 or experts == 0) is skipped.
+struct MatvecProblem {
+  StoredMatrix w{Storage::kF32, nullptr, nullptr, 0, 0};
+  const float* x = nullptr;
+  const int64_t* x_rows = nullptr;
+  int64_t n = 0;
+  float* y = nullptr;
+  int64_t ldy = 0;
+};
+struct ShrinkProblem {
+  StoredMatrix b{Storage::kF32, nullptr, nullptr, 0, 0};
+  int64_t rank = 0;
+  const int64_t* offsets = nullptr;
+  int64_t experts = 0, max_pairs = 0;
+  const float* inp = nullptr;
+  const int64_t* rows = nullptr;
+  float* s = nullptr;
+};
+void stored_matvec_and_shrink_cpu(const MatvecProblem& base, const ShrinkProblem& shrink);
+
 namespace detail {
 // The shared host/device arithmetic of overlay_moe_math.h (activation, expand order) run per (token, column)
 // on the host, bound for tests: same arguments as the CPU functions plus the inverse permutation

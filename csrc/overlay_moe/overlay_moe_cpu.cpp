@@ -301,24 +301,38 @@ void row_dots<uint8_t>(const StoredMatrix& w, int64_t r, const float* const* x, 
   row_dots_mxfp4_portable(blocks, scales, groups, x, nt, out);
 }
 
-// y[i * ldy + (r - r0)] = dot(row r, x[i]) for rows [r0, r1) and the n token rows x[0..n). An MXFP4 row
-// met by more than kMaxTokens tokens is decoded once into a row buffer (same permuted order as x) instead of
-// once per pass.
+#if defined(LAZARUS_AVX2_MATH)
+// One bf16/fp16 row converted to fp32 (exact), for rows applied to many tokens.
+template <typename F>
+LZ_TARGET_AVX2 void convert_row_avx2(const F* row, int64_t cols, float* out) {
+  int64_t c = 0;
+  for (; c + 8 <= cols; c += 8) _mm256_storeu_ps(out + c, simd::load8(row + c));
+  for (; c < cols; ++c) out[c] = to_float(row[c]);
+}
+#endif
+
+// y[i * ldy + (r - r0)] = dot(row r, x[i]) for rows [r0, r1) and the n token rows x[0..n). A stored row (MXFP4,
+// bf16, fp16) met by more than kMaxTokens tokens is decoded once into an fp32 row buffer (MXFP4: the same
+// permuted order as x) instead of once per pass of kMaxTokens tokens.
 template <typename F>
 void rows_times_tokens(const StoredMatrix& w, int64_t r0, int64_t r1, const float* const* x, int64_t n, float* y,
                        int64_t ldy) {
   float out[kMaxTokens];
   std::vector<float> decoded;
 #if defined(LAZARUS_AVX2_MATH)
-  if (std::is_same<F, uint8_t>::value && n > kMaxTokens && use_avx2()) decoded.resize(static_cast<size_t>(w.cols));
+  if (!std::is_same<F, float>::value && n > kMaxTokens && use_avx2()) decoded.resize(static_cast<size_t>(w.cols));
 #endif
   const StoredMatrix row_buffer{Storage::kF32, decoded.data(), nullptr, 1, w.cols};
   for (int64_t r = r0; r < r1; ++r) {
 #if defined(LAZARUS_AVX2_MATH)
     if (!decoded.empty()) {
-      const int64_t groups = w.cols / 32;
-      decode_row_mxfp4_avx2(static_cast<const uint8_t*>(w.data) + r * groups * 16, w.scales + r * groups, groups,
-                            decoded.data());
+      if constexpr (std::is_same<F, uint8_t>::value) {
+        const int64_t groups = w.cols / 32;
+        decode_row_mxfp4_avx2(static_cast<const uint8_t*>(w.data) + r * groups * 16, w.scales + r * groups, groups,
+                              decoded.data());
+      } else {
+        convert_row_avx2(static_cast<const F*>(w.data) + r * w.cols, w.cols, decoded.data());
+      }
     }
 #endif
     for (int64_t t0 = 0; t0 < n; t0 += kMaxTokens) {
@@ -426,11 +440,13 @@ template void overlay_down_cpu<float>(const OverlayDownArgsT<float>&);
 template void overlay_down_cpu<bf16_t>(const OverlayDownArgsT<bf16_t>&);
 template void overlay_down_cpu<f16_t>(const OverlayDownArgsT<f16_t>&);
 
-void stored_matvec_cpu(const StoredMatrix& w, const float* x, const int64_t* x_rows, int64_t n, float* y,
-                       int64_t ldy) {
-  if (n == 0 || w.rows == 0) return;
-  std::vector<const float*> xs(n);
-  std::vector<float> permuted;
+namespace {
+
+// Token rows as the matrix-vector kernels read them: x[x_rows ? x_rows[i] : i] for i < n, copied into
+// `permuted` in permute_for_mxfp4's order when w is MXFP4 and the AVX2 kernel runs.
+std::vector<const float*> token_rows(const StoredMatrix& w, const float* x, const int64_t* x_rows, int64_t n,
+                                     std::vector<float>& permuted) {
+  std::vector<const float*> xs(static_cast<size_t>(n));
   const bool permute = w.format == Storage::kMXFP4 && use_avx2();
   if (permute) permuted.resize(static_cast<size_t>(n * w.cols));
   for (int64_t i = 0; i < n; ++i) {
@@ -441,36 +457,60 @@ void stored_matvec_cpu(const StoredMatrix& w, const float* x, const int64_t* x_r
     }
     xs[i] = row;
   }
-  const int64_t items = (w.rows + kRowsPerItem - 1) / kRowsPerItem;
-#if defined(LAZARUS_WITH_OPENMP)
-#pragma omp parallel for schedule(static) if (items > 1)
-#endif
-  for (int64_t it = 0; it < items; ++it) {
-    const int64_t r0 = it * kRowsPerItem;
-    rows_times_tokens_any(w, r0, std::min(w.rows, r0 + kRowsPerItem), xs.data(), n, y + r0, ldy);
-  }
+  return xs;
 }
 
-void overlay_shrink_cpu(const StoredMatrix& b, int64_t rank, const int64_t* offsets, int64_t experts,
-                        int64_t max_pairs, const float* inp, const int64_t* rows, float* s) {
-  std::vector<std::pair<int64_t, int64_t>> items;  // (expert, first rank row)
-  for (int64_t e = 0; e < experts; ++e) {
-    const int64_t n = offsets[e + 1] - offsets[e];
-    if (n == 0 || n > max_pairs) continue;
-    for (int64_t j0 = 0; j0 < rank; j0 += kRowsPerItem) items.emplace_back(e, j0);
+}  // namespace
+
+void stored_matvec_and_shrink_cpu(const MatvecProblem& base, const ShrinkProblem& shrink) {
+  // Base items: kRowsPerItem rows of the base; shrink items: (expert, first rank row). One dynamic loop over
+  // both, so a small batch is one parallel region and a descheduled thread's share is taken by the others.
+  std::vector<float> permuted;
+  std::vector<const float*> xs;
+  int64_t base_items = 0;
+  if (base.w.rows > 0 && base.n > 0) {
+    xs = token_rows(base.w, base.x, base.x_rows, base.n, permuted);
+    base_items = (base.w.rows + kRowsPerItem - 1) / kRowsPerItem;
   }
-  const int64_t n_items = static_cast<int64_t>(items.size());
+  std::vector<std::pair<int64_t, int64_t>> items;  // shrink (expert, first rank row)
+  std::vector<const float*> pair_rows;
+  if (shrink.rank > 0 && shrink.experts > 0) {
+    const int64_t pairs = shrink.offsets[shrink.experts];
+    pair_rows.resize(static_cast<size_t>(pairs));
+    for (int64_t p = 0; p < pairs; ++p) pair_rows[p] = shrink.inp + (shrink.rows ? shrink.rows[p] : p) * shrink.b.cols;
+    for (int64_t e = 0; e < shrink.experts; ++e) {
+      const int64_t n = shrink.offsets[e + 1] - shrink.offsets[e];
+      if (n == 0 || n > shrink.max_pairs) continue;
+      for (int64_t j0 = 0; j0 < shrink.rank; j0 += kRowsPerItem) items.emplace_back(e, j0);
+    }
+  }
+  const int64_t n_items = base_items + static_cast<int64_t>(items.size());
 #if defined(LAZARUS_WITH_OPENMP)
 #pragma omp parallel for schedule(dynamic) if (n_items > 1)
 #endif
   for (int64_t it = 0; it < n_items; ++it) {
-    const int64_t e = items[it].first, j0 = items[it].second, p0 = offsets[e], n = offsets[e + 1] - p0;
-    std::vector<const float*> xs(n);
-    for (int64_t q = 0; q < n; ++q) xs[q] = inp + (rows ? rows[p0 + q] : p0 + q) * b.cols;
+    if (it < base_items) {
+      const int64_t r0 = it * kRowsPerItem;
+      rows_times_tokens_any(base.w, r0, std::min(base.w.rows, r0 + kRowsPerItem), xs.data(), base.n, base.y + r0,
+                            base.ldy);
+      continue;
+    }
+    const int64_t e = items[it - base_items].first, j0 = items[it - base_items].second;
+    const int64_t p0 = shrink.offsets[e], n = shrink.offsets[e + 1] - p0, rank = shrink.rank;
     // Expert e's factor rows j0.. of the [experts * rank, cols] matrix, written to s[p0.., j0..].
-    rows_times_tokens_any(b, e * rank + j0, e * rank + std::min(rank, j0 + kRowsPerItem), xs.data(), n,
-                          s + p0 * rank + j0, rank);
+    rows_times_tokens_any(shrink.b, e * rank + j0, e * rank + std::min(rank, j0 + kRowsPerItem),
+                          pair_rows.data() + p0, n, shrink.s + p0 * rank + j0, rank);
   }
+}
+
+void stored_matvec_cpu(const StoredMatrix& w, const float* x, const int64_t* x_rows, int64_t n, float* y,
+                       int64_t ldy) {
+  stored_matvec_and_shrink_cpu(MatvecProblem{w, x, x_rows, n, y, ldy}, ShrinkProblem{});
+}
+
+void overlay_shrink_cpu(const StoredMatrix& b, int64_t rank, const int64_t* offsets, int64_t experts,
+                        int64_t max_pairs, const float* inp, const int64_t* rows, float* s) {
+  stored_matvec_and_shrink_cpu(MatvecProblem{}, ShrinkProblem{b, rank, offsets, experts, max_pairs, inp, rows, s});
 }
 
 namespace detail {

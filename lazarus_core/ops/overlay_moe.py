@@ -537,6 +537,39 @@ def _shrink_cpu(inp: torch.Tensor, rows: torch.Tensor | None, factors: torch.Ten
     return out
 
 
+def _base_shrink_torch(inp: torch.Tensor, ex: OverlayExperts, which: str, shrink_inp: torch.Tensor,
+                       rows: torch.Tensor | None, factors: torch.Tensor, routing: _Routing
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inp @ base^T, grouped shrink of shrink_inp[rows] by factors)``: the two products of one stage."""
+    return _base_torch(inp, ex, which), _shrink_blas(shrink_inp, rows, factors, routing)
+
+
+def _base_shrink_cpu(inp: torch.Tensor, ex: OverlayExperts, which: str, shrink_inp: torch.Tensor,
+                     rows: torch.Tensor | None, factors: torch.Tensor, routing: _Routing
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`_base_shrink_torch` in storage precision. When the base runs its matrix-vector kernel (a stored
+    base, at most GEMV_MAX_ROWS rows) both products run in ONE parallel region of the extension (at T=1 the
+    forward is then 4 regions instead of 6: each one waits for every thread, a descheduled one included)."""
+    w = _base_weight(ex, which)
+    n_experts, rank, cols = factors.shape
+    dense = w.get("w")
+    if inp.shape[0] > GEMV_MAX_ROWS or (dense is not None and dense.dtype == torch.float32) or rank == 0:
+        return _base_cpu(inp, ex, which), _shrink_cpu(shrink_inp, rows, factors, routing)
+    if dense is not None:
+        data, sc, fmt, out_dim = _bits(dense), None, _FORMATS[dense.dtype], dense.shape[0]
+    else:
+        data, sc, fmt, out_dim = w["blocks"].numpy(), w["scales"].numpy(), _MXFP4, w["blocks"].shape[0]
+    y = torch.empty(inp.shape[0], out_dim, dtype=torch.float32)
+    s = torch.empty(routing.pair_expert.numel(), rank, dtype=torch.float32)
+    cpu_extension().stored_matvec_and_shrink(data, sc, fmt, out_dim, inp.shape[1], inp.numpy(), None, y.numpy(),
+                                             _bits(factors), _FORMATS[factors.dtype], n_experts, rank, cols,
+                                             routing.offsets.numpy(), SHRINK_MAX_PAIRS, shrink_inp.numpy(),
+                                             _np(rows), s.numpy())
+    if max(routing.counts) > SHRINK_MAX_PAIRS:
+        _shrink_blas(shrink_inp, rows, factors, routing, skip_pairs=SHRINK_MAX_PAIRS, out=s)
+    return y, s
+
+
 def _gate_up_torch(gu0, s_gu, r: _Routing, ex: OverlayExperts, h, hw):
     i, rg = ex.intermediate_size, ex.at_gate.shape[1]
     start = 0
@@ -598,13 +631,13 @@ def _down_cpu(s_d, r: _Routing, ex: OverlayExperts, y, portable: bool = False):
         ext.overlay_down(*args, _FORMATS[ex.factor_dtype])
 
 
-# backend -> (base product, grouped shrink, fused gate/up stage, fused down stage); GPU backends live in
+# backend -> (base product + grouped shrink, fused gate/up stage, fused down stage); GPU backends live in
 # lazarus_core.ops.overlay_moe_gpu
 _IMPLS = {
-    "cpu": (_base_cpu, _shrink_cpu, _gate_up_cpu, _down_cpu),
+    "cpu": (_base_shrink_cpu, _gate_up_cpu, _down_cpu),
     "cuda": "cuda",      # -> lazarus_core.ops.overlay_moe_gpu.overlay_moe_forward_gpu
     "triton": "triton",
-    "torch": (_base_torch, _shrink_blas, _gate_up_torch, _down_torch),
+    "torch": (_base_shrink_torch, _gate_up_torch, _down_torch),
 }
 
 
@@ -670,19 +703,18 @@ def overlay_moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     if isinstance(impl, str):
         from lazarus_core.ops.overlay_moe_gpu import overlay_moe_forward_gpu
         return overlay_moe_forward_gpu(x, topk_ids, topk_weights, experts, impl)
-    base, shrink, gate_up, down = impl
+    base_shrink, gate_up, down = impl
     t, i = x.shape[0], experts.intermediate_size
     if t == 0:
         return torch.zeros_like(x)
     xf = x.to(torch.float32).contiguous()
     r = _routing(topk_ids, topk_weights, experts.num_experts)
-    gu0 = base(xf, experts, "gate_up")                                  # [T, 2I]  once per token
-    s_gu = shrink(xf, r.pair_token, experts.b_gate_up, r)                # [P, rg+ru] grouped shrink
+    # [T, 2I] base once per token, [P, rg+ru] grouped shrink
+    gu0, s_gu = base_shrink(xf, experts, "gate_up", xf, r.pair_token, experts.b_gate_up, r)
     h = torch.empty(r.pair_token.numel(), i, dtype=torch.float32, device=x.device)
     hw = torch.empty(t, i, dtype=torch.float32, device=x.device)
     gate_up(gu0, s_gu, r, experts, h, hw)                                # fused expand + bias + act + weighted sum
-    s_d = shrink(h, None, experts.b_down, r)                             # [P, rd]
-    y = base(hw, experts, "down")                                        # [T, H] on the weighted sum
+    y, s_d = base_shrink(hw, experts, "down", h, None, experts.b_down, r)  # [T, H] on the weighted sum, [P, rd]
     down(s_d, r, experts, y)                                             # fused expand + bias + weighted sum
     return y.to(x.dtype)
 

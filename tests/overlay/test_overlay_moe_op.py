@@ -24,7 +24,7 @@ def _run(backend, x, ids, w, ex):
     if backend == "cpu_portable":  # the host twin of the CUDA arithmetic
         impls = dict(op._IMPLS)
         try:
-            op._IMPLS["cpu"] = (op._base_cpu, op._shrink_cpu, lambda *a: op._gate_up_cpu(*a, portable=True),
+            op._IMPLS["cpu"] = (op._base_shrink_cpu, lambda *a: op._gate_up_cpu(*a, portable=True),
                                 lambda *a: op._down_cpu(*a, portable=True))
             return overlay_moe_forward(x, ids, w, ex, backend="cpu")
         finally:
@@ -333,3 +333,40 @@ def test_cuda_backend_unavailable_here_is_explicit():
     ids, w = random_routing(1, 2, 1)
     with pytest.raises((BackendUnavailableError, ValueError)):
         overlay_moe_forward(torch.randn(1, 8), ids, w, ex, backend="cuda")
+
+
+@pytest.mark.parametrize("base", ["bf16", "mxfp4"])
+def test_matvec_and_shrink_in_one_region_match_the_separate_kernels(base):
+    # The combined kernel of a small batch's stage: the base GEMV and the grouped shrink (odd rank, ragged groups,
+    # an expert above max_pairs left untouched, one with no pairs) equal the two kernels run one after the other.
+    from lazarus_core.ops._backends import cpu_extension
+
+    ext = cpu_extension()
+    rows, cols, experts, rank, b_cols = 21, 64, 4, 5, 37
+    w = torch.randn(rows, cols)
+    if base == "mxfp4":
+        blocks, scales = mxfp4_quantize(w)
+        data, sc, fmt = blocks.numpy(), scales.numpy(), 3
+    else:
+        data, sc, fmt = op._bits(w.to(torch.bfloat16)), None, 1
+    x = torch.randn(6, cols)
+    x_rows = torch.tensor([5, 0, 3], dtype=torch.int64)
+    b = torch.randn(experts, rank, b_cols).to(torch.bfloat16)
+    offsets = torch.tensor([0, 2, 2, 9, 10], dtype=torch.int64)  # expert 2 has 7 pairs > max_pairs = 6
+    inp = torch.randn(12, b_cols)
+    inp_rows = torch.randint(0, 12, (10,), dtype=torch.int64)
+    y, s = torch.full((3, rows), float("nan")), torch.full((10, rank), -1.0)
+    ext.stored_matvec_and_shrink(data, sc, fmt, rows, cols, x.numpy(), x_rows.numpy(), y.numpy(), op._bits(b), 1,
+                                 experts, rank, b_cols, offsets.numpy(), 6, inp.numpy(), inp_rows.numpy(), s.numpy())
+    y_ref, s_ref = torch.empty(3, rows), torch.full((10, rank), -1.0)
+    ext.stored_matvec(data, sc, fmt, rows, cols, x.numpy(), x_rows.numpy(), y_ref.numpy())
+    ext.overlay_shrink(op._bits(b), 1, experts, rank, b_cols, offsets.numpy(), 6, inp.numpy(), inp_rows.numpy(),
+                       s_ref.numpy())
+    assert torch.equal(y, y_ref) and torch.equal(s, s_ref)
+    assert torch.equal(s[2:9], torch.full((7, rank), -1.0))  # above max_pairs: untouched
+    oracle = (inp[inp_rows].double()[:2] @ b[0].double().T)
+    torch.testing.assert_close(s[:2].double(), oracle, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="rows holds an index out of range"):
+        ext.stored_matvec_and_shrink(data, sc, fmt, rows, cols, x.numpy(), x_rows.numpy(), y.numpy(), op._bits(b), 1,
+                                     experts, rank, b_cols, offsets.numpy(), 6, inp.numpy(),
+                                     (inp_rows + 12).numpy(), s.numpy())
