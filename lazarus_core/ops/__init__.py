@@ -5,7 +5,9 @@ from lazarus_core.ops.dequant_axpby import dequant_axpby, dequant_axpby_referenc
 from lazarus_core.ops.fp8_dequant import fp8_dequant, fp8_dequant_reference
 from lazarus_core.ops.mxfp4_dequant import mxfp4_dequant, mxfp4_dequant_reference
 from lazarus_core.ops.mxfp4_quantize import mxfp4_quantize, mxfp4_quantize_reference
-from lazarus_core.ops.overlay_moe import OverlayExperts, overlay_moe_forward, overlay_moe_forward_reference
+from lazarus_core.ops.overlay_moe import (OverlayExperts, overlay_moe_forward, overlay_moe_forward_reference, stored_matmul,
+                                         stored_matmul_reference)
+from lazarus_core.ops.overlay_moe_op import overlay_moe_op
 from lazarus_core.ops.router_entropy import router_entropy_rows, router_entropy_rows_reference
 
 __all__ = [
@@ -20,6 +22,9 @@ __all__ = [
     "OverlayExperts",
     "overlay_moe_forward",
     "overlay_moe_forward_reference",
+    "overlay_moe_op",
+    "stored_matmul",
+    "stored_matmul_reference",
     "router_entropy_rows",
     "router_entropy_rows_reference",
 ]

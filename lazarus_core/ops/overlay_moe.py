@@ -698,6 +698,12 @@ def overlay_moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     BackendUnavailableError
         An explicitly requested backend cannot run here.
     """
+    if torch.is_grad_enabled() and (x.requires_grad or topk_weights.requires_grad):
+        # A differentiable call: the custom op, whose backward runs through the factors (its forward lands here
+        # again below autograd, where the inputs no longer require grad).
+        from lazarus_core.ops.overlay_moe_op import overlay_moe_op
+
+        return overlay_moe_op(x, topk_ids, topk_weights, experts, backend=backend, check_ids=check_ids)
     _check_inputs(x, topk_ids, topk_weights, experts, check_ids)
     impl = select_backend("overlay_moe_forward", backend, x.device, _IMPLS)
     if isinstance(impl, str):

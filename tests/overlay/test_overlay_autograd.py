@@ -90,3 +90,26 @@ def test_experts_forward_needing_grad_never_replays_a_cuda_graph():
     with torch.no_grad():
         overlay_experts_forward(module, x, ids, w)
     assert AlwaysReplay.replays == 1  # inference still replays
+
+
+def test_overlay_moe_forward_called_directly_with_grad_goes_through_the_op():
+    """The public forward on inputs that require grad returns a differentiable result (no numpy() error)."""
+    from lazarus_core.ops.overlay_moe import overlay_moe_forward
+    from lazarus_core.ops.overlay_moe_op import overlay_moe_op
+    from tests.overlay.random_overlay import random_overlay
+
+    torch.manual_seed(3)
+    ex = random_overlay(5, 24, 16, (3, 2, 4), bias=True, activation="swiglu")
+    x = torch.randn(7, 24, requires_grad=True)
+    ids = torch.randint(0, 5, (7, 2))
+    w = torch.rand(7, 2, requires_grad=True)
+    y = overlay_moe_forward(x, ids, w, ex, backend="cpu")
+    gx, gw = torch.autograd.grad(y.square().sum(), (x, w))
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = overlay_moe_op(x2, ids, w2, ex, backend="cpu")
+    rx, rw = torch.autograd.grad(ref.square().sum(), (x2, w2))
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)
+    with torch.no_grad():
+        torch.testing.assert_close(overlay_moe_forward(x, ids, w, ex, backend="cpu"), ref.detach())
