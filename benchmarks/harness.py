@@ -1,6 +1,6 @@
-"""Shared benchmark machinery: timing (warm-up, repeats, median), the machine's measured floors (copy
-bandwidth, fp32 matmul rate; the streaming read/write floors are in benchmarks.floors), a header describing
-the run, and table + JSON output."""
+"""Shared benchmark machinery: timing (warm-up, repeats, median), the fp32 matmul-rate floor (the memory
+floors - streaming read, non-temporal write and copy - are in benchmarks.floors), a header describing the
+run, and table + JSON output."""
 
 from __future__ import annotations
 
@@ -46,22 +46,6 @@ def median_seconds(fn: Callable[[], object], *, repeats: int = 10, warmup: int =
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def measure_copy_bandwidth(n_bytes: int = 1 << 30, device: str = "cpu") -> float:
-    """Bytes read + written per second of ``dst.copy_(src)`` on ``n_bytes`` buffers (the memory floor)."""
-    src = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    t = median_seconds(lambda: dst.copy_(src), repeats=7, cuda_events=device != "cpu")
-    return 2 * n_bytes / t
-
-
-def measure_matmul_rate(m: int, k: int, n: int, *, device: str = "cpu", repeats: int = 10) -> float:
-    """fp32 FLOP/s (2 per multiply-add) of ``torch.mm`` on ``[m, k] @ [k, n]``: the compute floor of GEMM-bound ops
-    (measure at the op's own largest product, in the same run)."""
-    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
-    out = torch.empty(m, n, device=device)
-    return 2 * m * k * n / median_seconds(lambda: torch.mm(a, b, out=out), repeats=repeats, cuda_events=device != "cpu")
 
 
 def available_backends(op: str, impls: dict, device: torch.device) -> list[str]:
