@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lazarus_core.distributed import World, current_world, split_contiguous
+from lazarus_core.distributed import World, current_world, on_every_rank, split_contiguous
 from lazarus_core.routing.corpus import Corpus, Window, corpus_from_iterable, iter_windows
 from lazarus_core.routing.locate import find_moe_layers
 from lazarus_core.routing.recorder import RoutingRecorder
@@ -178,6 +178,8 @@ def capture_routing(
         Unknown layer, bad sizes, no MoE layers, or an empty corpus (EmptyInputError).
     TraceError
         ``out_dir`` holds another trace, or the trace to resume does not match this capture.
+    lazarus_core.distributed.RankFailed
+        A rank of a distributed capture failed (raised on every rank, naming it; the parts are kept).
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
@@ -238,28 +240,20 @@ def capture_routing(
         "max_tokens": max_tokens,
         "hidden_size": int(getattr(config, "hidden_size", 0) or 0) or None,
     }
-    if world.distributed and resume and (Path(out_dir) / META_FILE).is_file() and \
-            json.loads((Path(out_dir) / META_FILE).read_text()).get("complete"):
-        part = None  # this rank's part finished in an earlier run: only the merge is left
-    else:
-        try:
-            part = _capture_part(model, tokenizer, corpus, Path(out_dir), meta, selected, info, docs=docs,
-                                 token_offset=token_offset, total=int(doc_tokens[docs.start:docs.stop].sum()),
-                                 sampled=sampled, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
-                                 logits=logits, hidden_states=hidden_states, expert_outputs=expert_outputs,
-                                 all_experts=all_experts, activation_dtype=activation_dtype, shard_tokens=shard_tokens,
-                                 resume=resume, progress=progress and world.is_root, activations=activations)
-        except Exception as exc:
-            if not world.distributed:
-                raise
-            failed = world.all_ok(False, f"{type(exc).__name__}: {exc}")
-            raise TraceError("distributed capture failed (the other ranks' parts are kept; rerun with --resume): "
-                             + "; ".join(failed)) from exc
+    def capture_mine() -> CaptureResult | None:
+        if world.distributed and resume and (Path(out_dir) / META_FILE).is_file() and \
+                json.loads((Path(out_dir) / META_FILE).read_text()).get("complete"):
+            return None  # this rank's part finished in an earlier run: only the merge is left
+        return _capture_part(model, tokenizer, corpus, Path(out_dir), meta, selected, info, docs=docs,
+                             token_offset=token_offset, total=int(doc_tokens[docs.start:docs.stop].sum()),
+                             sampled=sampled, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
+                             logits=logits, hidden_states=hidden_states, expert_outputs=expert_outputs,
+                             all_experts=all_experts, activation_dtype=activation_dtype, shard_tokens=shard_tokens,
+                             resume=resume, progress=progress and world.is_root, activations=activations)
+
+    part = on_every_rank(world, "distributed capture (the ranks' parts are kept; rerun with --resume)", capture_mine)
     if not world.distributed:
         return part
-    failed = world.all_ok(True)
-    if failed:
-        raise TraceError("distributed capture failed (parts kept; rerun with --resume): " + "; ".join(failed))
     merged = None
     if world.is_root:
         parts = [final_dir / PARTS_DIR / f"rank-{r:05d}-of-{world.world_size:05d}" for r in range(world.world_size)]

@@ -15,10 +15,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lazarus_core.distributed import World, split_contiguous
+from lazarus_core.distributed import RankFailed, World, split_contiguous
 from lazarus_core.routing.capture import PARTS_DIR, capture_routing
 from lazarus_core.routing.corpus import corpus_from_prompts
-from lazarus_core.routing.trace_format import TraceError
 from lazarus_core.routing.trace_reader import load_trace
 from tests.routing.tiny_models import save_tiny_checkpoint, tiny_model, tiny_tokenizer
 
@@ -63,7 +62,7 @@ def _worker(rank: int, store: str, out: str, resume: bool, fail_rank: int) -> No
         try:
             capture_routing(model, tiny_tokenizer(), corpus_from_prompts(TEXTS), out, resume=resume,
                             world=World(rank, 2, "gloo"), **CAPTURE)
-        except TraceError as exc:
+        except RankFailed as exc:
             Path(out + f".error-{rank}").write_text(str(exc))
     finally:
         torch.distributed.destroy_process_group()
