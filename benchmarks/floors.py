@@ -64,8 +64,7 @@ def measure_memory_floors(n_bytes: int = DEFAULT_BYTES, device: str = "cpu", rep
         read = n_bytes / median_seconds(lambda: src.sum(), **kw)
         write = n_bytes / median_seconds(lambda: dst.fill_(1.0), **kw)
         copy = 2 * n_bytes / median_seconds(lambda: dst.copy_(src), **kw)
-    # A copy moves at most what reading and writing alone could: keep the floors consistent.
-    return MemoryFloors(read=read, write=write, copy=max(copy, 1.0), device=device)
+    return MemoryFloors(read=read, write=write, copy=copy, device=device)
 
 
 class FloorExceeded(RuntimeError):
