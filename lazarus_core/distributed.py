@@ -103,6 +103,27 @@ def current_world(device: str | torch.device | None = None) -> World:
     return World(rank=dist.get_rank(), world_size=dist.get_world_size(), backend=dist.get_backend())
 
 
+def close_world(*, failed: bool = False) -> None:
+    """Leave the process group joined by :func:`current_world` (a no-op when none is up).
+
+    Call once the job's last collective is done, before the process exits: a gloo group left to the
+    interpreter's shutdown can abort the process (``terminate called without an active exception``)
+    when its worker threads are torn down after the runtime they use.
+
+    Parameters
+    ----------
+    failed : bool
+        The job ended with an error. Leaving a gloo group is local and always done; an NCCL group is then
+        left to the launcher, since its shutdown can wait on peers still inside a collective.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if failed and dist.get_backend() == "nccl":
+        return
+    dist.destroy_process_group()
+
+
 def split_contiguous(weights: Sequence[float], parts: int) -> list[range]:
     """Cut items ``0..n-1`` into ``parts`` contiguous ranges of about equal total weight, in order.
 
@@ -168,4 +189,4 @@ def assign_round_robin(items: Sequence[int], parts: int) -> dict[int, list[int]]
     return {r: list(items[r::parts]) for r in range(parts)}
 
 
-__all__ = ["RankFailed", "World", "assign_round_robin", "current_world", "on_every_rank", "split_contiguous", "use_local_gpu"]
+__all__ = ["RankFailed", "World", "assign_round_robin", "close_world", "current_world", "on_every_rank", "split_contiguous", "use_local_gpu"]

@@ -111,9 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     quiet_libraries(bool(getattr(args, "verbose", False)))
+    code = 1
     try:
         check_outputs(args)
-        return args.func(args)
+        code = args.func(args)
+        return code
     except KeyboardInterrupt:
         # Ctrl-C: every file is written atomically, so nothing half-written is left behind.
         print("lazarus: interrupted", file=sys.stderr)
@@ -122,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # User errors (bad model, file, layer or option; an output that cannot be written): one clear line.
         print(f"lazarus: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        from lazarus_core.distributed import close_world
+
+        close_world(failed=code != 0)  # under torchrun: leave the process group before the interpreter exits
 
 
 if __name__ == "__main__":
