@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from benchmarks.floors import measure_memory_floors
-from benchmarks.harness import BenchRow, available_backends, measure_matmul_rate, median_seconds
+from benchmarks.floors import measure_matmul_rate, measure_memory_floors
+from benchmarks.harness import BenchRow, available_backends, median_seconds
 from lazarus_core.ops import OverlayExperts, mxfp4_dequant, mxfp4_quantize, overlay_moe_forward
 from lazarus_core.ops.overlay_moe import (_IMPLS, activation_reference, overlay_moe_bytes, overlay_moe_flops,
                                           overlay_moe_forward_reference, stored_matmul)

@@ -67,6 +67,14 @@ def measure_memory_floors(n_bytes: int = DEFAULT_BYTES, device: str = "cpu", rep
     return MemoryFloors(read=read, write=write, copy=copy, device=device)
 
 
+def measure_matmul_rate(m: int, k: int, n: int, *, device: str = "cpu", repeats: int = 10) -> float:
+    """fp32 FLOP/s (2 per multiply-add) of ``torch.mm`` on ``[m, k] @ [k, n]``: the compute floor of a GEMM-bound
+    op, measured at the op's own largest product in the same run."""
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    out = torch.empty(m, n, device=device)
+    return 2 * m * k * n / median_seconds(lambda: torch.mm(a, b, out=out), repeats=repeats, cuda_events=device != "cpu")
+
+
 class FloorExceeded(RuntimeError):
     """A benchmark row reports more than 100% of its floor: the floor (or the byte count) is wrong."""
 
@@ -86,4 +94,4 @@ def check_floors(suite: str, rows) -> None:
                             f"(the floor does not bound the op): {lines}")
 
 
-__all__ = ["MemoryFloors", "FloorExceeded", "check_floors", "measure_memory_floors"]
+__all__ = ["MemoryFloors", "FloorExceeded", "check_floors", "measure_matmul_rate", "measure_memory_floors"]

@@ -50,3 +50,20 @@ def test_a_row_above_its_floor_fails_loudly_naming_it():
     check_floors("ok", rows[:1] + rows[2:])
     with pytest.raises(FloorExceeded, match=r"op_b/cpu \[8\] fp32: 126%"):
         check_floors("suite", rows)
+
+
+@pytest.mark.parametrize("suite", sorted(__import__("benchmarks.__main__", fromlist=["SUITES"]).SUITES))
+def test_every_suite_imports_and_has_a_run(suite):
+    """`python -m benchmarks SUITE` imports each suite by name: a suite importing a helper that moved fails here."""
+    import importlib
+
+    from benchmarks.__main__ import SUITES
+
+    assert callable(importlib.import_module(SUITES[suite]).run)
+
+
+def test_matmul_rate_is_a_positive_finite_rate():
+    from benchmarks.floors import measure_matmul_rate
+
+    rate = measure_matmul_rate(16, 32, 24, repeats=2)
+    assert np.isfinite(rate) and rate > 0
