@@ -68,9 +68,10 @@ def moe_type_assignment(layers: list[int], world_size: int, num_experts: int
     return {r: [layer_of[r]] for r in range(world_size)}, experts_of
 
 
-class _ExpertSubset:
+class ExpertSubset:
     """A view of a checkpoint with only experts ``experts`` (expert i of the view is ``experts[i]``): what the
-    spectra engine streams when a rank computes its share of a layer's experts."""
+    spectra engine streams when a rank computes its share of a layer's experts (moe-type-analyze and the
+    distributed overlay jobs)."""
 
     def __init__(self, ckpt: MoeCheckpoint, experts: range):
         self._ckpt, self._experts = ckpt, experts
@@ -86,33 +87,71 @@ class _ExpertSubset:
         return getattr(self._ckpt, name)
 
 
+def projection_share(ckpt: MoeCheckpoint, layer: int, projection: str, experts: range, *, backend: str = "auto",
+                     base_method: str = "refined", mean_spectrum: bool = True,
+                     on_expert: Callable[[], None] | None = None, device: str | None = None,
+                     workers: int | None = None
+                     ) -> tuple[ProjectionSpectrum | None, ProjectionSpectrum, torch.Tensor]:
+    """One projection's spectra of ``experts`` of ``layer`` from the bases of ALL the layer's experts (the calls
+    :func:`~lazarus_core.spectra.projection_spectrum` makes, restricted to those experts).
+
+    Parameters
+    ----------
+    ckpt : MoeCheckpoint
+    layer : int
+    projection : {"gate", "up", "down"}
+    experts : range
+        Contiguous, non-empty share of the layer's experts.
+    backend, on_expert, device, workers
+        As :func:`~lazarus_core.spectra.projection_spectrum`.
+    base_method : {"refined", "mean"}
+        The compressor's base.
+    mean_spectrum : bool
+        Also compute the spectra from the mean base (moe-type-analyze reads both); with ``base_method="mean"``
+        it is the compressor spectrum anyway.
+
+    Returns
+    -------
+    mean_spectrum : ProjectionSpectrum or None
+        ``[len(experts), ...]`` spectra from the mean expert (None when not asked for and not the compressor's).
+    compressor : ProjectionSpectrum
+        ``[len(experts), ...]`` spectra from the ``base_method`` base (``base`` None, ``base_method`` set).
+    base : torch.Tensor
+        fp32 ``[out, in]`` the ``base_method`` base of the whole layer.
+    """
+    view = ExpertSubset(ckpt, experts)
+    shape = ckpt.projection_shape(projection)
+    with threads_for(shape):
+        mean, noise = mean_and_noise(ckpt, layer, projection, backend=backend)
+    mine = None if noise is None else noise[experts.start:experts.stop]
+    spectrum = None
+    if mean_spectrum or base_method == "mean":
+        spectrum = projection_spectrum(view, layer, projection, backend=backend, base_method="mean", mean=mean,
+                                       noise_energy=mine, on_expert=on_expert, device=device, workers=workers)
+    if base_method == "mean":
+        return spectrum, spectrum, mean
+    edges = None if noise is None else marchenko_pastur_edge(noise, shape)
+    base = overlay_base(ckpt, layer, projection, method=base_method, backend=backend, edges=edges, mean=mean,
+                        device=device, workers=workers)
+    compressor = projection_spectrum(view, layer, projection, backend=backend, base_method="mean", mean=base,
+                                     noise_energy=mine, on_expert=on_expert, device=device, workers=workers)
+    compressor.base_method = base_method
+    return spectrum, compressor, base
+
+
 def _expert_share(ckpt: MoeCheckpoint, layer: int, experts: range, *, backend: str, base_method: str,
                   on_expert: Callable[[], None] | None, device: str | None, workers: int | None) -> list[tuple[str, int, ProjectionSpectrum, ProjectionSpectrum]]:
-    """``[(projection, first_expert, mean-base spectrum, compressor spectrum)]`` of ``experts`` of ``layer``,
-    from the bases of ALL the layer's experts (the calls :func:`analyze_projection` makes, restricted to them)."""
-    view = _ExpertSubset(ckpt, experts)
+    """``[(projection, first_expert, mean-base spectrum, compressor spectrum)]`` of ``experts`` of ``layer``."""
     pieces = []
     for p in PROJECTIONS:
-        shape = ckpt.projection_shape(p)
-        with threads_for(shape):
-            mean, noise = mean_and_noise(ckpt, layer, p, backend=backend)
-        mine = None if noise is None else noise[experts.start:experts.stop]
-        spectrum = projection_spectrum(view, layer, p, backend=backend, base_method="mean", mean=mean,
-                                       noise_energy=mine, on_expert=on_expert, device=device, workers=workers)
-        compressor = spectrum
-        if base_method != "mean":
-            edges = None if noise is None else marchenko_pastur_edge(noise, shape)
-            base = overlay_base(ckpt, layer, p, method=base_method, backend=backend, edges=edges, mean=mean,
-                                device=device, workers=workers)
-            compressor = projection_spectrum(view, layer, p, backend=backend, base_method="mean", mean=base,
-                                             noise_energy=mine, on_expert=on_expert, device=device, workers=workers)
-            compressor.base_method = base_method
+        spectrum, compressor, _ = projection_share(ckpt, layer, p, experts, backend=backend, base_method=base_method,
+                                                   on_expert=on_expert, device=device, workers=workers)
         pieces.append((p, experts.start, spectrum, compressor))
     return pieces
 
 
-def _join_spectra(pieces: list[ProjectionSpectrum]) -> ProjectionSpectrum:
-    """One projection's spectrum from its experts' pieces (in expert order)."""
+def join_spectra(pieces: list[ProjectionSpectrum]) -> ProjectionSpectrum:
+    """One projection's spectrum from its experts' pieces (in expert order; ``base`` None)."""
     first = pieces[0]
 
     def cat(name: str) -> torch.Tensor | None:
@@ -121,6 +160,15 @@ def _join_spectra(pieces: list[ProjectionSpectrum]) -> ProjectionSpectrum:
 
     return ProjectionSpectrum(first.layer, first.projection, first.shape, cat("singular"), cat("expert_energy"),
                               cat("noise_edge"), cat("noise_energy"), None, first.base_method)
+
+
+def distributed_record(layers_of: dict[int, list[int]], experts_of: dict[int, range] | None, world_size: int) -> dict:
+    """``{"world_size", "assignment": {"RANK": [layers]}}`` and, for an expert split, ``"experts": {"RANK":
+    [first, last]}`` (``[]`` for an empty share): what a distributed job's output records."""
+    record = {"world_size": world_size, "assignment": {str(r): v for r, v in layers_of.items()}}
+    if experts_of is not None:
+        record["experts"] = {str(r): [e.start, e.stop - 1] if len(e) else [] for r, e in experts_of.items()}
+    return record
 
 
 def analyze_moe_type_distributed(ckpt: MoeCheckpoint, layers: list[int], *, world: World, backend: str = "auto",
@@ -173,9 +221,7 @@ def analyze_moe_type_distributed(ckpt: MoeCheckpoint, layers: list[int], *, worl
             return _expert_share(ckpt, mine[0], experts_of[world.rank], backend=backend, base_method=base_method,
                                  on_expert=step, device=device, workers=workers)
 
-    distributed = {"world_size": world.world_size, "assignment": {str(r): v for r, v in layers_of.items()}}
-    if experts_of is not None:
-        distributed["experts"] = {str(r): [e.start, e.stop - 1] if len(e) else [] for r, e in experts_of.items()}
+    distributed = distributed_record(layers_of, experts_of, world.world_size)
     parts = world.gather(on_every_rank(world, "distributed moe-type-analyze", share))
 
     def join() -> MoeTypeReport | None:
@@ -226,8 +272,8 @@ def _join(ckpt: MoeCheckpoint, layers: list[int], parts: list[list], by_experts:
             structures = {}
             for p in PROJECTIONS:
                 ordered = sorted(pieces[(layer, p)], key=lambda x: x[0])
-                structures[p] = _structure(ckpt, layer, _join_spectra([x[1] for x in ordered]),
-                                           _join_spectra([x[2] for x in ordered]))
+                structures[p] = _structure(ckpt, layer, join_spectra([x[1] for x in ordered]),
+                                           join_spectra([x[2] for x in ordered]))
             results.append(layer_structure(layer, structures))
     else:
         by_layer = {structure.layer: structure for part in parts for structure in part}
@@ -237,4 +283,5 @@ def _join(ckpt: MoeCheckpoint, layers: list[int], parts: list[list], by_experts:
                            compression=compression_summary(ckpt, results, base_method), seconds=0.0)
 
 
-__all__ = ["analyze_moe_type_distributed", "moe_type_assignment"]
+__all__ = ["ExpertSubset", "analyze_moe_type_distributed", "distributed_record", "join_spectra", "moe_type_assignment",
+           "projection_share"]
