@@ -159,7 +159,7 @@ StoredMatrix stored_matrix(const py::array& data, const py::object& scales, int 
 // The checked problems of stored_matvec / overlay_shrink (their Python arguments, in order). A matvec with
 // cols == 0 writes its zeros here and comes back empty.
 MatvecProblem matvec_problem(const py::array& data, const py::object& scales, int format, int64_t rows, int64_t cols,
-                             const py::array& x, const py::object& x_rows, py::array& y) {
+                             const py::array& x, const py::object& x_rows, py::array& y, bool int16) {
   const StoredMatrix w = stored_matrix(data, scales, format, rows, cols);
   check_array<float>(x, "x", -1, "float32");
   if (cols == 0 ? x.size() != 0 : x.size() % cols) throw py::value_error("x must have rows of cols values");
@@ -179,7 +179,7 @@ MatvecProblem matvec_problem(const py::array& data, const py::object& scales, in
     std::fill_n(out, n * rows, 0.0f);
     return MatvecProblem{};
   }
-  return MatvecProblem{w, ptr<float>(x), idx, n, out, rows};
+  return MatvecProblem{w, ptr<float>(x), idx, n, out, rows, int16};
 }
 
 ShrinkProblem shrink_problem(const py::array& b, int factor_format, int64_t experts, int64_t rank, int64_t cols,
@@ -246,15 +246,15 @@ void bind_overlay_moe(py::module_& m) {
   m.def(
       "stored_matvec",
       [](const py::array& data, const py::object& scales, int format, int64_t rows, int64_t cols, const py::array& x,
-         const py::object& x_rows, py::array y) {
-        const MatvecProblem p = matvec_problem(data, scales, format, rows, cols, x, x_rows, y);
+         const py::object& x_rows, py::array y, bool int16) {
+        const MatvecProblem p = matvec_problem(data, scales, format, rows, cols, x, x_rows, y, int16);
         py::gil_scoped_release release;
         stored_matvec_and_shrink_cpu(p, ShrinkProblem{});
       },
       py::arg("data"), py::arg("scales"), py::arg("format"), py::arg("rows"), py::arg("cols"), py::arg("x"),
-      py::arg("x_rows"), py::arg("y"),
+      py::arg("x_rows"), py::arg("y"), py::arg("int16") = false,
       "y [n, rows] = x[x_rows] @ W^T for a stored W [rows, cols] (format 0 fp32, 1 bf16, 2 fp16, 3 MXFP4 with "
-      "scales), decoded in registers; x float32 [*, cols].");
+      "scales), decoded in registers; x float32 [*, cols]. int16: MXFP4 against x rounded per 32-block to int16.");
   m.def(
       "overlay_shrink",
       [](const py::array& b, int factor_format, int64_t experts, int64_t rank, int64_t cols, const py::array& offsets,
@@ -272,8 +272,8 @@ void bind_overlay_moe(py::module_& m) {
       [](const py::array& data, const py::object& scales, int format, int64_t rows, int64_t cols, const py::array& x,
          const py::object& x_rows, py::array y, const py::array& b, int factor_format, int64_t experts, int64_t rank,
          int64_t b_cols, const py::array& offsets, int64_t max_pairs, const py::array& inp, const py::object& inp_rows,
-         py::array s) {
-        const MatvecProblem base = matvec_problem(data, scales, format, rows, cols, x, x_rows, y);
+         py::array s, bool int16) {
+        const MatvecProblem base = matvec_problem(data, scales, format, rows, cols, x, x_rows, y, int16);
         const ShrinkProblem shrink =
             shrink_problem(b, factor_format, experts, rank, b_cols, offsets, max_pairs, inp, inp_rows, s);
         py::gil_scoped_release release;
@@ -282,7 +282,54 @@ void bind_overlay_moe(py::module_& m) {
       py::arg("data"), py::arg("scales"), py::arg("format"), py::arg("rows"), py::arg("cols"), py::arg("x"),
       py::arg("x_rows"), py::arg("y"), py::arg("b"), py::arg("factor_format"), py::arg("experts"), py::arg("rank"),
       py::arg("b_cols"), py::arg("offsets"), py::arg("max_pairs"), py::arg("inp"), py::arg("inp_rows"), py::arg("s"),
+      py::arg("int16") = false,
       "stored_matvec (data .. y) and overlay_shrink (b .. s, b_cols = its cols) in one parallel region.");
+  m.def(
+      "overlay_moe_small",
+      [](const py::array& x, const py::array& topk_ids, const py::array& topk_weights, const py::array& gate_up_data,
+         const py::object& gate_up_scales, const py::array& down_data, const py::object& down_scales, int base_format,
+         const py::array& b_gate_up, const py::array& b_down, const py::array& at_gate, const py::array& at_up,
+         const py::array& at_down, const py::object& bias_gate, const py::object& bias_up,
+         const py::object& bias_down, int factor_format, int activation, float alpha, float limit, bool int16,
+         py::array y) {
+        const Storage f = storage_format(factor_format);
+        const int64_t T = dim(x, "x", 2, 0), H = x.shape(1), K = dim(topk_ids, "topk_ids", 2, 1);
+        const int64_t E = dim(at_gate, "at_gate", 3, 0), rg = at_gate.shape(1), I = at_gate.shape(2);
+        const int64_t ru = dim(at_up, "at_up", 3, 1), rd = dim(at_down, "at_down", 3, 1);
+        if (K < 1 || topk_ids.shape(0) != T) throw py::value_error("topk_ids must be [T, K >= 1] with T = x rows");
+        if (activation != 0 && activation != 1) throw py::value_error("activation must be 0 (swiglu) or 1 (gpt_oss)");
+        check_array<float>(x, "x", T * H, "float32");
+        check_indices(topk_ids, "topk_ids", T * K, E);
+        check_array<float>(topk_weights, "topk_weights", T * K, "float32");
+        check_array<float>(y, "y", T * H, "float32");
+        check_writeable(y, "y");
+        const StoredMatrix base_gate_up = stored_matrix(gate_up_data, gate_up_scales, base_format, 2 * I, H);
+        const StoredMatrix base_down = stored_matrix(down_data, down_scales, base_format, H, I);
+        if (f == Storage::kMXFP4) throw py::value_error("factor_format must be a dense format");
+        const StoredMatrix bgu = stored_matrix(b_gate_up, py::none(), factor_format, E * (rg + ru), H);
+        const StoredMatrix bd = stored_matrix(b_down, py::none(), factor_format, E * rd, I);
+        check_stored(at_up, "at_up", E * ru * I, f);
+        check_stored(at_down, "at_down", E * rd * H, f);
+        with_factor_type(f, [&](auto tag) {
+          using F = decltype(tag);
+          check_stored(at_gate, "at_gate", E * rg * I, f);
+          const SmallForwardT<F> a{ptr<float>(x), ptr<int64_t>(topk_ids), ptr<float>(topk_weights), T, K,
+                                   base_gate_up, base_down, bgu, bd, ptr<F>(at_gate), ptr<F>(at_up), ptr<F>(at_down),
+                                   optional_stored<F>(bias_gate, "bias_gate", E * I, f),
+                                   optional_stored<F>(bias_up, "bias_up", E * I, f),
+                                   optional_stored<F>(bias_down, "bias_down", E * H, f), E, H, I, rg, ru, rd,
+                                   activation, alpha, limit, int16, static_cast<float*>(y.mutable_data())};
+          py::gil_scoped_release release;
+          overlay_moe_small_cpu(a);
+        });
+      },
+      py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("gate_up_data"), py::arg("gate_up_scales"),
+      py::arg("down_data"), py::arg("down_scales"), py::arg("base_format"), py::arg("b_gate_up"), py::arg("b_down"),
+      py::arg("at_gate"), py::arg("at_up"), py::arg("at_down"), py::arg("bias_gate"), py::arg("bias_up"),
+      py::arg("bias_down"), py::arg("factor_format"), py::arg("activation"), py::arg("alpha"), py::arg("limit"),
+      py::arg("int16"), py::arg("y"),
+      "The whole overlay MoE forward of a small batch in one parallel region: x [T, H], topk_ids [T, K] int64, "
+      "topk_weights [T, K] fp32, bases as stored (base_format), factors and biases in factor_format; y [T, H].");
   m.def(
       "overlay_gate_up_portable",
       [](const py::array& gu0, const py::array& s_gu, const py::array& pair_token, const py::array& pair_weight,

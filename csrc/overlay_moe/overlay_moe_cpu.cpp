@@ -247,7 +247,82 @@ LZ_TARGET_AVX2 void decode_row_mxfp4_avx2(const uint8_t* blocks, const uint8_t* 
     for (int k = 0; k < 4; ++k) _mm256_storeu_ps(out + 32 * g + 8 * k, _mm256_mul_ps(f[k], scale));
   }
 }
+
+// The scale of one (weight block, token block) product in the int16 kernel, 2^(s-127) / 2 * 2^-k (the code table
+// holds twice each E2M1 value; the token block was scaled by 2^k), indexed by s + u with u = 128 - k in [1, 241]:
+// v[j] = 2^(j-256), 0 or inf where fp32 cannot hold it. Rows with a NaN scale (0xFF) run the fp32 kernel.
+struct ProductScales {
+  float v[512];
+  ProductScales() {
+    for (int j = 0; j < 512; ++j) v[j] = std::ldexp(1.0f, j - 256);
+  }
+};
+
+// One MXFP4 row against NT token rows quantised by quantize_for_mxfp4 (int16 per 32-element block, index u):
+// the block's codes become 2 * E2M1 as int16 (one byte shuffle, sign-extended by an unpack), multiplied with
+// the int16 tokens and summed pairwise in int32 (vpmaddwd: exact, |sum| <= 32 * 12 * 32767 < 2^24, so also
+// exact when converted to fp32); one fp32 FMA per block applies weight scale x token scale (one table load). The
+// decode is shared by the NT tokens.
+template <int NT>
+LZ_TARGET_AVX2 void row_dots_mxfp4_q16_avx2(const uint8_t* blocks, const uint8_t* scales, int64_t groups,
+                                            const int16_t* const* q, const uint16_t* const* u, float* out) {
+  static const ProductScales product_scales;
+  const __m256i shifts = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+  const __m256i twice_e2m1 = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12,
+                                              0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+  const __m256i nibble = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+  // Two accumulators per token (even and odd blocks): one FMA chain per block would wait on its latency.
+  __m256 acc[NT][2];
+  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  const auto block = [&](int64_t g, int k) LZ_TARGET_AVX2 {
+    const __m256i packed =
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * g)));
+    const __m256i w8 = _mm256_shuffle_epi8(twice_e2m1, _mm256_and_si256(_mm256_srlv_epi32(packed, shifts), nibble));
+    const __m256i sign = _mm256_cmpgt_epi8(zero, w8);
+    const __m256i lo = _mm256_unpacklo_epi8(w8, sign), hi = _mm256_unpackhi_epi8(w8, sign);
+    const float* scale_row = product_scales.v + scales[g];
+    for (int t = 0; t < NT; ++t) {
+      const __m256i* xg = reinterpret_cast<const __m256i*>(q[t] + 32 * g);
+      const __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256(xg)),
+                                           _mm256_madd_epi16(hi, _mm256_loadu_si256(xg + 1)));
+      acc[t][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_broadcast_ss(scale_row + u[t][g]), acc[t][k]);
+    }
+  };
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    block(g, 0);
+    block(g + 1, 1);
+  }
+  if (g < groups) block(g, 0);
+  for (int t = 0; t < NT; ++t) out[t] = simd::hsum(_mm256_add_ps(acc[t][0], acc[t][1]));
+}
 #endif
+
+// Token rows for the int16 MXFP4 kernel. Per 32-element block: k = 15 - e where max|x| = f * 2^e, f in [0.5, 1)
+// (k <= 127), q = round(x * 2^k) clamped to +-32767 in the order the kernel's unpacks give the weights
+// ([0, 2, .., 14], [1, 3, .., 15], [16, 18, .., 30], [17, .., 31]), u = 128 - k (ProductScales' index). Each
+// element is off by at most 2^-15 of its block's largest |x|. Returns false (nothing usable) when the row holds
+// inf or NaN.
+bool quantize_for_mxfp4(const float* x, int64_t cols, int16_t* q, uint16_t* u) {
+  for (int64_t g = 0; g < cols / 32; ++g) {
+    const float* xb = x + 32 * g;
+    float m = 0.0f;
+    for (int i = 0; i < 32; ++i) m = std::max(m, std::fabs(xb[i]));
+    if (!std::isfinite(m)) return false;
+    int e = 0;
+    std::frexp(m, &e);
+    const int k = m > 0.0f ? std::min(127, 15 - e) : 0;
+    const float up = std::ldexp(1.0f, k);
+    u[g] = static_cast<uint16_t>(128 - k);
+    int16_t* qb = q + 32 * g;
+    for (int p = 0; p < 32; ++p) {
+      const int within = p % 16, element = 16 * (p / 16) + 2 * (within % 8) + within / 8;
+      const float v = std::nearbyint(xb[element] * up);
+      qb[p] = static_cast<int16_t>(std::max(-32767.0f, std::min(32767.0f, v)));
+    }
+  }
+  return true;
+}
 
 // Element order decode_block_shifted produces: within each 8 elements, the even ones, then the odd ones.
 void permute_for_mxfp4(const float* x, int64_t cols, float* xp) {
@@ -311,13 +386,85 @@ LZ_TARGET_AVX2 void convert_row_avx2(const F* row, int64_t cols, float* out) {
 }
 #endif
 
+// The token rows a matrix-vector product reads, prepared once per product: x[x_rows ? x_rows[i] : i] as fp32
+// (for MXFP4 with AVX2 in permute_for_mxfp4's order), or for an MXFP4 weight with `int16` set quantised by
+// quantize_for_mxfp4 too (when every row is finite; else the fp32 form alone, so inf and NaN propagate as in
+// fp32). The fp32 form is always there: an MXFP4 row with a NaN scale runs the fp32 kernel.
+struct TokenRows {
+  std::vector<const float*> f32;
+  std::vector<float> permuted;
+  std::vector<const int16_t*> q;
+  std::vector<const uint16_t*> u;
+  std::vector<int16_t> q_data;
+  std::vector<uint16_t> u_data;
+
+  bool quantized() const { return !q.empty(); }
+
+  void prepare(const StoredMatrix& w, const float* x, const int64_t* x_rows, int64_t n, bool int16) {
+    const auto row = [&](int64_t i) { return x + (x_rows ? x_rows[i] : i) * w.cols; };
+    f32.assign(static_cast<size_t>(n), nullptr);
+    q.clear();
+    u.clear();
+    if (w.format != Storage::kMXFP4 || !use_avx2()) {
+      for (int64_t i = 0; i < n; ++i) f32[i] = row(i);
+      return;
+    }
+    permuted.resize(static_cast<size_t>(n * w.cols));
+    for (int64_t i = 0; i < n; ++i) {
+      permute_for_mxfp4(row(i), w.cols, permuted.data() + i * w.cols);
+      f32[i] = permuted.data() + i * w.cols;
+    }
+    if (!int16) return;
+    const int64_t groups = w.cols / 32;
+    q_data.resize(static_cast<size_t>(n * w.cols));
+    u_data.resize(static_cast<size_t>(n * groups));
+    for (int64_t i = 0; i < n; ++i)
+      if (!quantize_for_mxfp4(row(i), w.cols, q_data.data() + i * w.cols, u_data.data() + i * groups)) return;
+    for (int64_t i = 0; i < n; ++i) {
+      q.push_back(q_data.data() + i * w.cols);
+      u.push_back(u_data.data() + i * groups);
+    }
+  }
+};
+
 // y[i * ldy + (r - r0)] = dot(row r, x[i]) for rows [r0, r1) and the n token rows x[0..n). A stored row (MXFP4,
-// bf16, fp16) met by more than kMaxTokens tokens is decoded once into an fp32 row buffer (MXFP4: the same
-// permuted order as x) instead of once per pass of kMaxTokens tokens.
+// bf16, fp16) met by more than kMaxTokens fp32 tokens is decoded once into an fp32 row buffer (MXFP4: the same
+// permuted order as x) instead of once per pass of kMaxTokens tokens; quantised tokens run the int16 kernel in
+// passes of kMaxTokens, each decoding the row in registers.
 template <typename F>
-void rows_times_tokens(const StoredMatrix& w, int64_t r0, int64_t r1, const float* const* x, int64_t n, float* y,
-                       int64_t ldy) {
+void rows_times_tokens(const StoredMatrix& w, int64_t r0, int64_t r1, const TokenRows& x, int64_t n, int64_t t_first,
+                       float* y, int64_t ldy) {
   float out[kMaxTokens];
+#if defined(LAZARUS_AVX2_MATH)
+  if constexpr (std::is_same<F, uint8_t>::value) {
+    if (x.quantized()) {
+      const int64_t groups = w.cols / 32;
+      for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* blocks = static_cast<const uint8_t*>(w.data) + r * groups * 16;
+        const uint8_t* scales = w.scales + r * groups;
+        const bool nan_scale = std::memchr(scales, 0xFF, static_cast<size_t>(groups)) != nullptr;
+        for (int64_t t0 = 0; t0 < n; t0 += kMaxTokens) {
+          const int nt = static_cast<int>(std::min<int64_t>(kMaxTokens, n - t0));
+          const int16_t* const* q = x.q.data() + t_first + t0;
+          const uint16_t* const* u = x.u.data() + t_first + t0;
+          if (nan_scale) {
+            row_dots<uint8_t>(w, r, x.f32.data() + t_first + t0, nt, out);
+          } else {
+            switch (nt) {
+              case 1: row_dots_mxfp4_q16_avx2<1>(blocks, scales, groups, q, u, out); break;
+              case 2: row_dots_mxfp4_q16_avx2<2>(blocks, scales, groups, q, u, out); break;
+              case 3: row_dots_mxfp4_q16_avx2<3>(blocks, scales, groups, q, u, out); break;
+              default: row_dots_mxfp4_q16_avx2<4>(blocks, scales, groups, q, u, out); break;
+            }
+          }
+          for (int i = 0; i < nt; ++i) y[(t0 + i) * ldy + (r - r0)] = out[i];
+        }
+      }
+      return;
+    }
+  }
+#endif
+  const float* const* xs = x.f32.data() + t_first;
   std::vector<float> decoded;
 #if defined(LAZARUS_AVX2_MATH)
   if (!std::is_same<F, float>::value && n > kMaxTokens && use_avx2()) decoded.resize(static_cast<size_t>(w.cols));
@@ -338,99 +485,155 @@ void rows_times_tokens(const StoredMatrix& w, int64_t r0, int64_t r1, const floa
     for (int64_t t0 = 0; t0 < n; t0 += kMaxTokens) {
       const int nt = static_cast<int>(std::min<int64_t>(kMaxTokens, n - t0));
       if (decoded.empty()) {
-        row_dots<F>(w, r, x + t0, nt, out);
+        row_dots<F>(w, r, xs + t0, nt, out);
       } else {
-        row_dots<float>(row_buffer, 0, x + t0, nt, out);
+        row_dots<float>(row_buffer, 0, xs + t0, nt, out);
       }
       for (int i = 0; i < nt; ++i) y[(t0 + i) * ldy + (r - r0)] = out[i];
     }
   }
 }
 
-void rows_times_tokens_any(const StoredMatrix& w, int64_t r0, int64_t r1, const float* const* x, int64_t n,
-                           float* y, int64_t ldy) {
+void rows_times_tokens_any(const StoredMatrix& w, int64_t r0, int64_t r1, const TokenRows& x, int64_t n,
+                           int64_t t_first, float* y, int64_t ldy) {
   switch (w.format) {
-    case Storage::kBF16: return rows_times_tokens<bf16_t>(w, r0, r1, x, n, y, ldy);
-    case Storage::kF16: return rows_times_tokens<f16_t>(w, r0, r1, x, n, y, ldy);
-    case Storage::kMXFP4: return rows_times_tokens<uint8_t>(w, r0, r1, x, n, y, ldy);
-    default: return rows_times_tokens<float>(w, r0, r1, x, n, y, ldy);
+    case Storage::kBF16: return rows_times_tokens<bf16_t>(w, r0, r1, x, n, t_first, y, ldy);
+    case Storage::kF16: return rows_times_tokens<f16_t>(w, r0, r1, x, n, t_first, y, ldy);
+    case Storage::kMXFP4: return rows_times_tokens<uint8_t>(w, r0, r1, x, n, t_first, y, ldy);
+    default: return rows_times_tokens<float>(w, r0, r1, x, n, t_first, y, ldy);
   }
 }
+
+// stored_matvec_and_shrink as work items for one OpenMP loop: kRowsPerItem rows of the base, or (expert, first
+// rank row) of the shrink. Built before the loop; prepare_inputs() reads the input rows, so a plan whose inputs
+// an earlier stage writes is prepared after that stage.
+class MatvecShrinkPlan {
+ public:
+  MatvecShrinkPlan(const MatvecProblem& base, const ShrinkProblem& shrink) : base_(base), shrink_(shrink) {
+    if (base.w.rows > 0 && base.n > 0) base_items_ = (base.w.rows + kRowsPerItem - 1) / kRowsPerItem;
+    if (shrink.rank > 0 && shrink.experts > 0) {
+      for (int64_t e = 0; e < shrink.experts; ++e) {
+        const int64_t n = shrink.offsets[e + 1] - shrink.offsets[e];
+        if (n == 0 || n > shrink.max_pairs) continue;
+        for (int64_t j0 = 0; j0 < shrink.rank; j0 += kRowsPerItem) items_.emplace_back(e, j0);
+      }
+    }
+  }
+
+  int64_t items() const { return base_items_ + static_cast<int64_t>(items_.size()); }
+
+  void prepare_inputs() {
+    if (base_items_) base_rows_.prepare(base_.w, base_.x, base_.x_rows, base_.n, base_.int16);
+    if (!items_.empty()) pair_rows_.prepare(shrink_.b, shrink_.inp, shrink_.rows, shrink_.offsets[shrink_.experts],
+                                            false);
+  }
+
+  void run(int64_t it) const {
+    if (it < base_items_) {
+      const int64_t r0 = it * kRowsPerItem;
+      rows_times_tokens_any(base_.w, r0, std::min(base_.w.rows, r0 + kRowsPerItem), base_rows_, base_.n, 0,
+                            base_.y + r0, base_.ldy);
+      return;
+    }
+    const int64_t e = items_[it - base_items_].first, j0 = items_[it - base_items_].second;
+    const int64_t p0 = shrink_.offsets[e], n = shrink_.offsets[e + 1] - p0, rank = shrink_.rank;
+    // Expert e's factor rows j0.. of the [experts * rank, cols] matrix, written to s[p0.., j0..].
+    rows_times_tokens_any(shrink_.b, e * rank + j0, e * rank + std::min(rank, j0 + kRowsPerItem), pair_rows_, n, p0,
+                          shrink_.s + p0 * rank + j0, rank);
+  }
+
+ private:
+  MatvecProblem base_;
+  ShrinkProblem shrink_;
+  int64_t base_items_ = 0;
+  std::vector<std::pair<int64_t, int64_t>> items_;
+  TokenRows base_rows_, pair_rows_;
+};
+
+// Column block b (kCols columns of I) of overlay_gate_up: every pair's expand, bias and activation there.
+template <typename F>
+void gate_up_block(const OverlayGateUpArgsT<F>& a, int64_t b) {
+  const int64_t I = a.inter, rg = a.rank_gate, ru = a.rank_up, r = rg + ru;
+  const int64_t c0 = b * kCols, w = std::min(kCols, I - c0);
+  float g[kTile][kCols], u[kTile][kCols];
+  for (int64_t e = 0; e < a.experts; ++e) {
+    for (int64_t p0 = a.offsets[e]; p0 < a.offsets[e + 1]; p0 += kTile) {
+      const int64_t n = std::min(kTile, a.offsets[e + 1] - p0);
+      const float* sg[kTile];
+      const float* su[kTile];
+      for (int64_t q = 0; q < n; ++q) {
+        const int64_t t = a.pair_token[p0 + q];
+        const float* base = a.gu0 + t * 2 * I + c0;
+        std::memcpy(g[q], base, sizeof(float) * w);
+        std::memcpy(u[q], base + I, sizeof(float) * w);
+        if (a.bias_gate) {
+          const F* bg = a.bias_gate + e * I + c0;
+          for (int64_t c = 0; c < w; ++c) g[q][c] += to_float(bg[c]);
+        }
+        if (a.bias_up) {
+          const F* bu = a.bias_up + e * I + c0;
+          for (int64_t c = 0; c < w; ++c) u[q][c] += to_float(bu[c]);
+        }
+        sg[q] = a.s_gu + (p0 + q) * r;
+        su[q] = sg[q] + rg;
+      }
+      expand_tile(g, sg, n, a.at_gate + e * rg * I, rg, I, c0, w);
+      expand_tile(u, su, n, a.at_up + e * ru * I, ru, I, c0, w);
+      for (int64_t q = 0; q < n; ++q) {
+        const int64_t p = p0 + q, t = a.pair_token[p];
+        activate(g[q], u[q], w, a.activation, a.alpha, a.limit, a.pair_weight[p], a.h + p * I + c0,
+                 a.hw + t * I + c0);
+      }
+    }
+  }
+}
+
+// Column block b (kCols columns of H) of overlay_down.
+template <typename F>
+void down_block(const OverlayDownArgsT<F>& a, int64_t b) {
+  const int64_t H = a.hidden, rd = a.rank_down;
+  const int64_t c0 = b * kCols, w = std::min(kCols, H - c0);
+  float acc[kTile][kCols];
+  for (int64_t e = 0; e < a.experts; ++e) {
+    for (int64_t p0 = a.offsets[e]; p0 < a.offsets[e + 1]; p0 += kTile) {
+      const int64_t n = std::min(kTile, a.offsets[e + 1] - p0);
+      const float* s[kTile];
+      for (int64_t q = 0; q < n; ++q) {
+        for (int64_t c = 0; c < w; ++c) acc[q][c] = a.bias_down ? to_float(a.bias_down[e * H + c0 + c]) : 0.0f;
+        s[q] = a.s_d + (p0 + q) * rd;
+      }
+      expand_tile(acc, s, n, a.at_down + e * rd * H, rd, H, c0, w);
+      for (int64_t q = 0; q < n; ++q) {
+        const int64_t p = p0 + q;
+        const float wt = a.pair_weight[p];
+        float* yt = a.y + a.pair_token[p] * H + c0;
+        for (int64_t c = 0; c < w; ++c) yt[c] += wt * acc[q][c];
+      }
+    }
+  }
+}
+
+int64_t column_blocks(int64_t cols) { return (cols + kCols - 1) / kCols; }
 
 }  // namespace
 
 template <typename F>
 void overlay_gate_up_cpu(const OverlayGateUpArgsT<F>& a) {
-  const int64_t I = a.inter, rg = a.rank_gate, ru = a.rank_up, r = rg + ru;
-  const int64_t blocks = (I + kCols - 1) / kCols;
-  std::memset(a.hw, 0, sizeof(float) * a.tokens * I);
+  std::memset(a.hw, 0, sizeof(float) * a.tokens * a.inter);
+  const int64_t blocks = column_blocks(a.inter);
 #if defined(LAZARUS_WITH_OPENMP)
 #pragma omp parallel for schedule(static)
 #endif
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t c0 = b * kCols, w = std::min(kCols, I - c0);
-    float g[kTile][kCols], u[kTile][kCols];
-    for (int64_t e = 0; e < a.experts; ++e) {
-      for (int64_t p0 = a.offsets[e]; p0 < a.offsets[e + 1]; p0 += kTile) {
-        const int64_t n = std::min(kTile, a.offsets[e + 1] - p0);
-        const float* sg[kTile];
-        const float* su[kTile];
-        for (int64_t q = 0; q < n; ++q) {
-          const int64_t t = a.pair_token[p0 + q];
-          const float* base = a.gu0 + t * 2 * I + c0;
-          std::memcpy(g[q], base, sizeof(float) * w);
-          std::memcpy(u[q], base + I, sizeof(float) * w);
-          if (a.bias_gate) {
-            const F* bg = a.bias_gate + e * I + c0;
-            for (int64_t c = 0; c < w; ++c) g[q][c] += to_float(bg[c]);
-          }
-          if (a.bias_up) {
-            const F* bu = a.bias_up + e * I + c0;
-            for (int64_t c = 0; c < w; ++c) u[q][c] += to_float(bu[c]);
-          }
-          sg[q] = a.s_gu + (p0 + q) * r;
-          su[q] = sg[q] + rg;
-        }
-        expand_tile(g, sg, n, a.at_gate + e * rg * I, rg, I, c0, w);
-        expand_tile(u, su, n, a.at_up + e * ru * I, ru, I, c0, w);
-        for (int64_t q = 0; q < n; ++q) {
-          const int64_t p = p0 + q, t = a.pair_token[p];
-          activate(g[q], u[q], w, a.activation, a.alpha, a.limit, a.pair_weight[p], a.h + p * I + c0,
-                   a.hw + t * I + c0);
-        }
-      }
-    }
-  }
+  for (int64_t b = 0; b < blocks; ++b) gate_up_block(a, b);
 }
 
 template <typename F>
 void overlay_down_cpu(const OverlayDownArgsT<F>& a) {
-  const int64_t H = a.hidden, rd = a.rank_down;
-  const int64_t blocks = (H + kCols - 1) / kCols;
+  const int64_t blocks = column_blocks(a.hidden);
 #if defined(LAZARUS_WITH_OPENMP)
 #pragma omp parallel for schedule(static)
 #endif
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t c0 = b * kCols, w = std::min(kCols, H - c0);
-    float acc[kTile][kCols];
-    for (int64_t e = 0; e < a.experts; ++e) {
-      for (int64_t p0 = a.offsets[e]; p0 < a.offsets[e + 1]; p0 += kTile) {
-        const int64_t n = std::min(kTile, a.offsets[e + 1] - p0);
-        const float* s[kTile];
-        for (int64_t q = 0; q < n; ++q) {
-          for (int64_t c = 0; c < w; ++c) acc[q][c] = a.bias_down ? to_float(a.bias_down[e * H + c0 + c]) : 0.0f;
-          s[q] = a.s_d + (p0 + q) * rd;
-        }
-        expand_tile(acc, s, n, a.at_down + e * rd * H, rd, H, c0, w);
-        for (int64_t q = 0; q < n; ++q) {
-          const int64_t p = p0 + q;
-          const float wt = a.pair_weight[p];
-          float* yt = a.y + a.pair_token[p] * H + c0;
-          for (int64_t c = 0; c < w; ++c) yt[c] += wt * acc[q][c];
-        }
-      }
-    }
-  }
+  for (int64_t b = 0; b < blocks; ++b) down_block(a, b);
 }
 
 template void overlay_gate_up_cpu<float>(const OverlayGateUpArgsT<float>&);
@@ -440,78 +643,90 @@ template void overlay_down_cpu<float>(const OverlayDownArgsT<float>&);
 template void overlay_down_cpu<bf16_t>(const OverlayDownArgsT<bf16_t>&);
 template void overlay_down_cpu<f16_t>(const OverlayDownArgsT<f16_t>&);
 
-namespace {
-
-// Token rows as the matrix-vector kernels read them: x[x_rows ? x_rows[i] : i] for i < n, copied into
-// `permuted` in permute_for_mxfp4's order when w is MXFP4 and the AVX2 kernel runs.
-std::vector<const float*> token_rows(const StoredMatrix& w, const float* x, const int64_t* x_rows, int64_t n,
-                                     std::vector<float>& permuted) {
-  std::vector<const float*> xs(static_cast<size_t>(n));
-  const bool permute = w.format == Storage::kMXFP4 && use_avx2();
-  if (permute) permuted.resize(static_cast<size_t>(n * w.cols));
-  for (int64_t i = 0; i < n; ++i) {
-    const float* row = x + (x_rows ? x_rows[i] : i) * w.cols;
-    if (permute) {
-      permute_for_mxfp4(row, w.cols, permuted.data() + i * w.cols);
-      row = permuted.data() + i * w.cols;
-    }
-    xs[i] = row;
-  }
-  return xs;
-}
-
-}  // namespace
-
 void stored_matvec_and_shrink_cpu(const MatvecProblem& base, const ShrinkProblem& shrink) {
-  // Base items: kRowsPerItem rows of the base; shrink items: (expert, first rank row). One dynamic loop over
-  // both, so a small batch is one parallel region and a descheduled thread's share is taken by the others.
-  std::vector<float> permuted;
-  std::vector<const float*> xs;
-  int64_t base_items = 0;
-  if (base.w.rows > 0 && base.n > 0) {
-    xs = token_rows(base.w, base.x, base.x_rows, base.n, permuted);
-    base_items = (base.w.rows + kRowsPerItem - 1) / kRowsPerItem;
-  }
-  std::vector<std::pair<int64_t, int64_t>> items;  // shrink (expert, first rank row)
-  std::vector<const float*> pair_rows;
-  if (shrink.rank > 0 && shrink.experts > 0) {
-    const int64_t pairs = shrink.offsets[shrink.experts];
-    pair_rows.resize(static_cast<size_t>(pairs));
-    for (int64_t p = 0; p < pairs; ++p) pair_rows[p] = shrink.inp + (shrink.rows ? shrink.rows[p] : p) * shrink.b.cols;
-    for (int64_t e = 0; e < shrink.experts; ++e) {
-      const int64_t n = shrink.offsets[e + 1] - shrink.offsets[e];
-      if (n == 0 || n > shrink.max_pairs) continue;
-      for (int64_t j0 = 0; j0 < shrink.rank; j0 += kRowsPerItem) items.emplace_back(e, j0);
-    }
-  }
-  const int64_t n_items = base_items + static_cast<int64_t>(items.size());
+  // One dynamic loop over both kinds of item, so a small batch is one parallel region and a descheduled
+  // thread's share is taken by the others.
+  MatvecShrinkPlan plan(base, shrink);
+  plan.prepare_inputs();
+  const int64_t n_items = plan.items();
 #if defined(LAZARUS_WITH_OPENMP)
 #pragma omp parallel for schedule(dynamic) if (n_items > 1)
 #endif
-  for (int64_t it = 0; it < n_items; ++it) {
-    if (it < base_items) {
-      const int64_t r0 = it * kRowsPerItem;
-      rows_times_tokens_any(base.w, r0, std::min(base.w.rows, r0 + kRowsPerItem), xs.data(), base.n, base.y + r0,
-                            base.ldy);
-      continue;
-    }
-    const int64_t e = items[it - base_items].first, j0 = items[it - base_items].second;
-    const int64_t p0 = shrink.offsets[e], n = shrink.offsets[e + 1] - p0, rank = shrink.rank;
-    // Expert e's factor rows j0.. of the [experts * rank, cols] matrix, written to s[p0.., j0..].
-    rows_times_tokens_any(shrink.b, e * rank + j0, e * rank + std::min(rank, j0 + kRowsPerItem),
-                          pair_rows.data() + p0, n, shrink.s + p0 * rank + j0, rank);
-  }
+  for (int64_t it = 0; it < n_items; ++it) plan.run(it);
 }
 
 void stored_matvec_cpu(const StoredMatrix& w, const float* x, const int64_t* x_rows, int64_t n, float* y,
-                       int64_t ldy) {
-  stored_matvec_and_shrink_cpu(MatvecProblem{w, x, x_rows, n, y, ldy}, ShrinkProblem{});
+                       int64_t ldy, bool int16) {
+  stored_matvec_and_shrink_cpu(MatvecProblem{w, x, x_rows, n, y, ldy, int16}, ShrinkProblem{});
 }
 
 void overlay_shrink_cpu(const StoredMatrix& b, int64_t rank, const int64_t* offsets, int64_t experts,
                         int64_t max_pairs, const float* inp, const int64_t* rows, float* s) {
   stored_matvec_and_shrink_cpu(MatvecProblem{}, ShrinkProblem{b, rank, offsets, experts, max_pairs, inp, rows, s});
 }
+
+template <typename F>
+void overlay_moe_small_cpu(const SmallForwardT<F>& a) {
+  const int64_t T = a.tokens, K = a.top_k, P = T * K, E = a.experts, H = a.hidden, I = a.inter;
+  const int64_t rgu = a.rank_gate + a.rank_up, rd = a.rank_down;
+  // Pairs sorted by expert (a stable counting sort: pair order within an expert follows the slots).
+  std::vector<int64_t> offsets(static_cast<size_t>(E + 1), 0), pair_token(static_cast<size_t>(P));
+  std::vector<float> pair_weight(static_cast<size_t>(P));
+  for (int64_t p = 0; p < P; ++p) ++offsets[a.topk_ids[p] + 1];
+  for (int64_t e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
+  std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
+  for (int64_t slot = 0; slot < P; ++slot) {
+    const int64_t p = cursor[a.topk_ids[slot]]++;
+    pair_token[p] = slot / K;
+    pair_weight[p] = a.topk_weights[slot];
+  }
+  std::vector<float> gu0(static_cast<size_t>(T * 2 * I)), s_gu(static_cast<size_t>(P * rgu)),
+      h(static_cast<size_t>(P * I)), hw(static_cast<size_t>(T * I)), s_d(static_cast<size_t>(P * rd));
+  MatvecShrinkPlan gate_up_products(
+      MatvecProblem{a.base_gate_up, a.x, nullptr, T, gu0.data(), 2 * I, a.int16},
+      ShrinkProblem{a.b_gate_up, rgu, offsets.data(), E, P, a.x, pair_token.data(), s_gu.data()});
+  MatvecShrinkPlan down_products(MatvecProblem{a.base_down, hw.data(), nullptr, T, a.y, H, a.int16},
+                                 ShrinkProblem{a.b_down, rd, offsets.data(), E, P, h.data(), nullptr, s_d.data()});
+  const OverlayGateUpArgsT<F> gate_up{gu0.data(), s_gu.data(), pair_token.data(), pair_weight.data(), offsets.data(),
+                                      a.at_gate, a.at_up, a.bias_gate, a.bias_up, T, I, P, E, a.rank_gate, a.rank_up,
+                                      a.activation, a.alpha, a.limit, h.data(), hw.data()};
+  const OverlayDownArgsT<F> down{s_d.data(), pair_token.data(), pair_weight.data(), offsets.data(), a.at_down,
+                                 a.bias_down, T, H, P, E, rd, a.y};
+  gate_up_products.prepare_inputs();
+  const int64_t n1 = gate_up_products.items(), n3 = down_products.items();
+  const int64_t gate_up_blocks = column_blocks(I), down_blocks = column_blocks(H);
+  // One parallel region for the whole forward: each stage is a worksharing loop whose implicit barrier hands
+  // its output to the next (a region per stage waits for every thread to wake, a descheduled one included).
+#if defined(LAZARUS_WITH_OPENMP)
+#pragma omp parallel
+#endif
+  {
+#if defined(LAZARUS_WITH_OPENMP)
+#pragma omp for schedule(dynamic)
+#endif
+    for (int64_t it = 0; it < n1; ++it) gate_up_products.run(it);
+#if defined(LAZARUS_WITH_OPENMP)
+#pragma omp for schedule(dynamic)
+#endif
+    for (int64_t b = 0; b < gate_up_blocks; ++b) gate_up_block(gate_up, b);
+#if defined(LAZARUS_WITH_OPENMP)
+#pragma omp single
+#endif
+    down_products.prepare_inputs();
+#if defined(LAZARUS_WITH_OPENMP)
+#pragma omp for schedule(dynamic)
+#endif
+    for (int64_t it = 0; it < n3; ++it) down_products.run(it);
+#if defined(LAZARUS_WITH_OPENMP)
+#pragma omp for schedule(dynamic)
+#endif
+    for (int64_t b = 0; b < down_blocks; ++b) down_block(down, b);
+  }
+}
+
+template void overlay_moe_small_cpu<float>(const SmallForwardT<float>&);
+template void overlay_moe_small_cpu<bf16_t>(const SmallForwardT<bf16_t>&);
+template void overlay_moe_small_cpu<f16_t>(const SmallForwardT<f16_t>&);
 
 namespace detail {
 

@@ -1,7 +1,10 @@
 """overlay_moe_forward and stored_matmul on every CPU path against their readable references: overlays in
 storage precision (fp32/bf16/fp16 factors; fp32/bf16/fp16 or MXFP4 bases), fresh random draws, odd sizes,
 T in {0, 1, 3, 17, 300} (the GEMV and the decoded-tile paths, the GEMV and the BLAS shrink), k in {1, 2, 4, 8},
-ranks including 0 and 1, both activations, with and without expert biases, and edge values."""
+ranks including 0 and 1, both activations, with and without expert biases, and edge values. The MXFP4 GEMV
+meets its input rows rounded to int16 by default (mxfp4_tokens="int16"): the strict comparisons run with the
+fp32 kernel (exact products), the int16 kernel is checked against its readable rounding reference and its
+bound, and the whole forward of a small batch in one call against the staged path it replaces."""
 
 from __future__ import annotations
 
@@ -33,9 +36,16 @@ def _run(backend, x, ids, w, ex):
     return overlay_moe_forward(x, ids, w, ex, backend=backend)
 
 
-def _assert_matches(out: torch.Tensor, x, ids, w, ex) -> None:
+@pytest.fixture(autouse=True)
+def fp32_mxfp4_tokens(monkeypatch):
+    """The strict comparisons below hold for the exact fp32 MXFP4 kernel; the int16 one has its own tests."""
+    monkeypatch.setattr(op, "MXFP4_TOKENS", "fp32")
+
+
+def _assert_matches(out: torch.Tensor, x, ids, w, ex, rel_floor: float = 1e-6) -> None:
     """The flash-attention rule: against a float64 oracle on the same stored values, the kernel's error is at
-    most twice the fp32 reference's (plus a floor of 1e-6 of the output scale); NaN positions match exactly."""
+    most twice the fp32 reference's (plus a floor of ``rel_floor`` of the output scale); NaN positions match
+    exactly."""
     oracle = overlay_moe_forward_reference(x.double(), ids, w.double(), ex.to_float(torch.float64))
     ref = overlay_moe_forward_reference(x, ids, w, ex).double()
     assert out.shape == oracle.shape and out.dtype == x.dtype
@@ -44,7 +54,7 @@ def _assert_matches(out: torch.Tensor, x, ids, w, ex) -> None:
     out, ref, oracle = (t.double().masked_fill(nan, 0) for t in (out, ref, oracle))
     scale, err, ref_err = (float(t.abs().max()) if t.numel() else 0.0 for t in (oracle, out - oracle, ref - oracle))
     scale = max(1.0, scale)
-    assert err <= 2 * ref_err + 1e-6 * scale, (err, ref_err, scale)
+    assert err <= 2 * ref_err + rel_floor * scale, (err, ref_err, scale)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -370,3 +380,129 @@ def test_matvec_and_shrink_in_one_region_match_the_separate_kernels(base):
         ext.stored_matvec_and_shrink(data, sc, fmt, rows, cols, x.numpy(), x_rows.numpy(), y.numpy(), op._bits(b), 1,
                                      experts, rank, b_cols, offsets.numpy(), 6, inp.numpy(),
                                      (inp_rows + 12).numpy(), s.numpy())
+
+
+# ---- the int16 MXFP4 kernel (the default) and the one-call forward of a small batch
+
+
+def _mxfp4_weight(rows, cols, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(zip(("blocks", "scales"), mxfp4_quantize(torch.randn(rows, cols, generator=g))))
+
+
+def test_token_rounding_reference_keeps_its_bound():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 96, generator=g) * torch.logspace(-30, 30, 5)[:, None]
+    x[0, :32] = 0.0                      # an all-zero block
+    x[1, 40] = 1e4 * x[1, 32:64].abs().max()  # one large value: the block's others lose relative precision
+    r = op.mxfp4_token_rounding(x)
+    blockmax = x.reshape(5, 3, 32).abs().amax(-1, keepdim=True).expand(5, 3, 32).reshape(5, 96)
+    assert ((r - x).abs() <= 2.0 ** -15 * blockmax).all()
+    assert torch.equal(r[0, :32], torch.zeros(32))
+    assert (r != x).any()                # it does round
+    bad = x.clone()
+    bad[2, 7] = float("inf")
+    assert torch.equal(op.mxfp4_token_rounding(bad), bad)  # inf anywhere: the fp32 kernel runs
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 9, 16])
+def test_int16_kernel_equals_its_rounding_reference(n):
+    # Products and block sums are exact in int32: the kernel equals the fp64 product of the rounded rows up to
+    # the fp32 sum over blocks. A NaN scale row, a subnormal scale, odd row counts, n over the 4 tokens per pass.
+    kw = _mxfp4_weight(21, 160, seed=n)
+    kw["scales"][3, 1] = 0xFF
+    kw["scales"][4, 0] = 0
+    x = torch.randn(n, 160) * 3
+    x[:, 64:96] *= 1e-20                 # a block far below the others
+    out = op.stored_matmul(x, **kw, mxfp4_tokens="int16")
+    dense = op.stored_matmul_reference(torch.eye(160), **kw).double()   # [in, out] decoded weights
+    oracle = op.mxfp4_token_rounding(x).double() @ dense
+    exact = x.double() @ dense
+    nan = torch.isnan(oracle)
+    assert torch.equal(torch.isnan(out), nan) and nan[:, 3].all() and int(nan.sum()) == n
+    out, oracle, exact = (t.masked_fill(nan, 0) for t in (out.double(), oracle, exact))
+    scale = float(oracle.abs().max())
+    assert float((out - oracle).abs().max()) <= 1e-6 * scale
+    bound = (2.0 ** -15 * op.mxfp4_token_rounding(x).abs().reshape(n, 5, 32).amax(-1)).repeat_interleave(32, 1)
+    assert ((exact - oracle).abs() <= bound.double() @ dense.abs().nan_to_num() + 1e-6 * scale).all()
+
+
+def test_int16_kernel_runs_fp32_when_a_row_is_not_finite():
+    kw = _mxfp4_weight(9, 64)
+    x = torch.randn(3, 64)
+    x[1, 2] = float("inf")
+    x[2, 5] = float("nan")
+    a = op.stored_matmul(x, **kw, mxfp4_tokens="int16")
+    b = op.stored_matmul(x, **kw, mxfp4_tokens="fp32")
+    assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(torch.isnan(a), torch.isnan(b))
+    with pytest.raises(ValueError, match="mxfp4_tokens"):
+        op.stored_matmul(x, **kw, mxfp4_tokens="int8")
+
+
+def _staged(x, ids, w, ex):
+    """The staged CPU forward (one call per stage), which T <= GEMV_MAX_ROWS no longer takes."""
+    impls = dict(op._IMPLS)
+    try:
+        op._IMPLS["cpu"] = tuple(op._CPU_STAGES)  # equal stages, another tuple: not the one-call path
+        return overlay_moe_forward(x, ids, w, ex, backend="cpu")
+    finally:
+        op._IMPLS.clear()
+        op._IMPLS.update(impls)
+
+
+@pytest.mark.parametrize("mode", ["int16", "fp32"])
+@pytest.mark.parametrize("base,factors", STORAGE, ids=[f"{b}-base-{f}-factors" for b, f in STORAGE])
+@pytest.mark.parametrize("tokens,top_k", [(1, 1), (1, 4), (3, 2), (16, 8)])
+def test_one_call_forward_equals_the_staged_path(monkeypatch, mode, base, factors, tokens, top_k):
+    monkeypatch.setattr(op, "MXFP4_TOKENS", mode)
+    hidden, inter = (64, 96) if base == "mxfp4" else (37, 21)
+    ex = random_overlay(9, hidden, inter, (3, 5, 2), bias=True, activation="gpt_oss",
+                        factor_dtype=FACTOR_DTYPES[factors], base=base)
+    x = torch.randn(tokens, hidden) * 2
+    ids, w = random_routing(tokens, 9, top_k)
+    ids[0, -1] = ids[0, 0]                # a token choosing one expert twice
+    calls = []
+    monkeypatch.setattr(op, "_forward_small_cpu", lambda *a, _f=op._forward_small_cpu: calls.append(1) or _f(*a))
+    out = overlay_moe_forward(x, ids, w, ex, backend="cpu")
+    assert calls == [1]
+    assert torch.equal(out, _staged(x, ids, w, ex))     # the same kernels, the same order: bit for bit
+    rel = 2.0 ** -12 if (mode == "int16" and base == "mxfp4") else 1e-6
+    _assert_matches(out, x, ids, w, ex, rel_floor=rel)
+
+
+def test_one_call_forward_without_biases_and_zero_ranks():
+    for ranks, bias in (((0, 0, 0), False), ((2, 0, 1), False)):
+        ex = random_overlay(4, 64, 32, ranks, bias=bias, activation="swiglu", factor_dtype=torch.bfloat16,
+                            base="mxfp4")
+        x = torch.randn(2, 64)
+        ids, w = random_routing(2, 4, 2)
+        out = overlay_moe_forward(x, ids, w, ex, backend="cpu")
+        assert torch.equal(out, _staged(x, ids, w, ex))
+        _assert_matches(out, x, ids, w, ex)
+
+
+def test_one_call_binding_names_the_bad_argument():
+    from lazarus_core.ops._backends import cpu_extension
+
+    ex = random_overlay(4, 64, 32, (1, 1, 1), bias=False, activation="swiglu", factor_dtype=torch.bfloat16,
+                        base="mxfp4")
+    x = torch.randn(2, 64)
+    ids, w = random_routing(2, 4, 2)
+    with pytest.raises(ValueError, match="topk_ids holds an index out of range"):
+        op._forward_small_cpu(x, ids + 4, w, ex)
+    args = [x.numpy(), ids.numpy(), w.numpy(), ex.base_gate_up_blocks.numpy(), ex.base_gate_up_scales.numpy(),
+            ex.base_down_blocks.numpy(), ex.base_down_scales.numpy(), 3, op._bits(ex.b_gate_up), op._bits(ex.b_down),
+            op._bits(ex.at_gate), op._bits(ex.at_up), op._bits(ex.at_down), None, None, None, 1, 0, 1.0, 7.0, True,
+            torch.empty(2, 64).numpy()]
+    bad = list(args)
+    bad[2] = torch.randn(2, 3).numpy()
+    with pytest.raises(ValueError, match="topk_weights"):
+        cpu_extension().overlay_moe_small(*bad)
+    bad = list(args)
+    bad[-1] = torch.empty(2, 63).numpy()
+    with pytest.raises(ValueError, match="y"):
+        cpu_extension().overlay_moe_small(*bad)
+    bad = list(args)
+    bad[5] = ex.base_down_blocks[:-1].numpy()
+    with pytest.raises(ValueError, match="blocks"):
+        cpu_extension().overlay_moe_small(*bad)
