@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -280,13 +280,35 @@ def _config(ckpt: MoeCheckpoint, plan: OverlayPlan, model: str, revision: str | 
     }
 
 
-def _shard_meta(layer: int, ranks: dict[str, int], dtype: str, base_tag: str, source: str) -> dict[str, str]:
-    """Shard metadata: what a resumed compress compares to decide whether a shard is current."""
-    return {"format": FORMAT_NAME, "layer": str(layer), "dtype": dtype, "base": base_tag,
-            "ranks": json.dumps(ranks), "source": source}
+def shard_metadata(ckpt: MoeCheckpoint, plan: OverlayPlan, fingerprint: dict, layer: int,
+                   ranks: dict[str, int]) -> dict[str, str]:
+    """The metadata of ``layer``'s shard under ``plan``: what a resumed compress compares to decide whether a
+    shard is current (:func:`shard_is_current`).
+
+    Parameters
+    ----------
+    ckpt : MoeCheckpoint
+    plan : OverlayPlan
+        Gives the storage: ``dtype`` and the base tag ``"BASE_METHOD/BASE_DTYPE"``.
+    fingerprint : dict
+        :func:`overlay_fingerprint` of the run; the source entry is the layer's digest in it.
+    layer : int
+    ranks : dict
+        Projection -> rank of the layer's factors.
+
+    Returns
+    -------
+    dict
+        ``{"format", "layer", "dtype", "base", "ranks" (JSON), "source"}``, all str (safetensors metadata).
+    """
+    return {"format": FORMAT_NAME, "layer": str(layer), "dtype": plan.dtype,
+            "base": f"{plan.base_method}/{plan.base_dtype or plan.dtype}", "ranks": json.dumps(ranks),
+            "source": layer_digest(ckpt, fingerprint, layer)}
 
 
-def _shard_is_current(path: Path, want: dict[str, str]) -> bool:
+def shard_is_current(path: Path, want: dict[str, str]) -> bool:
+    """Whether the shard at ``path`` carries the metadata ``want`` (:func:`shard_metadata`; ranks compared as
+    JSON). A missing, torn or foreign file is not current: it is rewritten."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -298,6 +320,120 @@ def _shard_is_current(path: Path, want: dict[str, str]) -> bool:
         return False
     return all(meta.get(k) == v for k, v in want.items() if k != "ranks") and \
         json.loads(meta.get("ranks", "{}")) == json.loads(want["ranks"])
+
+
+def planned_bases(ckpt: MoeCheckpoint, out_dir: str | Path, plan: OverlayPlan, layer: int, projections: Sequence[str],
+                  fingerprint: dict, *, backend: str = "auto",
+                  spectra: dict[tuple[int, str], ProjectionSpectrum] | None = None) -> dict[str, torch.Tensor]:
+    """The base each of ``projections`` of ``layer`` was planned from: a ``ProjectionSpectrum.base`` in
+    ``spectra``, else the one saved in ``out_dir/plan-cache`` (:func:`compute_spectra`), else formed again.
+
+    Parameters
+    ----------
+    ckpt : MoeCheckpoint
+    out_dir : str or Path
+        The overlay directory (its plan cache is read).
+    plan : OverlayPlan
+        Gives ``base_method``.
+    layer : int
+    projections : list of str
+    fingerprint : dict
+        :func:`overlay_fingerprint` of the run (the plan-cache key).
+    backend : str
+    spectra : dict, optional
+        ``(layer, projection) -> ProjectionSpectrum`` of the plan.
+
+    Returns
+    -------
+    dict
+        Projection -> base, float32 ``[out, in]``.
+    """
+    bases = {p: getattr((spectra or {}).get((layer, p)), "base", None) for p in projections}
+    if any(b is None for b in bases.values()):
+        saved = load_layer_plan(Path(out_dir) / PLAN_DIR, layer, plan_key(ckpt, fingerprint, layer, plan.base_method),
+                                tuple(bases))
+        bases = {p: b if b is not None else (saved[p].base if saved else None) for p, b in bases.items()}
+    return {p: b if b is not None else  # no plan to reuse: form the base again
+            overlay_base(ckpt, layer, p, method=plan.base_method, backend=backend, edges=noise_edges(ckpt, layer, p))
+            for p, b in bases.items()}
+
+
+def projection_factors(experts: MoeCheckpoint, layer: int, projection: str, base: torch.Tensor, rank: int, *,
+                       dtype: str, backend: str = "auto", on_expert: Callable[[], None] = lambda: None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The overlay factors of every expert of ``experts`` for one (layer, projection): the truncated SVD of
+    ``W_e - base`` at ``rank`` (:func:`lazarus_core.spectra.parallel.low_rank_parts`, on the ``backend``'s
+    device; CPU: single-threaded workers), rounded to ``dtype``.
+
+    Parameters
+    ----------
+    experts : MoeCheckpoint
+        Or a view of some of its experts
+        (:class:`~lazarus_core.analysis.moe_type_distributed.ExpertSubset`: one rank's share).
+    layer : int
+    projection : str
+    base : torch.Tensor
+        float32 ``[out, in]``.
+    rank : int
+    dtype : {"bf16", "fp16", "fp32"}
+        Overlay storage dtype.
+    backend : str
+    on_expert : callable, optional
+        Called after each expert (a progress step).
+
+    Returns
+    -------
+    A, B : torch.Tensor
+        ``[E, out, rank]`` and ``[E, rank, in]`` in ``dtype``, experts in order (``E``: those of ``experts``).
+    """
+    a_all, b_all = [], []
+    for _, a, b in low_rank_parts(experts, layer, projection, base, lambda _e, _sv: rank, backend=backend):
+        a_all.append(a.to(DTYPES[dtype]))
+        b_all.append(b.to(DTYPES[dtype]))
+        on_expert()
+    return torch.stack(a_all), torch.stack(b_all)
+
+
+def projection_tensors(ckpt: MoeCheckpoint, plan: OverlayPlan, layer: int, projection: str, base: torch.Tensor,
+                       a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One (layer, projection)'s tensors of the layer shard, named (:func:`~lazarus_core.overlay.format.tensor_name`)
+    and stored as the overlay format has them, in this order: the base, ``A``, ``B``, the experts' bias.
+
+    Parameters
+    ----------
+    ckpt : MoeCheckpoint
+        Gives the experts' bias.
+    plan : OverlayPlan
+        Gives ``dtype`` and ``base_dtype``.
+    layer : int
+    projection : str
+    base : torch.Tensor
+        float32 ``[out, in]``.
+    a, b : torch.Tensor
+        :func:`projection_factors`: ``[E, out, r]`` and ``[E, r, in]`` in ``plan.dtype``, stored as given.
+
+    Returns
+    -------
+    dict
+        Name -> tensor: ``base`` in ``base_dtype`` (default ``dtype``), or for an MXFP4 base ``base_blocks``
+        uint8 ``[out, in/32, 16]`` and ``base_scales`` uint8 ``[out, in/32]``; ``A``, ``B``; ``bias``
+        ``[E, out]`` in ``dtype`` when the experts have one.
+    """
+    tensors = {}
+    if plan.base_dtype == "mxfp4":
+        from lazarus_core.ops import mxfp4_quantize
+
+        blocks, scales = mxfp4_quantize(base.contiguous())
+        tensors[tensor_name(layer, projection, "base_blocks")] = blocks
+        tensors[tensor_name(layer, projection, "base_scales")] = scales
+    else:
+        tensors[tensor_name(layer, projection, "base")] = base.to(DTYPES[plan.base_dtype or plan.dtype])
+    tensors[tensor_name(layer, projection, "A")] = a
+    tensors[tensor_name(layer, projection, "B")] = b
+    bias = ckpt.expert_bias(layer, projection)
+    if bias is not None:
+        tensors[tensor_name(layer, projection, "bias")] = bias.to(DTYPES[plan.dtype])
+    return tensors
 
 
 def prepare_overlay_dir(ckpt: MoeCheckpoint, out_dir: str | Path, *, model: str, dtype: str, base_method: str,
@@ -423,8 +559,6 @@ def write_overlay(ckpt: MoeCheckpoint, out_dir: str | Path, plan: OverlayPlan, *
     fingerprint = fingerprint or overlay_fingerprint(ckpt, plan.layers, previous, full_hash=full_hash)
     if only_layers is None:
         atomic_write_json(config_path, _config(ckpt, plan, model, revision, False, fingerprint, previous))
-    dtype = DTYPES[plan.dtype]
-    base_tag = f"{plan.base_method}/{plan.base_dtype or plan.dtype}"
     written, resumed = [], []
     by_layer: dict[int, list] = {}
     for pp in plan.projections:
@@ -432,44 +566,19 @@ def write_overlay(ckpt: MoeCheckpoint, out_dir: str | Path, plan: OverlayPlan, *
             by_layer.setdefault(pp.layer, []).append(pp)
     with progress_bar(progress, len(plan.projections) * ckpt.num_experts, "compress") as advance:
         for layer, pps in by_layer.items():
-            meta = _shard_meta(layer, {pp.projection: pp.rank for pp in pps}, plan.dtype, base_tag,
-                               layer_digest(ckpt, fingerprint, layer))
-            if resume and _shard_is_current(out / shard_name(layer), meta):
+            meta = shard_metadata(ckpt, plan, fingerprint, layer, {pp.projection: pp.rank for pp in pps})
+            if resume and shard_is_current(out / shard_name(layer), meta):
                 resumed.append(layer)
                 for _ in range(len(pps) * ckpt.num_experts):
                     advance(f"layer {layer} (resumed)")
                 continue
-            bases = {pp.projection: getattr((spectra or {}).get((layer, pp.projection)), "base", None) for pp in pps}
-            if any(b is None for b in bases.values()):
-                saved = load_layer_plan(out / PLAN_DIR, layer, plan_key(ckpt, fingerprint, layer, plan.base_method),
-                                        tuple(bases))
-                bases = {p: b if b is not None else (saved[p].base if saved else None) for p, b in bases.items()}
+            bases = planned_bases(ckpt, out, plan, layer, [pp.projection for pp in pps], fingerprint,
+                                  backend=backend, spectra=spectra)
             tensors = {}
             for pp in pps:
-                base = bases[pp.projection]
-                if base is None:  # no plan to reuse: form the base again
-                    base = overlay_base(ckpt, layer, pp.projection, method=plan.base_method, backend=backend,
-                                        edges=noise_edges(ckpt, layer, pp.projection))
-                a_all, b_all = [], []
-                # the truncated SVD at the planned rank, on the --device (CPU: single-threaded workers)
-                for _, a, b in low_rank_parts(ckpt, layer, pp.projection, base, lambda _e, _sv, r=pp.rank: r,
-                                              backend=backend):
-                    a_all.append(a.to(dtype))
-                    b_all.append(b.to(dtype))
-                    advance(f"layer {layer} {pp.projection}")
-                if plan.base_dtype == "mxfp4":
-                    from lazarus_core.ops import mxfp4_quantize
-
-                    blocks, scales = mxfp4_quantize(base.contiguous())
-                    tensors[tensor_name(layer, pp.projection, "base_blocks")] = blocks
-                    tensors[tensor_name(layer, pp.projection, "base_scales")] = scales
-                else:
-                    tensors[tensor_name(layer, pp.projection, "base")] = base.to(DTYPES[plan.base_dtype or plan.dtype])
-                tensors[tensor_name(layer, pp.projection, "A")] = torch.stack(a_all)
-                tensors[tensor_name(layer, pp.projection, "B")] = torch.stack(b_all)
-                bias = ckpt.expert_bias(layer, pp.projection)
-                if bias is not None:
-                    tensors[tensor_name(layer, pp.projection, "bias")] = bias.to(dtype)
+                a, b = projection_factors(ckpt, layer, pp.projection, bases[pp.projection], pp.rank, dtype=plan.dtype,
+                                          backend=backend, on_expert=lambda: advance(f"layer {layer} {pp.projection}"))
+                tensors.update(projection_tensors(ckpt, plan, layer, pp.projection, bases[pp.projection], a, b))
             write_layer_shard(out, layer, tensors, meta)
             written.append(layer)
     if only_layers is not None:
@@ -481,8 +590,7 @@ def write_overlay(ckpt: MoeCheckpoint, out_dir: str | Path, plan: OverlayPlan, *
         if layer in by_layer:
             continue
         ranks = {p: int(info["rank"]) for p, info in entry["projections"].items()}
-        want = _shard_meta(layer, ranks, plan.dtype, base_tag, layer_digest(ckpt, fingerprint, layer))
-        if not _shard_is_current(out / entry["shard"], want):
+        if not shard_is_current(out / entry["shard"], shard_metadata(ckpt, plan, fingerprint, layer, ranks)):
             missing.append(layer)
     config = _config(ckpt, plan, model, revision, not missing, fingerprint, previous)
     atomic_write_json(config_path, config)
@@ -491,4 +599,5 @@ def write_overlay(ckpt: MoeCheckpoint, out_dir: str | Path, plan: OverlayPlan, *
 
 
 __all__ = ["OverlayPlan", "ProjectionPlan", "activation_of", "check_storage", "compute_spectra", "plan_key", "plan_overlay",
-           "overlay_fingerprint", "prepare_overlay_dir", "write_overlay"]
+           "overlay_fingerprint", "planned_bases", "prepare_overlay_dir", "projection_factors",
+           "projection_tensors", "shard_is_current", "shard_metadata", "write_overlay"]

@@ -36,16 +36,15 @@ from lazarus_core.analysis.moe_type_distributed import (ExpertSubset, distribute
 from lazarus_core.atomic_io import atomic_write_json
 from lazarus_core.distributed import World, on_every_rank, use_local_gpu
 from lazarus_core.models.checkpoint import PROJECTIONS, MoeCheckpoint
-from lazarus_core.overlay.compute import (OverlayPlan, ProjectionPlan, _shard_is_current, _shard_meta, compute_spectra,
-                                          overlay_fingerprint, plan_key, plan_overlay, prepare_overlay_dir,
-                                          progress_bar, write_overlay)
-from lazarus_core.overlay.fingerprint import layer_digest, source_fingerprint
-from lazarus_core.overlay.format import CONFIG_NAME, shard_name, tensor_name, write_layer_shard
+from lazarus_core.overlay.compute import (OverlayPlan, ProjectionPlan, compute_spectra, overlay_fingerprint, plan_key,
+                                          plan_overlay, planned_bases, prepare_overlay_dir, progress_bar,
+                                          projection_factors, projection_tensors, shard_is_current, shard_metadata,
+                                          write_overlay)
+from lazarus_core.overlay.fingerprint import source_fingerprint
+from lazarus_core.overlay.format import CONFIG_NAME, shard_name, write_layer_shard
 from lazarus_core.overlay.plan_cache import PLAN_DIR, load_layer_plan, save_layer_plan
 from lazarus_core.overlay.ranks import RankPolicy
-from lazarus_core.overlay.sizes import DTYPES
-from lazarus_core.spectra import ProjectionSpectrum, noise_edges, overlay_base
-from lazarus_core.spectra.parallel import low_rank_parts
+from lazarus_core.spectra import ProjectionSpectrum
 
 
 @dataclass
@@ -295,14 +294,13 @@ def _write_expert_split(ckpt: MoeCheckpoint, out: Path, plan: OverlayPlan, distr
     by_layer: dict[int, list[ProjectionPlan]] = {}
     for pp in plan.projections:
         by_layer.setdefault(pp.layer, []).append(pp)
-    base_tag = f"{plan.base_method}/{plan.base_dtype or plan.dtype}"
-    metas = {layer: _shard_meta(layer, {pp.projection: pp.rank for pp in pps}, plan.dtype, base_tag,
-                                layer_digest(ckpt, fingerprint, layer)) for layer, pps in by_layer.items()}
+    metas = {layer: shard_metadata(ckpt, plan, fingerprint, layer, {pp.projection: pp.rank for pp in pps})
+             for layer, pps in by_layer.items()}
 
     def current() -> list[int] | None:
         if not world.is_root:
             return None
-        return [layer for layer in by_layer if _shard_is_current(out / shard_name(layer), metas[layer])]
+        return [layer for layer in by_layer if shard_is_current(out / shard_name(layer), metas[layer])]
 
     resumed = world.broadcast(on_every_rank(world, "distributed compress (checking shards on rank 0)", current))
     layer = distributed["assignment"][str(world.rank)][0]
@@ -312,18 +310,14 @@ def _write_expert_split(ckpt: MoeCheckpoint, out: Path, plan: OverlayPlan, distr
     def factors() -> list[tuple[int, str, int, torch.Tensor, torch.Tensor]]:
         if layer in resumed or not experts:
             return []
-        bases, view, dtype, mine = _layer_bases(ckpt, out, plan, layer, fingerprint, backend), \
-            ExpertSubset(ckpt, experts), DTYPES[plan.dtype], []
+        bases = planned_bases(ckpt, out, plan, layer, PROJECTIONS, fingerprint, backend=backend)
+        view, mine = ExpertSubset(ckpt, experts), []
         with progress_bar(progress and world.is_root, len(by_layer[layer]) * len(experts),
                           f"compress layer {layer}, experts {experts.start}-{experts.stop - 1}") as step:
             for pp in by_layer[layer]:
-                a_all, b_all = [], []
-                for _, a, b in low_rank_parts(view, layer, pp.projection, bases[pp.projection],
-                                              lambda _e, _sv, r=pp.rank: r, backend=backend):
-                    a_all.append(a.to(dtype))
-                    b_all.append(b.to(dtype))
-                    step()
-                mine.append((layer, pp.projection, experts.start, torch.stack(a_all), torch.stack(b_all)))
+                a, b = projection_factors(view, layer, pp.projection, bases[pp.projection], pp.rank, dtype=plan.dtype,
+                                          backend=backend, on_expert=step)
+                mine.append((layer, pp.projection, experts.start, a, b))
         return mine
 
     parts = world.gather(on_every_rank(world, "distributed compress (factoring experts)", factors))
@@ -339,50 +333,17 @@ def _write_expert_split(ckpt: MoeCheckpoint, out: Path, plan: OverlayPlan, distr
         for x, pps in by_layer.items():
             if x in resumed:
                 continue
-            bases, tensors = _layer_bases(ckpt, out, plan, x, fingerprint, backend), {}
+            bases, tensors = planned_bases(ckpt, out, plan, x, PROJECTIONS, fingerprint, backend=backend), {}
             for pp in pps:
                 ordered = sorted(pieces[(x, pp.projection)], key=lambda piece: piece[0])
-                tensors.update(_projection_tensors(ckpt, plan, x, pp.projection, bases[pp.projection],
-                                                   torch.cat([piece[1] for piece in ordered]),
-                                                   torch.cat([piece[2] for piece in ordered])))
+                tensors.update(projection_tensors(ckpt, plan, x, pp.projection, bases[pp.projection],
+                                                  torch.cat([piece[1] for piece in ordered]),
+                                                  torch.cat([piece[2] for piece in ordered])))
             write_layer_shard(out, x, tensors, metas[x])
             written.append(x)
         return written, resumed
 
     return world.gather(on_every_rank(world, "distributed compress (writing shards on rank 0)", shards))
-
-
-def _layer_bases(ckpt: MoeCheckpoint, out: Path, plan: OverlayPlan, layer: int, fingerprint: dict,
-                 backend: str) -> dict[str, torch.Tensor]:
-    """fp32 ``[out, in]`` base per projection of ``layer``: from its plan-cache entry (the planning base), as
-    :func:`~lazarus_core.overlay.compute.write_overlay` takes it; formed again if the entry is gone."""
-    saved = load_layer_plan(out / PLAN_DIR, layer, plan_key(ckpt, fingerprint, layer, plan.base_method), PROJECTIONS)
-    if saved is not None:
-        return {p: saved[p].base for p in PROJECTIONS}
-    return {p: overlay_base(ckpt, layer, p, method=plan.base_method, backend=backend,
-                            edges=noise_edges(ckpt, layer, p)) for p in PROJECTIONS}
-
-
-def _projection_tensors(ckpt: MoeCheckpoint, plan: OverlayPlan, layer: int, projection: str, base: torch.Tensor,
-                        a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One projection's shard tensors, named and stored as :func:`~lazarus_core.overlay.compute.write_overlay`
-    stores them: the base (``base_dtype``, or MXFP4 blocks and scales), ``A [E, out, r]``, ``B [E, r, in]`` and
-    the experts' bias, in ``dtype``."""
-    tensors = {}
-    if plan.base_dtype == "mxfp4":
-        from lazarus_core.ops import mxfp4_quantize
-
-        blocks, scales = mxfp4_quantize(base.contiguous())
-        tensors[tensor_name(layer, projection, "base_blocks")] = blocks
-        tensors[tensor_name(layer, projection, "base_scales")] = scales
-    else:
-        tensors[tensor_name(layer, projection, "base")] = base.to(DTYPES[plan.base_dtype or plan.dtype])
-    tensors[tensor_name(layer, projection, "A")] = a
-    tensors[tensor_name(layer, projection, "B")] = b
-    bias = ckpt.expert_bias(layer, projection)
-    if bias is not None:
-        tensors[tensor_name(layer, projection, "bias")] = bias.to(DTYPES[plan.dtype])
-    return tensors
 
 
 __all__ = ["DistributedOverlay", "compress_overlay_distributed", "distributed_spectra", "plan_overlay_distributed"]

@@ -119,14 +119,15 @@ def _expert_split_on_ranks(world, model: str, tmp: str) -> None:
     out = str(Path(tmp, "ov"))
     Path(tmp, f"rc-compute.{world.rank}").write_text(str(main(
         [cli[0], cli[1], "moe-overlay-compute", *cli[2:], "-o", str(Path(tmp, "plan-2.json"))])))
-    share, factor = overlay_distributed.projection_share, overlay_distributed.low_rank_parts
-    for run, patched in (("fail-spectra", {1: ("projection_share",)}),
-                         ("fail-factors", {0: ("projection_share",), 1: ("low_rank_parts",)})):
-        for name in patched.get(world.rank, ()):
-            setattr(overlay_distributed, name, _fail)
+    share, factor = overlay_distributed.projection_share, compute.low_rank_parts  # the factors: projection_factors
+    for run, patched in (("fail-spectra", {1: ((overlay_distributed, "projection_share"),)}),
+                         ("fail-factors", {0: ((overlay_distributed, "projection_share"),),
+                                           1: ((compute, "low_rank_parts"),)})):
+        for module, name in patched.get(world.rank, ()):
+            setattr(module, name, _fail)
         Path(tmp, f"rc-{run}.{world.rank}").write_text(str(main([cli[0], cli[1], "moe-overlay-compress", *cli[2:],
                                                                   "--out", out])))
-        overlay_distributed.projection_share, overlay_distributed.low_rank_parts = share, factor
+        overlay_distributed.projection_share, compute.low_rank_parts = share, factor
         world.barrier()
         if world.is_root:  # what the failed run left
             Path(tmp, f"left-{run}.json").write_text(json.dumps(_left(out)))
