@@ -9,8 +9,8 @@ projection.
   ``mxfp4_dequant``; (b) ours: :func:`lazarus_core.ops.overlay_moe.stored_matmul` per expert, the same kernel as
   the overlay's MXFP4 base (MXFP4 decoded inside the GEMV at small T, decoded tiles + BLAS at large T).
 Floors, per path: at T=1 the weight bytes it must read as stored (the bases and the touched experts' tensors)
-over the measured streaming READ bandwidth (benchmarks/floors.py); at T=256 its flops over the measured fp32
-``torch.mm`` rate at the layer's largest product; at T=16 the larger of the two. Both rates are measured before
+over the measured streaming READ bandwidth (benchmarks/floors.py); at T=256 its flops over the best measured
+fp32 ``torch.mm`` rate over the forward's products (whole bases and decoded tiles); at T=16 the larger of the two. Both rates are measured before
 and after the rows and the higher one is used (the cores are shared: a floor measured in a busy moment would not
 bound an op timed in a quiet one). A row above 100% of its floor fails the run. The 1-minute load average is
 recorded before and after.
@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from benchmarks.floors import measure_matmul_rate, measure_memory_floors
-from benchmarks.harness import BenchRow, available_backends, median_seconds
+from benchmarks.harness import BenchRow, available_backends, interleaved_medians, median_seconds
 from lazarus_core.ops import OverlayExperts, mxfp4_dequant, mxfp4_quantize, overlay_moe_forward
 from lazarus_core.ops.overlay_moe import (_IMPLS, activation_reference, overlay_moe_bytes, overlay_moe_flops,
                                           overlay_moe_forward_reference, stored_matmul)
@@ -129,10 +129,31 @@ def original_forward_ours(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, o
     return y
 
 
+def _assert_close_to_scale(out: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal within 2e-3 relative plus 2e-4 of the output's scale: the MXFP4 GEMV rounds its input rows to int16
+    per 32-block (each element off by at most 2^-15 of its block's largest value), an error relative to the
+    scale of the sums, not to each small output element."""
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(out, expected, atol=2e-4 * max(1.0, scale), rtol=2e-3)
+
+
 def _routing(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(tokens)])
     return ids, torch.softmax(torch.randn(tokens, K, generator=g), -1)
+
+
+def _best_matmul_rate(device: str) -> float:
+    """The best fp32 ``torch.mm`` rate over the products the forward runs at T=256: the whole gate/up and down
+    bases and the decoded-tile shapes of the MXFP4 path (tiles of an L3-sized weight run faster than one large
+    product here, so a rate measured on the large product alone does not bound the tiled op)."""
+    from lazarus_core.ops.overlay_moe import DECODE_TILE_ROWS
+
+    shapes = {(H, 2 * I), (I, H)}
+    for k, n in list(shapes):
+        tiles = -(-n // DECODE_TILE_ROWS)
+        shapes.add((k, -(-n // tiles)))
+    return max(measure_matmul_rate(256, k, n, device=device) for k, n in sorted(shapes))
 
 
 def _floor(tokens: int, moved: int, flops: int, read_bw: float, flop_rate: float) -> float:
@@ -147,7 +168,7 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
     gpu = device == "cuda"
     load_start = os.getloadavg()[0]
     mems = [measure_memory_floors(device=device)]
-    flop_rates = [measure_matmul_rate(256, H, 2 * I, device=device)]
+    flop_rates = [_best_matmul_rate(device)]
     ov = make_overlay(device=device)
     ov32 = ov.to_float()
     orig = make_original(device=device)
@@ -176,7 +197,7 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
                 expected = out if expected is None else expected
                 torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
                 orig_times[f"transformers {impl} (fp32 dequantised)"] = time_it(lambda: experts(x, ids, w))
-            torch.testing.assert_close(original_forward_ours(x, ids, w, orig), expected, atol=2e-3, rtol=2e-3)
+            _assert_close_to_scale(original_forward_ours(x, ids, w, orig), expected)
             orig_times["ours: stored_matmul (MXFP4 decoded in the product)"] = time_it(
                 lambda: original_forward_ours(x, ids, w, orig))
             fastest = min(orig_times, key=orig_times.get)
@@ -191,28 +212,33 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
                 torch.testing.assert_close(overlay_moe_forward(x, ids, w, ov32, backend="torch"),
                                            overlay_moe_forward_reference(x, ids, w, ov32), atol=2e-4, rtol=2e-4)
             expected_ov = overlay_moe_forward(x, ids, w, ov32, backend="torch")
-            t_fp32 = {}
+            # Every overlay variant timed in turn, round after round (interleaved): the ratio to the fp32 twin is
+            # measured under the same machine state, which drifts on a shared host.
+            variants = {}
             for dtype, layer in (("fp32 (float base, fp32 factors)", ov32), ("mxfp4 base + bf16 factors", ov)):
-                moved, flops = overlay_moe_bytes(tokens, K, layer), overlay_moe_flops(tokens, K, layer)
                 for backend in available_backends("overlay_moe_forward", _IMPLS, torch.device(device)):
-                    fwd = lambda a, b, c: overlay_moe_forward(a, b, c, layer, backend=backend,  # noqa: E731
-                                                              check_ids=False)  # noqa: B023
-                    torch.testing.assert_close(fwd(x, ids, w), expected_ov, atol=2e-3, rtol=2e-3)  # correctness first
-                    variants = [(backend, lambda: fwd(x, ids, w))]  # noqa: B023
+                    fwd = lambda a, b, c, _l=layer, _b=backend: overlay_moe_forward(  # noqa: E731
+                        a, b, c, _l, backend=_b, check_ids=False)
+                    _assert_close_to_scale(fwd(x, ids, w), expected_ov)  # correctness first
+                    variants[(dtype, backend)] = (layer, lambda _f=fwd: _f(x, ids, w))
                     if gpu:  # as the model integration runs decode: replayed from a CUDA graph
                         graphs = GraphCache(max_tokens=max(TOKENS))
-                        variants.append((f"{backend} + CUDA graph", lambda: graphs.run(fwd, x, ids, w)))  # noqa: B023
-                    for name, fn in variants:
-                        t = time_it(fn)
-                        if dtype.startswith("fp32"):
-                            t_fp32[name] = t
-                        rows.append(BenchRow("overlay_moe_forward", name, label, dtype, t * 1e3, moved / t / 1e9,
-                                             None, t_orig / t,
-                                             {"tokens": tokens, "bytes": moved, "flops": flops,
-                                              "gflop_per_s": flops / t / 1e9, "reference": f"original: {fastest}",
-                                              "x_fp32_overlay": t_fp32[name] / t if name in t_fp32 else None}))
+                        variants[(dtype, f"{backend} + CUDA graph")] = (
+                            layer, lambda _f=fwd, _g=graphs: _g.run(_f, x, ids, w))
+            rounds = reps * (5 if tokens == 1 else 1)  # a T=1 call is short: more rounds for the same care
+            times = interleaved_medians({k: fn for k, (_, fn) in variants.items()}, repeats=rounds, warmup=1,
+                                        cuda_events=gpu)
+            for (dtype, name), (layer, _) in variants.items():
+                t = times[(dtype, name)]
+                t_fp32 = times.get(("fp32 (float base, fp32 factors)", name))
+                moved, flops = overlay_moe_bytes(tokens, K, layer), overlay_moe_flops(tokens, K, layer)
+                rows.append(BenchRow("overlay_moe_forward", name, label, dtype, t * 1e3, moved / t / 1e9,
+                                     None, t_orig / t,
+                                     {"tokens": tokens, "bytes": moved, "flops": flops,
+                                      "gflop_per_s": flops / t / 1e9, "reference": f"original: {fastest}",
+                                      "x_fp32_overlay": t_fp32 / t if t_fp32 else None}))
     mems.append(measure_memory_floors(device=device))
-    flop_rates.append(measure_matmul_rate(256, H, 2 * I, device=device))
+    flop_rates.append(_best_matmul_rate(device))
     mem, flop_rate = max(mems, key=lambda m: m.read), max(flop_rates)
     for row in rows:
         floor = _floor(row.extra["tokens"], row.extra["bytes"], row.extra["flops"], mem.read, flop_rate)

@@ -48,6 +48,20 @@ def median_seconds(fn: Callable[[], object], *, repeats: int = 10, warmup: int =
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, *, repeats: int = 10, warmup: int = 1, cuda_events: bool = False) -> dict:
+    """Median time of each ``fns[key]()`` over ``repeats`` rounds that run every function once, in turn (after
+    ``warmup`` such rounds): paths compared with each other see the same machine state, which drifts on a
+    shared host. Each call is timed as :func:`median_seconds` times one."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            times[key].append(median_seconds(fn, repeats=1, warmup=0, cuda_events=cuda_events))
+    return {key: statistics.median(v) for key, v in times.items()}
+
+
 def available_backends(op: str, impls: dict, device: torch.device) -> list[str]:
     """The compiled backends of ``op`` that run on ``device`` (never Triton's CPU interpreter, which
     measures Python rather than a kernel)."""

@@ -67,3 +67,11 @@ def test_matmul_rate_is_a_positive_finite_rate():
 
     rate = measure_matmul_rate(16, 32, 24, repeats=2)
     assert np.isfinite(rate) and rate > 0
+
+
+def test_interleaved_medians_times_every_function_once_per_round():
+    from benchmarks.harness import interleaved_medians
+
+    calls = []
+    out = interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4 and set(out) == {"a", "b"} and all(v >= 0 for v in out.values())

@@ -531,7 +531,8 @@ def _stored_matmul_cpu(x: torch.Tensor, w: torch.Tensor | None = None, *, blocks
         cpu_extension().stored_matvec(data, sc, fmt, out_dim, in_dim, xf.numpy(), None, y.numpy(),
                                       _mxfp4_int16(None) if int16 is None else int16)
         return y
-    tile = torch.empty(min(DECODE_TILE_ROWS, out_dim), in_dim, dtype=torch.float32)
+    tiles = -(-out_dim // DECODE_TILE_ROWS)
+    tile = torch.empty(-(-out_dim // tiles), in_dim, dtype=torch.float32)  # equal tiles of at most DECODE_TILE_ROWS
     part = torch.empty(n, tile.shape[0], dtype=torch.float32)
     for r0 in range(0, out_dim, tile.shape[0]):
         r1 = min(out_dim, r0 + tile.shape[0])

@@ -21,6 +21,10 @@ from typing import Callable, Iterator
 import torch
 
 GRAM_CHUNK = 512  # columns per float64 Gram update
+# Row blocks of the Gram: only the blocks on and above the diagonal are multiplied (10 of 16 at 1024 rows, 62% of
+# the flops of one full GEMM; measured 0.09 s against 0.14 s for a [1024, 2048] delta on one thread), the others
+# are their transposes. Grams under 2 blocks are one GEMM.
+GRAM_BLOCK = 256
 # Below this many elements per matrix the whole per-expert pass runs on one thread: measured here (load 5),
 # the spectrum of a 128 x 128 delta took 2.1 ms on one thread and 33 ms on two (thread hand-offs dominate).
 SMALL_MATRIX = 1 << 18
@@ -79,10 +83,18 @@ def gram(delta: torch.Tensor) -> torch.Tensor:
         float64 ``[min(out, in), min(out, in)]``, symmetric positive semi-definite.
     """
     x, _ = _wide(delta)
-    g = torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64)
+    n = x.shape[0]
+    g = torch.zeros(n, n, dtype=torch.float64)
     scratch = _scratch(x)
+    starts = list(range(0, n, GRAM_BLOCK)) if n >= 2 * GRAM_BLOCK else [0]
+    blocks = [slice(a, min(n, a + GRAM_BLOCK) if len(starts) > 1 else n) for a in starts]
     for _, part in _chunks(x, scratch):
-        g.addmm_(part, part.T)
+        for i, rows in enumerate(blocks):  # the blocks on and above the diagonal only (a symmetric rank-k update)
+            for cols in blocks[i:]:
+                g[rows, cols].addmm_(part[rows], part[cols].T)
+    for i, rows in enumerate(blocks):       # the lower blocks are the transposes of the upper ones
+        for cols in blocks[i + 1:]:
+            g[cols, rows].copy_(g[rows, cols].T)
     return g
 
 

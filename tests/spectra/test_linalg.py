@@ -5,7 +5,7 @@ import torch
 
 from lazarus_core.spectra import (energy_rank, factorize, gram, one_thread, singular_values, singular_values_reference,
                                   spectrum_and_factors)
-from lazarus_core.spectra.linalg import GRAM_CHUNK
+from lazarus_core.spectra.linalg import GRAM_BLOCK, GRAM_CHUNK
 
 SHAPES = [(7, 13), (13, 7), (32, 32), (1, 5), (5, 1), (3, GRAM_CHUNK + 3), (GRAM_CHUNK + 3, 3)]
 
@@ -25,6 +25,17 @@ def test_gram_of_a_strided_view_is_the_smaller_side():
     d = delta.double()
     torch.testing.assert_close(gram(delta), d @ d.T, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(gram(delta.T), d @ d.T, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("rows", [2 * GRAM_BLOCK - 1, 2 * GRAM_BLOCK, 3 * GRAM_BLOCK + 5])
+def test_blocked_gram_equals_the_full_product(rows):
+    # From 2 row blocks on only the blocks on and above the diagonal are multiplied; the rest are transposes.
+    delta = torch.randn(rows, rows + GRAM_CHUNK + 9)
+    d = delta.double()
+    for g in (gram(delta), gram(delta.T)):  # wide, and tall (the same smaller side)
+        torch.testing.assert_close(g, d @ d.T, rtol=1e-12, atol=1e-9)
+        if rows >= 2 * GRAM_BLOCK:  # below the diagonal blocks: exactly the mirrored upper blocks
+            assert torch.equal(torch.tril(g, -GRAM_BLOCK), torch.tril(g.T, -GRAM_BLOCK))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
