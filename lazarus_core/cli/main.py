@@ -13,10 +13,11 @@ from lazarus_core.distributed import RankFailed
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from lazarus_core.models import list_builtin_models
+    from lazarus_core.models.families import supported_families
 
     models = [m.to_dict() for m in list_builtin_models()]
     if args.json:
-        print(json.dumps(models, indent=2))
+        print(json.dumps({"models": models, "families": supported_families()}, indent=2))
         return 0
     if not models:
         print("No built-in models are installed.")
@@ -31,6 +32,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
         table.add_row(m["alias"], m["family"], str(m["num_experts"]), str(m["top_k"]),
                       f"{m['size_bytes'] / 1e6:.1f} MB", m["description"])
     Console().print(table)
+    print("supported families: " + ", ".join(f["family"] for f in supported_families()))
     return 0
 
 

@@ -35,6 +35,18 @@ _FAMILY_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(_FAMILY_KEYS)
 
 
+def supported_families() -> list[dict]:
+    """The MoE families the library reads, as ``lazarus models --json`` lists them.
+
+    Returns
+    -------
+    list of dict
+        ``{"family", "model_types", "architectures"}`` per family: the ``config.json`` values that select it.
+    """
+    return [{"family": f, "model_types": list(types), "architectures": list(archs)}
+            for f, (types, archs) in _FAMILY_KEYS.items()]
+
+
 class UnsupportedModelError(ValueError):
     """The model is not an MoE family we support; the message names it and lists the supported ones."""
 

@@ -72,7 +72,12 @@ def test_cli_models_json_lists_aliases():
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert main(["models", "--json"]) == 0
-    rows = {r["alias"]: r for r in json.loads(buf.getvalue())}
+    listing = json.loads(buf.getvalue())
+    rows = {r["alias"]: r for r in listing["models"]}
+    families = {f["family"]: f for f in listing["families"]}
+    assert set(families) == {"olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss",
+                             "dbrx"}
+    assert families["dbrx"]["architectures"] == ["DbrxForCausalLM"] and families["olmoe"]["model_types"] == ["olmoe"]
     for alias, family in (("demo:native", "olmoe"), ("demo:upcycled", "gpt_oss")):
         cfg = _config(MODELS[alias])
         assert rows[alias]["family"] == family
