@@ -9,6 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from lazarus_core.atomic_io import atomic_path, atomic_write_json
 from lazarus_core.cli.routing_common import LABELS_FILE, Session
 
 DEFAULT_NUM_TOKENS = 4096
@@ -117,7 +118,7 @@ def analysis_trace(args: argparse.Namespace, session: Session, *, logits: bool =
                     model_meta={"model": session.source_name, "tokenizer": session.spec})
     doc_labels = {i: l for i, l in enumerate(labels)} if labels else {}
     if doc_labels:
-        (Path(out) / LABELS_FILE).write_text(json.dumps({str(k): v for k, v in doc_labels.items()}, indent=1))
+        atomic_write_json(Path(out) / LABELS_FILE, {str(k): v for k, v in doc_labels.items()})
     return load_trace(out), doc_labels
 
 
@@ -149,12 +150,10 @@ def write_csv_tables(args: argparse.Namespace, tables: dict[str, list[dict]]) ->
         columns: list[str] = []
         for row in rows:
             columns.extend(c for c in row if c not in columns)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        with os.fdopen(fd, "w", newline="") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, path)
         paths.append(path)
     return paths
 
@@ -167,8 +166,9 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     if path.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise ValueError(f"--plot {path}: use a .png, .pdf or .svg file name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix[1:].lower())
+    finally:
+        plt.close(fig)
     return path

@@ -141,7 +141,9 @@ def _write_outputs(args: argparse.Namespace, payload: dict, markdown: str) -> No
     if args.markdown:
         path = Path(args.markdown)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(markdown)
+        from lazarus_core.atomic_io import atomic_write_text
+
+        atomic_write_text(path, markdown)
 
 
 def _estimate_markdown(result) -> str:

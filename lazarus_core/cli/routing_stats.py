@@ -6,6 +6,7 @@ import argparse
 
 import numpy as np
 
+from lazarus_core.cli.analysis_common import save_figure
 from lazarus_core.cli.routing_common import (Session, add_common, add_verify_flag, choose_layers, console, emit,
                                              experts_str, lit)
 
@@ -178,8 +179,7 @@ def run_heatmap(args: argparse.Namespace) -> int:
         ax.set_title(f"expert load ({args.slots} slots, {trace.num_tokens} tokens)")
         fig.colorbar(im, ax=ax, label="share of tokens")
         fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        plt.close(fig)
+        save_figure(fig, args.plot)
         con.print(f"wrote {lit(args.plot)}")
     emit(args, {"action": "heatmap", "model": session.model_name, "slots": args.slots, "layers": layers,
                 "num_experts": trace.num_experts, "load": mat.tolist()})

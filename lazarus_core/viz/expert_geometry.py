@@ -98,8 +98,11 @@ def plot_report(report: "MoeTypeReport", path: str | Path) -> Path:
     fig.suptitle(f"{report.model}: {report.moe_type} (confidence {report.confidence:.2f})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    from lazarus_core.atomic_io import atomic_path
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=path.suffix[1:].lower() or "png")
+    finally:
+        plt.close(fig)
     return path
