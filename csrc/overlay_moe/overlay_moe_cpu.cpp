@@ -15,6 +15,14 @@
 #include "overlay_moe/overlay_moe.h"
 #include "overlay_moe/overlay_moe_math.h"
 
+// LZ_OMP(directive): `#pragma omp directive` when built with OpenMP, nothing otherwise.
+#if defined(LAZARUS_WITH_OPENMP)
+#define LZ_PRAGMA(x) _Pragma(#x)
+#define LZ_OMP(directive) LZ_PRAGMA(omp directive)
+#else
+#define LZ_OMP(directive)
+#endif
+
 namespace lazarus {
 namespace {
 
@@ -621,18 +629,14 @@ template <typename F>
 void overlay_gate_up_cpu(const OverlayGateUpArgsT<F>& a) {
   std::memset(a.hw, 0, sizeof(float) * a.tokens * a.inter);
   const int64_t blocks = column_blocks(a.inter);
-#if defined(LAZARUS_WITH_OPENMP)
-#pragma omp parallel for schedule(static)
-#endif
+  LZ_OMP(parallel for schedule(static))
   for (int64_t b = 0; b < blocks; ++b) gate_up_block(a, b);
 }
 
 template <typename F>
 void overlay_down_cpu(const OverlayDownArgsT<F>& a) {
   const int64_t blocks = column_blocks(a.hidden);
-#if defined(LAZARUS_WITH_OPENMP)
-#pragma omp parallel for schedule(static)
-#endif
+  LZ_OMP(parallel for schedule(static))
   for (int64_t b = 0; b < blocks; ++b) down_block(a, b);
 }
 
@@ -649,9 +653,7 @@ void stored_matvec_and_shrink_cpu(const MatvecProblem& base, const ShrinkProblem
   MatvecShrinkPlan plan(base, shrink);
   plan.prepare_inputs();
   const int64_t n_items = plan.items();
-#if defined(LAZARUS_WITH_OPENMP)
-#pragma omp parallel for schedule(dynamic) if (n_items > 1)
-#endif
+  LZ_OMP(parallel for schedule(dynamic) if (n_items > 1))
   for (int64_t it = 0; it < n_items; ++it) plan.run(it);
 }
 
@@ -697,29 +699,17 @@ void overlay_moe_small_cpu(const SmallForwardT<F>& a) {
   const int64_t gate_up_blocks = column_blocks(I), down_blocks = column_blocks(H);
   // One parallel region for the whole forward: each stage is a worksharing loop whose implicit barrier hands
   // its output to the next (a region per stage waits for every thread to wake, a descheduled one included).
-#if defined(LAZARUS_WITH_OPENMP)
-#pragma omp parallel
-#endif
+  LZ_OMP(parallel)
   {
-#if defined(LAZARUS_WITH_OPENMP)
-#pragma omp for schedule(dynamic)
-#endif
+    LZ_OMP(for schedule(dynamic))
     for (int64_t it = 0; it < n1; ++it) gate_up_products.run(it);
-#if defined(LAZARUS_WITH_OPENMP)
-#pragma omp for schedule(dynamic)
-#endif
+    LZ_OMP(for schedule(dynamic))
     for (int64_t b = 0; b < gate_up_blocks; ++b) gate_up_block(gate_up, b);
-#if defined(LAZARUS_WITH_OPENMP)
-#pragma omp single
-#endif
+    LZ_OMP(single)
     down_products.prepare_inputs();
-#if defined(LAZARUS_WITH_OPENMP)
-#pragma omp for schedule(dynamic)
-#endif
+    LZ_OMP(for schedule(dynamic))
     for (int64_t it = 0; it < n3; ++it) down_products.run(it);
-#if defined(LAZARUS_WITH_OPENMP)
-#pragma omp for schedule(dynamic)
-#endif
+    LZ_OMP(for schedule(dynamic))
     for (int64_t b = 0; b < down_blocks; ++b) down_block(down, b);
   }
 }
