@@ -99,6 +99,9 @@ def trace_windows(trace, max_tokens: int | None = None) -> list[tuple[int, int]]
 
 
 def _post_attention_norm(block, layer: int):
+    if getattr(block, "norm_attn_norm", None) is not None:  # DBRX: LayerNorm(r + a), mean removed
+        raise ValueError(f"layer {layer}: DBRX's router input is a LayerNorm of r + a (norm_attn_norm.norm_2); the "
+                         "split into residual and attention parts is implemented for RMSNorm only")
     norm = getattr(block, "post_attention_layernorm", None)
     if norm is None or getattr(norm, "weight", None) is None:
         raise ValueError(f"layer {layer} has no post_attention_layernorm with a weight: the router input cannot be "
@@ -151,7 +154,7 @@ def attention_features(model, windows: Sequence[Sequence[int]], layers: Sequence
     import torch
 
     from lazarus_core.routing.capture import decoder_of
-    from lazarus_core.routing.locate import find_moe_layers
+    from lazarus_core.routing.locate import attention_module, decoder_blocks, find_moe_layers
     from lazarus_core.routing.recorder import RoutingRecorder
 
     windows = [list(map(int, w)) for w in windows if len(w)]
@@ -160,9 +163,7 @@ def attention_features(model, windows: Sequence[Sequence[int]], layers: Sequence
     info = info or find_moe_layers(model)
     layers = sorted(info.select(list(layers)))
     decoder = decoder_of(model)
-    blocks = getattr(decoder, "layers", None)
-    if blocks is None:
-        raise ValueError("attention features need a decoder with .layers (a transformers causal LM)")
+    blocks = decoder_blocks(decoder)
     doc_ids = list(range(len(windows))) if doc_ids is None else [int(d) for d in doc_ids]
     if rows is None:
         offsets = np.cumsum([0] + [len(w) for w in windows])
@@ -182,9 +183,9 @@ def attention_features(model, windows: Sequence[Sequence[int]], layers: Sequence
     norms = {}
     for l in layers:
         block = blocks[l]
-        attn = getattr(block, "self_attn", None)
+        attn = attention_module(block)
         if attn is None:
-            raise ValueError(f"layer {l} has no self_attn module")
+            raise ValueError(f"layer {l} has no self-attention module")
         norm, eps = _post_attention_norm(block, l)
         norms[l] = (norm, eps)
         handles.append(block.register_forward_pre_hook(

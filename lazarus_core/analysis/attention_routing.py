@@ -55,23 +55,23 @@ def attention_and_routing(model, ids: Sequence[int], layers: Sequence[int], *, i
     Raises
     ------
     ValueError
-        The model has no decoder ``.layers``/``self_attn`` or returned no attention weights.
+        The model has no decoder layers / self-attention (``.layers[L].self_attn``, or DBRX's
+        ``.blocks[L].norm_attn_norm.attn``) or returned no attention weights.
     """
     import torch
 
     from lazarus_core.routing.capture import decoder_of
+    from lazarus_core.routing.locate import attention_module, decoder_blocks
     from lazarus_core.routing.recorder import RoutingRecorder
 
     decoder = decoder_of(model)
-    blocks = getattr(decoder, "layers", None)
-    if blocks is None:
-        raise ValueError("attention analyses need a decoder with .layers (a transformers causal LM)")
+    blocks = decoder_blocks(decoder)
     attn: dict[int, np.ndarray] = {}
     handles = []
     for l in layers:
-        module = getattr(blocks[l], "self_attn", None)
+        module = attention_module(blocks[l])
         if module is None:
-            raise ValueError(f"layer {l} has no self_attn module")
+            raise ValueError(f"layer {l} has no self-attention module (self_attn, or DBRX's norm_attn_norm.attn)")
 
         def hook(mod, args, output, l=l):
             if isinstance(output, tuple) and len(output) > 1 and output[1] is not None:

@@ -85,6 +85,30 @@ class MoeModelInfo:
         return {l: self.layers[l] for l in sorted(set(layers))}
 
 
+def decoder_blocks(decoder: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a transformers decoder stack: ``.layers``, or DBRX's ``.blocks``.
+
+    Raises
+    ------
+    ValueError
+        The module has neither (not a transformers causal LM's decoder).
+    """
+    for name in ("layers", "blocks"):
+        blocks = getattr(decoder, name, None)
+        if isinstance(blocks, nn.ModuleList):
+            return blocks
+    raise ValueError(f"{type(decoder).__name__} has no decoder .layers or .blocks (a transformers causal LM)")
+
+
+def attention_module(block: nn.Module) -> nn.Module | None:
+    """The self-attention of one decoder layer: ``self_attn``, or DBRX's ``norm_attn_norm.attn`` (its block fuses
+    the attention with the norms around it); None when the layer has neither. Both return ``(output, weights)``."""
+    attn = getattr(block, "self_attn", None)
+    if attn is None:
+        attn = getattr(getattr(block, "norm_attn_norm", None), "attn", None)
+    return attn
+
+
 def find_moe_layers(model: nn.Module) -> MoeModelInfo:
     """Locate every MoE block of a transformers causal LM and the family's routing rule.
 

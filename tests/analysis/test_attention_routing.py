@@ -66,8 +66,9 @@ def test_single_positions_give_nan():
     assert res.pairs == 0 and np.isnan(res.spearman)
 
 
-def test_attention_and_routing_on_a_tiny_model():
-    model = tiny_model("olmoe")
+@pytest.mark.parametrize("family", ["olmoe", "dbrx"])  # DBRX: blocks[L].norm_attn_norm.attn
+def test_attention_and_routing_on_a_tiny_model(family):
+    model = tiny_model(family)
     model.set_attn_implementation("eager")
     info = find_moe_layers(model)
     ids = [1, 5, 9, 12, 30, 7]
@@ -78,7 +79,16 @@ def test_attention_and_routing_on_a_tiny_model():
         ref = rec.pop()
     for l in layers:
         a = attn[l]
-        assert a.shape == (model.config.num_attention_heads, len(ids), len(ids))
+        heads = getattr(model.config, "num_attention_heads", None) or model.config.n_heads
+        assert a.shape == (heads, len(ids), len(ids))
         np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-5)
         assert np.all(np.triu(a, 1) == 0)                       # causal
         np.testing.assert_array_equal(routed[l][0], ref[l].topk_ids.numpy())
+
+
+def test_attention_features_refuse_dbrx_naming_its_layernorm():
+    from lazarus_core.analysis.attention_features import attention_features
+
+    model = tiny_model("dbrx")
+    with pytest.raises(ValueError, match="LayerNorm of r \\+ a"):
+        attention_features(model, [[1, 5, 9]], sorted(find_moe_layers(model).layers))
