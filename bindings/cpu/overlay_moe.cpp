@@ -308,11 +308,11 @@ void bind_overlay_moe(py::module_& m) {
         if (f == Storage::kMXFP4) throw py::value_error("factor_format must be a dense format");
         const StoredMatrix bgu = stored_matrix(b_gate_up, py::none(), factor_format, E * (rg + ru), H);
         const StoredMatrix bd = stored_matrix(b_down, py::none(), factor_format, E * rd, I);
+        check_stored(at_gate, "at_gate", E * rg * I, f);
         check_stored(at_up, "at_up", E * ru * I, f);
         check_stored(at_down, "at_down", E * rd * H, f);
         with_factor_type(f, [&](auto tag) {
           using F = decltype(tag);
-          check_stored(at_gate, "at_gate", E * rg * I, f);
           const SmallForwardT<F> a{ptr<float>(x), ptr<int64_t>(topk_ids), ptr<float>(topk_weights), T, K,
                                    base_gate_up, base_down, bgu, bd, ptr<F>(at_gate), ptr<F>(at_up), ptr<F>(at_down),
                                    optional_stored<F>(bias_gate, "bias_gate", E * I, f),

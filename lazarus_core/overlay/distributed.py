@@ -307,10 +307,17 @@ def _write_expert_split(ckpt: MoeCheckpoint, out: Path, plan: OverlayPlan, distr
     first_last = distributed["experts"][str(world.rank)]
     experts = range(first_last[0], first_last[1] + 1) if first_last else range(0)
 
+    bases_of: dict[int, dict] = {}  # rank 0 reuses its own layer's bases when it writes the shards
+
+    def layer_bases(x: int) -> dict:
+        if x not in bases_of:
+            bases_of[x] = planned_bases(ckpt, out, plan, x, PROJECTIONS, fingerprint, backend=backend)
+        return bases_of[x]
+
     def factors() -> list[tuple[int, str, int, torch.Tensor, torch.Tensor]]:
         if layer in resumed or not experts:
             return []
-        bases = planned_bases(ckpt, out, plan, layer, PROJECTIONS, fingerprint, backend=backend)
+        bases = layer_bases(layer)
         view, mine = ExpertSubset(ckpt, experts), []
         with progress_bar(progress and world.is_root, len(by_layer[layer]) * len(experts),
                           f"compress layer {layer}, experts {experts.start}-{experts.stop - 1}") as step:
@@ -333,7 +340,7 @@ def _write_expert_split(ckpt: MoeCheckpoint, out: Path, plan: OverlayPlan, distr
         for x, pps in by_layer.items():
             if x in resumed:
                 continue
-            bases, tensors = planned_bases(ckpt, out, plan, x, PROJECTIONS, fingerprint, backend=backend), {}
+            bases, tensors = layer_bases(x), {}
             for pp in pps:
                 ordered = sorted(pieces[(x, pp.projection)], key=lambda piece: piece[0])
                 tensors.update(projection_tensors(ckpt, plan, x, pp.projection, bases[pp.projection],
