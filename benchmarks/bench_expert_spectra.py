@@ -137,7 +137,7 @@ def _stages(ckpt, proj: str) -> dict[str, float]:
     """Seconds of each stage of one projection's analysis at default workers (mean pass, refined base, one
     spectrum pass, the cosine Gram) and of one expert's float64 Gram / eigvalsh on one thread."""
     from lazarus_core.analysis.expert_structure import _cosine_gram
-    from lazarus_core.spectra import gram, mean_and_noise, one_thread, overlay_base, projection_spectrum
+    from lazarus_core.spectra import gram, mean_and_noise, one_thread, openblas, overlay_base, projection_spectrum
 
     out = {}
     t0 = time.perf_counter()
@@ -158,8 +158,9 @@ def _stages(ckpt, proj: str) -> dict[str, float]:
         g = gram(delta)
         out["gram_1_expert_1_thread"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        torch.linalg.eigvalsh(g)
+        openblas.eigvalsh(g)
         out["eigvalsh_1_expert_1_thread"] = time.perf_counter() - t0
+    out["numpy_openblas"] = openblas.usable()
     return out
 
 

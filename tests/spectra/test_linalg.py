@@ -5,7 +5,20 @@ import torch
 
 from lazarus_core.spectra import (energy_rank, factorize, gram, one_thread, singular_values, singular_values_reference,
                                   spectrum_and_factors)
+from lazarus_core.spectra import openblas
 from lazarus_core.spectra.linalg import GRAM_BLOCK, GRAM_CHUNK
+
+
+
+@pytest.fixture(autouse=True, params=["openblas", "torch"])
+def dense_backend(request, monkeypatch):
+    """Every test on both float64 backends: numpy's OpenBLAS (dsyrk + numpy eigensolves) and torch's kernels."""
+    if request.param == "openblas" and not openblas.usable():
+        pytest.skip("numpy's OpenBLAS with a per-thread thread count is not in this numpy")
+    if request.param == "torch":
+        monkeypatch.setattr(openblas, "_library", lambda: None)
+    return request.param
+
 
 SHAPES = [(7, 13), (13, 7), (32, 32), (1, 5), (5, 1), (3, GRAM_CHUNK + 3), (GRAM_CHUNK + 3, 3)]
 
