@@ -193,3 +193,25 @@ def _metadata(out: Path) -> list[dict]:
         with safe_open(str(shard), "pt") as f:
             metas.append(f.metadata())
     return metas
+
+
+@pytest.mark.slow
+def test_two_layers_on_three_ranks_compress_into_the_single_process_overlay(tmp_path, capfd):
+    # ranks 0 and 2 split layer 0's experts, rank 1 takes layer 1; one overlay directory, one config
+    model = str(write_olmoe_layers(tmp_path / "model", 2, seed=4, num_experts=5))
+    compress = ["introspect", "moe-expert", "moe-overlay-compress", "-m", model, *POLICY]
+    assert main([*compress, "--out", str(tmp_path / "single")]) == 0
+    capfd.readouterr()
+    out = tmp_path / "ov"
+    run_ranks(_cli_on_ranks, ([([*compress, "--out", str(out), "-o", str(tmp_path / "report.json")],
+                                str(tmp_path / "rc"))], ""), tmp_path / "store", world_size=3)
+    assert [(tmp_path / f"rc.{r}").read_text() for r in range(3)] == ["0", "0", "0"]
+    split = {"world_size": 3, "assignment": {"0": [0], "1": [1], "2": [0]},
+             "experts": {"0": [0, 2], "1": [0, 4], "2": [3, 4]}}
+    assert json.loads((tmp_path / "report.json").read_text())["distributed"] == split
+    config, single = json.loads((out / CONFIG_NAME).read_text()), json.loads((tmp_path / "single" / CONFIG_NAME).read_text())
+    assert config.pop("distributed") == split
+    assert config == single and config["complete"] and config["moe_layers"] == [0, 1]
+    got, want = _tensors(out), _tensors(tmp_path / "single")
+    assert sorted(got) == sorted(want) and len(want) == 18 and all(got[k].equal(want[k]) for k in want)
+    assert _metadata(out) == _metadata(tmp_path / "single")
