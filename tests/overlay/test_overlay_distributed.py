@@ -215,3 +215,29 @@ def test_two_layers_on_three_ranks_compress_into_the_single_process_overlay(tmp_
     got, want = _tensors(out), _tensors(tmp_path / "single")
     assert sorted(got) == sorted(want) and len(want) == 18 and all(got[k].equal(want[k]) for k in want)
     assert _metadata(out) == _metadata(tmp_path / "single")
+
+
+@pytest.mark.slow
+def test_torchrun_compress_of_one_layer_splits_its_experts(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    model = str(write_olmoe_layers(tmp_path / "model", 2, seed=5, num_experts=4))
+    args = ["introspect", "moe-expert", "moe-overlay-compress", "-m", model, "--layers", "1", *POLICY]
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    bin_dir = str(Path(sys.executable).parent)
+    torchrun, lazarus = shutil.which("torchrun", path=bin_dir), shutil.which("lazarus", path=bin_dir)
+    assert torchrun and lazarus, "torchrun and lazarus are installed with the package's dependencies"
+    out = tmp_path / "ov"
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "--no-python", lazarus, *args, "--out", str(out),
+           "-o", str(tmp_path / "report.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    split = {"world_size": 2, "assignment": {"0": [1], "1": [1]}, "experts": {"0": [0, 1], "1": [2, 3]}}
+    assert json.loads((tmp_path / "report.json").read_text())["distributed"] == split
+    config, single = json.loads((out / CONFIG_NAME).read_text()), json.loads((tmp_path / "single" / CONFIG_NAME).read_text())
+    assert config.pop("distributed") == split and config == single
+    got, want = _tensors(out), _tensors(tmp_path / "single")
+    assert sorted(got) == sorted(want) and all(got[k].equal(want[k]) for k in want)
+    assert not (out / PLAN_DIR).exists() or not any((out / PLAN_DIR).glob("share-*"))  # no share left behind
