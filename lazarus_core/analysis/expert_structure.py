@@ -180,23 +180,49 @@ def classify(rank_ratio: float, cosine: float) -> tuple[str, float]:
     return "unknown", 0.0
 
 
-def _cosine_gram(ckpt: MoeCheckpoint, layer: int, projection: str, memory_experts: float = 2.0) -> torch.Tensor:
-    """float64 ``[E, E]`` Gram of the flattened expert weights, over row chunks of all experts at once."""
+def cosine_chunks(ckpt: MoeCheckpoint, layer: int, projection: str, memory_experts: float = 2.0
+                  ) -> list[tuple[int, int]]:
+    """The ``(first row, stop row)`` chunks the E x E cosine Gram of a projection is summed over: all experts'
+    rows of one chunk together hold about ``memory_experts`` experts (FP8: whole scale blocks)."""
     n_experts = ckpt.num_experts
-    out_dim, in_dim = ckpt.projection_shape(projection)
+    out_dim, _ = ckpt.projection_shape(projection)
     chunk = max(1, int(memory_experts * out_dim / n_experts))
     if ckpt.storage_format(layer) == "fp8_e4m3":
         block = (ckpt.spec.fp8_block_size or (128, 128))[0]
         chunk = max(block, chunk // block * block)
-    gram = torch.zeros(n_experts, n_experts, dtype=torch.float64)
-    rows = torch.empty(n_experts, chunk * in_dim, dtype=torch.float32)
-    for start in range(0, out_dim, chunk):
-        stop = min(out_dim, start + chunk)
+    return [(start, min(out_dim, start + chunk)) for start in range(0, out_dim, chunk)]
+
+
+def cosine_gram_parts(ckpt: MoeCheckpoint, layer: int, projection: str, chunks: list[tuple[int, int]]
+                      ) -> list[torch.Tensor]:
+    """float64 ``[E, E]`` Gram of the flattened rows ``chunks`` (from :func:`cosine_chunks`) of every expert,
+    one per chunk; their sum in chunk order is the projection's cosine Gram (a rank of a distributed job
+    computes a contiguous share of the chunks)."""
+    n_experts = ckpt.num_experts
+    _, in_dim = ckpt.projection_shape(projection)
+    widest = max((stop - start for start, stop in chunks), default=0)
+    rows = torch.empty(n_experts, widest * in_dim, dtype=torch.float32)
+    parts = []
+    for start, stop in chunks:
         x = rows[:, : (stop - start) * in_dim]
         for e in range(n_experts):
             x[e] = ckpt.expert_rows(layer, projection, e, start, stop).reshape(-1)
-        gram += (x @ x.T).double()
-    return gram
+        parts.append((x @ x.T).double())
+    return parts
+
+
+def sum_in_order(parts: list[torch.Tensor], n: int) -> torch.Tensor:
+    """float64 ``[n, n]`` sum of ``parts`` added one after the other from zero (the order fixes the rounding)."""
+    total = torch.zeros(n, n, dtype=torch.float64)
+    for part in parts:
+        total += part
+    return total
+
+
+def _cosine_gram(ckpt: MoeCheckpoint, layer: int, projection: str) -> torch.Tensor:
+    """float64 ``[E, E]`` Gram of the flattened expert weights, over row chunks of all experts at once."""
+    parts = cosine_gram_parts(ckpt, layer, projection, cosine_chunks(ckpt, layer, projection))
+    return sum_in_order(parts, ckpt.num_experts)
 
 
 def _cosine_summary(gram: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -266,9 +292,10 @@ def compressor_rank(ckpt: MoeCheckpoint, spectrum: ProjectionSpectrum) -> int:
                         has_bias=ckpt.spec.expert_bias)[key]
 
 
-def _structure(ckpt: MoeCheckpoint, layer: int, spectrum: ProjectionSpectrum, compressor: ProjectionSpectrum
-               ) -> ProjectionStructure:
-    """Everything the report says about one projection, read off its mean-base and compressor spectra."""
+def _structure(ckpt: MoeCheckpoint, layer: int, spectrum: ProjectionSpectrum, compressor: ProjectionSpectrum,
+               cosine_gram: torch.Tensor | None = None) -> ProjectionStructure:
+    """Everything the report says about one projection, read off its mean-base and compressor spectra (and its
+    E x E cosine Gram, computed here unless given)."""
     n_experts = spectrum.num_experts
     out_dim, in_dim = spectrum.shape
     max_rank = spectrum.max_rank
@@ -288,7 +315,9 @@ def _structure(ckpt: MoeCheckpoint, layer: int, spectrum: ProjectionSpectrum, co
                                  float(counted.double().mean()))
     mean_rank = {f: sum(r) / n_experts for f, r in ranks.items()}
     chosen = compressor_rank(ckpt, compressor)
-    cos, cos_summary = _cosine_summary(_cosine_gram(ckpt, layer, spectrum.projection))
+    if cosine_gram is None:
+        cosine_gram = _cosine_gram(ckpt, layer, spectrum.projection)
+    cos, cos_summary = _cosine_summary(cosine_gram)
     return ProjectionStructure(
         projection=spectrum.projection, shape=[out_dim, in_dim], max_rank=max_rank, storage=ckpt.storage_format(layer),
         experts_rank_90=ranks[0.90], experts_rank_95=ranks[0.95], experts_rank_99=ranks[0.99],

@@ -8,7 +8,8 @@ Expert split (fewer layers than ranks): every rank of a layer's group forms the 
 expert, the rounding-noise energies and the refined base: one streaming pass each, computed by every rank
 rather than sent, since a rank needs them before it can take a delta), then the singular spectra of its
 contiguous share of the experts only; rank 0 concatenates the spectra in expert order and reads the layer's
-structure off them, including the E x E cosine Gram (one pass over the experts, on rank 0).
+structure off them. The E x E cosine Gram is a sum over row chunks of all experts: the ranks of a layer split
+the chunks (contiguous shares) and rank 0 adds the chunk Grams in chunk order, as one process does.
 
 The per-expert spectra are computed by the same engine calls on the same inputs as in one process, so the
 report is the same (ranks per expert, the call); only ``seconds`` differs, and ``distributed`` is added.
@@ -29,8 +30,9 @@ from typing import Callable
 
 import torch
 
-from lazarus_core.analysis.expert_structure import (LayerStructure, MoeTypeReport, _structure, analyze_layer, compression_summary,
-                                                    layer_structure, moe_type_report, spectrum_passes)
+from lazarus_core.analysis.expert_structure import (LayerStructure, MoeTypeReport, _structure, analyze_layer,
+                                                    compression_summary, cosine_chunks, cosine_gram_parts,
+                                                    layer_structure, moe_type_report, spectrum_passes, sum_in_order)
 from lazarus_core.atomic_io import atomic_write_json
 from lazarus_core.distributed import World, assign_round_robin, on_every_rank, split_contiguous, use_local_gpu
 from lazarus_core.models.checkpoint import PROJECTIONS, MoeCheckpoint
@@ -139,14 +141,21 @@ def projection_share(ckpt: MoeCheckpoint, layer: int, projection: str, experts: 
     return spectrum, compressor, base
 
 
-def _expert_share(ckpt: MoeCheckpoint, layer: int, experts: range, *, backend: str, base_method: str,
-                  on_expert: Callable[[], None] | None, device: str | None, workers: int | None) -> list[tuple[str, int, ProjectionSpectrum, ProjectionSpectrum]]:
-    """``[(projection, first_expert, mean-base spectrum, compressor spectrum)]`` of ``experts`` of ``layer``."""
+def _expert_share(ckpt: MoeCheckpoint, layer: int, experts: range, share: tuple[int, int], *, backend: str,
+                  base_method: str, on_expert: Callable[[], None] | None, device: str | None, workers: int | None
+                  ) -> list[tuple[str, int, ProjectionSpectrum, ProjectionSpectrum, int, list[torch.Tensor]]]:
+    """``[(projection, first_expert, mean-base spectrum, compressor spectrum, first cosine chunk, cosine Gram
+    parts)]`` of ``experts`` of ``layer``. ``share = (index, count)``: this rank's place among the ranks with
+    experts of the layer, which also split the cosine Gram's row chunks (contiguous shares, summed in chunk
+    order by rank 0)."""
     pieces = []
     for p in PROJECTIONS:
         spectrum, compressor, _ = projection_share(ckpt, layer, p, experts, backend=backend, base_method=base_method,
                                                    on_expert=on_expert, device=device, workers=workers)
-        pieces.append((p, experts.start, spectrum, compressor))
+        chunks = cosine_chunks(ckpt, layer, p)
+        mine = split_contiguous([1.0] * len(chunks), share[1])[share[0]]
+        pieces.append((p, experts.start, spectrum, compressor, mine.start,
+                       cosine_gram_parts(ckpt, layer, p, chunks[mine.start:mine.stop])))
     return pieces
 
 
@@ -218,8 +227,10 @@ def analyze_moe_type_distributed(ckpt: MoeCheckpoint, layers: list[int], *, worl
                     workers=workers)) for layer in mine]
             if not experts_of[world.rank]:
                 return []
-            return _expert_share(ckpt, mine[0], experts_of[world.rank], backend=backend, base_method=base_method,
-                                 on_expert=step, device=device, workers=workers)
+            group = [r for r in range(world.world_size) if layers_of[r] == mine and experts_of[r]]
+            return _expert_share(ckpt, mine[0], experts_of[world.rank], (group.index(world.rank), len(group)),
+                                 backend=backend, base_method=base_method, on_expert=step, device=device,
+                                 workers=workers)
 
     distributed = distributed_record(layers_of, experts_of, world.world_size)
     parts = world.gather(on_every_rank(world, "distributed moe-type-analyze", share))
@@ -264,16 +275,20 @@ def _join(ckpt: MoeCheckpoint, layers: list[int], parts: list[list], by_experts:
     """Rank 0: the report from every rank's share, in ``layers`` order."""
     if by_experts:
         pieces: dict[tuple[int, str], list] = {}
+        cosine: dict[tuple[int, str], list] = {}
         for part in parts:
-            for p, start, spectrum, compressor in part:
+            for p, start, spectrum, compressor, first_chunk, grams in part:
                 pieces.setdefault((spectrum.layer, p), []).append((start, spectrum, compressor))
+                cosine.setdefault((spectrum.layer, p), []).extend(enumerate(grams, first_chunk))
         results = []
         for layer in layers:
             structures = {}
             for p in PROJECTIONS:
                 ordered = sorted(pieces[(layer, p)], key=lambda x: x[0])
+                grams = [g for _, g in sorted(cosine[(layer, p)], key=lambda x: x[0])]
                 structures[p] = _structure(ckpt, layer, join_spectra([x[1] for x in ordered]),
-                                           join_spectra([x[2] for x in ordered]))
+                                           join_spectra([x[2] for x in ordered]),
+                                           sum_in_order(grams, ckpt.num_experts))
             results.append(layer_structure(layer, structures))
     else:
         by_layer = {structure.layer: structure for part in parts for structure in part}

@@ -101,3 +101,28 @@ def test_builtin_models_are_classified_on_every_layer(alias, expected):
     assert len(report.layers) >= 4
     assert [layer.moe_type for layer in report.layers] == [expected] * len(report.layers)
     assert report.moe_type == expected and report.agreement == 1.0
+
+
+@pytest.mark.parametrize("family,storage", [("olmoe", "bf16"), ("deepseek_v3", "fp8"), ("gpt_oss", "mxfp4")])
+def test_cosine_gram_chunk_parts_sum_to_the_flattened_gram(family, storage, tmp_path):
+    from lazarus_core.analysis.expert_structure import _cosine_gram, cosine_chunks, cosine_gram_parts, sum_in_order
+
+    ckpt = open_moe_checkpoint(write_known_rank_checkpoint(family, tmp_path / family, storage=storage))
+    layer = ckpt.moe_layers[0]
+    for projection in ("gate", "down"):
+        chunks = cosine_chunks(ckpt, layer, projection, memory_experts=0.5)  # several chunks
+        out_dim = ckpt.projection_shape(projection)[0]
+        assert len(chunks) > 1 and chunks[0][0] == 0 and chunks[-1][1] == out_dim
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # contiguous, in order
+        flat = torch.stack([ckpt.expert_weight(layer, projection, e).reshape(-1).double()
+                            for e in range(ckpt.num_experts)])
+        # a split into two shares (as two ranks compute them), summed in chunk order: the one-process Gram
+        parts = cosine_gram_parts(ckpt, layer, projection, chunks[:1]) + cosine_gram_parts(ckpt, layer, projection,
+                                                                                          chunks[1:])
+        gram = sum_in_order(parts, ckpt.num_experts)
+        whole = sum_in_order(cosine_gram_parts(ckpt, layer, projection, chunks), ckpt.num_experts)
+        assert torch.equal(gram, whole)
+        torch.testing.assert_close(gram, flat @ flat.T, rtol=1e-5, atol=1e-5 * float(flat.square().sum(1).max()))
+    default = cosine_chunks(ckpt, layer, "gate")
+    assert torch.equal(_cosine_gram(ckpt, layer, "gate"),
+                       sum_in_order(cosine_gram_parts(ckpt, layer, "gate", default), ckpt.num_experts))
