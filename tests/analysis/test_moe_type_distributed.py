@@ -112,19 +112,28 @@ def test_torchrun_moe_type_analyze_writes_one_json(model, tmp_path):
     assert not Path(f"{out}.parts").exists()                  # the resumable layers are removed once joined
 
 
-def _analyze_two_layers(world, model: str, out: str) -> None:
+def _analyze_two_layers(world, model: str, small: str, out: str) -> None:
     report = analyze_moe_type(open_moe_checkpoint(model), world=world, model_name="m").to_dict()
     Path(out, f"two-rank{world.rank}.json").write_text(json.dumps(report))
+    report = analyze_moe_type(open_moe_checkpoint(small), [1], world=world, model_name="m").to_dict()
+    Path(out, f"small-rank{world.rank}.json").write_text(json.dumps(report))
 
 
 @pytest.mark.slow
 def test_two_layers_on_three_ranks_split_one_layer_and_equal_one_process(tmp_path):
     # 2 layers, 3 ranks: ranks 0 and 2 share layer 0 (its experts split between them), rank 1 takes layer 1
     model = str(write_olmoe_layers(tmp_path / "model", 2, seed=3, num_experts=5))
+    small = str(write_olmoe_layers(tmp_path / "small", 2, seed=6, num_experts=2))  # one layer: 2 experts, 3 ranks
     expected = analyze_moe_type(open_moe_checkpoint(model), model_name="m").to_dict()
-    run_ranks(_analyze_two_layers, (model, str(tmp_path)), tmp_path / "store", world_size=3)
+    expected_small = analyze_moe_type(open_moe_checkpoint(small), [1], model_name="m").to_dict()
+    run_ranks(_analyze_two_layers, (model, small, str(tmp_path)), tmp_path / "store", world_size=3)
     got = [json.loads((tmp_path / f"two-rank{r}.json").read_text()) for r in range(3)]
     assert got[0] == got[1] == got[2]
     assert _comparable(got[0]) == _comparable(expected) and "distributed" not in expected
     assert got[0]["distributed"] == {"world_size": 3, "assignment": {"0": [0], "1": [1], "2": [0]},
                                      "experts": {"0": [0, 2], "1": [0, 4], "2": [3, 4]}}  # first, last
+    # more ranks than experts: rank 1 has no share (and no cosine chunks); the report is still one process's
+    got = [json.loads((tmp_path / f"small-rank{r}.json").read_text()) for r in range(3)]
+    assert got[0] == got[1] == got[2] and _comparable(got[0]) == _comparable(expected_small)
+    assert got[0]["distributed"] == {"world_size": 3, "assignment": {"0": [1], "1": [1], "2": [1]},
+                                     "experts": {"0": [0, 0], "1": [], "2": [1, 1]}}
