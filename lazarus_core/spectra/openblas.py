@@ -18,6 +18,8 @@ eigvalsh 4096 x 4096                             5.23 / 5.58 s      8.00 / 8.29 
 
 So the Gram always uses ``dsyrk`` and eigensolves up to :data:`EIG_MAX` rows use numpy; larger ones stay on
 torch. Everything is float64 either way; eigenvalues agree with torch's to about 1e-14 of the largest.
+The rule is a constant, not a timing taken at run time: every process (every rank of a distributed job, every
+rerun) must pick the same solver for a size, so that their spectra are equal bit for bit.
 
 Threads: OpenBLAS's thread count is set per calling thread (``openblas_set_num_threads_local``, OpenBLAS >=
 0.3.27) to torch's current count, so a spectra worker (torch on one thread) runs OpenBLAS on one thread
