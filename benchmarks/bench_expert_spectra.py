@@ -114,6 +114,8 @@ def _expert_floor(rows: int, cols: int) -> tuple[float, dict]:
     ``[rows, cols]`` delta (torch's full GEMM counted at half its time, since only the symmetric half is
     needed, or OpenBLAS ``dsyrk``) plus the fastest measured eigensolve of the ``rows x rows`` Gram (torch's
     or numpy's), on one thread, divided by the cores (as if the workers scaled perfectly)."""
+    import numpy as np
+
     from lazarus_core.spectra import openblas
     from lazarus_core.spectra.linalg import _gram_lower
     from lazarus_core.spectra.parallel import cpu_cores
@@ -124,7 +126,6 @@ def _expert_floor(rows: int, cols: int) -> tuple[float, dict]:
     eig_t = {"torch": median_seconds(lambda: torch.linalg.eigvalsh(g), repeats=3, warmup=1)}
     if openblas.usable():
         gram_t["openblas_dsyrk"] = median_seconds(lambda: _gram_lower(a), repeats=3, warmup=1)
-        import numpy as np
 
         def numpy_eig() -> None:
             with openblas.torch_threads():

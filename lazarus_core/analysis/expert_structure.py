@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -194,24 +194,22 @@ def cosine_chunks(ckpt: MoeCheckpoint, layer: int, projection: str, memory_exper
 
 
 def cosine_gram_parts(ckpt: MoeCheckpoint, layer: int, projection: str, chunks: list[tuple[int, int]]
-                      ) -> list[torch.Tensor]:
-    """float64 ``[E, E]`` Gram of the flattened rows ``chunks`` (from :func:`cosine_chunks`) of every expert,
-    one per chunk; their sum in chunk order is the projection's cosine Gram (a rank of a distributed job
-    computes a contiguous share of the chunks)."""
+                      ) -> Iterator[torch.Tensor]:
+    """Yield the float64 ``[E, E]`` Gram of the flattened rows of every expert, one per chunk of ``chunks``
+    (from :func:`cosine_chunks`); their sum in chunk order is the projection's cosine Gram (a rank of a
+    distributed job computes a contiguous share of the chunks)."""
     n_experts = ckpt.num_experts
     _, in_dim = ckpt.projection_shape(projection)
     widest = max((stop - start for start, stop in chunks), default=0)
     rows = torch.empty(n_experts, widest * in_dim, dtype=torch.float32)
-    parts = []
     for start, stop in chunks:
         x = rows[:, : (stop - start) * in_dim]
         for e in range(n_experts):
             x[e] = ckpt.expert_rows(layer, projection, e, start, stop).reshape(-1)
-        parts.append((x @ x.T).double())
-    return parts
+        yield (x @ x.T).double()
 
 
-def sum_in_order(parts: list[torch.Tensor], n: int) -> torch.Tensor:
+def sum_in_order(parts: Iterable[torch.Tensor], n: int) -> torch.Tensor:
     """float64 ``[n, n]`` sum of ``parts`` added one after the other from zero (the order fixes the rounding)."""
     total = torch.zeros(n, n, dtype=torch.float64)
     for part in parts:

@@ -147,15 +147,17 @@ def _expert_share(ckpt: MoeCheckpoint, layer: int, experts: range, share: tuple[
     """``[(projection, first_expert, mean-base spectrum, compressor spectrum, first cosine chunk, cosine Gram
     parts)]`` of ``experts`` of ``layer``. ``share = (index, count)``: this rank's place among the ranks with
     experts of the layer, which also split the cosine Gram's row chunks (contiguous shares, summed in chunk
-    order by rank 0)."""
+    order by rank 0). The first share sends its chunks already summed (that prefix is exactly the one a single
+    process forms first); the others send one Gram per chunk, for rank 0 to add in order."""
     pieces = []
     for p in PROJECTIONS:
         spectrum, compressor, _ = projection_share(ckpt, layer, p, experts, backend=backend, base_method=base_method,
                                                    on_expert=on_expert, device=device, workers=workers)
         chunks = cosine_chunks(ckpt, layer, p)
         mine = split_contiguous([1.0] * len(chunks), share[1])[share[0]]
-        pieces.append((p, experts.start, spectrum, compressor, mine.start,
-                       cosine_gram_parts(ckpt, layer, p, chunks[mine.start:mine.stop])))
+        grams = cosine_gram_parts(ckpt, layer, p, chunks[mine.start:mine.stop])
+        grams = [sum_in_order(grams, ckpt.num_experts)] if mine.start == 0 else list(grams)
+        pieces.append((p, experts.start, spectrum, compressor, mine.start, grams))
     return pieces
 
 

@@ -2,7 +2,7 @@
 compressor (moe-overlay-estimate / -compute / -compress) both read.
 
     linalg.py    float64 Gram, eigensolve, singular values, best rank-r factors, energy rank
-    lapack.py    the float64 symmetric eigensolver (numpy's or torch's LAPACK, by size), one thread per caller
+    openblas.py  numpy's OpenBLAS for the float64 Gram (dsyrk) and eigensolves up to 1536 rows, per-thread threads
     parallel.py  experts over worker threads (CPU) or batched on a device
     deltas.py    mean expert, deltas from a base, quantisation-noise edges, the overlay base (mean / refined)
     spectrum.py  ProjectionSpectrum (the energy definition, kept_energy, ranks, errors) and projection_spectrum

@@ -11,9 +11,9 @@ experts' worth at [1024, 2048]) is ever allocated.
 Where numpy's OpenBLAS is usable (:mod:`lazarus_core.spectra.openblas`; its table: 1.6x torch's MKL for the
 Gram, 1.5x for a 1024-row eigensolve here) the Gram is its ``dsyrk`` over the same chunks (lower triangle
 only) and eigensolves up to 1536 rows are numpy's; otherwise the Gram is the blocked GEMMs below and every
-eigensolve torch's. The eigensolver runs on one thread: on this 2-core machine, with another process busy, LAPACK's
-tridiagonalisation on 2 threads took 5.7 s for a 1024 x 1024 Gram against 0.17 s on one (idle: about
-the same either way), because its threads spin-wait on each other.
+eigensolve torch's. The eigensolver runs on one thread: on this 2-core machine, with another process busy,
+LAPACK's tridiagonalisation on 2 threads took 5.7 s for a 1024 x 1024 Gram against 0.17 s on one (idle:
+about the same either way), because its threads spin-wait on each other.
 """
 
 from __future__ import annotations
