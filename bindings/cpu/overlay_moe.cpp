@@ -159,7 +159,9 @@ StoredMatrix stored_matrix(const py::array& data, const py::object& scales, int 
 // The checked problems of stored_matvec / overlay_shrink (their Python arguments, in order). A matvec with
 // cols == 0 writes its zeros here and comes back empty.
 MatvecProblem matvec_problem(const py::array& data, const py::object& scales, int format, int64_t rows, int64_t cols,
-                             const py::array& x, const py::object& x_rows, py::array& y, bool int16) {
+                             const py::array& x, const py::object& x_rows, py::array& y, int tokens) {
+  if (tokens != kTokensFp32 && tokens != kTokensFixed16 && tokens != kTokensInt8)
+    throw py::value_error("tokens must be 0 (fp32), 1 (fixed16) or 2 (int8), got " + std::to_string(tokens));
   const StoredMatrix w = stored_matrix(data, scales, format, rows, cols);
   check_array<float>(x, "x", -1, "float32");
   if (cols == 0 ? x.size() != 0 : x.size() % cols) throw py::value_error("x must have rows of cols values");
@@ -179,7 +181,7 @@ MatvecProblem matvec_problem(const py::array& data, const py::object& scales, in
     std::fill_n(out, n * rows, 0.0f);
     return MatvecProblem{};
   }
-  return MatvecProblem{w, ptr<float>(x), idx, n, out, rows, int16};
+  return MatvecProblem{w, ptr<float>(x), idx, n, out, rows, tokens};
 }
 
 ShrinkProblem shrink_problem(const py::array& b, int factor_format, int64_t experts, int64_t rank, int64_t cols,
@@ -246,15 +248,16 @@ void bind_overlay_moe(py::module_& m) {
   m.def(
       "stored_matvec",
       [](const py::array& data, const py::object& scales, int format, int64_t rows, int64_t cols, const py::array& x,
-         const py::object& x_rows, py::array y, bool int16) {
-        const MatvecProblem p = matvec_problem(data, scales, format, rows, cols, x, x_rows, y, int16);
+         const py::object& x_rows, py::array y, int tokens) {
+        const MatvecProblem p = matvec_problem(data, scales, format, rows, cols, x, x_rows, y, tokens);
         py::gil_scoped_release release;
         stored_matvec_and_shrink_cpu(p, ShrinkProblem{});
       },
       py::arg("data"), py::arg("scales"), py::arg("format"), py::arg("rows"), py::arg("cols"), py::arg("x"),
-      py::arg("x_rows"), py::arg("y"), py::arg("int16") = false,
+      py::arg("x_rows"), py::arg("y"), py::arg("tokens") = 0,
       "y [n, rows] = x[x_rows] @ W^T for a stored W [rows, cols] (format 0 fp32, 1 bf16, 2 fp16, 3 MXFP4 with "
-      "scales), decoded in registers; x float32 [*, cols]. int16: MXFP4 against x rounded per 32-block to int16.");
+      "scales), decoded in registers; x float32 [*, cols]. tokens: how MXFP4 meets x (0 fp32, 1 16-bit fixed point "
+      "per 32-block, 2 int8 per 32-block).");
   m.def(
       "overlay_shrink",
       [](const py::array& b, int factor_format, int64_t experts, int64_t rank, int64_t cols, const py::array& offsets,
@@ -272,8 +275,8 @@ void bind_overlay_moe(py::module_& m) {
       [](const py::array& data, const py::object& scales, int format, int64_t rows, int64_t cols, const py::array& x,
          const py::object& x_rows, py::array y, const py::array& b, int factor_format, int64_t experts, int64_t rank,
          int64_t b_cols, const py::array& offsets, int64_t max_pairs, const py::array& inp, const py::object& inp_rows,
-         py::array s, bool int16) {
-        const MatvecProblem base = matvec_problem(data, scales, format, rows, cols, x, x_rows, y, int16);
+         py::array s, int tokens) {
+        const MatvecProblem base = matvec_problem(data, scales, format, rows, cols, x, x_rows, y, tokens);
         const ShrinkProblem shrink =
             shrink_problem(b, factor_format, experts, rank, b_cols, offsets, max_pairs, inp, inp_rows, s);
         py::gil_scoped_release release;
@@ -282,7 +285,7 @@ void bind_overlay_moe(py::module_& m) {
       py::arg("data"), py::arg("scales"), py::arg("format"), py::arg("rows"), py::arg("cols"), py::arg("x"),
       py::arg("x_rows"), py::arg("y"), py::arg("b"), py::arg("factor_format"), py::arg("experts"), py::arg("rank"),
       py::arg("b_cols"), py::arg("offsets"), py::arg("max_pairs"), py::arg("inp"), py::arg("inp_rows"), py::arg("s"),
-      py::arg("int16") = false,
+      py::arg("tokens") = 0,
       "stored_matvec (data .. y) and overlay_shrink (b .. s, b_cols = its cols) in one parallel region.");
   m.def(
       "overlay_moe_small",
@@ -290,8 +293,10 @@ void bind_overlay_moe(py::module_& m) {
          const py::object& gate_up_scales, const py::array& down_data, const py::object& down_scales, int base_format,
          const py::array& b_gate_up, const py::array& b_down, const py::array& at_gate, const py::array& at_up,
          const py::array& at_down, const py::object& bias_gate, const py::object& bias_up,
-         const py::object& bias_down, int factor_format, int activation, float alpha, float limit, bool int16,
+         const py::object& bias_down, int factor_format, int activation, float alpha, float limit, int tokens,
          py::array y) {
+        if (tokens != kTokensFp32 && tokens != kTokensFixed16 && tokens != kTokensInt8)
+          throw py::value_error("tokens must be 0 (fp32), 1 (fixed16) or 2 (int8), got " + std::to_string(tokens));
         const Storage f = storage_format(factor_format);
         const int64_t T = dim(x, "x", 2, 0), H = x.shape(1), K = dim(topk_ids, "topk_ids", 2, 1);
         const int64_t E = dim(at_gate, "at_gate", 3, 0), rg = at_gate.shape(1), I = at_gate.shape(2);
@@ -318,7 +323,7 @@ void bind_overlay_moe(py::module_& m) {
                                    optional_stored<F>(bias_gate, "bias_gate", E * I, f),
                                    optional_stored<F>(bias_up, "bias_up", E * I, f),
                                    optional_stored<F>(bias_down, "bias_down", E * H, f), E, H, I, rg, ru, rd,
-                                   activation, alpha, limit, int16, static_cast<float*>(y.mutable_data())};
+                                   activation, alpha, limit, tokens, static_cast<float*>(y.mutable_data())};
           py::gil_scoped_release release;
           overlay_moe_small_cpu(a);
         });
@@ -327,7 +332,7 @@ void bind_overlay_moe(py::module_& m) {
       py::arg("down_data"), py::arg("down_scales"), py::arg("base_format"), py::arg("b_gate_up"), py::arg("b_down"),
       py::arg("at_gate"), py::arg("at_up"), py::arg("at_down"), py::arg("bias_gate"), py::arg("bias_up"),
       py::arg("bias_down"), py::arg("factor_format"), py::arg("activation"), py::arg("alpha"), py::arg("limit"),
-      py::arg("int16"), py::arg("y"),
+      py::arg("tokens"), py::arg("y"),
       "The whole overlay MoE forward of a small batch in one parallel region: x [T, H], topk_ids [T, K] int64, "
       "topk_weights [T, K] fp32, bases as stored (base_format), factors and biases in factor_format; y [T, H].");
   m.def(

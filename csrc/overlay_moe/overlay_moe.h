@@ -76,14 +76,19 @@ struct StoredMatrix {
   int64_t rows, cols;
 };
 
+// How the matrix-vector kernel meets an MXFP4 weight's token rows (AVX2 only; elsewhere always fp32):
+// kTokensFp32 converts every weight to fp32 and sums in fp32 (exact products); kTokensFixed16 rounds each x row
+// per 32-element block to 16-bit fixed point with a power-of-two scale (each element off by at most 2^-14 of its
+// block's largest |x|) and kTokensInt8 to int8 with scale max|x| / 127 (off by at most max|x| / 254); both then
+// multiply and sum exactly in integers, one fp32 FMA per pair of blocks. A row holding inf or NaN, or a weight
+// row with a NaN or zero scale byte, runs the fp32 kernel instead.
+constexpr int kTokensFp32 = 0, kTokensFixed16 = 1, kTokensInt8 = 2;
+
 // y[i, r] = sum_c W[r, c] * x[x_rows ? x_rows[i] : i, c] for i < n, r < w.rows: x fp32 rows of w.cols, y rows
 // with stride ldy. MXFP4 is decoded in registers inside the product (the base GEMV of small batches); sums
-// are fp32. With `int16` (MXFP4 only, AVX2 only) each x row is first rounded per 32-element block to int16
-// with a power-of-two scale (each element off by at most 2^-15 of its block's largest |x|; a row holding inf
-// or NaN runs the fp32 kernel instead), then multiplied and summed exactly in int32, one fp32 FMA per block:
-// about 1.6x the fp32 kernel's speed. Cannot fail (the binding validated sizes and indices).
+// are fp32. `tokens` (one of kTokens*) as above. Cannot fail (the binding validated sizes and indices).
 void stored_matvec_cpu(const StoredMatrix& w, const float* x, const int64_t* x_rows, int64_t n, float* y,
-                       int64_t ldy, bool int16 = false);
+                       int64_t ldy, int tokens = kTokensFp32);
 
 // The grouped shrink of expert-sorted pairs: s[p, j] = sum_c B[e, j, c] * inp[rows ? rows[p] : p, c] for p in
 // offsets[e] .. offsets[e+1]-1, with B = `b` viewed as [experts, rank, b.cols] (b.rows = experts * rank, a
@@ -101,7 +106,7 @@ struct MatvecProblem {
   int64_t n = 0;
   float* y = nullptr;
   int64_t ldy = 0;
-  bool int16 = false;  // MXFP4: int16 token rows (see stored_matvec_cpu)
+  int token_mode = kTokensFp32;  // MXFP4: how the kernel meets the token rows (see stored_matvec_cpu)
 };
 struct ShrinkProblem {
   StoredMatrix b{Storage::kF32, nullptr, nullptr, 0, 0};
@@ -119,8 +124,8 @@ void stored_matvec_and_shrink_cpu(const MatvecProblem& base, const ShrinkProblem
 // sum, base down GEMV on the weighted sum + shrink of each pair's h, down expand + bias + weighted sum, each
 // stage a worksharing loop. x [T, H] fp32, topk_ids [T, K] int64 in [0, E), topk_weights [T, K] fp32; the bases
 // as stored ([2I, H] gate rows then up rows, and [H, I]); b_gate_up [E * (rg + ru), H] and b_down [E * rd, I]
-// dense; at_*, bias_* as in OverlayGateUpArgsT / OverlayDownArgsT; y [T, H] written. `int16` as in
-// stored_matvec_cpu, for MXFP4 bases.
+// dense; at_*, bias_* as in OverlayGateUpArgsT / OverlayDownArgsT; y [T, H] written. `token_mode` as
+// `tokens` of stored_matvec_cpu, for MXFP4 bases.
 template <typename F>
 struct SmallForwardT {
   const float* x;
@@ -137,7 +142,7 @@ struct SmallForwardT {
   int64_t experts, hidden, inter, rank_gate, rank_up, rank_down;
   int activation;
   float alpha, limit;
-  bool int16;
+  int token_mode;
   float* y;
 };
 template <typename F>

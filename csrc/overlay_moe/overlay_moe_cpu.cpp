@@ -29,8 +29,12 @@ namespace {
 constexpr int64_t kCols = 256;        // columns per block: pair rows read as 1 KB runs; 4 pairs x 2 x 256 floats
 constexpr int64_t kTile = 4;          // pairs sharing one pass over an expert's expand rows
 constexpr int kMaxTokens = 4;         // token rows sharing one pass over a weight row in the matrix-vector kernels
-constexpr int64_t kRowsPerItem = 16;  // weight rows per OpenMP work item of the matrix-vector kernels
+constexpr int64_t kRowsPerItem = 16;  // weight rows per OpenMP work item of the matrix-vector kernels (shrink)
+// Base rows per work item: long runs keep each thread's stream contiguous for the prefetchers (a 2880-column
+// MXFP4 row is 1.5 KB), and 5760 rows still make 90 items for the dynamic schedule to balance.
+constexpr int64_t kBaseRowsPerItem = 64;
 constexpr int64_t kPrefetchBytes = 512;  // software prefetch distance along each expand row
+constexpr int64_t kStreamAhead = 2048;   // software prefetch distance along a streamed weight row (GEMV kernels)
 
 inline float sigmoid_cpu(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
@@ -60,36 +64,41 @@ void expand_tile_portable(float (*acc)[kCols], const float* const* s, int64_t n,
 }
 
 #if defined(LAZARUS_AVX2_MATH)
-// Register-blocked AVX2/FMA micro-kernel: N pairs x 16 columns stay in 2N ymm accumulators for the whole
-// rank loop, so each expand row is loaded (and converted to fp32) once per N pairs.
-template <int N, typename F>
-LZ_TARGET_AVX2 void expand_tile_avx2(float (*acc)[kCols], const float* const* s, const F* at, int64_t rank,
-                                     int64_t ld, int64_t c0, int64_t w) {
-  int64_t c = 0;
-  for (; c + 16 <= w; c += 16) {
-    __m256 v[N][2];
-    for (int q = 0; q < N; ++q) {
-      v[q][0] = _mm256_loadu_ps(acc[q] + c);
-      v[q][1] = _mm256_loadu_ps(acc[q] + c + 8);
-    }
+// Register-blocked AVX2/FMA micro-kernel: N pairs x 8V columns stay in N*V ymm accumulators for the whole rank
+// loop, so each expand row is loaded (and converted to fp32) once per N pairs. Each accumulator is one FMA
+// chain (4 cycles of latency, 2 FMA ports): N*V >= 8 chains keep the ports busy, so few pairs take more columns.
+template <int N, int V, typename F>
+LZ_TARGET_AVX2 int64_t expand_columns_avx2(float (*acc)[kCols], const float* const* s, const F* at, int64_t rank,
+                                           int64_t ld, int64_t c0, int64_t c, int64_t w) {
+  for (; c + 8 * V <= w; c += 8 * V) {
+    __m256 v[N][V];
+    for (int q = 0; q < N; ++q)
+      for (int k = 0; k < V; ++k) v[q][k] = _mm256_loadu_ps(acc[q] + c + 8 * k);
     const F* col = at + c0 + c;
     for (int64_t j = 0; j < rank; ++j) {
       // The rank rows are `rank` interleaved streams (row stride ld) too many for the hardware prefetcher:
-      // fetch each one kPrefetchBytes ahead (about 8 column steps: DRAM latency when few pairs share a pass).
-      _mm_prefetch(reinterpret_cast<const char*>(col + j * ld) + kPrefetchBytes, _MM_HINT_T0);
-      const __m256 r0 = simd::load8(col + j * ld);
-      const __m256 r1 = simd::load8(col + j * ld + 8);
+      // fetch each one kPrefetchBytes ahead (DRAM latency when few pairs share a pass), a line per 64 bytes.
+      for (int k = 0; k < V; k += 64 / (8 * static_cast<int>(sizeof(F))))
+        _mm_prefetch(reinterpret_cast<const char*>(col + j * ld + 8 * k) + kPrefetchBytes, _MM_HINT_T0);
+      __m256 r[V];
+      for (int k = 0; k < V; ++k) r[k] = simd::load8(col + j * ld + 8 * k);
       for (int q = 0; q < N; ++q) {
         const __m256 b = _mm256_broadcast_ss(s[q] + j);
-        v[q][0] = _mm256_fmadd_ps(b, r0, v[q][0]);
-        v[q][1] = _mm256_fmadd_ps(b, r1, v[q][1]);
+        for (int k = 0; k < V; ++k) v[q][k] = _mm256_fmadd_ps(b, r[k], v[q][k]);
       }
     }
-    for (int q = 0; q < N; ++q) {
-      _mm256_storeu_ps(acc[q] + c, v[q][0]);
-      _mm256_storeu_ps(acc[q] + c + 8, v[q][1]);
-    }
+    for (int q = 0; q < N; ++q)
+      for (int k = 0; k < V; ++k) _mm256_storeu_ps(acc[q] + c + 8 * k, v[q][k]);
   }
+  return c;
+}
+
+template <int N, typename F>
+LZ_TARGET_AVX2 void expand_tile_avx2(float (*acc)[kCols], const float* const* s, const F* at, int64_t rank,
+                                     int64_t ld, int64_t c0, int64_t w) {
+  constexpr int V = N == 1 ? 8 : N == 2 ? 4 : 2;
+  int64_t c = expand_columns_avx2<N, V>(acc, s, at, rank, ld, c0, 0, w);
+  if (V > 2) c = expand_columns_avx2<N, 2>(acc, s, at, rank, ld, c0, c, w);
   for (; c < w; ++c)
     for (int q = 0; q < N; ++q)
       for (int64_t j = 0; j < rank; ++j) acc[q][c] += s[q][j] * to_float(at[j * ld + c0 + c]);
@@ -172,22 +181,33 @@ void row_dots_mxfp4_portable(const uint8_t* blocks, const uint8_t* scales, int64
 }
 
 #if defined(LAZARUS_AVX2_MATH)
+// Each token keeps V accumulators (V FMA chains over 8V columns per step): one or two tokens need 8 or 4 to
+// hide the FMA latency, more tokens give enough chains with 2.
 template <int NT, typename F>
 LZ_TARGET_AVX2 void row_dots_avx2(const F* w, int64_t cols, const float* const* x, float* out) {
-  __m256 acc[NT][2];
-  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  constexpr int V = NT == 1 ? 8 : NT == 2 ? 4 : 2;
+  __m256 acc[NT][V];
+  for (int t = 0; t < NT; ++t)
+    for (int k = 0; k < V; ++k) acc[t][k] = _mm256_setzero_ps();
   int64_t c = 0;
-  for (; c + 16 <= cols; c += 16) {
-    const __m256 w0 = simd::load8(w + c), w1 = simd::load8(w + c + 8);
-    for (int t = 0; t < NT; ++t) {
-      acc[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[t] + c), acc[t][0]);
-      acc[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x[t] + c + 8), acc[t][1]);
-    }
+  for (; c + 8 * V <= cols; c += 8 * V) {
+    for (int k = 0; k < V; k += 64 / (8 * static_cast<int>(sizeof(F))))
+      _mm_prefetch(reinterpret_cast<const char*>(w + c + 8 * k) + kStreamAhead, _MM_HINT_T0);
+    __m256 wv[V];
+    for (int k = 0; k < V; ++k) wv[k] = simd::load8(w + c + 8 * k);
+    for (int t = 0; t < NT; ++t)
+      for (int k = 0; k < V; ++k) acc[t][k] = _mm256_fmadd_ps(wv[k], _mm256_loadu_ps(x[t] + c + 8 * k), acc[t][k]);
+  }
+  for (; c + 8 <= cols; c += 8) {
+    const __m256 wv = simd::load8(w + c);
+    for (int t = 0; t < NT; ++t) acc[t][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[t] + c), acc[t][0]);
   }
   for (int t = 0; t < NT; ++t) {
     float tail = 0.0f;
     for (int64_t k = c; k < cols; ++k) tail += to_float(w[k]) * x[t][k];
-    out[t] = simd::hsum(_mm256_add_ps(acc[t][0], acc[t][1])) + tail;
+    __m256 sum = acc[t][0];
+    for (int k = 1; k < V; ++k) sum = _mm256_add_ps(sum, acc[t][k]);
+    out[t] = simd::hsum(sum) + tail;
   }
 }
 
@@ -256,81 +276,220 @@ LZ_TARGET_AVX2 void decode_row_mxfp4_avx2(const uint8_t* blocks, const uint8_t* 
   }
 }
 
-// The scale of one (weight block, token block) product in the int16 kernel, 2^(s-127) / 2 * 2^-k (the code table
-// holds twice each E2M1 value; the token block was scaled by 2^k), indexed by s + u with u = 128 - k in [1, 241]:
-// v[j] = 2^(j-256), 0 or inf where fp32 cannot hold it. Rows with a NaN scale (0xFF) run the fp32 kernel.
-struct ProductScales {
-  float v[512];
-  ProductScales() {
-    for (int j = 0; j < 512; ++j) v[j] = std::ldexp(1.0f, j - 256);
-  }
-};
-
-// One MXFP4 row against NT token rows quantised by quantize_for_mxfp4 (int16 per 32-element block, index u):
-// the block's codes become 2 * E2M1 as int16 (one byte shuffle, sign-extended by an unpack), multiplied with
-// the int16 tokens and summed pairwise in int32 (vpmaddwd: exact, |sum| <= 32 * 12 * 32767 < 2^24, so also
-// exact when converted to fp32); one fp32 FMA per block applies weight scale x token scale (one table load). The
-// decode is shared by the NT tokens.
-template <int NT>
-LZ_TARGET_AVX2 void row_dots_mxfp4_q16_avx2(const uint8_t* blocks, const uint8_t* scales, int64_t groups,
-                                            const int16_t* const* q, const uint16_t* const* u, float* out) {
-  static const ProductScales product_scales;
-  const __m256i shifts = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
-  const __m256i twice_e2m1 = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12,
-                                              0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
-  const __m256i nibble = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
-  // Two accumulators per token (even and odd blocks): one FMA chain per block would wait on its latency.
-  __m256 acc[NT][2];
-  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-  const auto block = [&](int64_t g, int k) LZ_TARGET_AVX2 {
-    const __m256i packed =
-        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * g)));
-    const __m256i w8 = _mm256_shuffle_epi8(twice_e2m1, _mm256_and_si256(_mm256_srlv_epi32(packed, shifts), nibble));
-    const __m256i sign = _mm256_cmpgt_epi8(zero, w8);
-    const __m256i lo = _mm256_unpacklo_epi8(w8, sign), hi = _mm256_unpackhi_epi8(w8, sign);
-    const float* scale_row = product_scales.v + scales[g];
-    for (int t = 0; t < NT; ++t) {
-      const __m256i* xg = reinterpret_cast<const __m256i*>(q[t] + 32 * g);
-      const __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256(xg)),
-                                           _mm256_madd_epi16(hi, _mm256_loadu_si256(xg + 1)));
-      acc[t][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_broadcast_ss(scale_row + u[t][g]), acc[t][k]);
-    }
-  };
-  int64_t g = 0;
-  for (; g + 2 <= groups; g += 2) {
-    block(g, 0);
-    block(g + 1, 1);
-  }
-  if (g < groups) block(g, 0);
-  for (int t = 0; t < NT; ++t) out[t] = simd::hsum(_mm256_add_ps(acc[t][0], acc[t][1]));
-}
 #endif
 
-// Token rows for the int16 MXFP4 kernel. Per 32-element block: k = 15 - e where max|x| = f * 2^e, f in [0.5, 1)
-// (k <= 127), q = round(x * 2^k) clamped to +-32767 in the order the kernel's unpacks give the weights
-// ([0, 2, .., 14], [1, 3, .., 15], [16, 18, .., 30], [17, .., 31]), u = 128 - k (ProductScales' index). Each
-// element is off by at most 2^-15 of its block's largest |x|. Returns false (nothing usable) when the row holds
-// inf or NaN.
-bool quantize_for_mxfp4(const float* x, int64_t cols, int16_t* q, uint16_t* u) {
-  for (int64_t g = 0; g < cols / 32; ++g) {
-    const float* xb = x + 32 * g;
-    float m = 0.0f;
-    for (int i = 0; i < 32; ++i) m = std::max(m, std::fabs(xb[i]));
-    if (!std::isfinite(m)) return false;
+// Token rows of the integer MXFP4 kernel (row_dots_mxfp4_q8_avx2), per 32-element block b with largest |x| = m:
+// - kFixed16: k = 6 - e where m = f * 2^e, f in [0.5, 1) (k = 0 for an all-zero block, at most kMaxShift = 140,
+//   so that the half scale 2^-(k+9) stays an fp32 subnormal), so |x| * 2^k < 64; N = round(x * 2^(k+8)) (|N| <=
+//   16384), carried as two int8 terms N = 256 * hi + lo, hi = floor((N + 128) / 256) in [-64, 64], lo in [-128,
+//   127]; the block's scale is 2^-(k+8). Each element is off by at most 2^-14 of m (2^-149 when m < 2^-134).
+// - kInt8: scale d = m / 127 (fp32), q = round(x / d) in [-127, 127]; each element off by at most m / 254.
+// Stored per pair of blocks (2p, 2p+1), in the byte order the kernel's two nibble registers give the weights:
+// [even elements of 2p | even of 2p+1][odd of 2p | odd of 2p+1] for each term (hi first), so one 32-byte load
+// of codes meets one 32-byte load of tokens. half_scale[b] = scale / 2 (the code table holds twice each E2M1
+// value), padded with zeros to a multiple of 8 blocks; corr[8p + l] = 12 * (sum of the values of int32 lane l),
+// the offset the table's +12 adds (lanes 0-3: elements 8l..8l+7 of block 2p, lanes 4-7: of block 2p+1; in
+// kFixed16 the value is N). An odd block count gets a zero pad block. Returns false (nothing usable) when the
+// row holds inf or NaN.
+constexpr int kCodeOffset = 12;
+constexpr int kMaxShift = 140;
+
+int64_t q8_pair_bytes(int mode) { return mode == kTokensFixed16 ? 128 : 64; }
+int64_t q8_scale_slots(int64_t groups) { return (groups + 7) / 8 * 8; }
+
+// One block's integer values n[32] (N in kFixed16, q in kInt8) and its half scale; false when it holds inf or
+// NaN. The portable form; quantize_block_avx2 computes the same values.
+bool quantize_block(const float* xb, int mode, int32_t* n, float* half_scale) {
+  float m = 0.0f;
+  for (int i = 0; i < 32; ++i) m = std::max(m, std::fabs(xb[i]));
+  if (!std::isfinite(m)) return false;
+  for (int i = 0; i < 32; ++i)
+    if (!std::isfinite(xb[i])) return false;
+  if (mode == kTokensFixed16) {
     int e = 0;
     std::frexp(m, &e);
-    const int k = m > 0.0f ? std::min(127, 15 - e) : 0;
-    const float up = std::ldexp(1.0f, k);
-    u[g] = static_cast<uint16_t>(128 - k);
-    int16_t* qb = q + 32 * g;
-    for (int p = 0; p < 32; ++p) {
-      const int within = p % 16, element = 16 * (p / 16) + 2 * (within % 8) + within / 8;
-      const float v = std::nearbyint(xb[element] * up);
-      qb[p] = static_cast<int16_t>(std::max(-32767.0f, std::min(32767.0f, v)));
+    const int k = m > 0.0f ? std::min(kMaxShift, 6 - e) : 0;
+    *half_scale = std::ldexp(1.0f, -(k + 8) - 1);
+    for (int i = 0; i < 32; ++i) n[i] = static_cast<int32_t>(std::nearbyint(std::ldexp(xb[i], k + 8)));
+  } else {
+    const float d = m / 127.0f;
+    *half_scale = 0.5f * d;
+    for (int i = 0; i < 32; ++i) {
+      const float v = d > 0.0f ? std::nearbyint(xb[i] / d) : 0.0f;
+      n[i] = static_cast<int32_t>(std::max(-127.0f, std::min(127.0f, v)));
     }
   }
   return true;
 }
+
+#if defined(LAZARUS_AVX2_MATH)
+// quantize_block with the per-element arithmetic in registers (the same IEEE operations, so the same values).
+// Blocks whose scaling 2^(k+8) is not a normal fp32 (largest |x| below 2^-113) take the portable form.
+LZ_TARGET_AVX2 bool quantize_block_avx2(const float* xb, int mode, int32_t* n, float* half_scale) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(INFINITY);
+  __m256 v[4], mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm256_loadu_ps(xb + 8 * j);
+    const __m256 a = _mm256_andnot_ps(sign, v[j]);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // |x| >= inf, or NaN
+    mx = _mm256_max_ps(mx, a);
+  }
+  if (_mm256_movemask_ps(bad)) return false;
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  const float m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  __m256 mul;
+  if (mode == kTokensFixed16) {
+    int e = 0;
+    std::frexp(m, &e);
+    const int k = m > 0.0f ? std::min(kMaxShift, 6 - e) : 0;
+    if (k + 8 > 127) return quantize_block(xb, mode, n, half_scale);
+    *half_scale = std::ldexp(1.0f, -(k + 8) - 1);
+    mul = _mm256_set1_ps(std::ldexp(1.0f, k + 8));
+    for (int j = 0; j < 4; ++j)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(n + 8 * j), _mm256_cvtps_epi32(_mm256_mul_ps(v[j], mul)));
+  } else {
+    const float d = m / 127.0f;
+    *half_scale = 0.5f * d;
+    const __m256 dv = _mm256_set1_ps(d), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+    for (int j = 0; j < 4; ++j) {
+      const __m256 q = d > 0.0f ? _mm256_round_ps(_mm256_div_ps(v[j], dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                                : _mm256_setzero_ps();
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(n + 8 * j),
+                          _mm256_cvtps_epi32(_mm256_max_ps(lo, _mm256_min_ps(hi, q))));
+    }
+  }
+  return true;
+}
+#endif
+
+bool quantize_for_mxfp4_q8(const float* x, int64_t cols, int mode, int8_t* q, float* half_scale, int32_t* corr) {
+  const int64_t groups = cols / 32, pairs = (groups + 1) / 2, pair_bytes = q8_pair_bytes(mode);
+  std::memset(q, 0, static_cast<size_t>(pairs * pair_bytes));
+  std::memset(corr, 0, sizeof(int32_t) * static_cast<size_t>(pairs * 8));
+  std::fill(half_scale, half_scale + q8_scale_slots(groups), 0.0f);
+  int32_t n[32];
+  for (int64_t g = 0; g < groups; ++g) {
+#if defined(LAZARUS_AVX2_MATH)  // callers checked the CPU (the integer kernel is AVX2 only)
+    const bool ok = quantize_block_avx2(x + 32 * g, mode, n, half_scale + g);
+#else
+    const bool ok = quantize_block(x + 32 * g, mode, n, half_scale + g);
+#endif
+    if (!ok) return false;
+    int8_t* pair = q + (g / 2) * pair_bytes;
+    int32_t* lanes = corr + (g / 2) * 8 + (g % 2) * 4;
+    const int half = static_cast<int>(g % 2) * 16;
+    for (int i = 0; i < 32; ++i) {
+      const int at = 32 * (i % 2) + half + i / 2;
+      if (mode == kTokensFixed16) {
+        const int32_t hi = (n[i] + 128) >> 8;  // floor((N + 128) / 256): lo = N - 256 hi in [-128, 127]
+        pair[at] = static_cast<int8_t>(hi);
+        pair[64 + at] = static_cast<int8_t>(n[i] - 256 * hi);
+      } else {
+        pair[at] = static_cast<int8_t>(n[i]);
+      }
+      lanes[i / 8] += kCodeOffset * n[i];
+    }
+  }
+  return true;
+}
+
+struct Q8Row {
+  const int8_t* q;
+  const float* half_scale;
+  const int32_t* corr;
+};
+
+#if defined(LAZARUS_AVX2_MATH)
+// True when a scale byte is 0xFF (NaN) or 0 (2^-127, which the kernel's exponent shift would read as 0): such a
+// weight row runs the fp32 kernel.
+LZ_TARGET_AVX2 inline bool special_scales(const uint8_t* s, int64_t n) {
+  const __m256i zero = _mm256_setzero_si256(), ones = _mm256_set1_epi8(-1);
+  int64_t i = 0;
+  __m256i hit = zero;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i));
+    hit = _mm256_or_si256(hit, _mm256_or_si256(_mm256_cmpeq_epi8(v, zero), _mm256_cmpeq_epi8(v, ones)));
+  }
+  if (!_mm256_testz_si256(hit, hit)) return true;
+  for (; i < n; ++i)
+    if (s[i] == 0 || s[i] == 0xFF) return true;
+  return false;
+}
+
+// One MXFP4 row against NT token rows quantised by quantize_for_mxfp4_q8, two blocks per step: the 32 code bytes
+// of blocks (2p, 2p+1) split into low and high nibbles (one register each), a byte shuffle maps each code to
+// 2 * E2M1 + 12 as uint8 (0..24), vpmaddubsw multiplies with the int8 tokens and adds pairs (|sum| <= 12288 in
+// int16 over both registers), vpmaddwd sums to int32 lanes (lanes 0-3 block 2p, 4-7 block 2p+1; kFixed16 forms
+// 256 * hi + lo), the +12 offset is subtracted exactly (corr), and one fp32 FMA per pair applies each block's
+// weight scale x token scale (2^(s-127) from the scale byte shifted into an exponent, times half_scale: exact
+// powers of two in kFixed16). Every integer step is exact. The decode is shared by the NT tokens.
+template <int NT, int Mode>
+LZ_TARGET_AVX2 void row_dots_mxfp4_q8_avx2(const uint8_t* blocks, const uint8_t* scales, int64_t groups,
+                                           const Q8Row* const* tok, float* out) {
+  constexpr int64_t kPairBytes = Mode == kTokensFixed16 ? 128 : 64;
+  const __m256i table = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
+                                         12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0);
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), k256 = _mm256_set1_epi16(256);
+  const __m256i spread[4] = {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+                             _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)};
+  // Two accumulators per token (even and odd pairs): one FMA chain would wait on its latency.
+  __m256 acc[NT][2];
+  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  const auto pair = [&](__m256i codes, int64_t p, const __m256* scale, int k) LZ_TARGET_AVX2 {
+    const __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(codes, nibble));
+    const __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(codes, 4), nibble));
+    for (int t = 0; t < NT; ++t) {
+      const __m256i* xq = reinterpret_cast<const __m256i*>(tok[t]->q + p * kPairBytes);
+      const __m256i prod = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xq)),
+                                            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xq + 1)));
+      __m256i sum;
+      if constexpr (Mode == kTokensFixed16) {
+        const __m256i low = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xq + 2)),
+                                             _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xq + 3)));
+        sum = _mm256_add_epi32(_mm256_madd_epi16(prod, k256), _mm256_madd_epi16(low, ones));
+      } else {
+        sum = _mm256_madd_epi16(prod, ones);
+      }
+      sum = _mm256_sub_epi32(sum, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tok[t]->corr + 8 * p)));
+      acc[t][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale[t], acc[t][k]);
+    }
+  };
+  // The 8 weight scales of blocks g..g+7 times each token's half scales.
+  const auto group_scales = [&](const uint8_t* s8, int64_t g, __m256* s) LZ_TARGET_AVX2 {
+    const __m256 w = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s8))), 23));
+    for (int t = 0; t < NT; ++t) s[t] = _mm256_mul_ps(w, _mm256_loadu_ps(tok[t]->half_scale + g));
+  };
+  int64_t g = 0;
+  __m256 s[NT], sp[NT];
+  for (; g + 8 <= groups; g += 8) {
+    // The code bytes stream from DRAM at T=1: fetch kStreamAhead bytes ahead (past the row's end into the next
+    // row), which the hardware prefetcher does not do across 4 KB pages.
+    _mm_prefetch(reinterpret_cast<const char*>(blocks + 16 * g) + kStreamAhead, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(blocks + 16 * g) + kStreamAhead + 64, _MM_HINT_T0);
+    group_scales(scales + g, g, s);
+    for (int i = 0; i < 4; ++i) {
+      for (int t = 0; t < NT; ++t) sp[t] = _mm256_permutevar8x32_ps(s[t], spread[i]);
+      pair(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blocks + 16 * (g + 2 * i))), g / 2 + i, sp, i & 1);
+    }
+  }
+  if (g < groups) {  // the last 1..7 blocks: scales copied to a zero-padded group, an odd block's pair half-loaded
+    uint8_t tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(tail, scales + g, static_cast<size_t>(groups - g));
+    group_scales(tail, g, s);
+    for (int i = 0; g + 2 * i < groups; ++i) {
+      const uint8_t* at = blocks + 16 * (g + 2 * i);
+      const __m256i codes = g + 2 * i + 1 < groups
+                                ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at))
+                                : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
+      for (int t = 0; t < NT; ++t) sp[t] = _mm256_permutevar8x32_ps(s[t], spread[i]);
+      pair(codes, g / 2 + i, sp, i & 1);
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = simd::hsum(_mm256_add_ps(acc[t][0], acc[t][1]));
+}
+#endif
 
 // Element order decode_block_shifted produces: within each 8 elements, the even ones, then the odd ones.
 void permute_for_mxfp4(const float* x, int64_t cols, float* xp) {
@@ -395,24 +554,28 @@ LZ_TARGET_AVX2 void convert_row_avx2(const F* row, int64_t cols, float* out) {
 #endif
 
 // The token rows a matrix-vector product reads, prepared once per product: x[x_rows ? x_rows[i] : i] as fp32
-// (for MXFP4 with AVX2 in permute_for_mxfp4's order), or for an MXFP4 weight with `int16` set quantised by
-// quantize_for_mxfp4 too (when every row is finite; else the fp32 form alone, so inf and NaN propagate as in
-// fp32). The fp32 form is always there: an MXFP4 row with a NaN scale runs the fp32 kernel.
+// (for MXFP4 with AVX2 in permute_for_mxfp4's order), and for an MXFP4 weight with an integer token mode also
+// quantised by quantize_for_mxfp4_q8 (when every row is finite; else the fp32 form alone, so inf and NaN
+// propagate as in fp32). The fp32 form is always there: an MXFP4 row with a NaN or zero scale runs the fp32
+// kernel.
 struct TokenRows {
   std::vector<const float*> f32;
   std::vector<float> permuted;
-  std::vector<const int16_t*> q;
-  std::vector<const uint16_t*> u;
-  std::vector<int16_t> q_data;
-  std::vector<uint16_t> u_data;
+  std::vector<Q8Row> q8;
+  std::vector<const Q8Row*> q8_rows;
+  std::vector<int8_t> q_data;
+  std::vector<float> scale_data;
+  std::vector<int32_t> corr_data;
+  int mode = kTokensFp32;
 
-  bool quantized() const { return !q.empty(); }
+  bool quantized() const { return !q8_rows.empty(); }
 
-  void prepare(const StoredMatrix& w, const float* x, const int64_t* x_rows, int64_t n, bool int16) {
+  void prepare(const StoredMatrix& w, const float* x, const int64_t* x_rows, int64_t n, int tokens) {
     const auto row = [&](int64_t i) { return x + (x_rows ? x_rows[i] : i) * w.cols; };
     f32.assign(static_cast<size_t>(n), nullptr);
-    q.clear();
-    u.clear();
+    q8.clear();
+    q8_rows.clear();
+    mode = tokens;
     if (w.format != Storage::kMXFP4 || !use_avx2()) {
       for (int64_t i = 0; i < n; ++i) f32[i] = row(i);
       return;
@@ -422,18 +585,34 @@ struct TokenRows {
       permute_for_mxfp4(row(i), w.cols, permuted.data() + i * w.cols);
       f32[i] = permuted.data() + i * w.cols;
     }
-    if (!int16) return;
-    const int64_t groups = w.cols / 32;
-    q_data.resize(static_cast<size_t>(n * w.cols));
-    u_data.resize(static_cast<size_t>(n * groups));
+    if (tokens == kTokensFp32) return;
+    const int64_t groups = w.cols / 32, pairs = (groups + 1) / 2, qb = pairs * q8_pair_bytes(tokens);
+    const int64_t slots = q8_scale_slots(groups);
+    q_data.resize(static_cast<size_t>(n * qb));
+    scale_data.resize(static_cast<size_t>(n * slots));
+    corr_data.resize(static_cast<size_t>(n * pairs * 8));
     for (int64_t i = 0; i < n; ++i)
-      if (!quantize_for_mxfp4(row(i), w.cols, q_data.data() + i * w.cols, u_data.data() + i * groups)) return;
-    for (int64_t i = 0; i < n; ++i) {
-      q.push_back(q_data.data() + i * w.cols);
-      u.push_back(u_data.data() + i * groups);
-    }
+      if (!quantize_for_mxfp4_q8(row(i), w.cols, tokens, q_data.data() + i * qb, scale_data.data() + i * slots,
+                                 corr_data.data() + i * pairs * 8))
+        return;
+    for (int64_t i = 0; i < n; ++i)
+      q8.push_back(Q8Row{q_data.data() + i * qb, scale_data.data() + i * slots, corr_data.data() + i * pairs * 8});
+    for (const Q8Row& r : q8) q8_rows.push_back(&r);
   }
 };
+
+#if defined(LAZARUS_AVX2_MATH)
+template <int Mode>
+LZ_TARGET_AVX2 void row_dots_q8(const uint8_t* blocks, const uint8_t* scales, int64_t groups, const Q8Row* const* q,
+                                int nt, float* out) {
+  switch (nt) {
+    case 1: return row_dots_mxfp4_q8_avx2<1, Mode>(blocks, scales, groups, q, out);
+    case 2: return row_dots_mxfp4_q8_avx2<2, Mode>(blocks, scales, groups, q, out);
+    case 3: return row_dots_mxfp4_q8_avx2<3, Mode>(blocks, scales, groups, q, out);
+    default: return row_dots_mxfp4_q8_avx2<4, Mode>(blocks, scales, groups, q, out);
+  }
+}
+#endif
 
 // y[i * ldy + (r - r0)] = dot(row r, x[i]) for rows [r0, r1) and the n token rows x[0..n). A stored row (MXFP4,
 // bf16, fp16) met by more than kMaxTokens fp32 tokens is decoded once into an fp32 row buffer (MXFP4: the same
@@ -450,20 +629,15 @@ void rows_times_tokens(const StoredMatrix& w, int64_t r0, int64_t r1, const Toke
       for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* blocks = static_cast<const uint8_t*>(w.data) + r * groups * 16;
         const uint8_t* scales = w.scales + r * groups;
-        const bool nan_scale = std::memchr(scales, 0xFF, static_cast<size_t>(groups)) != nullptr;
+        const bool special = special_scales(scales, groups);
         for (int64_t t0 = 0; t0 < n; t0 += kMaxTokens) {
           const int nt = static_cast<int>(std::min<int64_t>(kMaxTokens, n - t0));
-          const int16_t* const* q = x.q.data() + t_first + t0;
-          const uint16_t* const* u = x.u.data() + t_first + t0;
-          if (nan_scale) {
+          if (special) {
             row_dots<uint8_t>(w, r, x.f32.data() + t_first + t0, nt, out);
+          } else if (x.mode == kTokensFixed16) {
+            row_dots_q8<kTokensFixed16>(blocks, scales, groups, x.q8_rows.data() + t_first + t0, nt, out);
           } else {
-            switch (nt) {
-              case 1: row_dots_mxfp4_q16_avx2<1>(blocks, scales, groups, q, u, out); break;
-              case 2: row_dots_mxfp4_q16_avx2<2>(blocks, scales, groups, q, u, out); break;
-              case 3: row_dots_mxfp4_q16_avx2<3>(blocks, scales, groups, q, u, out); break;
-              default: row_dots_mxfp4_q16_avx2<4>(blocks, scales, groups, q, u, out); break;
-            }
+            row_dots_q8<kTokensInt8>(blocks, scales, groups, x.q8_rows.data() + t_first + t0, nt, out);
           }
           for (int i = 0; i < nt; ++i) y[(t0 + i) * ldy + (r - r0)] = out[i];
         }
@@ -512,13 +686,13 @@ void rows_times_tokens_any(const StoredMatrix& w, int64_t r0, int64_t r1, const 
   }
 }
 
-// stored_matvec_and_shrink as work items for one OpenMP loop: kRowsPerItem rows of the base, or (expert, first
+// stored_matvec_and_shrink as work items for one OpenMP loop: kBaseRowsPerItem rows of the base, or (expert, first
 // rank row) of the shrink. Built before the loop; prepare_inputs() reads the input rows, so a plan whose inputs
 // an earlier stage writes is prepared after that stage.
 class MatvecShrinkPlan {
  public:
   MatvecShrinkPlan(const MatvecProblem& base, const ShrinkProblem& shrink) : base_(base), shrink_(shrink) {
-    if (base.w.rows > 0 && base.n > 0) base_items_ = (base.w.rows + kRowsPerItem - 1) / kRowsPerItem;
+    if (base.w.rows > 0 && base.n > 0) base_items_ = (base.w.rows + kBaseRowsPerItem - 1) / kBaseRowsPerItem;
     if (shrink.rank > 0 && shrink.experts > 0) {
       for (int64_t e = 0; e < shrink.experts; ++e) {
         const int64_t n = shrink.offsets[e + 1] - shrink.offsets[e];
@@ -531,15 +705,15 @@ class MatvecShrinkPlan {
   int64_t items() const { return base_items_ + static_cast<int64_t>(items_.size()); }
 
   void prepare_inputs() {
-    if (base_items_) base_rows_.prepare(base_.w, base_.x, base_.x_rows, base_.n, base_.int16);
+    if (base_items_) base_rows_.prepare(base_.w, base_.x, base_.x_rows, base_.n, base_.token_mode);
     if (!items_.empty()) pair_rows_.prepare(shrink_.b, shrink_.inp, shrink_.rows, shrink_.offsets[shrink_.experts],
-                                            false);
+                                            kTokensFp32);
   }
 
   void run(int64_t it) const {
     if (it < base_items_) {
-      const int64_t r0 = it * kRowsPerItem;
-      rows_times_tokens_any(base_.w, r0, std::min(base_.w.rows, r0 + kRowsPerItem), base_rows_, base_.n, 0,
+      const int64_t r0 = it * kBaseRowsPerItem;
+      rows_times_tokens_any(base_.w, r0, std::min(base_.w.rows, r0 + kBaseRowsPerItem), base_rows_, base_.n, 0,
                             base_.y + r0, base_.ldy);
       return;
     }
@@ -658,8 +832,8 @@ void stored_matvec_and_shrink_cpu(const MatvecProblem& base, const ShrinkProblem
 }
 
 void stored_matvec_cpu(const StoredMatrix& w, const float* x, const int64_t* x_rows, int64_t n, float* y,
-                       int64_t ldy, bool int16) {
-  stored_matvec_and_shrink_cpu(MatvecProblem{w, x, x_rows, n, y, ldy, int16}, ShrinkProblem{});
+                       int64_t ldy, int tokens) {
+  stored_matvec_and_shrink_cpu(MatvecProblem{w, x, x_rows, n, y, ldy, tokens}, ShrinkProblem{});
 }
 
 void overlay_shrink_cpu(const StoredMatrix& b, int64_t rank, const int64_t* offsets, int64_t experts,
@@ -685,9 +859,9 @@ void overlay_moe_small_cpu(const SmallForwardT<F>& a) {
   std::vector<float> gu0(static_cast<size_t>(T * 2 * I)), s_gu(static_cast<size_t>(P * rgu)),
       h(static_cast<size_t>(P * I)), hw(static_cast<size_t>(T * I)), s_d(static_cast<size_t>(P * rd));
   MatvecShrinkPlan gate_up_products(
-      MatvecProblem{a.base_gate_up, a.x, nullptr, T, gu0.data(), 2 * I, a.int16},
+      MatvecProblem{a.base_gate_up, a.x, nullptr, T, gu0.data(), 2 * I, a.token_mode},
       ShrinkProblem{a.b_gate_up, rgu, offsets.data(), E, P, a.x, pair_token.data(), s_gu.data()});
-  MatvecShrinkPlan down_products(MatvecProblem{a.base_down, hw.data(), nullptr, T, a.y, H, a.int16},
+  MatvecShrinkPlan down_products(MatvecProblem{a.base_down, hw.data(), nullptr, T, a.y, H, a.token_mode},
                                  ShrinkProblem{a.b_down, rd, offsets.data(), E, P, h.data(), nullptr, s_d.data()});
   const OverlayGateUpArgsT<F> gate_up{gu0.data(), s_gu.data(), pair_token.data(), pair_weight.data(), offsets.data(),
                                       a.at_gate, a.at_up, a.bias_gate, a.bias_up, T, I, P, E, a.rank_gate, a.rank_up,

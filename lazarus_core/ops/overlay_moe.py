@@ -382,13 +382,18 @@ _MXFP4 = 3
 GEMV_MAX_ROWS = 16
 DECODE_TILE_ROWS = 2048
 SHRINK_MAX_PAIRS = 64
-# How the CPU matrix-vector kernel meets an MXFP4 weight: "int16" rounds each input row per 32-element block to
-# int16 with a power-of-two scale (every element off by at most 2^-15 of its block's largest |x|, finer than the
-# bf16 a model carries its hidden states in) and sums the products exactly in int32, one fp32 FMA per block: about
-# 1.6x the speed of "fp32", which converts every weight to fp32 and sums in fp32. A row holding inf or NaN runs
-# the fp32 kernel either way, so they propagate. Products of more than GEMV_MAX_ROWS rows decode to fp32 tiles.
+# How the CPU matrix-vector kernel meets an MXFP4 weight (mxfp4_token_rounding is the readable version):
+# - "int16" rounds each input row per 32-element block to 16-bit fixed point with a power-of-two scale (every
+#   element off by at most 2^-14 of its block's largest |x|, far finer than the bf16 a model carries its hidden
+#   states in), carried as two int8 terms; the products are summed exactly in integers (vpmaddubsw, vpmaddwd),
+#   one fp32 FMA per pair of blocks applies both scales;
+# - "int8" rounds to int8 with scale max|x| / 127 (off by at most max|x| / 254 per element, like llama.cpp's
+#   Q8_0 activations): one integer product per weight instead of two, the fastest;
+# - "fp32" converts every weight to fp32 and sums in fp32 (exact products), the slowest.
+# A row holding inf or NaN, or a weight row with a NaN or zero scale byte, runs the fp32 kernel in every mode, so
+# NaN propagates. Products of more than GEMV_MAX_ROWS rows decode to fp32 tiles (exact) in every mode.
 MXFP4_TOKENS = "int16"
-_MXFP4_TOKEN_MODES = ("int16", "fp32")
+_MXFP4_TOKEN_MODES = {"fp32": 0, "int16": 1, "int8": 2}  # the extension's kTokens* codes
 
 
 def _bits(t: torch.Tensor):
@@ -426,33 +431,47 @@ def _decode_rows(w: torch.Tensor | None, blocks: torch.Tensor | None, scales: to
     return mxfp4_dequant(blocks[r0:r1], scales[r0:r1], out=out)
 
 
-def mxfp4_token_rounding(x: torch.Tensor) -> torch.Tensor:
-    """Readable version of how the CPU matrix-vector kernel (``mxfp4_tokens="int16"``) rounds its input rows
-    before an MXFP4 weight meets them.
+def mxfp4_token_rounding(x: torch.Tensor, mode: str = "int16") -> torch.Tensor:
+    """Readable version of how the CPU matrix-vector kernel rounds its input rows before an MXFP4 weight meets
+    them (``mxfp4_tokens="int16"`` or ``"int8"``).
 
-    Per row and 32-element block: ``k = 15 - e`` where the block's largest ``|x|`` is ``f * 2^e`` with
-    ``f`` in [0.5, 1) (``k = 0`` for an all-zero block, at most 127), ``q = round(x * 2^k)`` (half to even)
-    clamped to +-32767, and the kernel computes with ``q * 2^-k``: every element is off by at most 2^-15 of its
-    block's largest ``|x|``. Input holding inf or NaN anywhere is left as it is (the kernel then runs in fp32).
+    Per row and 32-element block with largest ``|x|`` = ``m``:
+
+    - ``"int16"``: ``k = 6 - e`` where ``m = f * 2^e`` with ``f`` in [0.5, 1) (``k = 0`` for an all-zero block,
+      at most 140), ``N = round(x * 2^(k+8))`` (half to even, ``|N| <= 16384``) and the kernel computes with
+      ``N * 2^-(k+8)``: every element is off by at most 2^-14 of ``m`` (by 2^-149 in the fp32 subnormals,
+      ``m < 2^-134``).
+    - ``"int8"``: ``d = m / 127`` in fp32, ``q = round(x / d)`` (0 when ``d`` is 0) clamped to +-127, and the
+      kernel computes with ``q * d``: every element is off by at most ``m / 254``.
+
+    Input holding inf or NaN anywhere is left as it is (the kernel then runs in fp32).
 
     Parameters
     ----------
     x : torch.Tensor
         ``[n, in]`` float, ``in % 32 == 0``.
+    mode : {"int16", "int8"}
+        The token mode.
 
     Returns
     -------
     torch.Tensor
-        ``[n, in]`` fp32: the values the int16 kernel multiplies.
+        ``[n, in]`` float64: the values the integer kernel multiplies (exactly).
     """
+    if mode not in ("int16", "int8"):
+        raise ValueError(f"mxfp4_token_rounding: mode must be 'int16' or 'int8', got {mode!r}")
     xf = x.to(torch.float32)
     if not torch.isfinite(xf).all():
-        return xf.clone()
+        return xf.double()
     blocks = xf.reshape(xf.shape[0], -1, 32)
     m = blocks.abs().amax(-1, keepdim=True)
-    k = torch.where(m > 0, (15 - torch.frexp(m).exponent).clamp(max=127), torch.zeros_like(m, dtype=torch.int32))
-    q = torch.ldexp(blocks, k.float()).round().clamp(-32767, 32767)
-    return torch.ldexp(q, -k.float()).reshape(xf.shape)
+    if mode == "int8":
+        d = m / 127
+        q = torch.where(d > 0, blocks / torch.where(d > 0, d, 1), 0).round().clamp(-127, 127)
+        return (q.double() * d.double()).reshape(xf.shape)
+    k = torch.where(m > 0, (6 - torch.frexp(m).exponent).clamp(max=140), torch.zeros_like(m, dtype=torch.int32))
+    n = torch.ldexp(blocks.double(), (k + 8).double()).round()
+    return torch.ldexp(n, -(k + 8).double()).reshape(xf.shape)
 
 
 def stored_matmul_reference(x: torch.Tensor, w: torch.Tensor | None = None, *, blocks: torch.Tensor | None = None,
@@ -485,7 +504,7 @@ def stored_matmul(x: torch.Tensor, w: torch.Tensor | None = None, *, blocks: tor
         Instead of ``w``: an MXFP4 weight, uint8 ``[out, in/32, 16]`` and ``[out, in/32]``.
     backend : {"auto", "cpu", "torch"}
         ``"torch"`` decodes the whole weight and multiplies (the reference); other devices than the CPU run it.
-    mxfp4_tokens : {"int16", "fp32"}, optional
+    mxfp4_tokens : {"int16", "int8", "fp32"}, optional
         How the CPU matrix-vector kernel meets an MXFP4 ``W`` (default :data:`MXFP4_TOKENS`, see there).
 
     Returns
@@ -501,23 +520,24 @@ def stored_matmul(x: torch.Tensor, w: torch.Tensor | None = None, *, blocks: tor
     out_dim, in_dim = _check_stored_weight(w, blocks, scales)
     if x.dim() != 2 or x.shape[1] != in_dim:
         raise ValueError(f"stored_matmul: x must be [n, {in_dim}], got {list(x.shape)}")
-    int16 = _mxfp4_int16(mxfp4_tokens)
+    tokens = _mxfp4_tokens(mxfp4_tokens)
     impl = select_backend("stored_matmul", backend, x.device, {"cpu": _stored_matmul_cpu,
                                                               "torch": stored_matmul_reference})
     if impl is stored_matmul_reference:
         return impl(x, w, blocks=blocks, scales=scales)
-    return impl(x, w, blocks=blocks, scales=scales, int16=int16)
+    return impl(x, w, blocks=blocks, scales=scales, tokens=tokens)
 
 
-def _mxfp4_int16(mode: str | None) -> bool:
+def _mxfp4_tokens(mode: str | None) -> int:
+    """The extension's code for an MXFP4 token mode (None: :data:`MXFP4_TOKENS`)."""
     mode = MXFP4_TOKENS if mode is None else mode
     if mode not in _MXFP4_TOKEN_MODES:
-        raise ValueError(f"mxfp4_tokens must be one of {_MXFP4_TOKEN_MODES}, got {mode!r}")
-    return mode == "int16"
+        raise ValueError(f"mxfp4_tokens must be one of {tuple(_MXFP4_TOKEN_MODES)}, got {mode!r}")
+    return _MXFP4_TOKEN_MODES[mode]
 
 
 def _stored_matmul_cpu(x: torch.Tensor, w: torch.Tensor | None = None, *, blocks: torch.Tensor | None = None,
-                       scales: torch.Tensor | None = None, int16: bool | None = None) -> torch.Tensor:
+                       scales: torch.Tensor | None = None, tokens: int | None = None) -> torch.Tensor:
     out_dim, in_dim = (w.shape if w is not None else (blocks.shape[0], blocks.shape[1] * 32))
     xf = x.to(torch.float32).contiguous()
     n = xf.shape[0]
@@ -529,7 +549,7 @@ def _stored_matmul_cpu(x: torch.Tensor, w: torch.Tensor | None = None, *, blocks
     if n <= GEMV_MAX_ROWS:
         data, sc, fmt = (_bits(w), None, _FORMATS[w.dtype]) if w is not None else (blocks.numpy(), scales.numpy(), _MXFP4)
         cpu_extension().stored_matvec(data, sc, fmt, out_dim, in_dim, xf.numpy(), None, y.numpy(),
-                                      _mxfp4_int16(None) if int16 is None else int16)
+                                      _mxfp4_tokens(None) if tokens is None else tokens)
         return y
     tiles = -(-out_dim // DECODE_TILE_ROWS)
     tile = torch.empty(-(-out_dim // tiles), in_dim, dtype=torch.float32)  # equal tiles of at most DECODE_TILE_ROWS
@@ -615,7 +635,7 @@ def _base_shrink_cpu(inp: torch.Tensor, ex: OverlayExperts, which: str, shrink_i
     cpu_extension().stored_matvec_and_shrink(data, sc, fmt, out_dim, inp.shape[1], inp.numpy(), None, y.numpy(),
                                              _bits(factors), _FORMATS[factors.dtype], n_experts, rank, cols,
                                              routing.offsets.numpy(), SHRINK_MAX_PAIRS, shrink_inp.numpy(),
-                                             _np(rows), s.numpy(), _mxfp4_int16(None))
+                                             _np(rows), s.numpy(), _mxfp4_tokens(None))
     if max(routing.counts) > SHRINK_MAX_PAIRS:
         _shrink_blas(shrink_inp, rows, factors, routing, skip_pairs=SHRINK_MAX_PAIRS, out=s)
     return y, s
@@ -682,23 +702,42 @@ def _down_cpu(s_d, r: _Routing, ex: OverlayExperts, y, portable: bool = False):
         ext.overlay_down(*args, _FORMATS[ex.factor_dtype])
 
 
+_SMALL_ARGS = "_cpu_small_forward_args"  # instance attribute: the weight arguments of overlay_moe_small
+
+
+def _small_weight_args(ex: OverlayExperts) -> tuple:
+    """The layer's weight arguments of ``overlay_moe_small`` (numpy views of its tensors), built once per
+    OverlayExperts and rebuilt when any of its tensors was replaced: at T=1 converting 15 tensors per call is
+    a few percent of the forward."""
+    tensors = tuple(getattr(ex, name) for name in _SMALL_TENSORS)
+    cached = ex.__dict__.get(_SMALL_ARGS)
+    if cached is not None and all(a is b for a, b in zip(cached[0], tensors)):
+        return cached[1]
+    if ex.base_format == "float":
+        base = (_bits(ex.base_gate_up), None, _bits(ex.base_down), None, _FORMATS[ex.base_gate_up.dtype])
+    else:
+        base = (ex.base_gate_up_blocks.numpy(), ex.base_gate_up_scales.numpy(), ex.base_down_blocks.numpy(),
+                ex.base_down_scales.numpy(), _MXFP4)
+    args = (*base, _bits(ex.b_gate_up), _bits(ex.b_down), _bits(ex.at_gate), _bits(ex.at_up), _bits(ex.at_down),
+            _np(ex.bias_gate), _np(ex.bias_up), _np(ex.bias_down), _FORMATS[ex.factor_dtype])
+    ex.__dict__[_SMALL_ARGS] = (tensors, args)
+    return args
+
+
+_SMALL_TENSORS = ("base_gate_up", "base_down", "base_gate_up_blocks", "base_gate_up_scales", "base_down_blocks",
+                  "base_down_scales", "b_gate_up", "b_down", "at_gate", "at_up", "at_down", "bias_gate", "bias_up",
+                  "bias_down")
+
+
 def _forward_small_cpu(xf: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                        ex: OverlayExperts) -> torch.Tensor:
     """The whole forward of at most GEMV_MAX_ROWS tokens in ONE call and one parallel region of the extension
     (the pairs sorted there too): at T=1 the stages of the staged path cost more in calls and thread wake-ups
     than in bytes."""
-    if ex.base_format == "float":
-        gu, gu_sc, d, d_sc = _bits(ex.base_gate_up), None, _bits(ex.base_down), None
-        base_format = _FORMATS[ex.base_gate_up.dtype]
-    else:
-        gu, gu_sc = ex.base_gate_up_blocks.numpy(), ex.base_gate_up_scales.numpy()
-        d, d_sc, base_format = ex.base_down_blocks.numpy(), ex.base_down_scales.numpy(), _MXFP4
     y = torch.empty_like(xf)
     cpu_extension().overlay_moe_small(
         xf.numpy(), topk_ids.to(torch.int64).contiguous().numpy(), topk_weights.to(torch.float32).contiguous().numpy(),
-        gu, gu_sc, d, d_sc, base_format, _bits(ex.b_gate_up), _bits(ex.b_down), _bits(ex.at_gate), _bits(ex.at_up),
-        _bits(ex.at_down), _np(ex.bias_gate), _np(ex.bias_up), _np(ex.bias_down), _FORMATS[ex.factor_dtype],
-        ACTIVATIONS[ex.activation], ex.alpha, ex.limit, _mxfp4_int16(None), y.numpy())
+        *_small_weight_args(ex), ACTIVATIONS[ex.activation], ex.alpha, ex.limit, _mxfp4_tokens(None), y.numpy())
     return y
 
 

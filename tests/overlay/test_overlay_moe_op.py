@@ -2,9 +2,10 @@
 storage precision (fp32/bf16/fp16 factors; fp32/bf16/fp16 or MXFP4 bases), fresh random draws, odd sizes,
 T in {0, 1, 3, 17, 300} (the GEMV and the decoded-tile paths, the GEMV and the BLAS shrink), k in {1, 2, 4, 8},
 ranks including 0 and 1, both activations, with and without expert biases, and edge values. The MXFP4 GEMV
-meets its input rows rounded to int16 by default (mxfp4_tokens="int16"): the strict comparisons run with the
-fp32 kernel (exact products), the int16 kernel is checked against its readable rounding reference and its
-bound, and the whole forward of a small batch in one call against the staged path it replaces."""
+meets its input rows rounded per block by default (mxfp4_tokens="int16": 16-bit fixed point; "int8" on
+request): the strict comparisons run with the fp32 kernel (exact products), the integer kernels are checked
+against their readable rounding reference and its bound, and the whole forward of a small batch in one call
+against the staged path it replaces."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _run(backend, x, ids, w, ex):
 
 @pytest.fixture(autouse=True)
 def fp32_mxfp4_tokens(monkeypatch):
-    """The strict comparisons below hold for the exact fp32 MXFP4 kernel; the int16 one has its own tests."""
+    """The strict comparisons below hold for the exact fp32 MXFP4 kernel; the integer ones have their own tests."""
     monkeypatch.setattr(op, "MXFP4_TOKENS", "fp32")
 
 
@@ -382,7 +383,10 @@ def test_matvec_and_shrink_in_one_region_match_the_separate_kernels(base):
                                      (inp_rows + 12).numpy(), s.numpy())
 
 
-# ---- the int16 MXFP4 kernel (the default) and the one-call forward of a small batch
+# ---- the integer MXFP4 kernels (int16 the default, int8) and the one-call forward of a small batch
+
+# Each element's rounding error, as a fraction of its block's largest |x| (mxfp4_token_rounding's contract).
+ROUNDING_BOUND = {"int16": 2.0 ** -14, "int8": (1 + 1e-5) / 254}
 
 
 def _mxfp4_weight(rows, cols, seed=0):
@@ -390,53 +394,81 @@ def _mxfp4_weight(rows, cols, seed=0):
     return dict(zip(("blocks", "scales"), mxfp4_quantize(torch.randn(rows, cols, generator=g))))
 
 
-def test_token_rounding_reference_keeps_its_bound():
+def _block_max(x):
+    n, cols = x.shape
+    return x.abs().reshape(n, cols // 32, 32).amax(-1, keepdim=True).expand(n, cols // 32, 32).reshape(n, cols)
+
+
+@pytest.mark.parametrize("mode", ["int16", "int8"])
+def test_token_rounding_reference_keeps_its_bound(mode):
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(5, 96, generator=g) * torch.logspace(-30, 30, 5)[:, None]
+    x = torch.randn(6, 128, generator=g) * torch.logspace(-30, 30, 6)[:, None]
     x[0, :32] = 0.0                      # an all-zero block
     x[1, 40] = 1e4 * x[1, 32:64].abs().max()  # one large value: the block's others lose relative precision
-    r = op.mxfp4_token_rounding(x)
-    blockmax = x.reshape(5, 3, 32).abs().amax(-1, keepdim=True).expand(5, 3, 32).reshape(5, 96)
-    assert ((r - x).abs() <= 2.0 ** -15 * blockmax).all()
-    assert torch.equal(r[0, :32], torch.zeros(32))
-    assert (r != x).any()                # it does round
+    x[2, 96:] = torch.randn(32, generator=g) * 1e-38  # a block near the bottom of fp32 (int16: k capped at 127)
+    r = op.mxfp4_token_rounding(x, mode)
+    assert r.dtype == torch.float64
+    assert ((r - x.double()).abs() <= ROUNDING_BOUND[mode] * _block_max(x).double()).all()
+    assert torch.equal(r[0, :32], torch.zeros(32, dtype=torch.float64))
+    assert (r != x.double()).any()       # it does round
     bad = x.clone()
     bad[2, 7] = float("inf")
-    assert torch.equal(op.mxfp4_token_rounding(bad), bad)  # inf anywhere: the fp32 kernel runs
+    assert torch.equal(op.mxfp4_token_rounding(bad, mode), bad.double())  # inf anywhere: the fp32 kernel runs
+    with pytest.raises(ValueError, match="mode"):
+        op.mxfp4_token_rounding(x, "fp32")
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 9, 16])
-def test_int16_kernel_equals_its_rounding_reference(n):
-    # Products and block sums are exact in int32: the kernel equals the fp64 product of the rounded rows up to
-    # the fp32 sum over blocks. A NaN scale row, a subnormal scale, odd row counts, n over the 4 tokens per pass.
-    kw = _mxfp4_weight(21, 160, seed=n)
-    kw["scales"][3, 1] = 0xFF
-    kw["scales"][4, 0] = 0
-    x = torch.randn(n, 160) * 3
-    x[:, 64:96] *= 1e-20                 # a block far below the others
-    out = op.stored_matmul(x, **kw, mxfp4_tokens="int16")
-    dense = op.stored_matmul_reference(torch.eye(160), **kw).double()   # [in, out] decoded weights
-    oracle = op.mxfp4_token_rounding(x).double() @ dense
+@pytest.mark.parametrize("mode", ["int16", "int8"])
+@pytest.mark.parametrize("n,cols", [(1, 160), (2, 352), (3, 160), (4, 2880), (5, 352), (9, 32), (16, 288)])
+def test_integer_kernel_equals_its_rounding_reference(mode, n, cols):
+    # Products and block sums are exact in integers: the kernel equals the fp64 product of the rounded rows up
+    # to the fp32 sum over blocks. Odd block counts (a half-loaded last pair), groups of 8 blocks and a tail,
+    # odd row counts, n over the 4 tokens per pass. A weight row with a NaN scale and one with a zero scale
+    # byte run the fp32 kernel on the unrounded rows; blocks far below the others and near fp32's bottom.
+    rows = 21
+    kw = _mxfp4_weight(rows, cols, seed=n)
+    kw["scales"][3, 0] = 0xFF
+    kw["scales"][4, -1] = 0
+    x = torch.randn(n, cols) * 3
+    x[:, :32] *= 1e-20                   # a block far below the others
+    if cols >= 96:
+        x[:, 64:96] = torch.randn(n, 32) * 1e-38
+    x[0, -32:] += 5.0                    # a block far from zero mean (the +12 code offset is subtracted exactly)
+    out = op.stored_matmul(x, **kw, mxfp4_tokens=mode).double()
+    dense = op.stored_matmul_reference(torch.eye(cols), **kw).double()   # [in, out] decoded weights
     exact = x.double() @ dense
+    oracle = op.mxfp4_token_rounding(x, mode) @ dense
+    oracle[:, 4] = exact[:, 4]          # the zero-scale row: fp32 kernel, unrounded rows
     nan = torch.isnan(oracle)
     assert torch.equal(torch.isnan(out), nan) and nan[:, 3].all() and int(nan.sum()) == n
-    out, oracle, exact = (t.masked_fill(nan, 0) for t in (out.double(), oracle, exact))
+    out, oracle, exact = (t.masked_fill(nan, 0) for t in (out, oracle, exact))
     scale = float(oracle.abs().max())
     assert float((out - oracle).abs().max()) <= 1e-6 * scale
-    bound = (2.0 ** -15 * op.mxfp4_token_rounding(x).abs().reshape(n, 5, 32).amax(-1)).repeat_interleave(32, 1)
-    assert ((exact - oracle).abs() <= bound.double() @ dense.abs().nan_to_num() + 1e-6 * scale).all()
+    bound = ROUNDING_BOUND[mode] * _block_max(x).double()
+    assert ((exact - oracle).abs() <= bound @ dense.abs().nan_to_num() + 1e-6 * scale).all()
 
 
-def test_int16_kernel_runs_fp32_when_a_row_is_not_finite():
+@pytest.mark.parametrize("mode", ["int16", "int8"])
+def test_integer_kernel_runs_fp32_when_a_row_is_not_finite(mode):
     kw = _mxfp4_weight(9, 64)
     x = torch.randn(3, 64)
     x[1, 2] = float("inf")
     x[2, 5] = float("nan")
-    a = op.stored_matmul(x, **kw, mxfp4_tokens="int16")
+    a = op.stored_matmul(x, **kw, mxfp4_tokens=mode)
     b = op.stored_matmul(x, **kw, mxfp4_tokens="fp32")
     assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(torch.isnan(a), torch.isnan(b))
     with pytest.raises(ValueError, match="mxfp4_tokens"):
-        op.stored_matmul(x, **kw, mxfp4_tokens="int8")
+        op.stored_matmul(x, **kw, mxfp4_tokens="int4")
+
+
+def test_integer_modes_order_by_precision():
+    # int16 is far closer to the exact product than int8, and int8 still tracks it (a wrong kernel would not).
+    kw = _mxfp4_weight(64, 2880, seed=5)
+    x = torch.randn(4, 2880)
+    exact = op.stored_matmul(x, **kw, mxfp4_tokens="fp32").double()
+    err = {m: float((op.stored_matmul(x, **kw, mxfp4_tokens=m).double() - exact).abs().max()) / float(exact.abs().max())
+           for m in ("int16", "int8")}
+    assert err["int16"] < 2e-4 and err["int8"] < 2e-2 and err["int16"] < err["int8"] / 10
 
 
 def _staged(x, ids, w, ex):
@@ -450,7 +482,7 @@ def _staged(x, ids, w, ex):
         op._IMPLS.update(impls)
 
 
-@pytest.mark.parametrize("mode", ["int16", "fp32"])
+@pytest.mark.parametrize("mode", ["int16", "int8", "fp32"])
 @pytest.mark.parametrize("base,factors", STORAGE, ids=[f"{b}-base-{f}-factors" for b, f in STORAGE])
 @pytest.mark.parametrize("tokens,top_k", [(1, 1), (1, 4), (3, 2), (16, 8)])
 def test_one_call_forward_equals_the_staged_path(monkeypatch, mode, base, factors, tokens, top_k):
@@ -466,7 +498,7 @@ def test_one_call_forward_equals_the_staged_path(monkeypatch, mode, base, factor
     out = overlay_moe_forward(x, ids, w, ex, backend="cpu")
     assert calls == [1]
     assert torch.equal(out, _staged(x, ids, w, ex))     # the same kernels, the same order: bit for bit
-    rel = 2.0 ** -12 if (mode == "int16" and base == "mxfp4") else 1e-6
+    rel = {"int16": 2.0 ** -12, "int8": 2.0 ** -5}[mode] if (mode != "fp32" and base == "mxfp4") else 1e-6
     _assert_matches(out, x, ids, w, ex, rel_floor=rel)
 
 
@@ -492,7 +524,7 @@ def test_one_call_binding_names_the_bad_argument():
         op._forward_small_cpu(x, ids + 4, w, ex)
     args = [x.numpy(), ids.numpy(), w.numpy(), ex.base_gate_up_blocks.numpy(), ex.base_gate_up_scales.numpy(),
             ex.base_down_blocks.numpy(), ex.base_down_scales.numpy(), 3, op._bits(ex.b_gate_up), op._bits(ex.b_down),
-            op._bits(ex.at_gate), op._bits(ex.at_up), op._bits(ex.at_down), None, None, None, 1, 0, 1.0, 7.0, True,
+            op._bits(ex.at_gate), op._bits(ex.at_up), op._bits(ex.at_down), None, None, None, 1, 0, 1.0, 7.0, 1,
             torch.empty(2, 64).numpy()]
     bad = list(args)
     bad[2] = torch.randn(2, 3).numpy()
@@ -505,4 +537,8 @@ def test_one_call_binding_names_the_bad_argument():
     bad = list(args)
     bad[5] = ex.base_down_blocks[:-1].numpy()
     with pytest.raises(ValueError, match="blocks"):
+        cpu_extension().overlay_moe_small(*bad)
+    bad = list(args)
+    bad[-2] = 7                           # no such token mode
+    with pytest.raises(ValueError, match="tokens"):
         cpu_extension().overlay_moe_small(*bad)
