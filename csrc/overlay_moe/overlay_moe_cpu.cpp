@@ -33,7 +33,7 @@ constexpr int64_t kRowsPerItem = 16;  // weight rows per OpenMP work item of the
 // Base rows per work item: long runs keep each thread's stream contiguous for the prefetchers (a 2880-column
 // MXFP4 row is 1.5 KB), and 5760 rows still make 90 items for the dynamic schedule to balance.
 constexpr int64_t kBaseRowsPerItem = 64;
-constexpr int64_t kPrefetchBytes = 512;  // software prefetch distance along each expand row
+constexpr int64_t kRowsAhead = 16;      // software prefetch distance of the expand kernel, in factor rows
 constexpr int64_t kStreamAhead = 2048;   // software prefetch distance along a streamed weight row (GEMV kernels)
 
 inline float sigmoid_cpu(float x) { return 1.0f / (1.0f + std::exp(-x)); }
@@ -76,10 +76,12 @@ LZ_TARGET_AVX2 int64_t expand_columns_avx2(float (*acc)[kCols], const float* con
       for (int k = 0; k < V; ++k) v[q][k] = _mm256_loadu_ps(acc[q] + c + 8 * k);
     const F* col = at + c0 + c;
     for (int64_t j = 0; j < rank; ++j) {
-      // The rank rows are `rank` interleaved streams (row stride ld) too many for the hardware prefetcher:
-      // fetch each one kPrefetchBytes ahead (DRAM latency when few pairs share a pass), a line per 64 bytes.
+      // The rank rows are `rank` interleaved streams (row stride ld), each read in short runs: too many for
+      // the hardware prefetcher. Fetch the run kRowsAhead rows further on (past the last row: the next step's
+      // run of the first rows), a line per 64 bytes: DRAM latency when few pairs share a pass.
+      const F* ahead = j + kRowsAhead < rank ? col + (j + kRowsAhead) * ld : col + 8 * V + (j + kRowsAhead - rank) * ld;
       for (int k = 0; k < V; k += 64 / (8 * static_cast<int>(sizeof(F))))
-        _mm_prefetch(reinterpret_cast<const char*>(col + j * ld + 8 * k) + kPrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + 8 * k), _MM_HINT_T0);
       __m256 r[V];
       for (int k = 0; k < V; ++k) r[k] = simd::load8(col + j * ld + 8 * k);
       for (int q = 0; q < N; ++q) {
@@ -404,17 +406,20 @@ struct Q8Row {
 // True when a scale byte is 0xFF (NaN) or 0 (2^-127, which the kernel's exponent shift would read as 0): such a
 // weight row runs the fp32 kernel.
 LZ_TARGET_AVX2 inline bool special_scales(const uint8_t* s, int64_t n) {
+  if (n < 32) {
+    for (int64_t i = 0; i < n; ++i)
+      if (s[i] == 0 || s[i] == 0xFF) return true;
+    return false;
+  }
   const __m256i zero = _mm256_setzero_si256(), ones = _mm256_set1_epi8(-1);
-  int64_t i = 0;
   __m256i hit = zero;
-  for (; i + 32 <= n; i += 32) {
+  const auto check = [&](int64_t i) LZ_TARGET_AVX2 {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i));
     hit = _mm256_or_si256(hit, _mm256_or_si256(_mm256_cmpeq_epi8(v, zero), _mm256_cmpeq_epi8(v, ones)));
-  }
-  if (!_mm256_testz_si256(hit, hit)) return true;
-  for (; i < n; ++i)
-    if (s[i] == 0 || s[i] == 0xFF) return true;
-  return false;
+  };
+  for (int64_t i = 0; i + 32 <= n; i += 32) check(i);
+  check(n - 32);  // the last 32 bytes, overlapping the loop's last load
+  return !_mm256_testz_si256(hit, hit);
 }
 
 // One MXFP4 row against NT token rows quantised by quantize_for_mxfp4_q8, two blocks per step: the 32 code bytes
@@ -455,10 +460,9 @@ LZ_TARGET_AVX2 void row_dots_mxfp4_q8_avx2(const uint8_t* blocks, const uint8_t*
       acc[t][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale[t], acc[t][k]);
     }
   };
-  // The 8 weight scales of blocks g..g+7 times each token's half scales.
-  const auto group_scales = [&](const uint8_t* s8, int64_t g, __m256* s) LZ_TARGET_AVX2 {
-    const __m256 w = _mm256_castsi256_ps(
-        _mm256_slli_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s8))), 23));
+  // The 8 weight scales 2^(s-127) of blocks g..g+7 (as exponent bits) times each token's half scales.
+  const auto group_scales = [&](__m256i bits, int64_t g, __m256* s) LZ_TARGET_AVX2 {
+    const __m256 w = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 23));
     for (int t = 0; t < NT; ++t) s[t] = _mm256_mul_ps(w, _mm256_loadu_ps(tok[t]->half_scale + g));
   };
   int64_t g = 0;
@@ -468,16 +472,16 @@ LZ_TARGET_AVX2 void row_dots_mxfp4_q8_avx2(const uint8_t* blocks, const uint8_t*
     // row), which the hardware prefetcher does not do across 4 KB pages.
     _mm_prefetch(reinterpret_cast<const char*>(blocks + 16 * g) + kStreamAhead, _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(blocks + 16 * g) + kStreamAhead + 64, _MM_HINT_T0);
-    group_scales(scales + g, g, s);
+    group_scales(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales + g))), g, s);
     for (int i = 0; i < 4; ++i) {
       for (int t = 0; t < NT; ++t) sp[t] = _mm256_permutevar8x32_ps(s[t], spread[i]);
       pair(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blocks + 16 * (g + 2 * i))), g / 2 + i, sp, i & 1);
     }
   }
-  if (g < groups) {  // the last 1..7 blocks: scales copied to a zero-padded group, an odd block's pair half-loaded
-    uint8_t tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    std::memcpy(tail, scales + g, static_cast<size_t>(groups - g));
-    group_scales(tail, g, s);
+  if (g < groups) {  // the last 1..7 blocks: a zero-padded group of scales, an odd block's pair half-loaded
+    alignas(32) int32_t tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t i = g; i < groups; ++i) tail[i - g] = scales[i];
+    group_scales(_mm256_load_si256(reinterpret_cast<const __m256i*>(tail)), g, s);
     for (int i = 0; g + 2 * i < groups; ++i) {
       const uint8_t* at = blocks + 16 * (g + 2 * i);
       const __m256i codes = g + 2 * i + 1 < groups
