@@ -502,6 +502,22 @@ def test_one_call_forward_equals_the_staged_path(monkeypatch, mode, base, factor
     _assert_matches(out, x, ids, w, ex, rel_floor=rel)
 
 
+def test_one_call_weight_arguments_follow_replaced_tensors():
+    # The extension's weight arguments are cached per OverlayExperts: replacing a tensor must not leave the
+    # forward reading the old one.
+    ex = random_overlay(6, 64, 32, (2, 3, 2), bias=True, activation="gpt_oss", factor_dtype=torch.bfloat16,
+                        base="mxfp4")
+    x = torch.randn(2, 64)
+    ids, w = random_routing(2, 6, 2)
+    first = overlay_moe_forward(x, ids, w, ex, backend="cpu")
+    assert torch.equal(overlay_moe_forward(x, ids, w, ex, backend="cpu"), first)  # the cached arguments
+    ex.at_down = (ex.at_down.float() * 3).to(ex.at_down.dtype)
+    ex.bias_up = torch.zeros_like(ex.bias_up)
+    out = overlay_moe_forward(x, ids, w, ex, backend="cpu")
+    assert not torch.equal(out, first)
+    _assert_matches(out, x, ids, w, ex)
+
+
 def test_one_call_forward_without_biases_and_zero_ranks():
     for ranks, bias in (((0, 0, 0), False), ((2, 0, 1), False)):
         ex = random_overlay(4, 64, 32, ranks, bias=bias, activation="swiglu", factor_dtype=torch.bfloat16,
