@@ -284,7 +284,7 @@ LZ_TARGET_AVX2 void decode_row_mxfp4_avx2(const uint8_t* blocks, const uint8_t* 
 // - kFixed16: k = 6 - e where m = f * 2^e, f in [0.5, 1) (k = 0 for an all-zero block, at most kMaxShift = 140,
 //   so that the half scale 2^-(k+9) stays an fp32 subnormal), so |x| * 2^k < 64; N = round(x * 2^(k+8)) (|N| <=
 //   16384), carried as two int8 terms N = 256 * hi + lo, hi = floor((N + 128) / 256) in [-64, 64], lo in [-128,
-//   127]; the block's scale is 2^-(k+8). Each element is off by at most 2^-14 of m (2^-149 when m < 2^-134).
+//   127]; the block's scale is 2^-(k+8). Each element is off by at most 2^-14 of m (2^-149 when m < 2^-135).
 // - kInt8: scale d = m / 127 (fp32), q = round(x / d) in [-127, 127]; each element off by at most m / 254.
 // Stored per pair of blocks (2p, 2p+1), in the byte order the kernel's two nibble registers give the weights:
 // [even elements of 2p | even of 2p+1][odd of 2p | odd of 2p+1] for each term (hi first), so one 32-byte load
@@ -326,7 +326,7 @@ bool quantize_block(const float* xb, int mode, int32_t* n, float* half_scale) {
 
 #if defined(LAZARUS_AVX2_MATH)
 // quantize_block with the per-element arithmetic in registers (the same IEEE operations, so the same values).
-// Blocks whose scaling 2^(k+8) is not a normal fp32 (largest |x| below 2^-113) take the portable form.
+// Blocks whose scaling 2^(k+8) is not a normal fp32 (largest |x| below 2^-114) take the portable form.
 LZ_TARGET_AVX2 bool quantize_block_avx2(const float* xb, int mode, int32_t* n, float* half_scale) {
   const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(INFINITY);
   __m256 v[4], mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();

@@ -440,7 +440,7 @@ def mxfp4_token_rounding(x: torch.Tensor, mode: str = "int16") -> torch.Tensor:
     - ``"int16"``: ``k = 6 - e`` where ``m = f * 2^e`` with ``f`` in [0.5, 1) (``k = 0`` for an all-zero block,
       at most 140), ``N = round(x * 2^(k+8))`` (half to even, ``|N| <= 16384``) and the kernel computes with
       ``N * 2^-(k+8)``: every element is off by at most 2^-14 of ``m`` (by 2^-149 in the fp32 subnormals,
-      ``m < 2^-134``).
+      ``m < 2^-135``).
     - ``"int8"``: ``d = m / 127`` in fp32, ``q = round(x / d)`` (0 when ``d`` is 0) clamped to +-127, and the
       kernel computes with ``q * d``: every element is off by at most ``m / 254``.
 
