@@ -146,13 +146,10 @@ def _assert_close_to_scale(out: torch.Tensor, expected: torch.Tensor, atol_of_sc
 
 
 def _with_tokens(mode: str, fn):
-    """``fn`` run with the MXFP4 GEMV's token mode set to ``mode`` (the module constant the op reads)."""
+    """``fn`` run with the MXFP4 GEMV's token mode set to ``mode``."""
     def run(*args):
-        saved, overlay_ops.MXFP4_TOKENS = overlay_ops.MXFP4_TOKENS, mode
-        try:
+        with overlay_ops.mxfp4_token_mode(mode):
             return fn(*args)
-        finally:
-            overlay_ops.MXFP4_TOKENS = saved
     return run
 
 

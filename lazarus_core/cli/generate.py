@@ -22,6 +22,7 @@ class GenerationResult:
     model_bytes: int
     runs: int = 1
     run_seconds: list[float] = field(default_factory=list)  # every timed run, in order (warm-up excluded)
+    mxfp4_tokens: str | None = None  # the CPU MXFP4 GEMV's token mode (None: the library default)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -38,7 +39,8 @@ def _model_bytes(model) -> int:
 
 
 def generate(model: str, prompt: str, *, overlay: str | None = None, max_new_tokens: int = 32, backend: str = "auto",
-             revision: str | None = None, device: str = "cpu", runs: int = 3, force: bool = False) -> GenerationResult:
+             revision: str | None = None, device: str = "cpu", runs: int = 3, force: bool = False,
+             mxfp4_tokens: str | None = None) -> GenerationResult:
     """Greedy-decode ``max_new_tokens`` after ``prompt`` with the model (or its overlay) on ``device`` and time it.
 
     Parameters
@@ -53,6 +55,9 @@ def generate(model: str, prompt: str, *, overlay: str | None = None, max_new_tok
         same tokens every run).
     force : bool
         Load an overlay whose source fingerprint does not match ``model`` (loud warning).
+    mxfp4_tokens : {"int16", "int8", "fp32"}, optional
+        How the CPU kernels meet an MXFP4 base at decode (see ``lazarus_core.ops.overlay_moe.MXFP4_TOKENS``);
+        None keeps the library default.
 
     Returns
     -------
@@ -61,10 +66,20 @@ def generate(model: str, prompt: str, *, overlay: str | None = None, max_new_tok
     Raises
     ------
     ValueError
-        ``runs < 1`` or an empty prompt.
+        ``runs < 1``, an unknown ``mxfp4_tokens`` or an empty prompt.
     """
     if runs < 1:
         raise ValueError(f"--runs must be >= 1, got {runs}")
+    from lazarus_core.ops.overlay_moe import mxfp4_token_mode
+
+    with mxfp4_token_mode(mxfp4_tokens):
+        result = _generate(model, prompt, overlay, max_new_tokens, backend, revision, device, runs, force)
+    result.mxfp4_tokens = mxfp4_tokens
+    return result
+
+
+def _generate(model: str, prompt: str, overlay: str | None, max_new_tokens: int, backend: str, revision: str | None,
+              device: str, runs: int, force: bool) -> GenerationResult:
     import torch
     from transformers import AutoTokenizer
 
@@ -113,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("--max-new-tokens must be >= 1")
     result = generate(args.model, args.prompt, overlay=args.overlay, max_new_tokens=args.max_new_tokens,
                       backend=args.backend, revision=args.revision, device=args.device, runs=args.runs,
-                      force=args.force)
+                      force=args.force, mxfp4_tokens=args.mxfp4_tokens)
     console = Console()
     console.print(f"[bold]{result.prompt}[/bold]{result.completion}", highlight=False)
     what = f"overlay {result.overlay} ({result.backend})" if result.overlay else "original experts"
@@ -139,5 +154,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up run; tokens/s is their median")
     p.add_argument("--force", action="store_true",
                    help="run an overlay whose source fingerprint does not match -m (loud warning)")
+    p.add_argument("--mxfp4-tokens", default=None, choices=("int16", "int8", "fp32"),
+                   help="how the CPU kernels meet an MXFP4 base: int16 (default; 16-bit fixed point per 32-block), "
+                        "int8 (faster, coarser: max|x|/254 per element) or fp32 (exact products, slowest)")
     p.add_argument("-o", "--output", default=None, metavar="FILE.json")
     p.set_defaults(func=_run)

@@ -14,6 +14,8 @@ activation + weighted reduction.
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 from dataclasses import dataclass
 
@@ -526,6 +528,31 @@ def stored_matmul(x: torch.Tensor, w: torch.Tensor | None = None, *, blocks: tor
     if impl is stored_matmul_reference:
         return impl(x, w, blocks=blocks, scales=scales)
     return impl(x, w, blocks=blocks, scales=scales, tokens=tokens)
+
+
+@contextlib.contextmanager
+def mxfp4_token_mode(mode: str | None):
+    """Run the block with :data:`MXFP4_TOKENS` set to ``mode`` (restored after; None leaves it as it is).
+
+    Parameters
+    ----------
+    mode : {"int16", "int8", "fp32"} or None
+        How the CPU matrix-vector kernel meets an MXFP4 weight (see :data:`MXFP4_TOKENS`).
+
+    Raises
+    ------
+    ValueError
+        An unknown mode (the message lists the modes).
+    """
+    global MXFP4_TOKENS
+    if mode is not None:
+        _mxfp4_tokens(mode)
+    saved = MXFP4_TOKENS
+    MXFP4_TOKENS = saved if mode is None else mode
+    try:
+        yield
+    finally:
+        MXFP4_TOKENS = saved
 
 
 def _mxfp4_tokens(mode: str | None) -> int:

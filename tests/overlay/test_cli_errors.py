@@ -195,3 +195,43 @@ def test_generate_reports_the_median_of_timed_runs_after_a_warm_up(monkeypatch):
     assert result.tokens_per_second == pytest.approx(4 / 3.5) and result.runs == 4
     with pytest.raises(ValueError, match="--runs"):
         generate_cli.generate("demo:native", "p", runs=0)
+
+
+def test_generate_runs_in_the_requested_mxfp4_token_mode(monkeypatch):
+    from lazarus_core.ops import overlay_moe as op
+
+    seen = []
+
+    class Model:
+        def generate(self, ids, **kwargs):
+            seen.append(op.MXFP4_TOKENS)
+            import torch
+            return torch.cat([ids, torch.zeros(1, kwargs["max_new_tokens"], dtype=ids.dtype)], 1)
+
+        def parameters(self):
+            return iter(())
+
+        buffers = modules = parameters
+
+    class Tokenizer:
+        pad_token_id = eos_token_id = 0
+
+        def __call__(self, text, return_tensors):
+            import torch
+            return {"input_ids": torch.ones(1, 3, dtype=torch.long)}
+
+        def decode(self, ids, skip_special_tokens):
+            return "x" * len(ids)
+
+    import lazarus_core.routing.loading as loading
+    import transformers
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (Model(), None, None))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Tokenizer())
+    default = op.MXFP4_TOKENS
+    result = generate_cli.generate("demo:native", "p", max_new_tokens=2, runs=2, mxfp4_tokens="int8")
+    assert seen == ["int8"] * 3 and result.mxfp4_tokens == "int8" and result.to_dict()["mxfp4_tokens"] == "int8"
+    assert op.MXFP4_TOKENS == default  # restored
+    with pytest.raises(ValueError, match="mxfp4_tokens"):
+        generate_cli.generate("demo:native", "p", mxfp4_tokens="int4")
+    assert op.MXFP4_TOKENS == default

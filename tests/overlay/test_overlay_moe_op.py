@@ -461,6 +461,23 @@ def test_integer_kernel_runs_fp32_when_a_row_is_not_finite(mode):
         op.stored_matmul(x, **kw, mxfp4_tokens="int4")
 
 
+def test_mxfp4_token_mode_sets_and_restores():
+    kw = _mxfp4_weight(8, 64)
+    x = torch.randn(2, 64)
+    default = op.MXFP4_TOKENS
+    with op.mxfp4_token_mode("int8"):
+        assert op.MXFP4_TOKENS == "int8"
+        assert torch.equal(op.stored_matmul(x, **kw), op.stored_matmul(x, **kw, mxfp4_tokens="int8"))
+    assert op.MXFP4_TOKENS == default
+    with pytest.raises(RuntimeError), op.mxfp4_token_mode("int16"):
+        raise RuntimeError("inside")
+    assert op.MXFP4_TOKENS == default     # restored after an exception too
+    with op.mxfp4_token_mode(None):
+        assert op.MXFP4_TOKENS == default
+    with pytest.raises(ValueError, match="mxfp4_tokens"), op.mxfp4_token_mode("int4"):
+        pass
+
+
 def test_integer_modes_order_by_precision():
     # int16 is far closer to the exact product than int8, and int8 still tracks it (a wrong kernel would not).
     kw = _mxfp4_weight(64, 2880, seed=5)
