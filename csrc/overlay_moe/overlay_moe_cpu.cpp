@@ -620,7 +620,7 @@ LZ_TARGET_AVX2 void row_dots_q8(const uint8_t* blocks, const uint8_t* scales, in
 
 // y[i * ldy + (r - r0)] = dot(row r, x[i]) for rows [r0, r1) and the n token rows x[0..n). A stored row (MXFP4,
 // bf16, fp16) met by more than kMaxTokens fp32 tokens is decoded once into an fp32 row buffer (MXFP4: the same
-// permuted order as x) instead of once per pass of kMaxTokens tokens; quantised tokens run the int16 kernel in
+// permuted order as x) instead of once per pass of kMaxTokens tokens; quantised tokens run the integer kernel in
 // passes of kMaxTokens, each decoding the row in registers.
 template <typename F>
 void rows_times_tokens(const StoredMatrix& w, int64_t r0, int64_t r1, const TokenRows& x, int64_t n, int64_t t_first,
