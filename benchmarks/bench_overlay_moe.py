@@ -137,7 +137,7 @@ def original_forward_ours(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, o
     return y
 
 
-def _assert_close_to_scale(out: torch.Tensor, expected: torch.Tensor, atol_of_scale: float = 2e-4) -> None:
+def _assert_close_to_scale(out: torch.Tensor, expected: torch.Tensor, atol_of_scale: float = 5e-4) -> None:
     """Equal within 2e-3 relative plus ``atol_of_scale`` of the output's scale: the MXFP4 GEMV rounds its input
     rows per 32-block (int16: each element off by at most 2^-14 of its block's largest value; int8: 1/254), an
     error relative to the scale of the sums, not to each small output element."""
@@ -240,7 +240,7 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
                     if dtype == STORED_INT8:
                         fwd = _with_tokens("int8", fwd)
                     _assert_close_to_scale(fwd(x, ids, w), expected_ov,  # correctness first
-                                           2e-2 if dtype == STORED_INT8 else 2e-4)
+                                           5e-2 if dtype == STORED_INT8 else 5e-4)
                     variants[(dtype, backend)] = (layer, lambda _f=fwd: _f(x, ids, w))
                     if gpu:  # as the model integration runs decode: replayed from a CUDA graph
                         graphs = GraphCache(max_tokens=max(TOKENS))

@@ -481,7 +481,7 @@ def test_mxfp4_token_mode_sets_and_restores():
 def test_integer_modes_order_by_precision():
     # int16 is far closer to the exact product than int8, and int8 still tracks it (a wrong kernel would not).
     kw = _mxfp4_weight(64, 2880, seed=5)
-    x = torch.randn(4, 2880)
+    x = torch.randn(4, 2880, generator=torch.Generator().manual_seed(6))
     exact = op.stored_matmul(x, **kw, mxfp4_tokens="fp32").double()
     err = {m: float((op.stored_matmul(x, **kw, mxfp4_tokens=m).double() - exact).abs().max()) / float(exact.abs().max())
            for m in ("int16", "int8")}
@@ -515,7 +515,9 @@ def test_one_call_forward_equals_the_staged_path(monkeypatch, mode, base, factor
     out = overlay_moe_forward(x, ids, w, ex, backend="cpu")
     assert calls == [1]
     assert torch.equal(out, _staged(x, ids, w, ex))     # the same kernels, the same order: bit for bit
-    rel = {"int16": 2.0 ** -12, "int8": 2.0 ** -5}[mode] if (mode != "fp32" and base == "mxfp4") else 1e-6
+    # The integer modes' floors: 4x and 3x the worst error of 160 fresh draws (2.4e-4 and 2.2e-2 of the output
+    # scale: the GPT-OSS activation amplifies the token rounding of both GEMVs).
+    rel = {"int16": 2.0 ** -10, "int8": 2.0 ** -4}[mode] if (mode != "fp32" and base == "mxfp4") else 1e-6
     _assert_matches(out, x, ids, w, ex, rel_floor=rel)
 
 
