@@ -1,0 +1,91 @@
+"""In-process A/B of CPU extension builds on the T=1 overlay forward (the benchmark's gpt-oss-20b layer).
+
+On a shared machine the speed of the same kernel drifts 1.5-2x within minutes, so two builds timed one after the
+other cannot be compared. This loads each build's ``_C`` extension by path into ONE process and calls
+``overlay_moe_small`` with each of them in turn, round after round, so every build sees the same machine state.
+
+    python -m benchmarks.ab_extensions NAME=DIR [NAME=DIR ...] [--rounds 400] [--cold] [--modes int16,int8]
+
+``DIR`` is a directory holding a built ``_C.cpython-*.so`` (an installed or unpacked ``lazarus_core``). To get
+one for an older revision::
+
+    git worktree add /tmp/lz-old REV
+    pip wheel --no-deps --no-build-isolation -w /tmp/lz-old/wheel /tmp/lz-old
+    unzip -o -q -d /tmp/lz-old/pkg /tmp/lz-old/wheel/*.whl
+    python -m benchmarks.ab_extensions old=/tmp/lz-old/pkg/lazarus_core
+
+The installed build is always included (as ``current``, in every token mode asked for; other builds run their
+default integer mode, code 1). ``--cold`` reads a 64 MB buffer before every call, so the layer's 22 MB come from
+DRAM as they do when a many-layer model decodes. Prints the median milliseconds per build, and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def _load(directory: str, name: str):
+    """The ``_C`` extension module under ``directory``, loaded as a module of its own (``name._C``)."""
+    found = sorted(glob.glob(str(Path(directory) / "_C.cpython-*.so")))
+    if not found:
+        raise SystemExit(f"ab_extensions: no _C.cpython-*.so in {directory}")
+    spec = importlib.util.spec_from_file_location(f"{name}._C", found[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _call(ext, args: tuple, mode: int) -> None:
+    try:
+        ext.overlay_moe_small(*args[:-1], mode, args[-1])
+    except TypeError:  # builds before the token-mode codes took a bool ("int16")
+        ext.overlay_moe_small(*args[:-1], bool(mode), args[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ab_extensions", description=__doc__.split("\n")[0])
+    parser.add_argument("builds", nargs="*", metavar="NAME=DIR", help="other builds to time against the installed one")
+    parser.add_argument("--rounds", type=int, default=400, help="calls per build (the first 20 are not counted)")
+    parser.add_argument("--cold", action="store_true", help="read a 64 MB buffer before every call")
+    parser.add_argument("--modes", default="int16,int8", help="token modes of the installed build")
+    args = parser.parse_args()
+
+    from benchmarks.bench_overlay_moe import H, _routing, make_overlay
+    from lazarus_core.ops import overlay_moe as op
+
+    ov = make_overlay()
+    ids, w = _routing(1, 1)
+    x = torch.randn(1, H, generator=torch.Generator().manual_seed(2))
+    y = torch.empty_like(x)
+    call_args = (x.numpy(), ids.numpy(), w.to(torch.float32).numpy(), *op._small_weight_args(ov),
+                 op.ACTIVATIONS[ov.activation], ov.alpha, ov.limit, y.numpy())
+    variants = {f"current {m}": (op.cpu_extension(), op._MXFP4_TOKEN_MODES[m]) for m in args.modes.split(",")}
+    for spec in args.builds:
+        name, _, directory = spec.partition("=")
+        if not directory:
+            raise SystemExit(f"ab_extensions: expected NAME=DIR, got {spec!r}")
+        variants[name] = (_load(directory, f"ab_{name}"), 1)
+    junk = torch.ones(16 << 20)  # 64 MB
+    times = {k: [] for k in variants}
+    for _ in range(args.rounds):
+        for key, (ext, mode) in variants.items():
+            if args.cold:
+                junk.sum()
+            t0 = time.perf_counter()
+            _call(ext, call_args, mode)
+            times[key].append(time.perf_counter() - t0)
+    state = "after a 64 MB read" if args.cold else "call repeated (the layer stays in cache)"
+    print(f"overlay_moe_small, T=1, {state}, median of {args.rounds - 20} rounds:")
+    for key, ts in times.items():
+        print(f"  {key:24s} {statistics.median(ts[20:]) * 1e3:8.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
