@@ -19,6 +19,7 @@ from lazarus_core.distributed import RankFailed, World, split_contiguous
 from lazarus_core.routing.capture import PARTS_DIR, capture_routing
 from lazarus_core.routing.corpus import corpus_from_prompts
 from lazarus_core.routing.trace_reader import load_trace
+from tests.fixtures.distributed import exit_rank
 from tests.routing.tiny_models import save_tiny_checkpoint, tiny_model, tiny_tokenizer
 
 TEXTS = ["the water was long and people said no " * 3, "it is what it is", "one two three four five",
@@ -66,6 +67,7 @@ def _worker(rank: int, store: str, out: str, resume: bool, fail_rank: int) -> No
             Path(out + f".error-{rank}").write_text(str(exc))
     finally:
         torch.distributed.destroy_process_group()
+    exit_rank()
 
 
 def _spawn(tmp: Path, out: Path, *, resume: bool = False, fail_rank: int = -1, run: str = "a") -> None:
