@@ -148,6 +148,37 @@ def test_verify_prints_the_size_ratio_and_fails_a_larger_overlay(checkpoint_dir,
     assert json.loads((tmp_path / "v.json").read_text())["verdict"] == "FAIL"
 
 
+def _stub_generation(monkeypatch, on_generate) -> None:
+    """``generate_cli.generate`` runs on a stub model (its ``generate`` calls ``on_generate()`` and returns the
+    prompt plus zeros) and a stub tokenizer (3 prompt tokens): no weights are loaded."""
+    import torch
+    import transformers
+
+    import lazarus_core.routing.loading as loading
+
+    class Model:
+        def generate(self, ids, **kwargs):
+            on_generate()
+            return torch.cat([ids, torch.zeros(1, kwargs["max_new_tokens"], dtype=ids.dtype)], 1)
+
+        def parameters(self):
+            return iter(())
+
+        buffers = modules = parameters
+
+    class Tokenizer:
+        pad_token_id = eos_token_id = 0
+
+        def __call__(self, text, return_tensors):
+            return {"input_ids": torch.ones(1, 3, dtype=torch.long)}
+
+        def decode(self, ids, skip_special_tokens):
+            return "x" * len(ids)
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (Model(), None, None))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Tokenizer())
+
+
 def test_generate_reports_the_median_of_timed_runs_after_a_warm_up(monkeypatch):
     calls = []
 
@@ -160,33 +191,11 @@ def test_generate_reports_the_median_of_timed_runs_after_a_warm_up(monkeypatch):
 
     clock = Clock()
 
-    class Model:
-        def generate(self, ids, **kwargs):
-            calls.append(len(calls))
-            clock.now += len(calls)
-            import torch
-            return torch.cat([ids, torch.zeros(1, kwargs["max_new_tokens"], dtype=ids.dtype)], 1)
+    def on_generate():
+        calls.append(len(calls))
+        clock.now += len(calls)
 
-        def parameters(self):
-            return iter(())
-
-        buffers = modules = parameters
-
-    class Tokenizer:
-        pad_token_id = eos_token_id = 0
-
-        def __call__(self, text, return_tensors):
-            import torch
-            return {"input_ids": torch.ones(1, 3, dtype=torch.long)}
-
-        def decode(self, ids, skip_special_tokens):
-            return "x" * len(ids)
-
-    import lazarus_core.routing.loading as loading
-    import transformers
-
-    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (Model(), None, None))
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Tokenizer())
+    _stub_generation(monkeypatch, on_generate)
     monkeypatch.setattr(generate_cli.time, "perf_counter", clock)
     result = generate_cli.generate("demo:native", "p", max_new_tokens=4, runs=4)
     assert calls == [0, 1, 2, 3, 4]  # one warm-up + 4 timed runs
@@ -201,33 +210,7 @@ def test_generate_runs_in_the_requested_mxfp4_token_mode(monkeypatch):
     from lazarus_core.ops import overlay_moe as op
 
     seen = []
-
-    class Model:
-        def generate(self, ids, **kwargs):
-            seen.append(op.MXFP4_TOKENS)
-            import torch
-            return torch.cat([ids, torch.zeros(1, kwargs["max_new_tokens"], dtype=ids.dtype)], 1)
-
-        def parameters(self):
-            return iter(())
-
-        buffers = modules = parameters
-
-    class Tokenizer:
-        pad_token_id = eos_token_id = 0
-
-        def __call__(self, text, return_tensors):
-            import torch
-            return {"input_ids": torch.ones(1, 3, dtype=torch.long)}
-
-        def decode(self, ids, skip_special_tokens):
-            return "x" * len(ids)
-
-    import lazarus_core.routing.loading as loading
-    import transformers
-
-    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (Model(), None, None))
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Tokenizer())
+    _stub_generation(monkeypatch, lambda: seen.append(op.MXFP4_TOKENS))
     default = op.MXFP4_TOKENS
     result = generate_cli.generate("demo:native", "p", max_new_tokens=2, runs=2, mxfp4_tokens="int8")
     assert seen == ["int8"] * 3 and result.mxfp4_tokens == "int8" and result.to_dict()["mxfp4_tokens"] == "int8"
