@@ -1,11 +1,14 @@
 // Why: the CPU overlay MoE kernels, reading every weight in its stored precision (fp32, bf16, fp16, MXFP4)
 // and computing in fp32 registers. The fused expand + activation + weighted reduction groups pairs by
 // expert so each expand row A[e]^T[j, cols] is loaded once per tile of 4 pairs; threads own column blocks,
-// so the per-token sums need no atomics and are deterministic. The matrix-vector kernels (base GEMV of
-// small batches, grouped shrink) decode a weight row in registers and apply it to up to 4 tokens at once.
+// so the per-token sums need no atomics and are deterministic. A small batch (at most kRowExpandPairs pairs)
+// runs the expand expert by expert instead, each factor matrix streamed over full rows, with the same bits. The
+// matrix-vector kernels (base GEMV of small batches, grouped shrink) decode a weight row in registers and apply
+// it to up to 4 tokens at once (one token: 4 rows side by side).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -147,6 +150,54 @@ void expand_tile(float (*acc)[kCols], const float* const* s, int64_t n, const F*
   expand_tile_portable(acc, s, n, at, rank, ld, c0, w);
 }
 
+#if defined(LAZARUS_AVX2_MATH)
+// acc[q][c] += sum_j s[q][j] * at[j * ld + c] for q < N pairs, c < w: the rank rows are read R at a time over the
+// full width (R contiguous streams of w values, which the hardware prefetcher follows), each row converted once
+// per N pairs; the accumulators stay in L1. Per column the FMAs run in j order, as in expand_columns_avx2, so
+// both give the same bits.
+template <int N, int R, typename F>
+LZ_TARGET_AVX2 void expand_rows_pass_avx2(float* const* acc, const float* const* s, const F* rows, int64_t ld,
+                                          int64_t j, int64_t w) {
+  int64_t c = 0;
+  for (; c + 8 <= w; c += 8) {
+    __m256 r[R];
+    for (int k = 0; k < R; ++k) r[k] = simd::load8(rows + k * ld + c);
+    for (int q = 0; q < N; ++q) {
+      __m256 v = _mm256_loadu_ps(acc[q] + c);
+      for (int k = 0; k < R; ++k) v = _mm256_fmadd_ps(_mm256_broadcast_ss(s[q] + j + k), r[k], v);
+      _mm256_storeu_ps(acc[q] + c, v);
+    }
+  }
+  for (; c < w; ++c)
+    for (int q = 0; q < N; ++q) {
+      float v = acc[q][c];
+      for (int k = 0; k < R; ++k) v = std::fma(s[q][j + k], to_float(rows[k * ld + c]), v);
+      acc[q][c] = v;
+    }
+}
+
+template <int N, typename F>
+LZ_TARGET_AVX2 void expand_rows_avx2(float* const* acc, const float* const* s, const F* at, int64_t rank, int64_t ld,
+                                     int64_t w) {
+  constexpr int R = N == 1 ? 8 : 4;  // N accumulators + R rows + the broadcast in 16 ymm registers
+  int64_t j = 0;
+  for (; j + R <= rank; j += R) expand_rows_pass_avx2<N, R>(acc, s, at + j * ld, ld, j, w);
+  for (; j < rank; ++j) expand_rows_pass_avx2<N, 1>(acc, s, at + j * ld, ld, j, w);
+}
+
+// expand_rows_avx2 for n <= kTile pairs.
+template <typename F>
+void expand_rows(float* const* acc, const float* const* s, int64_t n, const F* at, int64_t rank, int64_t ld,
+                 int64_t w) {
+  switch (n) {
+    case 1: return expand_rows_avx2<1>(acc, s, at, rank, ld, w);
+    case 2: return expand_rows_avx2<2>(acc, s, at, rank, ld, w);
+    case 3: return expand_rows_avx2<3>(acc, s, at, rank, ld, w);
+    default: return expand_rows_avx2<4>(acc, s, at, rank, ld, w);
+  }
+}
+#endif
+
 void activate(const float* g, const float* u, int64_t w, int kind, float alpha, float limit, float wt, float* h,
               float* hw) {
 #if defined(LAZARUS_AVX2_MATH)
@@ -210,6 +261,33 @@ LZ_TARGET_AVX2 void row_dots_avx2(const F* w, int64_t cols, const float* const* 
     __m256 sum = acc[t][0];
     for (int k = 1; k < V; ++k) sum = _mm256_add_ps(sum, acc[t][k]);
     out[t] = simd::hsum(sum) + tail;
+  }
+}
+
+// out[i] = dot(row i, x) for kDotRows consecutive rows (row stride ld) and one token: the rows are read side by
+// side, kDotRows streams for the prefetchers, two FMA chains each; x is loaded once per step for all of them.
+constexpr int kDotRows = 4;
+template <typename F>
+LZ_TARGET_AVX2 void row_group_dots_avx2(const F* w, int64_t ld, const float* x, float* out) {
+  const int64_t cols = ld;
+  __m256 acc[kDotRows][2];
+  for (int i = 0; i < kDotRows; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= cols; c += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
+    for (int i = 0; i < kDotRows; ++i) {
+      acc[i][0] = _mm256_fmadd_ps(simd::load8(w + i * ld + c), x0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(simd::load8(w + i * ld + c + 8), x1, acc[i][1]);
+    }
+  }
+  for (; c + 8 <= cols; c += 8) {
+    const __m256 x0 = _mm256_loadu_ps(x + c);
+    for (int i = 0; i < kDotRows; ++i) acc[i][0] = _mm256_fmadd_ps(simd::load8(w + i * ld + c), x0, acc[i][0]);
+  }
+  for (int i = 0; i < kDotRows; ++i) {
+    float tail = 0.0f;
+    for (int64_t k = c; k < cols; ++k) tail += to_float(w[i * ld + k]) * x[k];
+    out[i] = simd::hsum(_mm256_add_ps(acc[i][0], acc[i][1])) + tail;
   }
 }
 
@@ -656,7 +734,16 @@ void rows_times_tokens(const StoredMatrix& w, int64_t r0, int64_t r1, const Toke
   if (!std::is_same<F, float>::value && n > kMaxTokens && use_avx2()) decoded.resize(static_cast<size_t>(w.cols));
 #endif
   const StoredMatrix row_buffer{Storage::kF32, decoded.data(), nullptr, 1, w.cols};
-  for (int64_t r = r0; r < r1; ++r) {
+  int64_t r = r0;
+#if defined(LAZARUS_AVX2_MATH)
+  if constexpr (!std::is_same<F, uint8_t>::value) {
+    if (n == 1 && use_avx2()) {  // one token: kDotRows rows at a time, kDotRows streams
+      for (; r + kDotRows <= r1; r += kDotRows)
+        row_group_dots_avx2(static_cast<const F*>(w.data) + r * w.cols, w.cols, xs[0], y + (r - r0));
+    }
+  }
+#endif
+  for (; r < r1; ++r) {
 #if defined(LAZARUS_AVX2_MATH)
     if (!decoded.empty()) {
       if constexpr (std::is_same<F, uint8_t>::value) {
@@ -801,11 +888,146 @@ void down_block(const OverlayDownArgsT<F>& a, int64_t b) {
 
 int64_t column_blocks(int64_t cols) { return (cols + kCols - 1) / kCols; }
 
+// ---- the expand stages of a small batch, expert by expert.
+// gate_up_block and down_block read each expert's rank rows in kCols-column runs at row stride I (or H): with
+// one or two pairs per expert that many short interleaved runs leave the factors' bytes waiting on DRAM. For at
+// most kRowExpandPairs pairs (AVX2) the expand runs instead as work items of whole factor matrices, an expert's
+// rank rows streamed over the full width (expand_rows) into per-pair buffers, then an epilogue by column block
+// applies the bias, the activation and the weighted sums in the same pair order as the column blocks: the two
+// forms give the same bits.
+constexpr int64_t kRowExpandPairs = 64;
+
+bool rows_expand(int64_t pairs) { return pairs <= kRowExpandPairs && use_avx2(); }
+
+// The experts that have pairs, in order.
+std::vector<int64_t> active_experts(const int64_t* offsets, int64_t experts) {
+  std::vector<int64_t> active;
+  for (int64_t e = 0; e < experts; ++e)
+    if (offsets[e + 1] > offsets[e]) active.push_back(e);
+  return active;
+}
+
+// A [P, cols] fp32 buffer, not initialised (every element is written before it is read).
+struct PairBuffer {
+  std::unique_ptr<float[]> data;
+  PairBuffer(int64_t pairs, int64_t cols) : data(new float[static_cast<size_t>(std::max<int64_t>(1, pairs * cols))]) {}
+  float* row(int64_t p, int64_t cols) const { return data.get() + p * cols; }
+};
+
+// overlay_gate_up as items (active expert, gate or up) then column blocks; items() and blocks() count them.
+template <typename F>
+class GateUpRows {
+ public:
+  explicit GateUpRows(const OverlayGateUpArgsT<F>& a)
+      : a_(a), active_(active_experts(a.offsets, a.experts)), g_(a.pairs, a.inter), u_(a.pairs, a.inter) {}
+
+  int64_t items() const { return 2 * static_cast<int64_t>(active_.size()); }
+  int64_t blocks() const { return column_blocks(a_.inter); }
+
+  // Each pair of the item's expert: its base product (gate or up half) + bias + A^T s, full width.
+  void run_item(int64_t it) const {
+#if defined(LAZARUS_AVX2_MATH)
+    const int64_t e = active_[it / 2], I = a_.inter, rg = a_.rank_gate, ru = a_.rank_up;
+    const bool up = it % 2 == 1;
+    const F* bias = up ? a_.bias_up : a_.bias_gate;
+    const F* at = up ? a_.at_up + e * ru * I : a_.at_gate + e * rg * I;
+    for (int64_t p0 = a_.offsets[e]; p0 < a_.offsets[e + 1]; p0 += kTile) {
+      const int64_t n = std::min(kTile, a_.offsets[e + 1] - p0);
+      float* acc[kTile];
+      const float* s[kTile];
+      for (int64_t q = 0; q < n; ++q) {
+        acc[q] = (up ? u_ : g_).row(p0 + q, I);
+        std::memcpy(acc[q], a_.gu0 + a_.pair_token[p0 + q] * 2 * I + (up ? I : 0), sizeof(float) * I);
+        if (bias)
+          for (int64_t c = 0; c < I; ++c) acc[q][c] += to_float(bias[e * I + c]);
+        s[q] = a_.s_gu + (p0 + q) * (rg + ru) + (up ? rg : 0);
+      }
+      expand_rows(acc, s, n, at, up ? ru : rg, I, I);
+    }
+#else
+    (void)it;
+#endif
+  }
+
+  void run_block(int64_t b) const {
+    const int64_t I = a_.inter, c0 = b * kCols, w = std::min(kCols, I - c0);
+    for (int64_t p = 0; p < a_.pairs; ++p)
+      activate(g_.row(p, I) + c0, u_.row(p, I) + c0, w, a_.activation, a_.alpha, a_.limit, a_.pair_weight[p],
+               a_.h + p * I + c0, a_.hw + a_.pair_token[p] * I + c0);
+  }
+
+ private:
+  OverlayGateUpArgsT<F> a_;
+  std::vector<int64_t> active_;
+  PairBuffer g_, u_;
+};
+
+// overlay_down as items (active expert) then column blocks.
+template <typename F>
+class DownRows {
+ public:
+  explicit DownRows(const OverlayDownArgsT<F>& a) : a_(a), active_(active_experts(a.offsets, a.experts)), d_(a.pairs, a.hidden) {}
+
+  int64_t items() const { return static_cast<int64_t>(active_.size()); }
+  int64_t blocks() const { return column_blocks(a_.hidden); }
+
+  void run_item(int64_t it) const {
+#if defined(LAZARUS_AVX2_MATH)
+    const int64_t e = active_[it], H = a_.hidden, rd = a_.rank_down;
+    for (int64_t p0 = a_.offsets[e]; p0 < a_.offsets[e + 1]; p0 += kTile) {
+      const int64_t n = std::min(kTile, a_.offsets[e + 1] - p0);
+      float* acc[kTile];
+      const float* s[kTile];
+      for (int64_t q = 0; q < n; ++q) {
+        acc[q] = d_.row(p0 + q, H);
+        for (int64_t c = 0; c < H; ++c) acc[q][c] = a_.bias_down ? to_float(a_.bias_down[e * H + c]) : 0.0f;
+        s[q] = a_.s_d + (p0 + q) * rd;
+      }
+      expand_rows(acc, s, n, a_.at_down + e * rd * H, rd, H, H);
+    }
+#else
+    (void)it;
+#endif
+  }
+
+  void run_block(int64_t b) const {
+    const int64_t H = a_.hidden, c0 = b * kCols, w = std::min(kCols, H - c0);
+    for (int64_t p = 0; p < a_.pairs; ++p) {
+      const float wt = a_.pair_weight[p];
+      const float* acc = d_.row(p, H) + c0;
+      float* yt = a_.y + a_.pair_token[p] * H + c0;
+      for (int64_t c = 0; c < w; ++c) yt[c] += wt * acc[c];
+    }
+  }
+
+ private:
+  OverlayDownArgsT<F> a_;
+  std::vector<int64_t> active_;
+  PairBuffer d_;
+};
+
+// A GateUpRows or DownRows shared by the threads of the enclosing parallel region (orphaned worksharing loops):
+// its items, then its column blocks.
+template <typename Rows>
+void share_rows(const Rows& rows) {
+  const int64_t items = rows.items(), blocks = rows.blocks();
+  LZ_OMP(for schedule(dynamic))
+  for (int64_t it = 0; it < items; ++it) rows.run_item(it);
+  LZ_OMP(for schedule(dynamic))
+  for (int64_t b = 0; b < blocks; ++b) rows.run_block(b);
+}
+
 }  // namespace
 
 template <typename F>
 void overlay_gate_up_cpu(const OverlayGateUpArgsT<F>& a) {
   std::memset(a.hw, 0, sizeof(float) * a.tokens * a.inter);
+  if (rows_expand(a.pairs)) {
+    const GateUpRows<F> rows(a);
+    LZ_OMP(parallel)
+    share_rows(rows);
+    return;
+  }
   const int64_t blocks = column_blocks(a.inter);
   LZ_OMP(parallel for schedule(static))
   for (int64_t b = 0; b < blocks; ++b) gate_up_block(a, b);
@@ -813,6 +1035,12 @@ void overlay_gate_up_cpu(const OverlayGateUpArgsT<F>& a) {
 
 template <typename F>
 void overlay_down_cpu(const OverlayDownArgsT<F>& a) {
+  if (rows_expand(a.pairs)) {
+    const DownRows<F> rows(a);
+    LZ_OMP(parallel)
+    share_rows(rows);
+    return;
+  }
   const int64_t blocks = column_blocks(a.hidden);
   LZ_OMP(parallel for schedule(static))
   for (int64_t b = 0; b < blocks; ++b) down_block(a, b);
@@ -875,20 +1103,31 @@ void overlay_moe_small_cpu(const SmallForwardT<F>& a) {
   gate_up_products.prepare_inputs();
   const int64_t n1 = gate_up_products.items(), n3 = down_products.items();
   const int64_t gate_up_blocks = column_blocks(I), down_blocks = column_blocks(H);
+  const bool by_rows = rows_expand(P);
+  const GateUpRows<F> gate_up_rows(by_rows ? gate_up : OverlayGateUpArgsT<F>{});
+  const DownRows<F> down_rows(by_rows ? down : OverlayDownArgsT<F>{});
   // One parallel region for the whole forward: each stage is a worksharing loop whose implicit barrier hands
   // its output to the next (a region per stage waits for every thread to wake, a descheduled one included).
   LZ_OMP(parallel)
   {
     LZ_OMP(for schedule(dynamic))
     for (int64_t it = 0; it < n1; ++it) gate_up_products.run(it);
-    LZ_OMP(for schedule(dynamic))
-    for (int64_t b = 0; b < gate_up_blocks; ++b) gate_up_block(gate_up, b);
+    if (by_rows) {
+      share_rows(gate_up_rows);
+    } else {
+      LZ_OMP(for schedule(dynamic))
+      for (int64_t b = 0; b < gate_up_blocks; ++b) gate_up_block(gate_up, b);
+    }
     LZ_OMP(single)
     down_products.prepare_inputs();
     LZ_OMP(for schedule(dynamic))
     for (int64_t it = 0; it < n3; ++it) down_products.run(it);
-    LZ_OMP(for schedule(dynamic))
-    for (int64_t b = 0; b < down_blocks; ++b) down_block(down, b);
+    if (by_rows) {
+      share_rows(down_rows);
+    } else {
+      LZ_OMP(for schedule(dynamic))
+      for (int64_t b = 0; b < down_blocks; ++b) down_block(down, b);
+    }
   }
 }
 

@@ -60,7 +60,8 @@ def _assert_matches(out: torch.Tensor, x, ids, w, ex, rel_floor: float = 1e-6) -
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("tokens,top_k,ranks", [(1, 1, (1, 1, 1)), (7, 2, (3, 5, 2)), (13, 4, (0, 0, 0)),
-                                                (5, 8, (4, 1, 0))], ids=lambda v: str(v).replace(" ", ""))
+                                                (5, 8, (4, 1, 0)), (9, 8, (11, 9, 2))],
+                         ids=lambda v: str(v).replace(" ", ""))
 @pytest.mark.parametrize("activation,bias", [("swiglu", False), ("gpt_oss", True)], ids=["swiglu", "gpt_oss+bias"])
 def test_fp32_overlay_matches_reference(backend, tokens, top_k, ranks, activation, bias):
     ex = random_overlay(9, 37, 21, ranks, bias=bias, activation=activation)
@@ -100,6 +101,38 @@ def test_decoded_tiles_and_gemv_paths_agree(monkeypatch):
     monkeypatch.setattr(op, "GEMV_MAX_ROWS", 1000)
     monkeypatch.setattr(op, "SHRINK_MAX_PAIRS", 1000)
     _assert_matches(overlay_moe_forward(x, ids, w, ex, backend="cpu"), x, ids, w, ex)
+
+
+@pytest.mark.parametrize("factors", ["bf16", "fp32"])
+def test_row_streamed_expand_equals_the_column_blocks(factors):
+    # At most 64 pairs (kRowExpandPairs) the expand stages stream each expert's rank rows over the full width;
+    # above, they run by column blocks. The same 5 tokens run among 90 pairs and alone (15 pairs) must give the
+    # same bits per pair and per token: ranks with 8- and 4-row passes plus leftovers, widths with a scalar tail,
+    # 1..7 pairs per expert (tiles of 4 and their remainders).
+    n_experts, hidden, inter, (rg, ru, rd), top_k = 12, 45, 29, (11, 9, 13), 3
+    ex = random_overlay(n_experts, hidden, inter, (rg, ru, rd), bias=True, activation="gpt_oss",
+                        factor_dtype=FACTOR_DTYPES[factors])
+    ids, w = random_routing(30, n_experts, top_k)
+    gu0, s_gu_slot, s_d_slot = torch.randn(30, 2 * inter), torch.randn(90, rg + ru), torch.randn(90, rd)
+
+    def run(tokens):
+        r = op._routing(ids[:tokens], w[:tokens], n_experts)
+        s_gu, s_d = torch.empty(3 * tokens, rg + ru), torch.empty(3 * tokens, rd)
+        s_gu[r.slot_pair], s_d[r.slot_pair] = s_gu_slot[:3 * tokens], s_d_slot[:3 * tokens]
+        h, hw, y = torch.empty(3 * tokens, inter), torch.empty(tokens, inter), torch.zeros(tokens, hidden)
+        op._gate_up_cpu(gu0[:tokens].contiguous(), s_gu, r, ex, h, hw)
+        op._down_cpu(s_d, r, ex, y)
+        return h[r.slot_pair], hw, y
+
+    h_all, hw_all, y_all = run(30)
+    h_few, hw_few, y_few = run(5)
+    assert torch.equal(h_all[:15], h_few) and torch.equal(hw_all[:5], hw_few) and torch.equal(y_all[:5], y_few)
+    r = op._routing(ids, w, n_experts)  # and the column blocks against the readable torch stages
+    s_d = torch.empty(90, rd)
+    s_d[r.slot_pair] = s_d_slot
+    y_ref = torch.zeros(30, hidden)
+    op._down_torch(s_d, r, ex, y_ref)
+    torch.testing.assert_close(y_all, y_ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("base", ["fp32", "mxfp4"])
