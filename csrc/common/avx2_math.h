@@ -63,3 +63,14 @@ LZ_TARGET_AVX2 inline float hsum(__m256 v) {
 }  // namespace simd
 }  // namespace lazarus
 #endif
+
+namespace lazarus {
+// True when this CPU runs the AVX2/FMA/F16C kernels (always false where they are not compiled).
+inline bool use_avx2() {
+#if defined(LAZARUS_AVX2_MATH)
+  return simd::cpu_has_avx2_fma_f16c();
+#else
+  return false;
+#endif
+}
+}  // namespace lazarus

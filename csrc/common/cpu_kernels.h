@@ -6,6 +6,14 @@
 
 #include "float_bits.h"
 
+// LZ_OMP(directive): `#pragma omp directive` when built with OpenMP (LAZARUS_WITH_OPENMP), nothing otherwise.
+#if defined(LAZARUS_WITH_OPENMP)
+#define LZ_PRAGMA(x) _Pragma(#x)
+#define LZ_OMP(directive) LZ_PRAGMA(omp directive)
+#else
+#define LZ_OMP(directive)
+#endif
+
 namespace lazarus {
 
 // Calls fn(begin, end) over [0, n) in chunks of `chunk`, the chunks spread over OpenMP threads.

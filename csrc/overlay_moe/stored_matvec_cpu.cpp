@@ -1,0 +1,668 @@
+// Why: the matrix-vector products of stored weights on the CPU: out[t] = dot(W row, x[t]) with W dense (fp32,
+// bf16, fp16) or MXFP4, decoded in registers inside the product. They serve the base GEMV of small batches
+// (stored_matvec_cpu), the grouped shrink of expert-sorted pairs (overlay_shrink_cpu) and both in one parallel
+// region (stored_matvec_and_shrink_cpu, MatvecShrinkPlan for the one-call forward of overlay_moe_cpu.cpp). A
+// weight row is applied to up to 4 tokens per pass (one token: 4 dense rows side by side); MXFP4 rows meet
+// their tokens in fp32 or, by default, rounded per block to 16-bit fixed point (or int8) in an integer kernel.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "common/avx2_math.h"
+#include "common/cpu_kernels.h"
+#include "common/float_bits.h"
+#include "common/mxfp4_codec.h"
+#include "overlay_moe/overlay_moe.h"
+#include "overlay_moe/stored_matvec_cpu.h"
+
+namespace lazarus {
+namespace {
+
+constexpr int kMaxTokens = 4;         // token rows sharing one pass over a weight row
+constexpr int64_t kRowsPerItem = 16;  // weight rows per OpenMP work item of the shrink
+// Base rows per work item: long runs keep each thread's stream contiguous for the prefetchers (a 2880-column
+// MXFP4 row is 1.5 KB), and 5760 rows still make 90 items for the dynamic schedule to balance.
+constexpr int64_t kBaseRowsPerItem = 64;
+constexpr int64_t kStreamAhead = 2048;  // software prefetch distance along a streamed weight row
+
+// ---- matrix-vector products of stored weights: out[t] = dot(W row, x[t]) for nt <= kMaxTokens token rows.
+
+template <typename F>
+void row_dots_portable(const F* w, int64_t cols, const float* const* x, int nt, float* out) {
+  for (int t = 0; t < nt; ++t) {
+    float acc = 0.0f;
+    for (int64_t c = 0; c < cols; ++c) acc += to_float(w[c]) * x[t][c];
+    out[t] = acc;
+  }
+}
+
+void row_dots_mxfp4_portable(const uint8_t* blocks, const uint8_t* scales, int64_t groups, const float* const* x,
+                             int nt, float* out) {
+  for (int t = 0; t < nt; ++t) out[t] = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) {
+    const float scale = mxfp4::e8m0_to_float(scales[g]);
+    for (int j = 0; j < mxfp4::kBytesPerBlock; ++j) {
+      float lo, hi;
+      mxfp4::decode_byte(blocks[g * mxfp4::kBytesPerBlock + j], scale, &lo, &hi);
+      for (int t = 0; t < nt; ++t) out[t] += lo * x[t][32 * g + 2 * j] + hi * x[t][32 * g + 2 * j + 1];
+    }
+  }
+}
+
+#if defined(LAZARUS_AVX2_MATH)
+// Each token keeps V accumulators (V FMA chains over 8V columns per step): one or two tokens need 8 or 4 to
+// hide the FMA latency, more tokens give enough chains with 2.
+template <int NT, typename F>
+LZ_TARGET_AVX2 void row_dots_avx2(const F* w, int64_t cols, const float* const* x, float* out) {
+  constexpr int V = NT == 1 ? 8 : NT == 2 ? 4 : 2;
+  __m256 acc[NT][V];
+  for (int t = 0; t < NT; ++t)
+    for (int k = 0; k < V; ++k) acc[t][k] = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 * V <= cols; c += 8 * V) {
+    for (int k = 0; k < V; k += 64 / (8 * static_cast<int>(sizeof(F))))
+      _mm_prefetch(reinterpret_cast<const char*>(w + c + 8 * k) + kStreamAhead, _MM_HINT_T0);
+    __m256 wv[V];
+    for (int k = 0; k < V; ++k) wv[k] = simd::load8(w + c + 8 * k);
+    for (int t = 0; t < NT; ++t)
+      for (int k = 0; k < V; ++k) acc[t][k] = _mm256_fmadd_ps(wv[k], _mm256_loadu_ps(x[t] + c + 8 * k), acc[t][k]);
+  }
+  for (; c + 8 <= cols; c += 8) {
+    const __m256 wv = simd::load8(w + c);
+    for (int t = 0; t < NT; ++t) acc[t][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[t] + c), acc[t][0]);
+  }
+  for (int t = 0; t < NT; ++t) {
+    float tail = 0.0f;
+    for (int64_t k = c; k < cols; ++k) tail += to_float(w[k]) * x[t][k];
+    __m256 sum = acc[t][0];
+    for (int k = 1; k < V; ++k) sum = _mm256_add_ps(sum, acc[t][k]);
+    out[t] = simd::hsum(sum) + tail;
+  }
+}
+
+// out[i] = dot(row i, x) for kDotRows consecutive rows (row stride ld) and one token: the rows are read side by
+// side, kDotRows streams for the prefetchers, two FMA chains each; x is loaded once per step for all of them.
+constexpr int kDotRows = 4;
+template <typename F>
+LZ_TARGET_AVX2 void row_group_dots_avx2(const F* w, int64_t ld, const float* x, float* out) {
+  const int64_t cols = ld;
+  __m256 acc[kDotRows][2];
+  for (int i = 0; i < kDotRows; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= cols; c += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
+    for (int i = 0; i < kDotRows; ++i) {
+      acc[i][0] = _mm256_fmadd_ps(simd::load8(w + i * ld + c), x0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(simd::load8(w + i * ld + c + 8), x1, acc[i][1]);
+    }
+  }
+  for (; c + 8 <= cols; c += 8) {
+    const __m256 x0 = _mm256_loadu_ps(x + c);
+    for (int i = 0; i < kDotRows; ++i) acc[i][0] = _mm256_fmadd_ps(simd::load8(w + i * ld + c), x0, acc[i][0]);
+  }
+  for (int i = 0; i < kDotRows; ++i) {
+    float tail = 0.0f;
+    for (int64_t k = c; k < cols; ++k) tail += to_float(w[i * ld + k]) * x[k];
+    out[i] = simd::hsum(_mm256_add_ps(acc[i][0], acc[i][1])) + tail;
+  }
+}
+
+// 2^(s-152): the E8M0 scale 2^(s-127) times 1/2 (the code table holds twice each E2M1 value) times 2^-24 (the
+// decoded integers sit in the top byte of an int32). 0xFF is NaN; s < 26 is subnormal or 0: such blocks hold
+// weights below 2^-78, whose products are then rounded (or dropped) at that tiny scale.
+struct BlockScales {
+  float v[256];
+  BlockScales() {
+    for (int s = 0; s < 256; ++s) v[s] = mxfp4::e8m0_to_float(static_cast<uint8_t>(s)) * 2.98023223876953125e-8f;
+  }
+};
+
+// One MXFP4 block as fp32 times 2^25, in the order permute_for_mxfp4 gives x. The 16 bytes go to both lanes;
+// lane 0 keeps the low nibbles (elements 0, 2, ..., 30), lane 1 the high ones (1, 3, ..., 31); a byte shuffle
+// maps each code to 2 * its E2M1 value as int8, and four more place bytes 4k..4k+3 of each lane in the top byte
+// of a 32-bit lane (sign included), converted to fp32: f[k] = elements 8k + {0, 2, 4, 6, 1, 3, 5, 7}.
+LZ_TARGET_AVX2 inline void decode_block_shifted(const uint8_t* bytes, __m256 f[4]) {
+  const __m256i shifts = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+  const __m256i twice_e2m1 = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12,
+                                              0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+  const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  const __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(packed, shifts), _mm256_set1_epi8(0x0F));
+  const __m256i v = _mm256_shuffle_epi8(twice_e2m1, codes);
+  constexpr char z = -128;  // a shuffle index with the top bit set writes 0
+  const __m256i spread[4] = {
+      _mm256_setr_epi8(z, z, z, 0, z, z, z, 1, z, z, z, 2, z, z, z, 3, z, z, z, 0, z, z, z, 1, z, z, z, 2, z, z, z, 3),
+      _mm256_setr_epi8(z, z, z, 4, z, z, z, 5, z, z, z, 6, z, z, z, 7, z, z, z, 4, z, z, z, 5, z, z, z, 6, z, z, z, 7),
+      _mm256_setr_epi8(z, z, z, 8, z, z, z, 9, z, z, z, 10, z, z, z, 11, z, z, z, 8, z, z, z, 9, z, z, z, 10, z, z, z,
+                       11),
+      _mm256_setr_epi8(z, z, z, 12, z, z, z, 13, z, z, z, 14, z, z, z, 15, z, z, z, 12, z, z, z, 13, z, z, z, 14, z, z,
+                       z, 15)};
+  for (int k = 0; k < 4; ++k) f[k] = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(v, spread[k]));
+}
+
+// One MXFP4 row against NT token rows permuted by permute_for_mxfp4: each token's block dot product (on the
+// shifted codes) is scaled once, into a per-token accumulator.
+template <int NT>
+LZ_TARGET_AVX2 void row_dots_mxfp4_avx2(const uint8_t* blocks, const uint8_t* scales, int64_t groups,
+                                        const float* const* xp, float* out) {
+  static const BlockScales block_scales;
+  __m256 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 f[4];
+    decode_block_shifted(blocks + 16 * g, f);
+    const __m256 scale = _mm256_set1_ps(block_scales.v[scales[g]]);
+    for (int t = 0; t < NT; ++t) {
+      const float* xg = xp[t] + 32 * g;
+      const __m256 p = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xg + 8), _mm256_mul_ps(f[0], _mm256_loadu_ps(xg)));
+      const __m256 q = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xg + 24), _mm256_mul_ps(f[2], _mm256_loadu_ps(xg + 16)));
+      acc[t] = _mm256_fmadd_ps(_mm256_add_ps(p, q), scale, acc[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = simd::hsum(acc[t]);
+}
+
+// One MXFP4 row decoded to fp32 (exact) in the permuted order, for rows applied to many tokens.
+LZ_TARGET_AVX2 void decode_row_mxfp4_avx2(const uint8_t* blocks, const uint8_t* scales, int64_t groups, float* out) {
+  static const BlockScales block_scales;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 f[4];
+    decode_block_shifted(blocks + 16 * g, f);
+    const __m256 scale = _mm256_set1_ps(block_scales.v[scales[g]]);
+    for (int k = 0; k < 4; ++k) _mm256_storeu_ps(out + 32 * g + 8 * k, _mm256_mul_ps(f[k], scale));
+  }
+}
+
+#endif
+
+// Token rows of the integer MXFP4 kernel (row_dots_mxfp4_q8_avx2), per 32-element block b with largest |x| = m:
+// - kFixed16: k = 6 - e where m = f * 2^e, f in [0.5, 1) (k = 0 for an all-zero block, at most kMaxShift = 140,
+//   so that the half scale 2^-(k+9) stays an fp32 subnormal), so |x| * 2^k < 64; N = round(x * 2^(k+8)) (|N| <=
+//   16384), carried as two int8 terms N = 256 * hi + lo, hi = floor((N + 128) / 256) in [-64, 64], lo in [-128,
+//   127]; the block's scale is 2^-(k+8). Each element is off by at most 2^-14 of m (2^-149 when m < 2^-135).
+// - kInt8: scale d = m / 127 (fp32), q = round(x / d) in [-127, 127]; each element off by at most m / 254.
+// Stored per pair of blocks (2p, 2p+1), in the byte order the kernel's two nibble registers give the weights:
+// [even elements of 2p | even of 2p+1][odd of 2p | odd of 2p+1] for each term (hi first), so one 32-byte load
+// of codes meets one 32-byte load of tokens. half_scale[b] = scale / 2 (the code table holds twice each E2M1
+// value), padded with zeros to a multiple of 8 blocks; corr[8p + l] = 12 * (sum of the values of int32 lane l),
+// the offset the table's +12 adds (lanes 0-3: elements 8l..8l+7 of block 2p, lanes 4-7: of block 2p+1; in
+// kFixed16 the value is N). An odd block count gets a zero pad block. Returns false (nothing usable) when the
+// row holds inf or NaN.
+constexpr int kCodeOffset = 12;
+constexpr int kMaxShift = 140;
+
+int64_t q8_pair_bytes(int mode) { return mode == kTokensFixed16 ? 128 : 64; }
+int64_t q8_scale_slots(int64_t groups) { return (groups + 7) / 8 * 8; }
+
+// One block's integer values n[32] (N in kFixed16, q in kInt8) and its half scale; false when it holds inf or
+// NaN. The portable form; quantize_block_avx2 computes the same values.
+bool quantize_block(const float* xb, int mode, int32_t* n, float* half_scale) {
+  float m = 0.0f;
+  for (int i = 0; i < 32; ++i) m = std::max(m, std::fabs(xb[i]));
+  if (!std::isfinite(m)) return false;
+  for (int i = 0; i < 32; ++i)
+    if (!std::isfinite(xb[i])) return false;
+  if (mode == kTokensFixed16) {
+    int e = 0;
+    std::frexp(m, &e);
+    const int k = m > 0.0f ? std::min(kMaxShift, 6 - e) : 0;
+    *half_scale = std::ldexp(1.0f, -(k + 8) - 1);
+    for (int i = 0; i < 32; ++i) n[i] = static_cast<int32_t>(std::nearbyint(std::ldexp(xb[i], k + 8)));
+  } else {
+    const float d = m / 127.0f;
+    *half_scale = 0.5f * d;
+    for (int i = 0; i < 32; ++i) {
+      const float v = d > 0.0f ? std::nearbyint(xb[i] / d) : 0.0f;
+      n[i] = static_cast<int32_t>(std::max(-127.0f, std::min(127.0f, v)));
+    }
+  }
+  return true;
+}
+
+#if defined(LAZARUS_AVX2_MATH)
+// quantize_block with the per-element arithmetic in registers (the same IEEE operations, so the same values).
+// Blocks whose scaling 2^(k+8) is not a normal fp32 (largest |x| below 2^-114) take the portable form.
+LZ_TARGET_AVX2 bool quantize_block_avx2(const float* xb, int mode, int32_t* n, float* half_scale) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(INFINITY);
+  __m256 v[4], mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm256_loadu_ps(xb + 8 * j);
+    const __m256 a = _mm256_andnot_ps(sign, v[j]);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // |x| >= inf, or NaN
+    mx = _mm256_max_ps(mx, a);
+  }
+  if (_mm256_movemask_ps(bad)) return false;
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  const float m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  __m256 mul;
+  if (mode == kTokensFixed16) {
+    int e = 0;
+    std::frexp(m, &e);
+    const int k = m > 0.0f ? std::min(kMaxShift, 6 - e) : 0;
+    if (k + 8 > 127) return quantize_block(xb, mode, n, half_scale);
+    *half_scale = std::ldexp(1.0f, -(k + 8) - 1);
+    mul = _mm256_set1_ps(std::ldexp(1.0f, k + 8));
+    for (int j = 0; j < 4; ++j)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(n + 8 * j), _mm256_cvtps_epi32(_mm256_mul_ps(v[j], mul)));
+  } else {
+    const float d = m / 127.0f;
+    *half_scale = 0.5f * d;
+    const __m256 dv = _mm256_set1_ps(d), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+    for (int j = 0; j < 4; ++j) {
+      const __m256 q = d > 0.0f ? _mm256_round_ps(_mm256_div_ps(v[j], dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                                : _mm256_setzero_ps();
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(n + 8 * j),
+                          _mm256_cvtps_epi32(_mm256_max_ps(lo, _mm256_min_ps(hi, q))));
+    }
+  }
+  return true;
+}
+#endif
+
+bool quantize_for_mxfp4_q8(const float* x, int64_t cols, int mode, int8_t* q, float* half_scale, int32_t* corr) {
+  const int64_t groups = cols / 32, pairs = (groups + 1) / 2, pair_bytes = q8_pair_bytes(mode);
+  std::memset(q, 0, static_cast<size_t>(pairs * pair_bytes));
+  std::memset(corr, 0, sizeof(int32_t) * static_cast<size_t>(pairs * 8));
+  std::fill(half_scale, half_scale + q8_scale_slots(groups), 0.0f);
+  int32_t n[32];
+  for (int64_t g = 0; g < groups; ++g) {
+#if defined(LAZARUS_AVX2_MATH)  // callers checked the CPU (the integer kernel is AVX2 only)
+    const bool ok = quantize_block_avx2(x + 32 * g, mode, n, half_scale + g);
+#else
+    const bool ok = quantize_block(x + 32 * g, mode, n, half_scale + g);
+#endif
+    if (!ok) return false;
+    int8_t* pair = q + (g / 2) * pair_bytes;
+    int32_t* lanes = corr + (g / 2) * 8 + (g % 2) * 4;
+    const int half = static_cast<int>(g % 2) * 16;
+    for (int i = 0; i < 32; ++i) {
+      const int at = 32 * (i % 2) + half + i / 2;
+      if (mode == kTokensFixed16) {
+        const int32_t hi = (n[i] + 128) >> 8;  // floor((N + 128) / 256): lo = N - 256 hi in [-128, 127]
+        pair[at] = static_cast<int8_t>(hi);
+        pair[64 + at] = static_cast<int8_t>(n[i] - 256 * hi);
+      } else {
+        pair[at] = static_cast<int8_t>(n[i]);
+      }
+      lanes[i / 8] += kCodeOffset * n[i];
+    }
+  }
+  return true;
+}
+
+struct Q8Row {
+  const int8_t* q;
+  const float* half_scale;
+  const int32_t* corr;
+};
+
+#if defined(LAZARUS_AVX2_MATH)
+// True when a scale byte is 0xFF (NaN) or 0 (2^-127, which the kernel's exponent shift would read as 0): such a
+// weight row runs the fp32 kernel.
+LZ_TARGET_AVX2 inline bool special_scales(const uint8_t* s, int64_t n) {
+  if (n < 32) {
+    for (int64_t i = 0; i < n; ++i)
+      if (s[i] == 0 || s[i] == 0xFF) return true;
+    return false;
+  }
+  const __m256i zero = _mm256_setzero_si256(), ones = _mm256_set1_epi8(-1);
+  __m256i hit = zero;
+  const auto check = [&](int64_t i) LZ_TARGET_AVX2 {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i));
+    hit = _mm256_or_si256(hit, _mm256_or_si256(_mm256_cmpeq_epi8(v, zero), _mm256_cmpeq_epi8(v, ones)));
+  };
+  for (int64_t i = 0; i + 32 <= n; i += 32) check(i);
+  check(n - 32);  // the last 32 bytes, overlapping the loop's last load
+  return !_mm256_testz_si256(hit, hit);
+}
+
+// One MXFP4 row against NT token rows quantised by quantize_for_mxfp4_q8, two blocks per step: the 32 code bytes
+// of blocks (2p, 2p+1) split into low and high nibbles (one register each), a byte shuffle maps each code to
+// 2 * E2M1 + 12 as uint8 (0..24), vpmaddubsw multiplies with the int8 tokens and adds pairs (|sum| <= 12288 in
+// int16 over both registers), vpmaddwd sums to int32 lanes (lanes 0-3 block 2p, 4-7 block 2p+1; kFixed16 forms
+// 256 * hi + lo), the +12 offset is subtracted exactly (corr), and one fp32 FMA per pair applies each block's
+// weight scale x token scale (2^(s-127) from the scale byte shifted into an exponent, times half_scale: exact
+// powers of two in kFixed16). Every integer step is exact. The decode is shared by the NT tokens.
+template <int NT, int Mode>
+LZ_TARGET_AVX2 void row_dots_mxfp4_q8_avx2(const uint8_t* blocks, const uint8_t* scales, int64_t groups,
+                                           const Q8Row* const* tok, float* out) {
+  constexpr int64_t kPairBytes = Mode == kTokensFixed16 ? 128 : 64;
+  const __m256i table = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
+                                         12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0);
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), k256 = _mm256_set1_epi16(256);
+  const __m256i spread[4] = {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+                             _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)};
+  // Two accumulators per token (even and odd pairs): one FMA chain would wait on its latency.
+  __m256 acc[NT][2];
+  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  const auto pair = [&](__m256i codes, int64_t p, const __m256* scale, int k) LZ_TARGET_AVX2 {
+    const __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(codes, nibble));
+    const __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(codes, 4), nibble));
+    for (int t = 0; t < NT; ++t) {
+      const __m256i* xq = reinterpret_cast<const __m256i*>(tok[t]->q + p * kPairBytes);
+      const __m256i prod = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xq)),
+                                            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xq + 1)));
+      __m256i sum;
+      if constexpr (Mode == kTokensFixed16) {
+        const __m256i low = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xq + 2)),
+                                             _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xq + 3)));
+        sum = _mm256_add_epi32(_mm256_madd_epi16(prod, k256), _mm256_madd_epi16(low, ones));
+      } else {
+        sum = _mm256_madd_epi16(prod, ones);
+      }
+      sum = _mm256_sub_epi32(sum, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tok[t]->corr + 8 * p)));
+      acc[t][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale[t], acc[t][k]);
+    }
+  };
+  // The 8 weight scales 2^(s-127) of blocks g..g+7 (as exponent bits) times each token's half scales.
+  const auto group_scales = [&](__m256i bits, int64_t g, __m256* s) LZ_TARGET_AVX2 {
+    const __m256 w = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 23));
+    for (int t = 0; t < NT; ++t) s[t] = _mm256_mul_ps(w, _mm256_loadu_ps(tok[t]->half_scale + g));
+  };
+  int64_t g = 0;
+  __m256 s[NT], sp[NT];
+  for (; g + 8 <= groups; g += 8) {
+    // The code bytes stream from DRAM at T=1: fetch kStreamAhead bytes ahead (past the row's end into the next
+    // row), which the hardware prefetcher does not do across 4 KB pages.
+    _mm_prefetch(reinterpret_cast<const char*>(blocks + 16 * g) + kStreamAhead, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(blocks + 16 * g) + kStreamAhead + 64, _MM_HINT_T0);
+    group_scales(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales + g))), g, s);
+    for (int i = 0; i < 4; ++i) {
+      for (int t = 0; t < NT; ++t) sp[t] = _mm256_permutevar8x32_ps(s[t], spread[i]);
+      pair(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blocks + 16 * (g + 2 * i))), g / 2 + i, sp, i & 1);
+    }
+  }
+  if (g < groups) {  // the last 1..7 blocks: a zero-padded group of scales, an odd block's pair half-loaded
+    alignas(32) int32_t tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t i = g; i < groups; ++i) tail[i - g] = scales[i];
+    group_scales(_mm256_load_si256(reinterpret_cast<const __m256i*>(tail)), g, s);
+    for (int i = 0; g + 2 * i < groups; ++i) {
+      const uint8_t* at = blocks + 16 * (g + 2 * i);
+      const __m256i codes = g + 2 * i + 1 < groups
+                                ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at))
+                                : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
+      for (int t = 0; t < NT; ++t) sp[t] = _mm256_permutevar8x32_ps(s[t], spread[i]);
+      pair(codes, g / 2 + i, sp, i & 1);
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = simd::hsum(_mm256_add_ps(acc[t][0], acc[t][1]));
+}
+#endif
+
+// Element order decode_block_shifted produces: within each 8 elements, the even ones, then the odd ones.
+void permute_for_mxfp4(const float* x, int64_t cols, float* xp) {
+  for (int64_t b = 0; b < cols; b += 8)
+    for (int j = 0; j < 4; ++j) {
+      xp[b + j] = x[b + 2 * j];
+      xp[b + 4 + j] = x[b + 2 * j + 1];
+    }
+}
+
+// out[t] = dot(row r of w, x[t]) for t < nt <= kMaxTokens (x permuted for MXFP4 when use_avx2()).
+template <typename F>
+void row_dots(const StoredMatrix& w, int64_t r, const float* const* x, int nt, float* out) {
+  const F* row = static_cast<const F*>(w.data) + r * w.cols;
+#if defined(LAZARUS_AVX2_MATH)
+  if (use_avx2()) {
+    switch (nt) {
+      case 1: return row_dots_avx2<1>(row, w.cols, x, out);
+      case 2: return row_dots_avx2<2>(row, w.cols, x, out);
+      case 3: return row_dots_avx2<3>(row, w.cols, x, out);
+      default: return row_dots_avx2<4>(row, w.cols, x, out);
+    }
+  }
+#endif
+  row_dots_portable(row, w.cols, x, nt, out);
+}
+
+template <>
+void row_dots<uint8_t>(const StoredMatrix& w, int64_t r, const float* const* x, int nt, float* out) {
+  const int64_t groups = w.cols / 32;
+  const uint8_t* blocks = static_cast<const uint8_t*>(w.data) + r * groups * 16;
+  const uint8_t* scales = w.scales + r * groups;
+#if defined(LAZARUS_AVX2_MATH)
+  if (use_avx2()) {
+    switch (nt) {
+      case 1: return row_dots_mxfp4_avx2<1>(blocks, scales, groups, x, out);
+      case 2: return row_dots_mxfp4_avx2<2>(blocks, scales, groups, x, out);
+      case 3: return row_dots_mxfp4_avx2<3>(blocks, scales, groups, x, out);
+      default: return row_dots_mxfp4_avx2<4>(blocks, scales, groups, x, out);
+    }
+  }
+#endif
+  row_dots_mxfp4_portable(blocks, scales, groups, x, nt, out);
+}
+
+#if defined(LAZARUS_AVX2_MATH)
+// One bf16/fp16 row converted to fp32 (exact), for rows applied to many tokens.
+template <typename F>
+LZ_TARGET_AVX2 void convert_row_avx2(const F* row, int64_t cols, float* out) {
+  int64_t c = 0;
+  for (; c + 8 <= cols; c += 8) _mm256_storeu_ps(out + c, simd::load8(row + c));
+  for (; c < cols; ++c) out[c] = to_float(row[c]);
+}
+#endif
+
+// The token rows a matrix-vector product reads, prepared once per product: x[x_rows ? x_rows[i] : i] as fp32
+// (for MXFP4 with AVX2 in permute_for_mxfp4's order), and for an MXFP4 weight with an integer token mode also
+// quantised by quantize_for_mxfp4_q8 (when every row is finite; else the fp32 form alone, so inf and NaN
+// propagate as in fp32). The fp32 form is always there: an MXFP4 row with a NaN or zero scale runs the fp32
+// kernel.
+struct TokenRows {
+  std::vector<const float*> f32;
+  std::vector<float> permuted;
+  std::vector<Q8Row> q8;
+  std::vector<const Q8Row*> q8_rows;
+  std::vector<int8_t> q_data;
+  std::vector<float> scale_data;
+  std::vector<int32_t> corr_data;
+  int mode = kTokensFp32;
+
+  bool quantized() const { return !q8_rows.empty(); }
+
+  void prepare(const StoredMatrix& w, const float* x, const int64_t* x_rows, int64_t n, int tokens) {
+    const auto row = [&](int64_t i) { return x + (x_rows ? x_rows[i] : i) * w.cols; };
+    f32.assign(static_cast<size_t>(n), nullptr);
+    q8.clear();
+    q8_rows.clear();
+    mode = tokens;
+    if (w.format != Storage::kMXFP4 || !use_avx2()) {
+      for (int64_t i = 0; i < n; ++i) f32[i] = row(i);
+      return;
+    }
+    permuted.resize(static_cast<size_t>(n * w.cols));
+    for (int64_t i = 0; i < n; ++i) {
+      permute_for_mxfp4(row(i), w.cols, permuted.data() + i * w.cols);
+      f32[i] = permuted.data() + i * w.cols;
+    }
+    if (tokens == kTokensFp32) return;
+    const int64_t groups = w.cols / 32, pairs = (groups + 1) / 2, qb = pairs * q8_pair_bytes(tokens);
+    const int64_t slots = q8_scale_slots(groups);
+    q_data.resize(static_cast<size_t>(n * qb));
+    scale_data.resize(static_cast<size_t>(n * slots));
+    corr_data.resize(static_cast<size_t>(n * pairs * 8));
+    for (int64_t i = 0; i < n; ++i)
+      if (!quantize_for_mxfp4_q8(row(i), w.cols, tokens, q_data.data() + i * qb, scale_data.data() + i * slots,
+                                 corr_data.data() + i * pairs * 8))
+        return;
+    for (int64_t i = 0; i < n; ++i)
+      q8.push_back(Q8Row{q_data.data() + i * qb, scale_data.data() + i * slots, corr_data.data() + i * pairs * 8});
+    for (const Q8Row& r : q8) q8_rows.push_back(&r);
+  }
+};
+
+#if defined(LAZARUS_AVX2_MATH)
+template <int Mode>
+LZ_TARGET_AVX2 void row_dots_q8(const uint8_t* blocks, const uint8_t* scales, int64_t groups, const Q8Row* const* q,
+                                int nt, float* out) {
+  switch (nt) {
+    case 1: return row_dots_mxfp4_q8_avx2<1, Mode>(blocks, scales, groups, q, out);
+    case 2: return row_dots_mxfp4_q8_avx2<2, Mode>(blocks, scales, groups, q, out);
+    case 3: return row_dots_mxfp4_q8_avx2<3, Mode>(blocks, scales, groups, q, out);
+    default: return row_dots_mxfp4_q8_avx2<4, Mode>(blocks, scales, groups, q, out);
+  }
+}
+#endif
+
+// y[i * ldy + (r - r0)] = dot(row r, x[i]) for rows [r0, r1) and the n token rows x[0..n). A stored row (MXFP4,
+// bf16, fp16) met by more than kMaxTokens fp32 tokens is decoded once into an fp32 row buffer (MXFP4: the same
+// permuted order as x) instead of once per pass of kMaxTokens tokens; quantised tokens run the integer kernel in
+// passes of kMaxTokens, each decoding the row in registers.
+template <typename F>
+void rows_times_tokens(const StoredMatrix& w, int64_t r0, int64_t r1, const TokenRows& x, int64_t n, int64_t t_first,
+                       float* y, int64_t ldy) {
+  float out[kMaxTokens];
+#if defined(LAZARUS_AVX2_MATH)
+  if constexpr (std::is_same<F, uint8_t>::value) {
+    if (x.quantized()) {
+      const int64_t groups = w.cols / 32;
+      for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* blocks = static_cast<const uint8_t*>(w.data) + r * groups * 16;
+        const uint8_t* scales = w.scales + r * groups;
+        const bool special = special_scales(scales, groups);
+        for (int64_t t0 = 0; t0 < n; t0 += kMaxTokens) {
+          const int nt = static_cast<int>(std::min<int64_t>(kMaxTokens, n - t0));
+          if (special) {
+            row_dots<uint8_t>(w, r, x.f32.data() + t_first + t0, nt, out);
+          } else if (x.mode == kTokensFixed16) {
+            row_dots_q8<kTokensFixed16>(blocks, scales, groups, x.q8_rows.data() + t_first + t0, nt, out);
+          } else {
+            row_dots_q8<kTokensInt8>(blocks, scales, groups, x.q8_rows.data() + t_first + t0, nt, out);
+          }
+          for (int i = 0; i < nt; ++i) y[(t0 + i) * ldy + (r - r0)] = out[i];
+        }
+      }
+      return;
+    }
+  }
+#endif
+  const float* const* xs = x.f32.data() + t_first;
+  std::vector<float> decoded;
+#if defined(LAZARUS_AVX2_MATH)
+  if (!std::is_same<F, float>::value && n > kMaxTokens && use_avx2()) decoded.resize(static_cast<size_t>(w.cols));
+#endif
+  const StoredMatrix row_buffer{Storage::kF32, decoded.data(), nullptr, 1, w.cols};
+  int64_t r = r0;
+#if defined(LAZARUS_AVX2_MATH)
+  if constexpr (!std::is_same<F, uint8_t>::value) {
+    if (n == 1 && use_avx2()) {  // one token: kDotRows rows at a time, kDotRows streams
+      for (; r + kDotRows <= r1; r += kDotRows)
+        row_group_dots_avx2(static_cast<const F*>(w.data) + r * w.cols, w.cols, xs[0], y + (r - r0));
+    }
+  }
+#endif
+  for (; r < r1; ++r) {
+#if defined(LAZARUS_AVX2_MATH)
+    if (!decoded.empty()) {
+      if constexpr (std::is_same<F, uint8_t>::value) {
+        const int64_t groups = w.cols / 32;
+        decode_row_mxfp4_avx2(static_cast<const uint8_t*>(w.data) + r * groups * 16, w.scales + r * groups, groups,
+                              decoded.data());
+      } else {
+        convert_row_avx2(static_cast<const F*>(w.data) + r * w.cols, w.cols, decoded.data());
+      }
+    }
+#endif
+    for (int64_t t0 = 0; t0 < n; t0 += kMaxTokens) {
+      const int nt = static_cast<int>(std::min<int64_t>(kMaxTokens, n - t0));
+      if (decoded.empty()) {
+        row_dots<F>(w, r, xs + t0, nt, out);
+      } else {
+        row_dots<float>(row_buffer, 0, xs + t0, nt, out);
+      }
+      for (int i = 0; i < nt; ++i) y[(t0 + i) * ldy + (r - r0)] = out[i];
+    }
+  }
+}
+
+void rows_times_tokens_any(const StoredMatrix& w, int64_t r0, int64_t r1, const TokenRows& x, int64_t n,
+                           int64_t t_first, float* y, int64_t ldy) {
+  switch (w.format) {
+    case Storage::kBF16: return rows_times_tokens<bf16_t>(w, r0, r1, x, n, t_first, y, ldy);
+    case Storage::kF16: return rows_times_tokens<f16_t>(w, r0, r1, x, n, t_first, y, ldy);
+    case Storage::kMXFP4: return rows_times_tokens<uint8_t>(w, r0, r1, x, n, t_first, y, ldy);
+    default: return rows_times_tokens<float>(w, r0, r1, x, n, t_first, y, ldy);
+  }
+}
+
+// The work items of MatvecShrinkPlan (stored_matvec_cpu.h): base items first, then (expert, first rank row).
+class MatvecShrinkItems {
+ public:
+  MatvecShrinkItems(const MatvecProblem& base, const ShrinkProblem& shrink) : base_(base), shrink_(shrink) {
+    if (base.w.rows > 0 && base.n > 0) base_items_ = (base.w.rows + kBaseRowsPerItem - 1) / kBaseRowsPerItem;
+    if (shrink.rank > 0 && shrink.experts > 0) {
+      for (int64_t e = 0; e < shrink.experts; ++e) {
+        const int64_t n = shrink.offsets[e + 1] - shrink.offsets[e];
+        if (n == 0 || n > shrink.max_pairs) continue;
+        for (int64_t j0 = 0; j0 < shrink.rank; j0 += kRowsPerItem) items_.emplace_back(e, j0);
+      }
+    }
+  }
+
+  int64_t items() const { return base_items_ + static_cast<int64_t>(items_.size()); }
+
+  void prepare_inputs() {
+    if (base_items_) base_rows_.prepare(base_.w, base_.x, base_.x_rows, base_.n, base_.token_mode);
+    if (!items_.empty()) pair_rows_.prepare(shrink_.b, shrink_.inp, shrink_.rows, shrink_.offsets[shrink_.experts],
+                                            kTokensFp32);
+  }
+
+  void run(int64_t it) const {
+    if (it < base_items_) {
+      const int64_t r0 = it * kBaseRowsPerItem;
+      rows_times_tokens_any(base_.w, r0, std::min(base_.w.rows, r0 + kBaseRowsPerItem), base_rows_, base_.n, 0,
+                            base_.y + r0, base_.ldy);
+      return;
+    }
+    const int64_t e = items_[it - base_items_].first, j0 = items_[it - base_items_].second;
+    const int64_t p0 = shrink_.offsets[e], n = shrink_.offsets[e + 1] - p0, rank = shrink_.rank;
+    // Expert e's factor rows j0.. of the [experts * rank, cols] matrix, written to s[p0.., j0..].
+    rows_times_tokens_any(shrink_.b, e * rank + j0, e * rank + std::min(rank, j0 + kRowsPerItem), pair_rows_, n, p0,
+                          shrink_.s + p0 * rank + j0, rank);
+  }
+
+ private:
+  MatvecProblem base_;
+  ShrinkProblem shrink_;
+  int64_t base_items_ = 0;
+  std::vector<std::pair<int64_t, int64_t>> items_;
+  TokenRows base_rows_, pair_rows_;
+};
+
+}  // namespace
+
+struct MatvecShrinkPlan::Impl {
+  MatvecShrinkItems items;
+};
+
+MatvecShrinkPlan::MatvecShrinkPlan(const MatvecProblem& base, const ShrinkProblem& shrink)
+    : impl_(new Impl{MatvecShrinkItems(base, shrink)}) {}
+MatvecShrinkPlan::~MatvecShrinkPlan() = default;
+int64_t MatvecShrinkPlan::items() const { return impl_->items.items(); }
+void MatvecShrinkPlan::prepare_inputs() { impl_->items.prepare_inputs(); }
+void MatvecShrinkPlan::run(int64_t it) const { impl_->items.run(it); }
+
+void stored_matvec_and_shrink_cpu(const MatvecProblem& base, const ShrinkProblem& shrink) {
+  // One dynamic loop over both kinds of item, so a small batch is one parallel region and a descheduled
+  // thread's share is taken by the others.
+  MatvecShrinkItems plan(base, shrink);
+  plan.prepare_inputs();
+  const int64_t n_items = plan.items();
+  LZ_OMP(parallel for schedule(dynamic) if (n_items > 1))
+  for (int64_t it = 0; it < n_items; ++it) plan.run(it);
+}
+
+void stored_matvec_cpu(const StoredMatrix& w, const float* x, const int64_t* x_rows, int64_t n, float* y,
+                       int64_t ldy, int tokens) {
+  stored_matvec_and_shrink_cpu(MatvecProblem{w, x, x_rows, n, y, ldy, tokens}, ShrinkProblem{});
+}
+
+void overlay_shrink_cpu(const StoredMatrix& b, int64_t rank, const int64_t* offsets, int64_t experts,
+                        int64_t max_pairs, const float* inp, const int64_t* rows, float* s) {
+  stored_matvec_and_shrink_cpu(MatvecProblem{}, ShrinkProblem{b, rank, offsets, experts, max_pairs, inp, rows, s});
+}
+
+}  // namespace lazarus

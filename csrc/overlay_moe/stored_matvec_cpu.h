@@ -1,0 +1,33 @@
+// Why: the base GEMV + grouped shrink of a small batch as OpenMP work items, for the one-call forward of
+// overlay_moe_cpu.cpp to run inside its own parallel region (stored_matvec_cpu.cpp holds the kernels). Internal
+// to the CPU kernels; the public contract is overlay_moe.h (MatvecProblem, ShrinkProblem).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "overlay_moe/overlay_moe.h"
+
+namespace lazarus {
+
+// stored_matvec_and_shrink_cpu's two products split into items: kBaseRowsPerItem rows of the base, or (expert,
+// first rank row) of the shrink, in one index range. Built before the parallel loop; prepare_inputs() reads
+// the input rows (and rounds them for an integer MXFP4 token mode), so a plan whose inputs an earlier stage
+// writes is prepared after that stage. run(it) for it < items() may be called from any thread, each item once.
+class MatvecShrinkPlan {
+ public:
+  MatvecShrinkPlan(const MatvecProblem& base, const ShrinkProblem& shrink);
+  ~MatvecShrinkPlan();
+  MatvecShrinkPlan(const MatvecShrinkPlan&) = delete;
+  MatvecShrinkPlan& operator=(const MatvecShrinkPlan&) = delete;
+
+  int64_t items() const;
+  void prepare_inputs();
+  void run(int64_t it) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace lazarus
