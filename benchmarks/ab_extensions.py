@@ -4,7 +4,7 @@ On a shared machine the speed of the same kernel drifts 1.5-2x within minutes, s
 other cannot be compared. This loads each build's ``_C`` extension by path into ONE process and calls
 ``overlay_moe_small`` with each of them in turn, round after round, so every build sees the same machine state.
 
-    python -m benchmarks.ab_extensions NAME=DIR [NAME=DIR ...] [--rounds 400] [--cold] [--modes int16,int8]
+    python -m benchmarks.ab_extensions [NAME=DIR ...] [--rounds 400] [--cold] [--modes int16,int8] [--forms both]
 
 ``DIR`` is a directory holding a built ``_C.cpython-*.so`` (an installed or unpacked ``lazarus_core``). To get
 one for an older revision::
@@ -15,7 +15,8 @@ one for an older revision::
     python -m benchmarks.ab_extensions old=/tmp/lz-old/pkg/lazarus_core
 
 The installed build is always included (as ``current``, in every token mode asked for; other builds run their
-default integer mode, code 1). ``--cold`` reads a 64 MB buffer before every call, so the layer's 22 MB come from
+default integer mode, code 1); ``--forms both`` times the installed build's integer kernel in its AVX-VNNI and
+its AVX2 form (``set_avx_vnni``; the default ``native`` runs the widest form the CPU has). ``--cold`` reads a 64 MB buffer before every call, so the layer's 22 MB come from
 DRAM as they do when a many-layer model decodes. Prints the median milliseconds per build, and writes nothing.
 """
 
@@ -55,6 +56,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=400, help="calls per build (the first 20 are not counted)")
     parser.add_argument("--cold", action="store_true", help="read a 64 MB buffer before every call")
     parser.add_argument("--modes", default="int16,int8", help="token modes of the installed build")
+    parser.add_argument("--forms", choices=("native", "both"), default="native",
+                        help="both: the installed build's AVX-VNNI and AVX2 forms of the integer kernel")
     args = parser.parse_args()
 
     from benchmarks.bench_overlay_moe import H, _routing, make_overlay
@@ -66,21 +69,29 @@ def main() -> None:
     y = torch.empty_like(x)
     call_args = (x.numpy(), ids.numpy(), w.to(torch.float32).numpy(), *op._small_weight_args(ov),
                  op.ACTIVATIONS[ov.activation], ov.alpha, ov.limit, y.numpy())
-    variants = {f"current {m}": (op.cpu_extension(), op._MXFP4_TOKEN_MODES[m]) for m in args.modes.split(",")}
+    current = op.cpu_extension()
+    forms = {"native": None} if args.forms == "native" else {"avx_vnni": True, "avx2": False}
+    if args.forms == "both" and not current.cpu_has_avx_vnni():
+        raise SystemExit("ab_extensions: --forms both needs a CPU with AVX-VNNI")
+    variants = {f"current {m}" + ("" if vnni is None else f" {form}"): (current, op._MXFP4_TOKEN_MODES[m], vnni)
+                for m in args.modes.split(",") for form, vnni in forms.items()}
     for spec in args.builds:
         name, _, directory = spec.partition("=")
         if not directory:
             raise SystemExit(f"ab_extensions: expected NAME=DIR, got {spec!r}")
-        variants[name] = (_load(directory, f"ab_{name}"), 1)
+        variants[name] = (_load(directory, f"ab_{name}"), 1, None)
     junk = torch.ones(16 << 20)  # 64 MB
     times = {k: [] for k in variants}
     for _ in range(args.rounds):
-        for key, (ext, mode) in variants.items():
+        for key, (ext, mode, vnni) in variants.items():
+            if vnni is not None:
+                ext.set_avx_vnni(vnni)
             if args.cold:
                 junk.sum()
             t0 = time.perf_counter()
             _call(ext, call_args, mode)
             times[key].append(time.perf_counter() - t0)
+    current.set_avx_vnni(True)
     state = "after a 64 MB read" if args.cold else "call repeated (the layer stays in cache)"
     print(f"overlay_moe_small, T=1, {state}, median of {args.rounds - 20} rounds:")
     for key, ts in times.items():

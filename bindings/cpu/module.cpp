@@ -1,6 +1,8 @@
 // Why: the always-built CPU extension lazarus_core._C; one bind_<op> call per op.
 #include <pybind11/pybind11.h>
 
+#include "common/avx2_math.h"
+
 #if defined(LAZARUS_WITH_OPENMP)
 #include <omp.h>
 #endif
@@ -42,6 +44,19 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   });
+  m.def("cpu_has_avx_vnni", []() {
+#if defined(LAZARUS_AVX2_MATH)
+    return lazarus::simd::cpu_has_avx_vnni();
+#else
+    return false;
+#endif
+  });
+  m.def(
+      "set_avx_vnni",
+      [](bool allowed) { return lazarus::avx_vnni_allowed().exchange(allowed); },
+      py::arg("allowed"),
+      "Allow (True, the default) or forbid the AVX-VNNI forms of the CPU kernels (forbidden: their AVX2 forms "
+      "run); returns the previous setting. Do not call while a kernel runs.");
   lazarus::bindings::bind_mxfp4_dequant(m);
   lazarus::bindings::bind_mxfp4_quantize(m);
   lazarus::bindings::bind_fp8_dequant(m);

@@ -2,6 +2,7 @@
 // once. Functions carry target attributes: callers check the CPU at run time (cpu_has_avx2_fma_f16c) first.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #include "common/float_bits.h"
@@ -11,6 +12,8 @@
 #include <immintrin.h>
 
 #define LZ_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+// AVX2 plus AVX-VNNI (vpdpbusd: four u8 x s8 products summed into each int32 lane, Alder Lake / Sapphire Rapids on).
+#define LZ_TARGET_AVX_VNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
 
 namespace lazarus {
 namespace simd {
@@ -18,6 +21,11 @@ namespace simd {
 inline bool cpu_has_avx2_fma_f16c() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                           __builtin_cpu_supports("f16c");
+  return has;
+}
+
+inline bool cpu_has_avx_vnni() {
+  static const bool has = cpu_has_avx2_fma_f16c() && __builtin_cpu_supports("avxvnni");
   return has;
 }
 
@@ -69,6 +77,22 @@ namespace lazarus {
 inline bool use_avx2() {
 #if defined(LAZARUS_AVX2_MATH)
   return simd::cpu_has_avx2_fma_f16c();
+#else
+  return false;
+#endif
+}
+
+// Whether kernels with an AVX-VNNI form may run it (default true): switched off, they run their AVX2 form, so
+// tests and benchmarks compare both on one machine. Read at each kernel call; do not flip it while one runs.
+inline std::atomic<bool>& avx_vnni_allowed() {
+  static std::atomic<bool> allowed{true};
+  return allowed;
+}
+
+// True when the AVX-VNNI forms run: compiled, on this CPU, and allowed.
+inline bool use_avx_vnni() {
+#if defined(LAZARUS_AVX2_MATH)
+  return simd::cpu_has_avx_vnni() && avx_vnni_allowed().load(std::memory_order_relaxed);
 #else
   return false;
 #endif

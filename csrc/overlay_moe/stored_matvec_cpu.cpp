@@ -3,7 +3,8 @@
 // (stored_matvec_cpu), the grouped shrink of expert-sorted pairs (overlay_shrink_cpu) and both in one parallel
 // region (stored_matvec_and_shrink_cpu, MatvecShrinkPlan for the one-call forward of overlay_moe_cpu.cpp). A
 // weight row is applied to up to 4 tokens per pass (one token: 4 dense rows side by side); MXFP4 rows meet
-// their tokens in fp32 or, by default, rounded per block to 16-bit fixed point (or int8) in an integer kernel.
+// their tokens in fp32 or, by default, rounded per block to 16-bit fixed point (or int8) in an integer kernel
+// (mxfp4_q8_row.inc: AVX2, or AVX-VNNI where the CPU has it).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -319,76 +320,29 @@ LZ_TARGET_AVX2 inline bool special_scales(const uint8_t* s, int64_t n) {
   return !_mm256_testz_si256(hit, hit);
 }
 
-// One MXFP4 row against NT token rows quantised by quantize_for_mxfp4_q8, two blocks per step: the 32 code bytes
-// of blocks (2p, 2p+1) split into low and high nibbles (one register each), a byte shuffle maps each code to
-// 2 * E2M1 + 12 as uint8 (0..24), vpmaddubsw multiplies with the int8 tokens and adds pairs (|sum| <= 12288 in
-// int16 over both registers), vpmaddwd sums to int32 lanes (lanes 0-3 block 2p, 4-7 block 2p+1; kFixed16 forms
-// 256 * hi + lo), the +12 offset is subtracted exactly (corr), and one fp32 FMA per pair applies each block's
-// weight scale x token scale (2^(s-127) from the scale byte shifted into an exponent, times half_scale: exact
-// powers of two in kFixed16). Every integer step is exact. The decode is shared by the NT tokens.
-template <int NT, int Mode>
-LZ_TARGET_AVX2 void row_dots_mxfp4_q8_avx2(const uint8_t* blocks, const uint8_t* scales, int64_t groups,
-                                           const Q8Row* const* tok, float* out) {
-  constexpr int64_t kPairBytes = Mode == kTokensFixed16 ? 128 : 64;
-  const __m256i table = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
-                                         12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0);
-  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), k256 = _mm256_set1_epi16(256);
-  const __m256i spread[4] = {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
-                             _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)};
-  // Two accumulators per token (even and odd pairs): one FMA chain would wait on its latency.
-  __m256 acc[NT][2];
-  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-  const auto pair = [&](__m256i codes, int64_t p, const __m256* scale, int k) LZ_TARGET_AVX2 {
-    const __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(codes, nibble));
-    const __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(codes, 4), nibble));
-    for (int t = 0; t < NT; ++t) {
-      const __m256i* xq = reinterpret_cast<const __m256i*>(tok[t]->q + p * kPairBytes);
-      const __m256i prod = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xq)),
-                                            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xq + 1)));
-      __m256i sum;
-      if constexpr (Mode == kTokensFixed16) {
-        const __m256i low = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xq + 2)),
-                                             _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xq + 3)));
-        sum = _mm256_add_epi32(_mm256_madd_epi16(prod, k256), _mm256_madd_epi16(low, ones));
-      } else {
-        sum = _mm256_madd_epi16(prod, ones);
-      }
-      sum = _mm256_sub_epi32(sum, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tok[t]->corr + 8 * p)));
-      acc[t][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale[t], acc[t][k]);
-    }
-  };
-  // The 8 weight scales 2^(s-127) of blocks g..g+7 (as exponent bits) times each token's half scales.
-  const auto group_scales = [&](__m256i bits, int64_t g, __m256* s) LZ_TARGET_AVX2 {
-    const __m256 w = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 23));
-    for (int t = 0; t < NT; ++t) s[t] = _mm256_mul_ps(w, _mm256_loadu_ps(tok[t]->half_scale + g));
-  };
-  int64_t g = 0;
-  __m256 s[NT], sp[NT];
-  for (; g + 8 <= groups; g += 8) {
-    // The code bytes stream from DRAM at T=1: fetch kStreamAhead bytes ahead (past the row's end into the next
-    // row), which the hardware prefetcher does not do across 4 KB pages.
-    _mm_prefetch(reinterpret_cast<const char*>(blocks + 16 * g) + kStreamAhead, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(blocks + 16 * g) + kStreamAhead + 64, _MM_HINT_T0);
-    group_scales(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales + g))), g, s);
-    for (int i = 0; i < 4; ++i) {
-      for (int t = 0; t < NT; ++t) sp[t] = _mm256_permutevar8x32_ps(s[t], spread[i]);
-      pair(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blocks + 16 * (g + 2 * i))), g / 2 + i, sp, i & 1);
-    }
-  }
-  if (g < groups) {  // the last 1..7 blocks: a zero-padded group of scales, an odd block's pair half-loaded
-    alignas(32) int32_t tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t i = g; i < groups; ++i) tail[i - g] = scales[i];
-    group_scales(_mm256_load_si256(reinterpret_cast<const __m256i*>(tail)), g, s);
-    for (int i = 0; g + 2 * i < groups; ++i) {
-      const uint8_t* at = blocks + 16 * (g + 2 * i);
-      const __m256i codes = g + 2 * i + 1 < groups
-                                ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at))
-                                : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
-      for (int t = 0; t < NT; ++t) sp[t] = _mm256_permutevar8x32_ps(s[t], spread[i]);
-      pair(codes, g / 2 + i, sp, i & 1);
-    }
-  }
-  for (int t = 0; t < NT; ++t) out[t] = simd::hsum(_mm256_add_ps(acc[t][0], acc[t][1]));
+// The integer kernel row_dots_q8 (mxfp4_q8_row.inc) in its AVX2 and its AVX-VNNI form.
+namespace q8_avx2 {
+#define LZ_Q8_TARGET LZ_TARGET_AVX2
+#define LZ_Q8_VNNI 0
+#include "overlay_moe/mxfp4_q8_row.inc"
+#undef LZ_Q8_VNNI
+#undef LZ_Q8_TARGET
+}  // namespace q8_avx2
+
+namespace q8_vnni {
+#define LZ_Q8_TARGET LZ_TARGET_AVX_VNNI
+#define LZ_Q8_VNNI 1
+#include "overlay_moe/mxfp4_q8_row.inc"
+#undef LZ_Q8_VNNI
+#undef LZ_Q8_TARGET
+}  // namespace q8_vnni
+
+// The integer kernel in the widest form this CPU runs (use_avx_vnni).
+template <int Mode>
+void row_dots_q8(const uint8_t* blocks, const uint8_t* scales, int64_t groups, const Q8Row* const* q, int nt,
+                 float* out) {
+  if (use_avx_vnni()) return q8_vnni::row_dots_q8<Mode>(blocks, scales, groups, q, nt, out);
+  q8_avx2::row_dots_q8<Mode>(blocks, scales, groups, q, nt, out);
 }
 #endif
 
@@ -493,19 +447,6 @@ struct TokenRows {
     for (const Q8Row& r : q8) q8_rows.push_back(&r);
   }
 };
-
-#if defined(LAZARUS_AVX2_MATH)
-template <int Mode>
-LZ_TARGET_AVX2 void row_dots_q8(const uint8_t* blocks, const uint8_t* scales, int64_t groups, const Q8Row* const* q,
-                                int nt, float* out) {
-  switch (nt) {
-    case 1: return row_dots_mxfp4_q8_avx2<1, Mode>(blocks, scales, groups, q, out);
-    case 2: return row_dots_mxfp4_q8_avx2<2, Mode>(blocks, scales, groups, q, out);
-    case 3: return row_dots_mxfp4_q8_avx2<3, Mode>(blocks, scales, groups, q, out);
-    default: return row_dots_mxfp4_q8_avx2<4, Mode>(blocks, scales, groups, q, out);
-  }
-}
-#endif
 
 // y[i * ldy + (r - r0)] = dot(row r, x[i]) for rows [r0, r1) and the n token rows x[0..n). A stored row (MXFP4,
 // bf16, fp16) met by more than kMaxTokens fp32 tokens is decoded once into an fp32 row buffer (MXFP4: the same

@@ -555,6 +555,27 @@ def mxfp4_token_mode(mode: str | None):
         MXFP4_TOKENS = saved
 
 
+@contextlib.contextmanager
+def cpu_avx_vnni(allowed: bool):
+    """Run the block with the AVX-VNNI forms of the CPU kernels allowed or forbidden (restored after).
+
+    The integer MXFP4 kernel has an AVX-VNNI form (``vpdpbusd``) that runs where the CPU has it; forbidden, its
+    AVX2 form runs. Both compute the same integers, so results are bit-identical; this exists to compare their
+    speed and to test both on one machine. Not for use while another thread runs a kernel.
+
+    Parameters
+    ----------
+    allowed : bool
+        False runs the AVX2 forms; True (the default state) the AVX-VNNI forms where the CPU has them.
+    """
+    ext = cpu_extension()
+    saved = ext.set_avx_vnni(bool(allowed))
+    try:
+        yield
+    finally:
+        ext.set_avx_vnni(saved)
+
+
 def _mxfp4_tokens(mode: str | None) -> int:
     """The extension's code for an MXFP4 token mode (None: :data:`MXFP4_TOKENS`)."""
     mode = MXFP4_TOKENS if mode is None else mode

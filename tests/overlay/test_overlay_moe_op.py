@@ -451,9 +451,15 @@ def test_token_rounding_reference_keeps_its_bound(mode):
         op.mxfp4_token_rounding(x, "fp32")
 
 
+HAS_VNNI = op.cpu_extension().cpu_has_avx_vnni()
+# The integer kernel's forms: AVX2, and AVX-VNNI where this CPU has it (the CI machine does).
+INTEGER_FORMS = ["avx2"] + (["avx_vnni"] if HAS_VNNI else [])
+
+
+@pytest.mark.parametrize("form", INTEGER_FORMS)
 @pytest.mark.parametrize("mode", ["int16", "int8"])
 @pytest.mark.parametrize("n,cols", [(1, 160), (2, 352), (3, 160), (4, 2880), (5, 352), (9, 32), (16, 288)])
-def test_integer_kernel_equals_its_rounding_reference(mode, n, cols):
+def test_integer_kernel_equals_its_rounding_reference(mode, n, cols, form):
     # Products and block sums are exact in integers: the kernel equals the fp64 product of the rounded rows up
     # to the fp32 sum over blocks. Odd block counts (a half-loaded last pair), groups of 8 blocks and a tail,
     # odd row counts, n over the 4 tokens per pass. A weight row with a NaN scale and one with a zero scale
@@ -467,7 +473,8 @@ def test_integer_kernel_equals_its_rounding_reference(mode, n, cols):
     if cols >= 96:
         x[:, 64:96] = torch.randn(n, 32) * 1e-38
     x[0, -32:] += 5.0                    # a block far from zero mean (the +12 code offset is subtracted exactly)
-    out = op.stored_matmul(x, **kw, mxfp4_tokens=mode).double()
+    with op.cpu_avx_vnni(form == "avx_vnni"):
+        out = op.stored_matmul(x, **kw, mxfp4_tokens=mode).double()
     dense = op.stored_matmul_reference(torch.eye(cols), **kw).double()   # [in, out] decoded weights
     exact = x.double() @ dense
     oracle = op.mxfp4_token_rounding(x, mode) @ dense
@@ -479,6 +486,38 @@ def test_integer_kernel_equals_its_rounding_reference(mode, n, cols):
     assert float((out - oracle).abs().max()) <= 1e-6 * scale
     bound = ROUNDING_BOUND[mode] * _block_max(x).double()
     assert ((exact - oracle).abs() <= bound @ dense.abs().nan_to_num() + 1e-6 * scale).all()
+
+
+@pytest.mark.skipif(not HAS_VNNI, reason="this CPU has no AVX-VNNI: only the AVX2 form runs")
+@pytest.mark.parametrize("mode", ["int16", "int8"])
+def test_avx_vnni_form_equals_the_avx2_form(mode):
+    # The same integers, then the same fp32 FMAs: bit for bit, over fresh draws at odd sizes (a half pair, a
+    # tail of scales, 1 to 7 tokens per pass), values far from zero mean (the code offset) and an all-zero block.
+    g = torch.Generator().manual_seed(11)
+    for n, rows, cols in [(1, 37, 2880), (2, 5, 96), (3, 9, 352), (5, 17, 32), (7, 3, 800)]:
+        kw = _mxfp4_weight(rows, cols, seed=n)
+        x = torch.randn(n, cols, generator=g) * torch.logspace(-3, 3, n)[:, None]
+        x[0, -32:] += 7.0
+        x[-1, :32] = 0.0
+        with op.cpu_avx_vnni(False):
+            ref = op.stored_matmul(x, **kw, mxfp4_tokens=mode)
+        with op.cpu_avx_vnni(True):
+            out = op.stored_matmul(x, **kw, mxfp4_tokens=mode)
+        assert torch.equal(out, ref), (n, rows, cols)
+    assert op.cpu_extension().set_avx_vnni(True) is True     # the context managers restored the default
+
+
+def test_avx_vnni_forward_at_one_token_equals_the_avx2_forward():
+    ex = random_overlay(8, 128, 64, (4, 6, 3), bias=True, activation="gpt_oss", factor_dtype=torch.bfloat16,
+                        base="mxfp4")
+    x = torch.randn(1, 128)
+    ids, w = random_routing(1, 8, 4)
+    with op.mxfp4_token_mode("int16"):
+        with op.cpu_avx_vnni(False):
+            ref = overlay_moe_forward(x, ids, w, ex, backend="cpu")
+        with op.cpu_avx_vnni(True):
+            out = overlay_moe_forward(x, ids, w, ex, backend="cpu")
+    assert torch.equal(out, ref)
 
 
 @pytest.mark.parametrize("mode", ["int16", "int8"])
