@@ -16,8 +16,9 @@ one for an older revision::
 
 The installed build is always included (as ``current``, in every token mode asked for; other builds run their
 default integer mode, code 1); ``--forms both`` times the installed build's integer kernel in its AVX-VNNI and
-its AVX2 form (``set_avx_vnni``; the default ``native`` runs the widest form the CPU has). ``--cold`` reads a 64 MB buffer before every call, so the layer's 22 MB come from
-DRAM as they do when a many-layer model decodes. Prints the median milliseconds per build, and writes nothing.
+its AVX2 form (``set_avx_vnni``; the default ``native`` runs the widest form the CPU has). ``--cold`` flushes the layer's
+tensors from every cache level before every call (``harness.CacheFlusher``), so its 22 MB come from DRAM as they
+do when a many-layer model decodes. Prints the median milliseconds per build, and writes nothing.
 """
 
 from __future__ import annotations
@@ -54,13 +55,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ab_extensions", description=__doc__.split("\n")[0])
     parser.add_argument("builds", nargs="*", metavar="NAME=DIR", help="other builds to time against the installed one")
     parser.add_argument("--rounds", type=int, default=400, help="calls per build (the first 20 are not counted)")
-    parser.add_argument("--cold", action="store_true", help="read a 64 MB buffer before every call")
+    parser.add_argument("--cold", action="store_true", help="flush the layer's tensors from the caches before every call")
     parser.add_argument("--modes", default="int16,int8", help="token modes of the installed build")
     parser.add_argument("--forms", choices=("native", "both"), default="native",
                         help="both: the installed build's AVX-VNNI and AVX2 forms of the integer kernel")
     args = parser.parse_args()
 
     from benchmarks.bench_overlay_moe import H, _routing, make_overlay
+    from benchmarks.harness import CacheFlusher
     from lazarus_core.ops import overlay_moe as op
 
     ov = make_overlay()
@@ -80,19 +82,19 @@ def main() -> None:
         if not directory:
             raise SystemExit(f"ab_extensions: expected NAME=DIR, got {spec!r}")
         variants[name] = (_load(directory, f"ab_{name}"), 1, None)
-    junk = torch.ones(16 << 20)  # 64 MB
+    evict = CacheFlusher([v for v in vars(ov).values() if isinstance(v, torch.Tensor)]) if args.cold else None
     times = {k: [] for k in variants}
     for _ in range(args.rounds):
         for key, (ext, mode, vnni) in variants.items():
             if vnni is not None:
                 ext.set_avx_vnni(vnni)
-            if args.cold:
-                junk.sum()
+            if evict is not None:
+                evict()
             t0 = time.perf_counter()
             _call(ext, call_args, mode)
             times[key].append(time.perf_counter() - t0)
     current.set_avx_vnni(True)
-    state = "after a 64 MB read" if args.cold else "call repeated (the layer stays in cache)"
+    state = f"its {evict.nbytes / 1e6:.0f} MB flushed from the caches" if evict is not None else "call repeated (the layer stays in cache)"
     print(f"overlay_moe_small, T=1, {state}, median of {args.rounds - 20} rounds:")
     for key, ts in times.items():
         print(f"  {key:24s} {statistics.median(ts[20:]) * 1e3:8.3f} ms")

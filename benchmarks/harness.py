@@ -18,12 +18,13 @@ import torch
 
 
 def median_seconds(fn: Callable[[], object], *, repeats: int = 10, warmup: int = 2, min_time: float = 0.0,
-                   cuda_events: bool = False) -> float:
+                   cuda_events: bool = False, before: Callable[[], object] | None = None) -> float:
     """Median time of ``fn()`` over ``repeats`` runs after ``warmup`` runs.
 
     By default the host clock (CUDA-synchronised where a device exists). With ``cuda_events`` (GPU work),
     CUDA events on the current stream around each call: the GPU timeline from the first launch to the last,
-    host launch gaps included, without a host sync's own latency."""
+    host launch gaps included, without a host sync's own latency. ``before`` (e.g. a :class:`CacheFlusher`)
+    runs ahead of every timed call, outside the timing."""
     cuda = torch.cuda.is_available()
     for _ in range(warmup):
         fn()
@@ -32,6 +33,10 @@ def median_seconds(fn: Callable[[], object], *, repeats: int = 10, warmup: int =
     times = []
     start_all = time.perf_counter()
     while len(times) < repeats or time.perf_counter() - start_all < min_time:
+        if before is not None:
+            before()
+            if cuda:
+                torch.cuda.synchronize()
         if cuda_events:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -48,18 +53,54 @@ def median_seconds(fn: Callable[[], object], *, repeats: int = 10, warmup: int =
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict, *, repeats: int = 10, warmup: int = 1, cuda_events: bool = False) -> dict:
+def interleaved_medians(fns: dict, *, repeats: int = 10, warmup: int = 1, cuda_events: bool = False,
+                        before: dict | None = None) -> dict:
     """Median time of each ``fns[key]()`` over ``repeats`` rounds that run every function once, in turn (after
     ``warmup`` such rounds): paths compared with each other see the same machine state, which drifts on a
-    shared host. Each call is timed as :func:`median_seconds` times one."""
+    shared host. Each call is timed as :func:`median_seconds` times one; ``before[key]`` (where given) runs ahead of
+    each call of ``fns[key]``, untimed."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict = {key: [] for key in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
-            times[key].append(median_seconds(fn, repeats=1, warmup=0, cuda_events=cuda_events))
+            times[key].append(median_seconds(fn, repeats=1, warmup=0, cuda_events=cuda_events,
+                                             before=(before or {}).get(key)))
     return {key: statistics.median(v) for key, v in times.items()}
+
+
+class CacheFlusher:
+    """A callable that evicts the bytes of the given tensors from every CPU cache level (``_C.flush_cache``:
+    clflushopt per line), so the next call reads them from DRAM while everything else (the interpreter, the
+    activations) stays cached: a model decoding layer after layer meets each layer's weights cold. A host whose
+    L3 holds the whole layer (260 MB here) would otherwise serve a repeated call from the L3, which the DRAM read
+    floor does not bound. On the machine this was written on, a 22 MB read after the flush ran at 98.5% of the
+    1 GB read floor (and at 195% without it); flushing costs about 20 ms per GB, outside the timing.
+
+    Parameters
+    ----------
+    tensors : iterable of torch.Tensor
+        Contiguous CPU tensors of any dtype (None entries are skipped).
+    """
+
+    def __init__(self, tensors):
+        from lazarus_core import _C
+
+        self._flush = _C.flush_cache
+        self._arrays = []
+        for t in tensors:
+            if t is None:
+                continue
+            if t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError(f"CacheFlusher: tensors must be contiguous CPU tensors, got {t.device} "
+                                 f"{list(t.shape)} (contiguous={t.is_contiguous()})")
+            self._arrays.append(t.detach().reshape(-1).view(torch.uint8).numpy())
+        self.nbytes = sum(a.nbytes for a in self._arrays)
+
+    def __call__(self) -> None:
+        for a in self._arrays:
+            self._flush(a)
 
 
 def available_backends(op: str, impls: dict, device: torch.device) -> list[str]:

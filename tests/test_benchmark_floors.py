@@ -75,3 +75,41 @@ def test_interleaved_medians_times_every_function_once_per_round():
     calls = []
     out = interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
     assert calls == ["a", "b"] * 4 and set(out) == {"a", "b"} and all(v >= 0 for v in out.values())
+
+
+def test_before_runs_ahead_of_every_timed_call_outside_the_timing():
+    import time
+
+    from benchmarks.harness import interleaved_medians, median_seconds
+
+    calls = []
+    slow = lambda: calls.append("before") or time.sleep(0.05)  # noqa: E731
+    t = median_seconds(lambda: calls.append("fn"), repeats=3, warmup=1, before=slow)
+    assert calls == ["fn"] + ["before", "fn"] * 3 and t < 0.02
+    calls.clear()
+    out = interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2, warmup=0,
+                              before={"a": slow})
+    assert calls == ["before", "a", "b"] * 2 and out["a"] < 0.02
+
+
+@pytest.mark.skipif(not _C.flush_cache(np.zeros(1, dtype=np.uint8)), reason="flush_cache is x86-64 only")
+def test_cache_flusher_covers_every_tensor_and_keeps_the_values():
+    # What the flush does to the caches is measured, not tested (benchmarks/harness.py: a 22 MB read after it runs
+    # at the DRAM floor): here it must cover the bytes of every tensor given, change none, and refuse views it
+    # cannot cover.
+    import torch
+
+    from benchmarks.harness import CacheFlusher
+
+    t = torch.arange(3 << 20, dtype=torch.float32)
+    bf = torch.ones(5, 7, dtype=torch.bfloat16)
+    flush = CacheFlusher([t, None, bf])
+    assert flush.nbytes == t.numel() * 4 + bf.numel() * 2
+    flush()
+    a = t.numpy()
+    assert _C.flush_cache(a[1:]) and _C.flush_cache(a[:0])   # unaligned start, empty
+    assert torch.equal(t, torch.arange(3 << 20, dtype=torch.float32)) and torch.equal(bf, torch.ones(5, 7, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="contiguous"):
+        CacheFlusher([t.reshape(1024, -1).t()])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _C.flush_cache(a.reshape(1024, -1).T)

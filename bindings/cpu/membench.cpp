@@ -41,6 +41,18 @@ void bind_membench(py::module_& m) {
         return stream_read_cpu(s, n);
       },
       py::arg("src"), "sum(src) in float64 partials (read-bandwidth probe).");
+  m.def(
+      "flush_cache",
+      [](const py::array& buffer) {
+        if (!(buffer.flags() & py::array::c_style)) throw py::value_error("buffer must be C-contiguous");
+        const void* p = buffer.data();
+        const int64_t bytes = static_cast<int64_t>(buffer.nbytes());
+        py::gil_scoped_release release;
+        return flush_cache_cpu(p, bytes);
+      },
+      py::arg("buffer"),
+      "Evict every cache line of a C-contiguous array from every cache level (clflushopt / clflush), so its next "
+      "read comes from DRAM. Returns False where this is not implemented (not x86-64).");
 }
 
 }  // namespace bindings

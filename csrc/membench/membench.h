@@ -16,4 +16,9 @@ void stream_copy_cpu(const float* src, float* dst, int64_t n);
 // sum of src[0, n) (so the reads cannot be optimised away). Multi-threaded, 4 accumulators per thread.
 double stream_read_cpu(const float* src, int64_t n);
 
+// Writes back and evicts every cache line of [p, p + bytes) from every cache level (clflushopt where the CPU has
+// it, else clflush; then a fence), so the next read of those bytes comes from DRAM; the rest of the caches keeps
+// its contents. Returns false (nothing done) off x86-64. Multi-threaded.
+bool flush_cache_cpu(const void* p, int64_t bytes);
+
 }  // namespace lazarus

@@ -122,4 +122,45 @@ double stream_read_cpu(const float* src, int64_t n) {
   return s;
 }
 
+namespace {
+constexpr int64_t kLine = 64;  // bytes per cache line on every x86-64 CPU
+constexpr int64_t kFlushChunk = 1 << 20;  // bytes per work item
+
+#if LAZARUS_X86
+__attribute__((target("clflushopt"))) void flush_lines_opt(const char* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += kLine) _mm_clflushopt(const_cast<char*>(p + i));  // the intrinsic takes void*
+}
+
+void flush_lines(const char* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += kLine) _mm_clflush(p + i);
+}
+#endif
+}  // namespace
+
+bool flush_cache_cpu(const void* p, int64_t bytes) {
+#if LAZARUS_X86
+  if (bytes <= 0) return true;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(p) & ~static_cast<uintptr_t>(kLine - 1);
+  const int64_t n = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) + bytes - start);
+  const char* base = reinterpret_cast<const char*>(start);
+  const bool opt = __builtin_cpu_supports("clflushopt");
+  const int64_t chunks = (n + kFlushChunk - 1) / kFlushChunk;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t len = std::min(kFlushChunk, n - c * kFlushChunk);
+    if (opt) {
+      flush_lines_opt(base + c * kFlushChunk, len);
+    } else {
+      flush_lines(base + c * kFlushChunk, len);
+    }
+  }
+  _mm_mfence();
+  return true;
+#else
+  (void)p;
+  (void)bytes;
+  return false;
+#endif
+}
+
 }  // namespace lazarus
