@@ -16,9 +16,9 @@ one for an older revision::
 
 The installed build is always included (as ``current``, in every token mode asked for; other builds run their
 default integer mode, code 1); ``--forms both`` times the installed build's integer kernel in its AVX-VNNI and
-its AVX2 form (``set_avx_vnni``; the default ``native`` runs the widest form the CPU has). ``--cold`` flushes the layer's
-tensors from every cache level before every call (``harness.CacheFlusher``), so its 22 MB come from DRAM as they
-do when a many-layer model decodes. Prints the median milliseconds per build, and writes nothing.
+its AVX2 form (``set_avx_vnni``; the default ``native`` runs the widest form the CPU has). ``--cold`` flushes
+the layer's tensors from every cache level before every call (``harness.CacheFlusher``), so the 22 MB a call
+reads come from DRAM as they do when a many-layer model decodes. Prints the median milliseconds per build, and writes nothing.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ab_extensions", description=__doc__.split("\n")[0])
     parser.add_argument("builds", nargs="*", metavar="NAME=DIR", help="other builds to time against the installed one")
     parser.add_argument("--rounds", type=int, default=400, help="calls per build (the first 20 are not counted)")
-    parser.add_argument("--cold", action="store_true", help="flush the layer's tensors from the caches before every call")
+    parser.add_argument("--cold", action="store_true",
+                        help="flush the layer's tensors from the caches before every call")
     parser.add_argument("--modes", default="int16,int8", help="token modes of the installed build")
     parser.add_argument("--forms", choices=("native", "both"), default="native",
                         help="both: the installed build's AVX-VNNI and AVX2 forms of the integer kernel")
@@ -94,7 +95,8 @@ def main() -> None:
             _call(ext, call_args, mode)
             times[key].append(time.perf_counter() - t0)
     current.set_avx_vnni(True)
-    state = f"its {evict.nbytes / 1e6:.0f} MB flushed from the caches" if evict is not None else "call repeated (the layer stays in cache)"
+    state = (f"its {evict.nbytes / 1e6:.0f} MB flushed from the caches" if evict is not None
+             else "call repeated (the layer stays in cache)")
     print(f"overlay_moe_small, T=1, {state}, median of {args.rounds - 20} rounds:")
     for key, ts in times.items():
         print(f"  {key:24s} {statistics.median(ts[20:]) * 1e3:8.3f} ms")

@@ -13,8 +13,9 @@ On the CPU every call at T <= 16 reads its weights from DRAM: harness.CacheFlush
 reads (its layer, the original experts, the bare read's buffer) from every cache level ahead of it, untimed,
 as a model decoding layer after layer meets each layer's weights; the interpreter and activations stay
 cached. On a host whose L3 holds the whole layer (260 MB here) a repeated call would otherwise read it from the
-L3, which the DRAM read floor does not bound. At T=1 a bare streaming read of as many bytes as the overlay forward reads is timed in
-the same rounds, for context: what the memory system gives those bytes from the same cold state.
+L3, which the DRAM read floor does not bound. At T=1 a bare streaming read of as many bytes as the overlay
+forward reads is timed in the same rounds, for context: what the memory system gives those bytes from the same
+cold state.
 Floors, per path: at T=1 the weight bytes it must read as stored (the bases and the touched experts' tensors)
 over the measured streaming READ bandwidth (benchmarks/floors.py); at T=256 its flops over the best measured
 fp32 ``torch.mm`` rate over the forward's products (whole bases and decoded tiles); at T=16 the larger of the two.

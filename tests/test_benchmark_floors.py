@@ -108,7 +108,8 @@ def test_cache_flusher_covers_every_tensor_and_keeps_the_values():
     flush()
     a = t.numpy()
     assert _C.flush_cache(a[1:]) and _C.flush_cache(a[:0])   # unaligned start, empty
-    assert torch.equal(t, torch.arange(3 << 20, dtype=torch.float32)) and torch.equal(bf, torch.ones(5, 7, dtype=torch.bfloat16))
+    assert torch.equal(t, torch.arange(3 << 20, dtype=torch.float32))
+    assert torch.equal(bf, torch.ones(5, 7, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="contiguous"):
         CacheFlusher([t.reshape(1024, -1).t()])
     with pytest.raises(ValueError, match="C-contiguous"):
