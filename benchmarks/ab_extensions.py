@@ -18,7 +18,8 @@ The installed build is always included (as ``current``, in every token mode aske
 default integer mode, code 1); ``--forms both`` times the installed build's integer kernel in its AVX-VNNI and
 its AVX2 form (``set_avx_vnni``; the default ``native`` runs the widest form the CPU has). ``--cold`` flushes
 the layer's tensors from every cache level before every call (``harness.CacheFlusher``), so the 22 MB a call
-reads come from DRAM as they do when a many-layer model decodes. Prints the median milliseconds per build, and writes nothing.
+reads come from DRAM as they do when a many-layer model decodes. Prints the median milliseconds per build, and
+writes nothing.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def main() -> None:
                         help="both: the installed build's AVX-VNNI and AVX2 forms of the integer kernel")
     args = parser.parse_args()
 
-    from benchmarks.bench_overlay_moe import H, _routing, make_overlay
+    from benchmarks.bench_overlay_moe import H, _routing, _tensors, make_overlay
     from benchmarks.harness import CacheFlusher
     from lazarus_core.ops import overlay_moe as op
 
@@ -83,7 +84,7 @@ def main() -> None:
         if not directory:
             raise SystemExit(f"ab_extensions: expected NAME=DIR, got {spec!r}")
         variants[name] = (_load(directory, f"ab_{name}"), 1, None)
-    evict = CacheFlusher([v for v in vars(ov).values() if isinstance(v, torch.Tensor)]) if args.cold else None
+    evict = CacheFlusher(_tensors(ov)) if args.cold else None
     times = {k: [] for k in variants}
     for _ in range(args.rounds):
         for key, (ext, mode, vnni) in variants.items():
