@@ -3,12 +3,13 @@
 One MoE layer at the gpt-oss-20b shape (E=32, H=I=2880, k=4, GPT-OSS clamped SwiGLU with biases), rank 64 per
 projection.
 - The overlay as ``moe-overlay-compress --base-dtype mxfp4`` stores it: an MXFP4 base, bf16 factors and biases
-  (the MXFP4 GEMV in its default token mode, int16; and at T <= 16 once more with ``mxfp4_tokens="int8"``);
+  (the MXFP4 base in its default token mode, int16; and at T <= 16 once more with ``mxfp4_tokens="int8"``);
   and its fp32 twin (fp32 float base, fp32 factors: the layout before storage precision, the same values).
 - The original experts: 32 random MXFP4 experts in the gpt-oss layout, run by the fastest CPU path there is:
   (a) transformers' ``GptOssExperts`` (eager / grouped_mm / batched_mm) on the weights dequantised to fp32 by
   ``mxfp4_dequant``; (b) ours: :func:`lazarus_core.ops.overlay_moe.stored_matmul` per expert, the same kernel as
-  the overlay's MXFP4 base (MXFP4 decoded inside the GEMV at small T, decoded tiles + BLAS at large T).
+  the overlay's MXFP4 base (MXFP4 decoded inside the GEMV at small T; at large T the integer GEMM where the CPU
+  has AVX-512 VNNI, else decoded tiles + BLAS).
 On the CPU every call at T <= 16 reads its weights from DRAM: harness.CacheFlusher evicts the bytes the call
 reads (its layer, the original experts, the bare read's buffer) from every cache level ahead of it, untimed,
 as a model decoding layer after layer meets each layer's weights; the interpreter and activations stay
@@ -257,7 +258,7 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
             for dtype, layer in ((FP32_TWIN, ov32), (STORED, ov), (STORED_INT8, ov)):
                 for backend in available_backends("overlay_moe_forward", _IMPLS, torch.device(device)):
                     if dtype == STORED_INT8 and (backend != "cpu" or tokens > 16):
-                        continue  # the token mode is the CPU GEMV's (larger batches decode tiles to fp32)
+                        continue  # the decode rows: the T=256 target is on the default mode
                     fwd = lambda a, b, c, _l=layer, _b=backend: overlay_moe_forward(  # noqa: E731
                         a, b, c, _l, backend=_b, check_ids=False)
                     if dtype == STORED_INT8:

@@ -57,6 +57,19 @@ PYBIND11_MODULE(_C, m) {
       py::arg("allowed"),
       "Allow (True, the default) or forbid the AVX-VNNI forms of the CPU kernels (forbidden: their AVX2 forms "
       "run); returns the previous setting. Do not call while a kernel runs.");
+  m.def("cpu_has_avx512_vnni", []() {
+#if defined(LAZARUS_AVX2_MATH)
+    return lazarus::simd::cpu_has_avx512_vnni();
+#else
+    return false;
+#endif
+  });
+  m.def(
+      "set_avx512_vnni",
+      [](bool allowed) { return lazarus::avx512_vnni_allowed().exchange(allowed); },
+      py::arg("allowed"),
+      "Allow (True, the default) or forbid the AVX-512 VNNI forms of the CPU kernels (forbidden: the callers run "
+      "their other paths); returns the previous setting. Do not call while a kernel runs.");
   lazarus::bindings::bind_mxfp4_dequant(m);
   lazarus::bindings::bind_mxfp4_quantize(m);
   lazarus::bindings::bind_fp8_dequant(m);

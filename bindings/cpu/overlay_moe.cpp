@@ -246,6 +246,21 @@ void bind_overlay_moe(py::module_& m) {
       py::arg("bias_down"), py::arg("y"), py::arg("factor_format") = 0,
       "y [T, H] += sum over pairs of weight * (A_down[e] s_d + bias_down[e]).");
   m.def(
+      "mxfp4_gemm",
+      [](const py::array& blocks, const py::array& scales, int64_t rows, int64_t cols, const py::array& x, py::array y,
+         int tokens) {
+        if (cols % 32) throw py::value_error("mxfp4_gemm: cols must be a multiple of 32, got " + std::to_string(cols));
+        const MatvecProblem p = matvec_problem(blocks, scales, 3, rows, cols, x, py::none(), y, tokens);
+        if (p.w.data == nullptr) return true;  // cols == 0: zeros written
+        py::gil_scoped_release release;
+        return mxfp4_gemm_q8_cpu(p.w, p.x, p.n, p.y, p.ldy, p.token_mode);
+      },
+      py::arg("blocks"), py::arg("scales"), py::arg("rows"), py::arg("cols"), py::arg("x"), py::arg("y"),
+      py::arg("tokens"),
+      "y [n, rows] = x @ W^T for an MXFP4 W (blocks uint8 [rows, cols/32, 16], scales [rows, cols/32]) and x "
+      "float32 [n, cols] rounded per 32-block as tokens says (1 16-bit fixed point, 2 int8), in integers with "
+      "AVX-512 VNNI. Returns False, writing nothing, when it cannot (no AVX-512 VNNI, tokens 0, x not finite).");
+  m.def(
       "stored_matvec",
       [](const py::array& data, const py::object& scales, int format, int64_t rows, int64_t cols, const py::array& x,
          const py::object& x_rows, py::array y, int tokens) {

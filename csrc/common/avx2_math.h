@@ -14,6 +14,9 @@
 #define LZ_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 // AVX2 plus AVX-VNNI (vpdpbusd: four u8 x s8 products summed into each int32 lane, Alder Lake / Sapphire Rapids on).
 #define LZ_TARGET_AVX_VNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
+// AVX-512 with VNNI (zmm vpdpbusd: 64 u8 x s8 products per instruction; Ice Lake / Sapphire Rapids servers on).
+#define LZ_TARGET_AVX512_VNNI \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
 
 namespace lazarus {
 namespace simd {
@@ -26,6 +29,13 @@ inline bool cpu_has_avx2_fma_f16c() {
 
 inline bool cpu_has_avx_vnni() {
   static const bool has = cpu_has_avx2_fma_f16c() && __builtin_cpu_supports("avxvnni");
+  return has;
+}
+
+inline bool cpu_has_avx512_vnni() {
+  static const bool has = cpu_has_avx2_fma_f16c() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
   return has;
 }
 
@@ -93,6 +103,21 @@ inline std::atomic<bool>& avx_vnni_allowed() {
 inline bool use_avx_vnni() {
 #if defined(LAZARUS_AVX2_MATH)
   return simd::cpu_has_avx_vnni() && avx_vnni_allowed().load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
+}
+
+// Whether kernels with an AVX-512 VNNI form may run it (default true), as avx_vnni_allowed.
+inline std::atomic<bool>& avx512_vnni_allowed() {
+  static std::atomic<bool> allowed{true};
+  return allowed;
+}
+
+// True when the AVX-512 VNNI forms run: compiled, on this CPU, and allowed.
+inline bool use_avx512_vnni() {
+#if defined(LAZARUS_AVX2_MATH)
+  return simd::cpu_has_avx512_vnni() && avx512_vnni_allowed().load(std::memory_order_relaxed);
 #else
   return false;
 #endif

@@ -90,6 +90,13 @@ constexpr int kTokensFp32 = 0, kTokensFixed16 = 1, kTokensInt8 = 2;
 void stored_matvec_cpu(const StoredMatrix& w, const float* x, const int64_t* x_rows, int64_t n, float* y,
                        int64_t ldy, int tokens = kTokensFp32);
 
+// y[i, r] = sum_c W[r, c] * x[i, c] for i < n (rows of w.cols, y rows with stride ldy) for an MXFP4 W and many
+// token rows, with AVX-512 VNNI: each x row rounded per block as `tokens` (kTokensFixed16 or kTokensInt8) says,
+// the products and block sums exact in integers, one fp32 FMA per (token, row, block); a weight row with a NaN or
+// zero scale byte runs the fp32 kernel. Returns false, writing nothing, when it cannot: no AVX-512 VNNI here (or
+// forbidden, avx512_vnni_allowed), another format or token mode, or an x row holding inf or NaN.
+bool mxfp4_gemm_q8_cpu(const StoredMatrix& w, const float* x, int64_t n, float* y, int64_t ldy, int tokens);
+
 // The grouped shrink of expert-sorted pairs: s[p, j] = sum_c B[e, j, c] * inp[rows ? rows[p] : p, c] for p in
 // offsets[e] .. offsets[e+1]-1, with B = `b` viewed as [experts, rank, b.cols] (b.rows = experts * rank, a
 // dense format). Experts with more than max_pairs pairs are skipped (the op runs those as a BLAS GEMM).

@@ -474,18 +474,26 @@ def test_integer_kernel_equals_its_rounding_reference(mode, n, cols, form):
         x[:, 64:96] = torch.randn(n, 32) * 1e-38
     x[0, -32:] += 5.0                    # a block far from zero mean (the +12 code offset is subtracted exactly)
     with op.cpu_avx_vnni(form == "avx_vnni"):
-        out = op.stored_matmul(x, **kw, mxfp4_tokens=mode).double()
-    dense = op.stored_matmul_reference(torch.eye(cols), **kw).double()   # [in, out] decoded weights
-    exact = x.double() @ dense
+        out = op.stored_matmul(x, **kw, mxfp4_tokens=mode)
+    assert_rounding_oracle(out, x, kw, mode)
+
+
+def assert_rounding_oracle(out, x, kw, mode):
+    """``out`` is the fp64 product of the rounded rows up to the fp32 sum over blocks, for a weight whose row 3
+    holds a NaN scale byte (NaN there only) and row 4 a zero one (the fp32 kernel on the unrounded rows); and
+    the rounding keeps its bound. Returns ``(out, oracle, exact)`` in fp64, NaN set to 0, and the scale."""
+    dense = op.stored_matmul_reference(torch.eye(x.shape[1]), **kw).double()   # [in, out] decoded weights
+    out, exact = out.double(), x.double() @ dense
     oracle = op.mxfp4_token_rounding(x, mode) @ dense
     oracle[:, 4] = exact[:, 4]          # the zero-scale row: fp32 kernel, unrounded rows
     nan = torch.isnan(oracle)
-    assert torch.equal(torch.isnan(out), nan) and nan[:, 3].all() and int(nan.sum()) == n
+    assert torch.equal(torch.isnan(out), nan) and nan[:, 3].all() and int(nan.sum()) == x.shape[0]
     out, oracle, exact = (t.masked_fill(nan, 0) for t in (out, oracle, exact))
     scale = float(oracle.abs().max())
     assert float((out - oracle).abs().max()) <= 1e-6 * scale
     bound = ROUNDING_BOUND[mode] * _block_max(x).double()
     assert ((exact - oracle).abs() <= bound @ dense.abs().nan_to_num() + 1e-6 * scale).all()
+    return out, oracle, exact, scale
 
 
 @pytest.mark.skipif(not HAS_VNNI, reason="this CPU has no AVX-VNNI: only the AVX2 form runs")

@@ -1,0 +1,101 @@
+"""The integer MXFP4 GEMM of many token rows (csrc/overlay_moe/mxfp4_gemm_cpu.cpp) against its rounding oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lazarus_core.ops import overlay_moe as op
+from tests.overlay.test_overlay_moe_op import _mxfp4_weight, assert_rounding_oracle
+
+EXT = op.cpu_extension()
+HAS_AVX512_VNNI = EXT.cpu_has_avx512_vnni()
+needs_avx512_vnni = pytest.mark.skipif(not HAS_AVX512_VNNI, reason="this CPU has no AVX-512 VNNI: products of "
+                                       "many rows decode fp32 tiles (tested in test_overlay_moe_op)")
+
+
+def _edge_rows(x: torch.Tensor) -> torch.Tensor:
+    """Blocks far below the others, near fp32's bottom, and far from zero mean (the +12 code offset)."""
+    x[:, :32] *= 1e-20
+    if x.shape[1] >= 96:
+        x[:, 64:96] = torch.randn(x.shape[0], 32) * 1e-38
+    x[0, -32:] += 5.0
+    x[-1, 32:64] = 0.0                   # an all-zero block (an empty slice at 32 columns)
+    return x
+
+
+@needs_avx512_vnni
+@pytest.mark.parametrize("mode", ["int16", "int8"])
+@pytest.mark.parametrize("n,rows,cols", [(17, 21, 160), (37, 33, 352), (20, 70, 2880), (261, 47, 96),
+                                         (18, 16, 32), (23, 5, 288)])
+def test_gemm_equals_its_rounding_reference(mode, n, rows, cols):
+    # Products and block sums are exact in integers: the GEMM equals the fp64 product of the rounded rows up to
+    # the fp32 sum over blocks. Sizes: a token tail of 1-3 after tiles of 4, rows not a multiple of the 32-row
+    # panel (masked stores), fewer rows than one 16-row vector, one block, more tokens than one pass (256). A
+    # weight row with a NaN scale and one with a zero scale byte run the fp32 kernel on the unrounded rows.
+    kw = _mxfp4_weight(rows, cols, seed=n + rows)
+    kw["scales"][3, 0] = 0xFF
+    kw["scales"][4, -1] = 0
+    g = torch.Generator().manual_seed(n * cols)
+    x = _edge_rows(torch.randn(n, cols, generator=g) * 3)
+    assert n > op.GEMV_MAX_ROWS  # the GEMM's side of the crossover
+    out, oracle, exact, scale = assert_rounding_oracle(op.stored_matmul(x, **kw, mxfp4_tokens=mode), x, kw, mode)
+    # The rounding is real: where the rounded rows' product differs visibly from the exact one (every case but
+    # the one-block weight, whose small blocks round exactly), the GEMM follows the rounded one.
+    if cols > 32:
+        gap = float((oracle - exact).abs().max())
+        assert gap > 1e-5 * scale and float((out - exact).abs().max()) >= 0.5 * gap
+
+
+@needs_avx512_vnni
+@pytest.mark.parametrize("mode", ["int16", "int8"])
+def test_gemm_rows_match_the_matrix_vector_kernel(mode):
+    # The same rounded integers as the matrix-vector kernel: each token row of a many-row product equals the
+    # one-row product up to the order of the fp32 sum over blocks, on fresh draws over several magnitudes.
+    g = torch.Generator().manual_seed(5)
+    kw = _mxfp4_weight(45, 800, seed=9)
+    x = torch.randn(19, 800, generator=g) * torch.logspace(-4, 4, 19)[:, None]
+    many = op.stored_matmul(x, **kw, mxfp4_tokens=mode)
+    for i in range(x.shape[0]):
+        one = op.stored_matmul(x[i:i + 1], **kw, mxfp4_tokens=mode)[0]
+        torch.testing.assert_close(many[i], one, rtol=0, atol=2e-6 * float(one.abs().max()))
+
+
+@needs_avx512_vnni
+def test_gemm_declines_rows_holding_inf_or_nan():
+    # Like the matrix-vector kernel: an input row holding inf or NaN runs the exact fp32 path for the product
+    # (NaN and inf propagate to that row only); the extension call reports that it wrote nothing.
+    kw = _mxfp4_weight(40, 96, seed=3)
+    x = torch.randn(20, 96)
+    x[2, 5] = float("nan")
+    x[7, 90] = float("inf")
+    y = torch.full((20, 40), -1.0)
+    assert not EXT.mxfp4_gemm(kw["blocks"].numpy(), kw["scales"].numpy(), 40, 96, x.numpy(), y.numpy(), 1)
+    assert (y == -1.0).all()
+    out = op.stored_matmul(x, **kw)
+    torch.testing.assert_close(out, op.stored_matmul(x, **kw, mxfp4_tokens="fp32"), rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(out[2]).all() and not torch.isnan(out[[0, 1, 3]]).any()
+
+
+@needs_avx512_vnni
+def test_gemm_forbidden_or_fp32_tokens_run_the_exact_tiles():
+    kw = _mxfp4_weight(50, 320, seed=4)
+    x = torch.randn(33, 320) * 2
+    exact = op.stored_matmul(x, **kw, mxfp4_tokens="fp32")
+    torch.testing.assert_close(exact, op.stored_matmul_reference(x, **kw), rtol=1e-5, atol=1e-5)
+    with op.cpu_avx512_vnni(False):
+        assert torch.equal(op.stored_matmul(x, **kw), exact)
+    assert not torch.equal(op.stored_matmul(x, **kw), exact)   # allowed again: the rounded integer GEMM
+    assert EXT.mxfp4_gemm(kw["blocks"].numpy(), kw["scales"].numpy(), 50, 320, x.numpy(),
+                          torch.empty(33, 50).numpy(), 0) is False   # fp32 tokens are not the GEMM's
+
+
+def test_gemm_checks_its_arguments():
+    kw = _mxfp4_weight(8, 64, seed=1)
+    x = torch.randn(20, 64)
+    with pytest.raises(ValueError, match="cols must be a multiple of 32"):
+        EXT.mxfp4_gemm(kw["blocks"].numpy(), kw["scales"].numpy(), 8, 60, x.numpy(), torch.empty(20, 8).numpy(), 1)
+    with pytest.raises(ValueError, match="y"):
+        EXT.mxfp4_gemm(kw["blocks"].numpy(), kw["scales"].numpy(), 8, 64, x.numpy(), torch.empty(20, 7).numpy(), 1)
+    with pytest.raises(ValueError, match="tokens"):
+        EXT.mxfp4_gemm(kw["blocks"].numpy(), kw["scales"].numpy(), 8, 64, x.numpy(), torch.empty(20, 8).numpy(), 5)
