@@ -146,7 +146,8 @@ LZ_TARGET_AVX512_VNNI void pack_panel(const uint8_t* blocks, const uint8_t* scal
 
 // y[t0 + c, row0 + 16 v + lane] for c < C. Per block, two independent sets of int32 sums (kFixed16: the hi and
 // the lo term; kInt8: the even and the odd groups), so each dependency chain is 8 (4) dpbusd long instead of 16
-// (8); then hi * 256 + lo (or even + odd), the code offset subtracted, converted and scaled into fp32.
+// (8), the second set starting at minus the code offset's sum; then hi * 256 + lo (or even + odd), converted and
+// scaled into fp32.
 template <int C, int Mode>
 LZ_TARGET_AVX512_VNNI void panel_tile(const uint8_t* codes, const float* wscale, const TokenPack& tp, int64_t t0,
                                       float* y, int64_t ldy, int64_t row0, int64_t rows) {
@@ -168,7 +169,10 @@ LZ_TARGET_AVX512_VNNI void panel_tile(const uint8_t* codes, const float* wscale,
   for (int64_t b = 0; b < groups; ++b) {
     const uint8_t* cb = codes + 8 * b * kGroupBytes;
     __m512i p[kRowVecs][C], q[kRowVecs][C];
-    for (int c = 0; c < C; ++c) p[0][c] = p[1][c] = q[0][c] = q[1][c] = _mm512_setzero_si512();
+    for (int c = 0; c < C; ++c) {  // the second set starts at minus the code offset's sum
+      p[0][c] = p[1][c] = _mm512_setzero_si512();
+      q[0][c] = q[1][c] = _mm512_set1_epi32(-tp.corr[(t0 + c) * groups + b]);
+    }
 #pragma GCC unroll 8
     for (int j = 0; j < 8; j += kFixed16 ? 1 : 2) {
       const __m512i w0 = _mm512_loadu_si512(cb + j * kGroupBytes), w1 = _mm512_loadu_si512(cb + j * kGroupBytes + 64);
@@ -185,13 +189,11 @@ LZ_TARGET_AVX512_VNNI void panel_tile(const uint8_t* codes, const float* wscale,
     }
     const __m512 ws0 = _mm512_loadu_ps(wscale + b * kPanelRows), ws1 = _mm512_loadu_ps(wscale + b * kPanelRows + 16);
     for (int c = 0; c < C; ++c) {
-      const __m512i corr = _mm512_set1_epi32(tp.corr[(t0 + c) * groups + b]);
       const __m512 hs = _mm512_set1_ps(tp.half_scale[(t0 + c) * groups + b]);
       for (int v = 0; v < kRowVecs; ++v) {
         const __m512i sum = kFixed16 ? _mm512_add_epi32(_mm512_slli_epi32(p[v][c], 8), q[v][c])
                                      : _mm512_add_epi32(p[v][c], q[v][c]);
-        f[v][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum, corr)),
-                                  _mm512_mul_ps(v ? ws1 : ws0, hs), f[v][c]);
+        f[v][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(v ? ws1 : ws0, hs), f[v][c]);
       }
     }
   }
