@@ -18,9 +18,12 @@ L3, which the DRAM read floor does not bound. At T=1 a bare streaming read of as
 forward reads is timed in the same rounds, for context: what the memory system gives those bytes from the same
 cold state.
 Floors, per path: at T=1 the weight bytes it must read as stored (the bases and the touched experts' tensors)
-over the measured streaming READ bandwidth (benchmarks/floors.py); at T=256 its flops over the best measured
-fp32 ``torch.mm`` rate over the forward's products (whole bases and decoded tiles); at T=16 the larger of the two.
-The matmul rate is measured before and after the rows, the read bandwidth also after each timed group at
+over the measured streaming READ bandwidth (benchmarks/floors.py); at T=256 its fp32 flops over the best
+measured fp32 ``torch.mm`` rate over the forward's products (whole bases and decoded tiles), plus, for the MXFP4
+products that run an integer kernel (the matrix-vector kernel, the AVX-512 VNNI GEMM), their u8 x s8
+multiply-adds (two per weight in int16, one in int8) over the measured rate of the dot instruction on every core
+(an integer kernel can beat the fp32 matmul rate, so that alone would not bound it); at T=16 the larger of the
+bytes and the compute term. The matmul and dot rates are measured before and after the rows, the read bandwidth also after each timed group at
 T <= 16, and the highest is used (the cores and the memory are shared: a floor measured in a busy moment would
 not bound an op timed in a quiet one; a run where transformers' T=1 read 108 % of a floor measured only at the
 start and end showed the drift). A row above 100% of its floor fails the run. The 1-minute load average is
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from benchmarks.floors import measure_matmul_rate, measure_memory_floors
+from benchmarks.floors import measure_int8_dot_rate, measure_matmul_rate, measure_memory_floors
 from benchmarks.harness import BenchRow, CacheFlusher, available_backends, interleaved_medians, median_seconds
 from lazarus_core.ops import OverlayExperts, mxfp4_dequant, mxfp4_quantize, overlay_moe_forward
 from lazarus_core.ops import overlay_moe as overlay_ops
@@ -186,8 +189,26 @@ def _best_matmul_rate(device: str) -> float:
     return max(measure_matmul_rate(256, k, n, device=device) for k, n in sorted(shapes))
 
 
-def _floor(tokens: int, moved: int, flops: int, read_bw: float, flop_rate: float) -> float:
-    return {1: moved / read_bw, 256: flops / flop_rate}.get(tokens, max(moved / read_bw, flops / flop_rate))
+def _integer_macs(counts: list[int], device: str, int16: bool) -> int:
+    """u8 x s8 multiply-adds of the MXFP4 products of ``counts`` token rows each ([2I, H] then [H, I] per group)
+    that run an integer kernel here: groups of at most GEMV_MAX_ROWS rows the matrix-vector kernel (AVX2 on),
+    larger ones the GEMM (AVX-512 VNNI); two products per weight in int16, one in int8. 0 on a GPU."""
+    from lazarus_core import _C
+    from lazarus_core.ops.overlay_moe import GEMV_MAX_ROWS
+
+    if device != "cpu":
+        return 0
+    integer = [n for n in counts if n and (_C.cpu_has_avx512_vnni() if n > GEMV_MAX_ROWS else _C.cpu_has_avx2())]
+    return (2 if int16 else 1) * sum(integer) * 3 * H * I
+
+
+def _floor(row: BenchRow, read_bw: float, flop_rate: float, int8_rate: float | None) -> float:
+    """T=1: the bytes over the read bandwidth; T=256: the fp32 flops over the matmul rate plus the integer
+    kernels' multiply-adds over the u8 x s8 dot rate (they share the cores); T=16: the larger of the two."""
+    e = row.extra
+    macs = e.get("int8_macs", 0)
+    compute = (e["flops"] - 2 * e.get("integer_weight_macs", 0)) / flop_rate + (macs / int8_rate if macs else 0.0)
+    return {1: e["bytes"] / read_bw, 256: compute}.get(e["tokens"], max(e["bytes"] / read_bw, compute))
 
 
 def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
@@ -199,6 +220,7 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
     load_start = os.getloadavg()[0]
     mems = [measure_memory_floors(device=device)]
     flop_rates = [_best_matmul_rate(device)]
+    int8_rates = [measure_int8_dot_rate() if not gpu else None]   # the integer MXFP4 kernels' compute floor
     ov = make_overlay(device=device)
     ov32 = ov.to_float()
     orig = make_original(device=device)
@@ -242,11 +264,16 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
                 mems.append(measure_memory_floors(device=device))
             fastest = min(orig_times, key=orig_times.get)
             t_orig = orig_times[fastest]
+            counts = torch.bincount(ids.reshape(-1).cpu(), minlength=E).tolist()
             for name, t in orig_times.items():
-                moved = used * (orig.expert_bytes_fp32() if name.startswith("transformers") else orig.expert_bytes())
+                ours = not name.startswith("transformers")
+                moved = used * (orig.expert_bytes() if ours else orig.expert_bytes_fp32())
+                integer = _integer_macs(counts, device, overlay_ops.MXFP4_TOKENS == "int16") if ours else 0
                 rows.append(BenchRow("original experts (MXFP4)", name, label, "mxfp4", t * 1e3, moved / t / 1e9,
                                      None, t_orig / t, {"tokens": tokens, "bytes": moved, "flops": orig_flops,
-                                                        "gflop_per_s": orig_flops / t / 1e9}))
+                                                        "gflop_per_s": orig_flops / t / 1e9, "int8_macs": integer,
+                                                        "integer_weight_macs": integer // (
+                                                            2 if overlay_ops.MXFP4_TOKENS == "int16" else 1)}))
             # The overlay: storage precision and its fp32 twin, on every compiled backend here.
             if tokens <= 16:  # the fp32 twin holds the same values: check it against the reference
                 torch.testing.assert_close(overlay_moe_forward(x, ids, w, ov32, backend="torch"),
@@ -294,16 +321,22 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
                     continue
                 t_fp32 = times.get((FP32_TWIN, name))
                 moved, flops = overlay_moe_bytes(tokens, K, layer), overlay_moe_flops(tokens, K, layer)
+                stored_base = dtype != FP32_TWIN and name == "cpu"   # the MXFP4 base in an integer kernel
+                int16 = dtype == STORED and overlay_ops.MXFP4_TOKENS == "int16"
+                integer = _integer_macs([tokens], device, int16) if stored_base else 0
                 rows.append(BenchRow("overlay_moe_forward", name, label, dtype, t * 1e3, moved / t / 1e9,
                                      None, t_orig / t,
                                      {"tokens": tokens, "bytes": moved, "flops": flops,
                                       "gflop_per_s": flops / t / 1e9, "reference": f"original: {fastest}",
-                                      "x_fp32_overlay": t_fp32 / t if t_fp32 else None}))
+                                      "x_fp32_overlay": t_fp32 / t if t_fp32 else None, "int8_macs": integer,
+                                      "integer_weight_macs": integer // (2 if int16 else 1)}))
     mems.append(measure_memory_floors(device=device))
     flop_rates.append(_best_matmul_rate(device))
+    int8_rates.append(measure_int8_dot_rate() if not gpu else None)
     mem, flop_rate = max(mems, key=lambda m: m.read), max(flop_rates)
+    int8_rate = max((r for r in int8_rates if r), default=None)
     for row in rows:
-        floor = _floor(row.extra["tokens"], row.extra["bytes"], row.extra["flops"], mem.read, flop_rate)
+        floor = _floor(row, mem.read, flop_rate, int8_rate)
         row.pct_of_floor, row.extra["floor_ms"] = 100 * floor * 1e3 / row.median_ms, floor * 1e3
         if row.op == "bare read (same bytes)":
             # Context, not an op bounded by the floor (a read can ramp faster or slower than the 1 GB probe).
@@ -338,6 +371,8 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
     return rows, {**mem.to_dict(), "device": device, "matmul_gflop_per_s": flop_rate / 1e9,
                   "read_gb_s_measured": [m.read / 1e9 for m in mems],
                   "matmul_gflop_per_s_start_end": [f / 1e9 for f in flop_rates],
+                  "int8_dot_gmac_per_s": int8_rate / 1e9 if int8_rate else None,
+                  "int8_dot_gmac_per_s_start_end": [r / 1e9 if r else None for r in int8_rates],
                   "overlay_bytes": ov.nbytes(), "overlay_bytes_fp32_twin": ov32.nbytes(),
                   "original_expert_bytes": E * orig.expert_bytes(), "load_avg_1min_start": load_start,
                   "load_avg_1min_end": os.getloadavg()[0], **summary}

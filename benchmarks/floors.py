@@ -75,6 +75,18 @@ def measure_matmul_rate(m: int, k: int, n: int, *, device: str = "cpu", repeats:
     return 2 * m * k * n / median_seconds(lambda: torch.mm(a, b, out=out), repeats=repeats, cuda_events=device != "cpu")
 
 
+def measure_int8_dot_rate(repeats: int = 7, iters: int = 1 << 21) -> float | None:
+    """u8 x s8 multiply-adds per second of the CPU's dot instruction (zmm ``vpdpbusd`` with AVX-512 VNNI, else
+    ymm AVX-VNNI) on every thread, 16 independent chains each: the compute floor of the integer MXFP4 kernels,
+    which no integer kernel can beat. None where the CPU has neither instruction."""
+    from lazarus_core import _C
+
+    if _C.int8_dot_loop(1) == 0:
+        return None
+    macs = _C.int8_dot_loop(iters)
+    return macs / median_seconds(lambda: _C.int8_dot_loop(iters), repeats=repeats)
+
+
 class FloorExceeded(RuntimeError):
     """A benchmark row reports more than 100% of its floor: the floor (or the byte count) is wrong."""
 
@@ -94,4 +106,5 @@ def check_floors(suite: str, rows) -> None:
                             f"(the floor does not bound the op): {lines}")
 
 
-__all__ = ["MemoryFloors", "FloorExceeded", "check_floors", "measure_matmul_rate", "measure_memory_floors"]
+__all__ = ["MemoryFloors", "FloorExceeded", "check_floors", "measure_int8_dot_rate", "measure_matmul_rate",
+           "measure_memory_floors"]

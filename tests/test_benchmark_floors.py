@@ -114,3 +114,20 @@ def test_cache_flusher_covers_every_tensor_and_keeps_the_values():
         CacheFlusher([t.reshape(1024, -1).t()])
     with pytest.raises(ValueError, match="C-contiguous"):
         _C.flush_cache(a.reshape(1024, -1).T)
+
+
+def test_int8_dot_probe_counts_every_step_and_gives_a_rate():
+    from benchmarks.floors import measure_int8_dot_rate
+    from lazarus_core import _C
+
+    with pytest.raises(ValueError, match="iters"):
+        _C.int8_dot_loop(0)
+    per_step = _C.int8_dot_loop(1)
+    if not _C.cpu_has_avx_vnni():
+        assert per_step == 0 and measure_int8_dot_rate(repeats=1) is None
+        return
+    lanes = 64 if _C.cpu_has_avx512_vnni() else 32   # products per instruction
+    assert per_step > 0 and per_step % (16 * lanes) == 0            # 16 instructions per step and thread
+    assert _C.int8_dot_loop(7) == 7 * per_step
+    rate = measure_int8_dot_rate(repeats=2, iters=1000)
+    assert rate is not None and 0 < rate < float("inf")

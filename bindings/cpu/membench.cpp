@@ -53,6 +53,16 @@ void bind_membench(py::module_& m) {
       py::arg("buffer"),
       "Evict every cache line of a C-contiguous array from every cache level (clflushopt / clflush), so its next "
       "read comes from DRAM. Returns False where this is not implemented (not x86-64).");
+  m.def(
+      "int8_dot_loop",
+      [](int64_t iters) {
+        if (iters < 1) throw py::value_error("int8_dot_loop: iters must be >= 1, got " + std::to_string(iters));
+        py::gil_scoped_release release;
+        return int8_dot_loop_cpu(iters);
+      },
+      py::arg("iters"),
+      "Run iters steps of 16 independent u8 x s8 dot instructions per thread (zmm vpdpbusd, else ymm AVX-VNNI) "
+      "and return the multiply-adds done (0 where the CPU has neither): the integer kernels' compute floor.");
 }
 
 }  // namespace bindings

@@ -21,4 +21,10 @@ double stream_read_cpu(const float* src, int64_t n);
 // its contents. Returns false (nothing done) off x86-64. Multi-threaded.
 bool flush_cache_cpu(const void* p, int64_t bytes);
 
+// The integer kernels' compute floor: every thread runs `iters` steps of 16 independent u8 x s8 dot-product
+// instructions (zmm vpdpbusd with AVX-512 VNNI, else ymm vpdpbusd with AVX-VNNI; 4 products summed per int32
+// lane). Returns the multiply-adds done over all threads (0, nothing run, where neither is available), so the
+// caller's timing gives the best u8 x s8 multiply-add rate the cores reach. Multi-threaded.
+int64_t int8_dot_loop_cpu(int64_t iters);
+
 }  // namespace lazarus

@@ -1,7 +1,8 @@
-// Why: the CPU memory-bandwidth probes of membench.h (streaming read, non-temporal write and copy).
+// Why: the CPU probes of membench.h (streaming read, non-temporal write and copy, cache flush, u8 x s8 dot rate).
 #include "membench/membench.h"
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -160,6 +161,66 @@ bool flush_cache_cpu(const void* p, int64_t bytes) {
   (void)p;
   (void)bytes;
   return false;
+#endif
+}
+
+namespace {
+#if LAZARUS_X86
+// 16 accumulators in named registers: more independent chains than the dot unit's latency x throughput, so the
+// loop runs at its throughput; the empty asm with every accumulator as an operand keeps each step.
+#define LZ_DOT_STEPS(V, INIT, DOT)                                                                          \
+  V c0 = INIT, c1 = INIT, c2 = INIT, c3 = INIT, c4 = INIT, c5 = INIT, c6 = INIT, c7 = INIT;                 \
+  V c8 = INIT, c9 = INIT, c10 = INIT, c11 = INIT, c12 = INIT, c13 = INIT, c14 = INIT, c15 = INIT;           \
+  for (int64_t i = 0; i < iters; ++i) {                                                                    \
+    c0 = DOT(c0, a, b), c1 = DOT(c1, a, b), c2 = DOT(c2, a, b), c3 = DOT(c3, a, b);                          \
+    c4 = DOT(c4, a, b), c5 = DOT(c5, a, b), c6 = DOT(c6, a, b), c7 = DOT(c7, a, b);                          \
+    c8 = DOT(c8, a, b), c9 = DOT(c9, a, b), c10 = DOT(c10, a, b), c11 = DOT(c11, a, b);                      \
+    c12 = DOT(c12, a, b), c13 = DOT(c13, a, b), c14 = DOT(c14, a, b), c15 = DOT(c15, a, b);                  \
+    __asm__ volatile("" : "+v"(c0), "+v"(c1), "+v"(c2), "+v"(c3), "+v"(c4), "+v"(c5), "+v"(c6), "+v"(c7));  \
+    __asm__ volatile("" : "+v"(c8), "+v"(c9), "+v"(c10), "+v"(c11), "+v"(c12), "+v"(c13), "+v"(c14),        \
+                     "+v"(c15));                                                                           \
+  }                                                                                                        \
+  const V all[16] = {c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15};                 \
+  int64_t sink = 0;                                                                                        \
+  for (const V& v : all) {                                                                                 \
+    int32_t lane;                                                                                          \
+    std::memcpy(&lane, &v, 4);                                                                             \
+    sink += lane;                                                                                          \
+  }                                                                                                        \
+  return sink;
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) int64_t dot_loop_zmm(int64_t iters) {
+  const __m512i a = _mm512_set1_epi8(1), b = _mm512_set1_epi8(1);
+  LZ_DOT_STEPS(__m512i, _mm512_setzero_si512(), _mm512_dpbusd_epi32)
+}
+
+__attribute__((target("avx2,avxvnni"))) int64_t dot_loop_ymm(int64_t iters) {
+  const __m256i a = _mm256_set1_epi8(1), b = _mm256_set1_epi8(1);
+  LZ_DOT_STEPS(__m256i, _mm256_setzero_si256(), _mm256_dpbusd_avx_epi32)
+}
+#undef LZ_DOT_STEPS
+#endif
+}  // namespace
+
+int64_t int8_dot_loop_cpu(int64_t iters) {
+#if LAZARUS_X86
+  const bool zmm = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vnni");
+  if (!zmm && !__builtin_cpu_supports("avxvnni")) return 0;
+  int64_t threads = 1, sink = 0;
+#pragma omp parallel reduction(+ : sink)
+  {
+#if defined(LAZARUS_WITH_OPENMP)
+#pragma omp single
+    threads = omp_get_num_threads();
+#endif
+    sink += zmm ? dot_loop_zmm(iters) : dot_loop_ymm(iters);
+  }
+  if (sink == 42) threads += 0;  // the sums are used: the loops cannot be dropped
+  return threads * iters * 16 * (zmm ? 64 : 32);
+#else
+  (void)iters;
+  return 0;
 #endif
 }
 
