@@ -23,8 +23,8 @@ measured fp32 ``torch.mm`` rate over the forward's products (whole bases and dec
 products that run an integer kernel (the matrix-vector kernel, the AVX-512 VNNI GEMM), their u8 x s8
 multiply-adds (two per weight in int16, one in int8) over the measured rate of the dot instruction on every core
 (an integer kernel can beat the fp32 matmul rate, so that alone would not bound it); at T=16 the larger of the
-bytes and the compute term. The matmul and dot rates are measured before and after the rows, the read bandwidth also after each timed group at
-T <= 16, and the highest is used (the cores and the memory are shared: a floor measured in a busy moment would
+bytes and the compute term. The matmul and dot rates are measured before and after the rows, the read
+bandwidth also after each timed group at T <= 16, and the highest is used (the cores and the memory are shared: a floor measured in a busy moment would
 not bound an op timed in a quiet one; a run where transformers' T=1 read 108 % of a floor measured only at the
 start and end showed the drift). A row above 100% of its floor fails the run. The 1-minute load average is
 recorded before and after.

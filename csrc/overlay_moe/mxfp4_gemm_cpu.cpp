@@ -9,9 +9,9 @@
 // Layout: weights in panels of 32 rows (two zmm of 16 int32 lanes, one row per lane), decoded by the thread that
 // owns the panel into a buffer that stays in its L2 (codes[(8 b + j) * 128 + 64 v + 4 lane + q] = code of row
 // 16 v + lane, element 32 b + element_at(4 j + q)), then met by every token row in register tiles of 4 tokens
-// x 32 rows: the token's 4 bytes of the same elements are broadcast to all lanes. Rows with a scale byte 0 or 0xFF (NaN) are computed
-// again by the fp32 kernel on unrounded tokens, and a token row holding inf or NaN makes the call decline
-// (returns false), both as the matrix-vector kernel does, so NaN propagates.
+// x 32 rows: the token's 4 bytes of the same elements are broadcast to all lanes. Rows with a scale byte 0 or
+// 0xFF (NaN) are computed again by the fp32 kernel on unrounded tokens, and a token row holding inf or NaN makes
+// the call decline (returns false), both as the matrix-vector kernel does, so NaN propagates.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -94,7 +94,8 @@ bool pack_tokens(const float* x, int64_t n, int64_t cols, int mode, TokenPack& t
 LZ_TARGET_AVX512_VNNI void pack_panel(const uint8_t* blocks, const uint8_t* scales, int64_t groups, int64_t row0,
                                       int64_t rows, uint8_t* codes, float* wscale, uint8_t* special) {
   alignas(16) static const uint8_t kZeroBlock[16] = {};
-  const __m512i table = _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+  const __m512i table =
+      _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   for (int v = 0; v < kRowVecs; ++v) {
     const uint8_t* src[kLanes];

@@ -187,13 +187,17 @@ LZ_TARGET_AVX2 void decode_row_mxfp4_avx2(const uint8_t* blocks, const uint8_t* 
 // of codes meets one 32-byte load of tokens. half_scale[b] = scale / 2 (the code table holds twice each E2M1
 // value), padded with zeros to a multiple of 8 blocks; corr[8p + l] = 12 * (sum of the values of int32 lane l),
 // the offset the table's +12 adds (lanes 0-3: elements 8l..8l+7 of block 2p, lanes 4-7: of block 2p+1; in
-// kFixed16 the value is N). An odd block count gets a zero pad block. Returns false (nothing usable) when the
+// kFixed16 the value is N). An odd block count gets a zero pad block. `wide` (the AVX-512 form) interleaves the
+// 32-byte slots of pairs 2s and 2s+1 (slot k of pair p at (p / 2) * 2 * pair_bytes + 64 k + 32 (p % 2)) and pads
+// the pair count to even, so one 64-byte load meets two pairs' codes. Returns false (nothing usable) when the
 // row holds inf or NaN.
 int64_t q8_pair_bytes(int mode) { return mode == kTokensFixed16 ? 128 : 64; }
 int64_t q8_scale_slots(int64_t groups) { return (groups + 7) / 8 * 8; }
+int64_t q8_pairs(int64_t groups, bool wide) { return wide ? (groups + 3) / 4 * 2 : (groups + 1) / 2; }
 
-bool quantize_for_mxfp4_q8(const float* x, int64_t cols, int mode, int8_t* q, float* half_scale, int32_t* corr) {
-  const int64_t groups = cols / 32, pairs = (groups + 1) / 2, pair_bytes = q8_pair_bytes(mode);
+bool quantize_for_mxfp4_q8(const float* x, int64_t cols, int mode, bool wide, int8_t* q, float* half_scale,
+                           int32_t* corr) {
+  const int64_t groups = cols / 32, pairs = q8_pairs(groups, wide), pair_bytes = q8_pair_bytes(mode);
   std::memset(q, 0, static_cast<size_t>(pairs * pair_bytes));
   std::memset(corr, 0, sizeof(int32_t) * static_cast<size_t>(pairs * 8));
   std::fill(half_scale, half_scale + q8_scale_slots(groups), 0.0f);
@@ -205,17 +209,20 @@ bool quantize_for_mxfp4_q8(const float* x, int64_t cols, int mode, int8_t* q, fl
     const bool ok = q8::quantize_block(x + 32 * g, mode, n, half_scale + g);
 #endif
     if (!ok) return false;
-    int8_t* pair = q + (g / 2) * pair_bytes;
-    int32_t* lanes = corr + (g / 2) * 8 + (g % 2) * 4;
+    const int64_t p = g / 2;
+    int8_t* pair = wide ? q + (p / 2) * 2 * pair_bytes + 32 * (p % 2) : q + p * pair_bytes;
+    const int slot_stride = wide ? 64 : 32;  // bytes from one 32-byte slot of the pair to the next
+    const auto put = [&](int at, int32_t v) { pair[(at / 32) * slot_stride + at % 32] = static_cast<int8_t>(v); };
+    int32_t* lanes = corr + p * 8 + (g % 2) * 4;
     const int half = static_cast<int>(g % 2) * 16;
     for (int i = 0; i < 32; ++i) {
       const int at = 32 * (i % 2) + half + i / 2;
       if (mode == kTokensFixed16) {
         const int32_t hi = (n[i] + 128) >> 8;  // floor((N + 128) / 256): lo = N - 256 hi in [-128, 127]
-        pair[at] = static_cast<int8_t>(hi);
-        pair[64 + at] = static_cast<int8_t>(n[i] - 256 * hi);
+        put(at, hi);
+        put(64 + at, n[i] - 256 * hi);
       } else {
-        pair[at] = static_cast<int8_t>(n[i]);
+        put(at, n[i]);
       }
       lanes[i / 8] += kCodeOffset * n[i];
     }
@@ -249,7 +256,8 @@ LZ_TARGET_AVX2 inline bool special_scales(const uint8_t* s, int64_t n) {
   return !_mm256_testz_si256(hit, hit);
 }
 
-// The integer kernel row_dots_q8 (mxfp4_q8_row.inc) in its AVX2 and its AVX-VNNI form.
+// The integer kernel row_dots_q8 (mxfp4_q8_row.inc) in its AVX2 and its AVX-VNNI form, and
+// (mxfp4_q8_row_zmm.inc) its AVX-512 VNNI form.
 namespace q8_avx2 {
 #define LZ_Q8_TARGET LZ_TARGET_AVX2
 #define LZ_Q8_VNNI 0
@@ -266,10 +274,19 @@ namespace q8_vnni {
 #undef LZ_Q8_TARGET
 }  // namespace q8_vnni
 
-// The integer kernel in the widest form this CPU runs (use_avx_vnni).
+namespace q8_zmm {
+#include "overlay_moe/mxfp4_q8_row_zmm.inc"
+}  // namespace q8_zmm
+
+// The AVX-512 form runs where the AVX-VNNI one may and the CPU has AVX-512 VNNI (it reads the wide layout).
+bool use_wide_q8() { return use_avx_vnni() && use_avx512_vnni(); }
+
+// The integer kernel in the form the token rows were laid out for (wide: AVX-512 VNNI) or the widest ymm form
+// this CPU runs (use_avx_vnni).
 template <int Mode>
 void row_dots_q8(const uint8_t* blocks, const uint8_t* scales, int64_t groups, const Q8Row* const* q, int nt,
-                 float* out) {
+                 float* out, bool wide) {
+  if (wide) return q8_zmm::row_dots_q8<Mode>(blocks, scales, groups, q, nt, out);
   if (use_avx_vnni()) return q8_vnni::row_dots_q8<Mode>(blocks, scales, groups, q, nt, out);
   q8_avx2::row_dots_q8<Mode>(blocks, scales, groups, q, nt, out);
 }
@@ -343,6 +360,7 @@ struct TokenRows {
   std::vector<float> scale_data;
   std::vector<int32_t> corr_data;
   int mode = kTokensFp32;
+  bool wide = false;  // laid out for the AVX-512 form of the integer kernel
 
   bool quantized() const { return !q8_rows.empty(); }
 
@@ -362,14 +380,15 @@ struct TokenRows {
       f32[i] = permuted.data() + i * w.cols;
     }
     if (tokens == kTokensFp32) return;
-    const int64_t groups = w.cols / 32, pairs = (groups + 1) / 2, qb = pairs * q8_pair_bytes(tokens);
+    wide = use_wide_q8();
+    const int64_t groups = w.cols / 32, pairs = q8_pairs(groups, wide), qb = pairs * q8_pair_bytes(tokens);
     const int64_t slots = q8_scale_slots(groups);
     q_data.resize(static_cast<size_t>(n * qb));
     scale_data.resize(static_cast<size_t>(n * slots));
     corr_data.resize(static_cast<size_t>(n * pairs * 8));
     for (int64_t i = 0; i < n; ++i)
-      if (!quantize_for_mxfp4_q8(row(i), w.cols, tokens, q_data.data() + i * qb, scale_data.data() + i * slots,
-                                 corr_data.data() + i * pairs * 8))
+      if (!quantize_for_mxfp4_q8(row(i), w.cols, tokens, wide, q_data.data() + i * qb,
+                                 scale_data.data() + i * slots, corr_data.data() + i * pairs * 8))
         return;
     for (int64_t i = 0; i < n; ++i)
       q8.push_back(Q8Row{q_data.data() + i * qb, scale_data.data() + i * slots, corr_data.data() + i * pairs * 8});
@@ -398,9 +417,9 @@ void rows_times_tokens(const StoredMatrix& w, int64_t r0, int64_t r1, const Toke
           if (special) {
             row_dots<uint8_t>(w, r, x.f32.data() + t_first + t0, nt, out);
           } else if (x.mode == kTokensFixed16) {
-            row_dots_q8<kTokensFixed16>(blocks, scales, groups, x.q8_rows.data() + t_first + t0, nt, out);
+            row_dots_q8<kTokensFixed16>(blocks, scales, groups, x.q8_rows.data() + t_first + t0, nt, out, x.wide);
           } else {
-            row_dots_q8<kTokensInt8>(blocks, scales, groups, x.q8_rows.data() + t_first + t0, nt, out);
+            row_dots_q8<kTokensInt8>(blocks, scales, groups, x.q8_rows.data() + t_first + t0, nt, out, x.wide);
           }
           for (int i = 0; i < nt; ++i) y[(t0 + i) * ldy + (r - r0)] = out[i];
         }

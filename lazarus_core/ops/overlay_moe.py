@@ -565,8 +565,9 @@ def cpu_avx_vnni(allowed: bool):
     """Run the block with the AVX-VNNI forms of the CPU kernels allowed or forbidden (restored after).
 
     The integer MXFP4 kernel has an AVX-VNNI form (``vpdpbusd``) that runs where the CPU has it; forbidden, its
-    AVX2 form runs. Both compute the same integers, so results are bit-identical; this exists to compare their
-    speed and to test both on one machine. Not for use while another thread runs a kernel.
+    AVX2 form runs (and not its AVX-512 form either). All forms compute the same integers and fp32 operations, so
+    results are bit-identical; this exists to compare their speed and to test them on one machine. Not for use
+    while another thread runs a kernel.
 
     Parameters
     ----------
@@ -587,8 +588,9 @@ def cpu_avx512_vnni(allowed: bool):
 
     Products of an MXFP4 weight with more than :data:`GEMV_MAX_ROWS` rows run an integer GEMM in AVX-512 VNNI
     where the CPU has it (the token rounding of :data:`MXFP4_TOKENS`); forbidden, they decode fp32 tiles and
-    run BLAS (exact products), as on CPUs without it. This exists to compare the two and to test both on one
-    machine. Not for use while another thread runs a kernel.
+    run BLAS (exact products), as on CPUs without it. Smaller products run the matrix-vector kernel's zmm form
+    (bit-identical to its ymm forms, which run when forbidden). This exists to compare the paths and to test them
+    on one machine. Not for use while another thread runs a kernel.
 
     Parameters
     ----------

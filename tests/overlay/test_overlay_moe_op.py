@@ -1,13 +1,16 @@
 """overlay_moe_forward and stored_matmul on every CPU path against their readable references: overlays in
 storage precision (fp32/bf16/fp16 factors; fp32/bf16/fp16 or MXFP4 bases), fresh random draws, odd sizes,
 T in {0, 1, 3, 17, 300} (the GEMV and the decoded-tile paths, the GEMV and the BLAS shrink), k in {1, 2, 4, 8},
-ranks including 0 and 1, both activations, with and without expert biases, and edge values. The MXFP4 GEMV
+ranks including 0 and 1, both activations, with and without expert biases, and edge values (the integer GEMM
+of many rows has test_mxfp4_gemm.py). The MXFP4 GEMV
 meets its input rows rounded per block by default (mxfp4_tokens="int16": 16-bit fixed point; "int8" on
 request): the strict comparisons run with the fp32 kernel (exact products), the integer kernels are checked
 against their readable rounding reference and its bound, and the whole forward of a small batch in one call
 against the staged path it replaces."""
 
 from __future__ import annotations
+
+import contextlib
 
 
 import pytest
@@ -91,12 +94,15 @@ def test_storage_precision_matches_reference(base, factors, activation, bias):
 
 
 def test_decoded_tiles_and_gemv_paths_agree(monkeypatch):
-    # Many ragged tiles (5 weight rows per tile), and every product through the GEMV kernel.
+    # Many ragged tiles (5 weight rows per tile; with the integer GEMM forbidden, as on a CPU without AVX-512
+    # VNNI), the integer GEMM where this CPU has it, and every product through the GEMV kernel.
     ex = random_overlay(3, 64, 32, (2, 3, 1), bias=True, activation="gpt_oss", factor_dtype=torch.bfloat16,
                         base="mxfp4")
     x = torch.randn(40, 64)
     ids, w = random_routing(40, 3, 2)
     monkeypatch.setattr(op, "DECODE_TILE_ROWS", 5)
+    with op.cpu_avx512_vnni(False):
+        _assert_matches(overlay_moe_forward(x, ids, w, ex, backend="cpu"), x, ids, w, ex)
     _assert_matches(overlay_moe_forward(x, ids, w, ex, backend="cpu"), x, ids, w, ex)
     monkeypatch.setattr(op, "GEMV_MAX_ROWS", 1000)
     monkeypatch.setattr(op, "SHRINK_MAX_PAIRS", 1000)
@@ -452,8 +458,16 @@ def test_token_rounding_reference_keeps_its_bound(mode):
 
 
 HAS_VNNI = op.cpu_extension().cpu_has_avx_vnni()
-# The integer kernel's forms: AVX2, and AVX-VNNI where this CPU has it (the CI machine does).
-INTEGER_FORMS = ["avx2"] + (["avx_vnni"] if HAS_VNNI else [])
+HAS_AVX512_VNNI = HAS_VNNI and op.cpu_extension().cpu_has_avx512_vnni()
+# The integer kernel's forms: AVX2, and AVX-VNNI and AVX-512 VNNI where this CPU has them (the CI machine does).
+INTEGER_FORMS = ["avx2"] + (["avx_vnni"] if HAS_VNNI else []) + (["avx512_vnni"] if HAS_AVX512_VNNI else [])
+
+
+@contextlib.contextmanager
+def integer_form(form):
+    """Run the block with the integer MXFP4 kernel in ``form`` (one of INTEGER_FORMS)."""
+    with op.cpu_avx_vnni(form != "avx2"), op.cpu_avx512_vnni(form == "avx512_vnni"):
+        yield
 
 
 @pytest.mark.parametrize("form", INTEGER_FORMS)
@@ -473,7 +487,7 @@ def test_integer_kernel_equals_its_rounding_reference(mode, n, cols, form):
     if cols >= 96:
         x[:, 64:96] = torch.randn(n, 32) * 1e-38
     x[0, -32:] += 5.0                    # a block far from zero mean (the +12 code offset is subtracted exactly)
-    with op.cpu_avx_vnni(form == "avx_vnni"):
+    with integer_form(form):
         out = op.stored_matmul(x, **kw, mxfp4_tokens=mode)
     assert_rounding_oracle(out, x, kw, mode)
 
@@ -497,33 +511,41 @@ def assert_rounding_oracle(out, x, kw, mode):
 
 
 @pytest.mark.skipif(not HAS_VNNI, reason="this CPU has no AVX-VNNI: only the AVX2 form runs")
+@pytest.mark.parametrize("form", INTEGER_FORMS[1:])
 @pytest.mark.parametrize("mode", ["int16", "int8"])
-def test_avx_vnni_form_equals_the_avx2_form(mode):
-    # The same integers, then the same fp32 FMAs: bit for bit, over fresh draws at odd sizes (a half pair, a
-    # tail of scales, 1 to 7 tokens per pass), values far from zero mean (the code offset) and an all-zero block.
+def test_vnni_forms_equal_the_avx2_form(mode, form):
+    # The same integers, then the same fp32 FMAs in the same order per lane (the AVX-512 form's low and high
+    # halves are the ymm forms' even- and odd-pair accumulators): bit for bit, over fresh draws at odd sizes (a
+    # half pair, a pair past the end of a two-pair step, a tail of scales, 1 to 7 tokens per pass), values far
+    # from zero mean (the code offset), an all-zero block and a weight row with a NaN scale byte.
     g = torch.Generator().manual_seed(11)
-    for n, rows, cols in [(1, 37, 2880), (2, 5, 96), (3, 9, 352), (5, 17, 32), (7, 3, 800)]:
+    for n, rows, cols in [(1, 37, 2880), (2, 5, 96), (3, 9, 352), (5, 17, 32), (7, 3, 800), (4, 6, 64),
+                          (1, 9, 224), (2, 4, 256), (3, 7, 160)]:
         kw = _mxfp4_weight(rows, cols, seed=n)
+        kw["scales"][rows // 2, -1] = 0xFF
         x = torch.randn(n, cols, generator=g) * torch.logspace(-3, 3, n)[:, None]
         x[0, -32:] += 7.0
         x[-1, :32] = 0.0
-        with op.cpu_avx_vnni(False):
+        with integer_form("avx2"):
             ref = op.stored_matmul(x, **kw, mxfp4_tokens=mode)
-        with op.cpu_avx_vnni(True):
+        with integer_form(form):
             out = op.stored_matmul(x, **kw, mxfp4_tokens=mode)
-        assert torch.equal(out, ref), (n, rows, cols)
-    assert op.cpu_extension().set_avx_vnni(True) is True     # the context managers restored the default
+        torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True, msg=str((n, rows, cols)))
+        assert torch.isnan(out[:, rows // 2]).all()
+    ext = op.cpu_extension()
+    assert ext.set_avx_vnni(True) is True and ext.set_avx512_vnni(True) is True  # the defaults were restored
 
 
-def test_avx_vnni_forward_at_one_token_equals_the_avx2_forward():
+@pytest.mark.parametrize("form", INTEGER_FORMS[1:])
+def test_vnni_forward_at_one_token_equals_the_avx2_forward(form):
     ex = random_overlay(8, 128, 64, (4, 6, 3), bias=True, activation="gpt_oss", factor_dtype=torch.bfloat16,
                         base="mxfp4")
     x = torch.randn(1, 128)
     ids, w = random_routing(1, 8, 4)
     with op.mxfp4_token_mode("int16"):
-        with op.cpu_avx_vnni(False):
+        with integer_form("avx2"):
             ref = overlay_moe_forward(x, ids, w, ex, backend="cpu")
-        with op.cpu_avx_vnni(True):
+        with integer_form(form):
             out = overlay_moe_forward(x, ids, w, ex, backend="cpu")
     assert torch.equal(out, ref)
 
