@@ -30,7 +30,8 @@ constexpr int kPanelRows = kLanes * kRowVecs;           // 32
 constexpr int64_t kGroupBytes = kPanelRows * 4;         // codes of 4 elements of every panel row: 128 bytes
 constexpr int kTileTokens = 4;                          // token rows per register tile
 // Token rows per pass over the panels: their packed bytes (5.6 KB per 2880-column row in kFixed16) stay in the
-// L2 while every panel meets them; each pass decodes the panels again (about 1 ms at [5760, 2880]).
+// L2 while every panel meets them, and the pack's memory stays bounded; each pass decodes the panels again
+// (about 1 ms at [5760, 2880]).
 constexpr int64_t kTokenChunk = 256;
 
 // Token rows as the GEMM reads them: per row, its block integers' bytes in element order (N = 256 hi + lo in
@@ -47,25 +48,33 @@ struct TokenPack {
 // the codes of group 2m in their low nibbles and of group 2m+1 in their high ones.
 constexpr int element_at(int i) { return (i & ~7) + 2 * (i & 3) + ((i >> 2) & 1); }
 
-// False when a row holds inf or NaN (nothing usable).
-bool pack_tokens(const float* x, int64_t n, int64_t cols, int mode, TokenPack& tp) {
+// True when none of the n values is inf or NaN (an exponent field of all ones).
+bool all_finite(const float* x, int64_t n) {
+  uint32_t bad = 0;
+  LZ_OMP(parallel for schedule(static) reduction(| : bad))
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, 4);
+    bad |= static_cast<uint32_t>((bits & 0x7F800000u) == 0x7F800000u);
+  }
+  return bad == 0;
+}
+
+// The n token rows (all finite) rounded and laid out for the tiles, into tp's reused buffers.
+void pack_tokens(const float* x, int64_t n, int64_t cols, int mode, TokenPack& tp) {
   const int64_t groups = cols / 32;
   tp.cols = cols;
   tp.groups = groups;
-  tp.hi.assign(static_cast<size_t>(n * cols), 0);
-  tp.lo.assign(mode == kTokensFixed16 ? static_cast<size_t>(n * cols) : 0, 0);
-  tp.half_scale.assign(static_cast<size_t>(n * groups), 0.0f);
-  tp.corr.assign(static_cast<size_t>(n * groups), 0);
-  bool ok = true;
-  LZ_OMP(parallel for schedule(static) reduction(&& : ok))
+  tp.hi.resize(static_cast<size_t>(n * cols));
+  tp.lo.resize(mode == kTokensFixed16 ? static_cast<size_t>(n * cols) : 0);
+  tp.half_scale.resize(static_cast<size_t>(n * groups));
+  tp.corr.resize(static_cast<size_t>(n * groups));
+  LZ_OMP(parallel for schedule(static))
   for (int64_t t = 0; t < n; ++t) {
     int32_t v[32];
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t at = t * cols + 32 * g;
-      if (!q8::quantize_block_fast(x + at, mode, v, &tp.half_scale[t * groups + g])) {
-        ok = false;
-        break;
-      }
+      q8::quantize_block_fast(x + at, mode, v, &tp.half_scale[t * groups + g]);  // finite: always true
       int32_t sum = 0;
       for (int i = 0; i < 32; ++i) {
         const int32_t e = v[element_at(i)];
@@ -81,7 +90,6 @@ bool pack_tokens(const float* x, int64_t n, int64_t cols, int mode, TokenPack& t
       tp.corr[t * groups + g] = q8::kCodeOffset * sum;
     }
   }
-  return ok;
 }
 
 #if defined(LAZARUS_AVX2_MATH)
@@ -208,10 +216,10 @@ LZ_TARGET_AVX512_VNNI void panel_tile(const uint8_t* codes, const float* wscale,
 }
 
 template <int Mode>
-void panel_times_tokens(const uint8_t* codes, const float* wscale, const TokenPack& tp, int64_t first, int64_t n,
-                        float* y, int64_t ldy, int64_t row0, int64_t rows) {
-  for (int64_t t0 = first; t0 < first + n; t0 += kTileTokens) {
-    switch (std::min<int64_t>(kTileTokens, first + n - t0)) {
+void panel_times_tokens(const uint8_t* codes, const float* wscale, const TokenPack& tp, int64_t n, float* y,
+                        int64_t ldy, int64_t row0, int64_t rows) {
+  for (int64_t t0 = 0; t0 < n; t0 += kTileTokens) {
+    switch (std::min<int64_t>(kTileTokens, n - t0)) {
       case 1: panel_tile<1, Mode>(codes, wscale, tp, t0, y, ldy, row0, rows); break;
       case 2: panel_tile<2, Mode>(codes, wscale, tp, t0, y, ldy, row0, rows); break;
       case 3: panel_tile<3, Mode>(codes, wscale, tp, t0, y, ldy, row0, rows); break;
@@ -232,24 +240,26 @@ bool mxfp4_gemm_q8_cpu(const StoredMatrix& w, const float* x, int64_t n, float* 
     for (int64_t i = 0; i < n; ++i) std::fill_n(y + i * ldy, w.rows, 0.0f);
     return true;
   }
-  TokenPack tp;
-  if (!pack_tokens(x, n, w.cols, tokens, tp)) return false;
+  if (!all_finite(x, n * w.cols)) return false;  // declining writes nothing: every row is checked first
   const int64_t groups = w.cols / 32, panels = (w.rows + kPanelRows - 1) / kPanelRows;
   const auto* blocks = static_cast<const uint8_t*>(w.data);
   std::vector<uint8_t> special(static_cast<size_t>(w.rows), 0);
-  LZ_OMP(parallel) {
-    std::vector<uint8_t> codes(static_cast<size_t>(8 * groups * kGroupBytes));
-    std::vector<float> wscale(static_cast<size_t>(groups * kPanelRows));
-    for (int64_t t0 = 0; t0 < n; t0 += kTokenChunk) {
-      const int64_t nt = std::min(kTokenChunk, n - t0);
+  TokenPack tp;  // one pass of at most kTokenChunk rows at a time: its memory stays bounded at any n
+  for (int64_t t0 = 0; t0 < n; t0 += kTokenChunk) {
+    const int64_t nt = std::min(kTokenChunk, n - t0);
+    pack_tokens(x + t0 * w.cols, nt, w.cols, tokens, tp);
+    float* yc = y + t0 * ldy;
+    LZ_OMP(parallel) {
+      std::vector<uint8_t> codes(static_cast<size_t>(8 * groups * kGroupBytes));
+      std::vector<float> wscale(static_cast<size_t>(groups * kPanelRows));
       LZ_OMP(for schedule(dynamic))
       for (int64_t p = 0; p < panels; ++p) {
         const int64_t row0 = p * kPanelRows;
         pack_panel(blocks, w.scales, groups, row0, w.rows, codes.data(), wscale.data(), special.data());
         if (tokens == kTokensFixed16) {
-          panel_times_tokens<kTokensFixed16>(codes.data(), wscale.data(), tp, t0, nt, y, ldy, row0, w.rows);
+          panel_times_tokens<kTokensFixed16>(codes.data(), wscale.data(), tp, nt, yc, ldy, row0, w.rows);
         } else {
-          panel_times_tokens<kTokensInt8>(codes.data(), wscale.data(), tp, t0, nt, y, ldy, row0, w.rows);
+          panel_times_tokens<kTokensInt8>(codes.data(), wscale.data(), tp, nt, yc, ldy, row0, w.rows);
         }
       }
     }

@@ -64,14 +64,16 @@ def test_gemm_rows_match_the_matrix_vector_kernel(mode):
 @needs_avx512_vnni
 def test_gemm_declines_rows_holding_inf_or_nan():
     # Like the matrix-vector kernel: an input row holding inf or NaN runs the exact fp32 path for the product
-    # (NaN and inf propagate to that row only); the extension call reports that it wrote nothing.
+    # (NaN and inf propagate to that row only); the extension call reports that it wrote nothing, also when the
+    # bad row sits in its second pass of 256 rows.
     kw = _mxfp4_weight(40, 96, seed=3)
-    x = torch.randn(20, 96)
-    x[2, 5] = float("nan")
-    x[7, 90] = float("inf")
-    y = torch.full((20, 40), -1.0)
-    assert not EXT.mxfp4_gemm(kw["blocks"].numpy(), kw["scales"].numpy(), 40, 96, x.numpy(), y.numpy(), 1)
-    assert (y == -1.0).all()
+    for n, bad in ((20, 7), (270, 265)):
+        x = torch.randn(n, 96)
+        x[2, 5] = float("nan")
+        x[bad, 90] = float("inf")
+        y = torch.full((n, 40), -1.0)
+        assert not EXT.mxfp4_gemm(kw["blocks"].numpy(), kw["scales"].numpy(), 40, 96, x.numpy(), y.numpy(), 1)
+        assert (y == -1.0).all()
     out = op.stored_matmul(x, **kw)
     torch.testing.assert_close(out, op.stored_matmul(x, **kw, mxfp4_tokens="fp32"), rtol=0, atol=0, equal_nan=True)
     assert torch.isnan(out[2]).all() and not torch.isnan(out[[0, 1, 3]]).any()
