@@ -208,6 +208,74 @@ ShrinkProblem shrink_problem(const py::array& b, int factor_format, int64_t expe
                        static_cast<float*>(s.mutable_data())};
 }
 
+// The weights of overlay_moe_small, checked once: a layer calls the one-call forward at every decode step, and
+// re-checking its 15 arrays each time (with its Python-side views) costs more than the arithmetic of small
+// layers. `keep` holds the arrays, so the pointers stay valid while the object lives.
+struct SmallLayer {
+  py::tuple keep;
+  Storage factors = Storage::kF32;
+  StoredMatrix base_gate_up{}, base_down{}, b_gate_up{}, b_down{};
+  const void* at_gate = nullptr;
+  const void* at_up = nullptr;
+  const void* at_down = nullptr;
+  const void* bias_gate = nullptr;
+  const void* bias_up = nullptr;
+  const void* bias_down = nullptr;
+  int64_t experts = 0, hidden = 0, inter = 0, rank_gate = 0, rank_up = 0, rank_down = 0;
+};
+
+SmallLayer small_layer(const py::array& gate_up_data, const py::object& gate_up_scales, const py::array& down_data,
+                       const py::object& down_scales, int base_format, const py::array& b_gate_up,
+                       const py::array& b_down, const py::array& at_gate, const py::array& at_up,
+                       const py::array& at_down, const py::object& bias_gate, const py::object& bias_up,
+                       const py::object& bias_down, int factor_format) {
+  SmallLayer L;
+  const Storage f = storage_format(factor_format);
+  if (f == Storage::kMXFP4) throw py::value_error("factor_format must be a dense format");
+  const int64_t E = dim(at_gate, "at_gate", 3, 0), rg = at_gate.shape(1), I = at_gate.shape(2);
+  const int64_t ru = dim(at_up, "at_up", 3, 1), rd = dim(at_down, "at_down", 3, 1), H = dim(at_down, "at_down", 3, 2);
+  L.base_gate_up = stored_matrix(gate_up_data, gate_up_scales, base_format, 2 * I, H);
+  L.base_down = stored_matrix(down_data, down_scales, base_format, H, I);
+  L.b_gate_up = stored_matrix(b_gate_up, py::none(), factor_format, E * (rg + ru), H);
+  L.b_down = stored_matrix(b_down, py::none(), factor_format, E * rd, I);
+  check_stored(at_gate, "at_gate", E * rg * I, f);
+  check_stored(at_up, "at_up", E * ru * I, f);
+  check_stored(at_down, "at_down", E * rd * H, f);
+  L.factors = f;
+  L.at_gate = at_gate.data();
+  L.at_up = at_up.data();
+  L.at_down = at_down.data();
+  L.bias_gate = optional_stored<void>(bias_gate, "bias_gate", E * I, f);
+  L.bias_up = optional_stored<void>(bias_up, "bias_up", E * I, f);
+  L.bias_down = optional_stored<void>(bias_down, "bias_down", E * H, f);
+  L.experts = E, L.hidden = H, L.inter = I, L.rank_gate = rg, L.rank_up = ru, L.rank_down = rd;
+  L.keep = py::make_tuple(gate_up_data, gate_up_scales, down_data, down_scales, b_gate_up, b_down, at_gate, at_up,
+                          at_down, bias_gate, bias_up, bias_down);
+  return L;
+}
+
+// The one-call forward of T tokens through a checked layer; x [T, H] and topk_weights [T, K] fp32, topk_ids
+// [T, K] int64 (each id checked here), y [T, H] written.
+void run_small(const SmallLayer& L, const float* x, const int64_t* topk_ids, const float* topk_weights, int64_t T,
+               int64_t K, int activation, float alpha, float limit, int tokens, float* y) {
+  if (tokens != kTokensFp32 && tokens != kTokensFixed16 && tokens != kTokensInt8)
+    throw py::value_error("tokens must be 0 (fp32), 1 (fixed16) or 2 (int8), got " + std::to_string(tokens));
+  if (activation != 0 && activation != 1) throw py::value_error("activation must be 0 (swiglu) or 1 (gpt_oss)");
+  if (T < 0 || K < 1) throw py::value_error("topk_ids must be [T, K >= 1] with T = x rows");
+  for (int64_t i = 0; i < T * K; ++i)
+    if (topk_ids[i] < 0 || topk_ids[i] >= L.experts) throw py::value_error("topk_ids holds an index out of range");
+  with_factor_type(L.factors, [&](auto tag) {
+    using F = decltype(tag);
+    const auto f = [](const void* p) { return static_cast<const F*>(p); };
+    const SmallForwardT<F> a{x, topk_ids, topk_weights, T, K, L.base_gate_up, L.base_down, L.b_gate_up, L.b_down,
+                             f(L.at_gate), f(L.at_up), f(L.at_down), f(L.bias_gate), f(L.bias_up), f(L.bias_down),
+                             L.experts, L.hidden, L.inter, L.rank_gate, L.rank_up, L.rank_down, activation, alpha,
+                             limit, tokens, y};
+    py::gil_scoped_release release;
+    overlay_moe_small_cpu(a);
+  });
+}
+
 }  // namespace
 
 void bind_overlay_moe(py::module_& m) {
@@ -310,38 +378,18 @@ void bind_overlay_moe(py::module_& m) {
          const py::array& at_down, const py::object& bias_gate, const py::object& bias_up,
          const py::object& bias_down, int factor_format, int activation, float alpha, float limit, int tokens,
          py::array y) {
-        if (tokens != kTokensFp32 && tokens != kTokensFixed16 && tokens != kTokensInt8)
-          throw py::value_error("tokens must be 0 (fp32), 1 (fixed16) or 2 (int8), got " + std::to_string(tokens));
-        const Storage f = storage_format(factor_format);
-        const int64_t T = dim(x, "x", 2, 0), H = x.shape(1), K = dim(topk_ids, "topk_ids", 2, 1);
-        const int64_t E = dim(at_gate, "at_gate", 3, 0), rg = at_gate.shape(1), I = at_gate.shape(2);
-        const int64_t ru = dim(at_up, "at_up", 3, 1), rd = dim(at_down, "at_down", 3, 1);
+        const SmallLayer L = small_layer(gate_up_data, gate_up_scales, down_data, down_scales, base_format, b_gate_up,
+                                         b_down, at_gate, at_up, at_down, bias_gate, bias_up, bias_down, factor_format);
+        const int64_t T = dim(x, "x", 2, 0), K = dim(topk_ids, "topk_ids", 2, 1);
+        if (x.shape(1) != L.hidden) throw py::value_error("x must be [T, H] with H = the layer's hidden size");
         if (K < 1 || topk_ids.shape(0) != T) throw py::value_error("topk_ids must be [T, K >= 1] with T = x rows");
-        if (activation != 0 && activation != 1) throw py::value_error("activation must be 0 (swiglu) or 1 (gpt_oss)");
-        check_array<float>(x, "x", T * H, "float32");
-        check_indices(topk_ids, "topk_ids", T * K, E);
+        check_array<float>(x, "x", T * L.hidden, "float32");
+        check_indices(topk_ids, "topk_ids", T * K, L.experts);
         check_array<float>(topk_weights, "topk_weights", T * K, "float32");
-        check_array<float>(y, "y", T * H, "float32");
+        check_array<float>(y, "y", T * L.hidden, "float32");
         check_writeable(y, "y");
-        const StoredMatrix base_gate_up = stored_matrix(gate_up_data, gate_up_scales, base_format, 2 * I, H);
-        const StoredMatrix base_down = stored_matrix(down_data, down_scales, base_format, H, I);
-        if (f == Storage::kMXFP4) throw py::value_error("factor_format must be a dense format");
-        const StoredMatrix bgu = stored_matrix(b_gate_up, py::none(), factor_format, E * (rg + ru), H);
-        const StoredMatrix bd = stored_matrix(b_down, py::none(), factor_format, E * rd, I);
-        check_stored(at_gate, "at_gate", E * rg * I, f);
-        check_stored(at_up, "at_up", E * ru * I, f);
-        check_stored(at_down, "at_down", E * rd * H, f);
-        with_factor_type(f, [&](auto tag) {
-          using F = decltype(tag);
-          const SmallForwardT<F> a{ptr<float>(x), ptr<int64_t>(topk_ids), ptr<float>(topk_weights), T, K,
-                                   base_gate_up, base_down, bgu, bd, ptr<F>(at_gate), ptr<F>(at_up), ptr<F>(at_down),
-                                   optional_stored<F>(bias_gate, "bias_gate", E * I, f),
-                                   optional_stored<F>(bias_up, "bias_up", E * I, f),
-                                   optional_stored<F>(bias_down, "bias_down", E * H, f), E, H, I, rg, ru, rd,
-                                   activation, alpha, limit, tokens, static_cast<float*>(y.mutable_data())};
-          py::gil_scoped_release release;
-          overlay_moe_small_cpu(a);
-        });
+        run_small(L, ptr<float>(x), ptr<int64_t>(topk_ids), ptr<float>(topk_weights), T, K, activation, alpha, limit,
+                  tokens, static_cast<float*>(y.mutable_data()));
       },
       py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("gate_up_data"), py::arg("gate_up_scales"),
       py::arg("down_data"), py::arg("down_scales"), py::arg("base_format"), py::arg("b_gate_up"), py::arg("b_down"),
@@ -350,6 +398,31 @@ void bind_overlay_moe(py::module_& m) {
       py::arg("tokens"), py::arg("y"),
       "The whole overlay MoE forward of a small batch in one parallel region: x [T, H], topk_ids [T, K] int64, "
       "topk_weights [T, K] fp32, bases as stored (base_format), factors and biases in factor_format; y [T, H].");
+  py::class_<SmallLayer>(m, "SmallLayer",
+                         "A layer's weights for the one-call small-batch forward, checked once (as overlay_moe_small "
+                         "checks them) and kept alive; forward() runs the layer.")
+      .def(py::init(&small_layer), py::arg("gate_up_data"), py::arg("gate_up_scales"), py::arg("down_data"),
+           py::arg("down_scales"), py::arg("base_format"), py::arg("b_gate_up"), py::arg("b_down"), py::arg("at_gate"),
+           py::arg("at_up"), py::arg("at_down"), py::arg("bias_gate"), py::arg("bias_up"), py::arg("bias_down"),
+           py::arg("factor_format"))
+      .def_readonly("hidden", &SmallLayer::hidden)
+      .def_readonly("experts", &SmallLayer::experts)
+      .def(
+          "forward",
+          [](const SmallLayer& L, uintptr_t x, uintptr_t topk_ids, uintptr_t topk_weights, int64_t T, int64_t K,
+             int activation, float alpha, float limit, int tokens, uintptr_t y) {
+            if (!x || !topk_ids || !topk_weights || !y) throw py::value_error("forward: a null data pointer");
+            run_small(L, reinterpret_cast<const float*>(x), reinterpret_cast<const int64_t*>(topk_ids),
+                      reinterpret_cast<const float*>(topk_weights), T, K, activation, alpha, limit, tokens,
+                      reinterpret_cast<float*>(y));
+          },
+          py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("tokens_T"), py::arg("top_k"),
+          py::arg("activation"), py::arg("alpha"), py::arg("limit"), py::arg("tokens"), py::arg("y"),
+          "overlay_moe_small on data pointers (Tensor.data_ptr()): x [T, hidden] and topk_weights [T, K] float32, "
+          "topk_ids [T, K] int64 (each id checked here), y [T, hidden] float32, all C-contiguous on the CPU. The "
+          "caller guarantees dtypes, shapes and contiguity (overlay_moe_forward checks them): a data pointer "
+          "carries none, which is why it is not what a user calls; it skips the numpy views, which cost 15-20 us "
+          "each at T=1 with the interpreter's state just evicted by the weights.");
   m.def(
       "overlay_gate_up_portable",
       [](const py::array& gu0, const py::array& s_gu, const py::array& pair_token, const py::array& pair_weight,

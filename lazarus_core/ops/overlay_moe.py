@@ -783,26 +783,31 @@ def _down_cpu(s_d, r: _Routing, ex: OverlayExperts, y, portable: bool = False):
         ext.overlay_down(*args, _FORMATS[ex.factor_dtype])
 
 
-_SMALL_ARGS = "_cpu_small_forward_args"  # instance attribute: the weight arguments of overlay_moe_small
+_SMALL_LAYER = "_cpu_small_layer"  # instance attribute: (its tensors, the extension's checked SmallLayer)
+
+
+def _small_layer(ex: OverlayExperts):
+    """The layer's weights as the extension's ``SmallLayer`` (checked once, holding numpy views of its tensors),
+    built once per OverlayExperts and rebuilt when any of its tensors was replaced: at T=1 converting and checking
+    15 tensors per call is a few percent of the forward."""
+    tensors = tuple(getattr(ex, name) for name in _SMALL_TENSORS)
+    cached = ex.__dict__.get(_SMALL_LAYER)
+    if cached is not None and all(a is b for a, b in zip(cached[0], tensors)):
+        return cached[1]
+    layer = cpu_extension().SmallLayer(*_small_weight_args(ex))
+    ex.__dict__[_SMALL_LAYER] = (tensors, layer)
+    return layer
 
 
 def _small_weight_args(ex: OverlayExperts) -> tuple:
-    """The layer's weight arguments of ``overlay_moe_small`` (numpy views of its tensors), built once per
-    OverlayExperts and rebuilt when any of its tensors was replaced: at T=1 converting 15 tensors per call is
-    a few percent of the forward."""
-    tensors = tuple(getattr(ex, name) for name in _SMALL_TENSORS)
-    cached = ex.__dict__.get(_SMALL_ARGS)
-    if cached is not None and all(a is b for a, b in zip(cached[0], tensors)):
-        return cached[1]
+    """The layer's weight arguments of ``overlay_moe_small`` / ``SmallLayer`` (numpy views of its tensors)."""
     if ex.base_format == "float":
         base = (_bits(ex.base_gate_up), None, _bits(ex.base_down), None, _FORMATS[ex.base_gate_up.dtype])
     else:
         base = (ex.base_gate_up_blocks.numpy(), ex.base_gate_up_scales.numpy(), ex.base_down_blocks.numpy(),
                 ex.base_down_scales.numpy(), _MXFP4)
-    args = (*base, _bits(ex.b_gate_up), _bits(ex.b_down), _bits(ex.at_gate), _bits(ex.at_up), _bits(ex.at_down),
+    return (*base, _bits(ex.b_gate_up), _bits(ex.b_down), _bits(ex.at_gate), _bits(ex.at_up), _bits(ex.at_down),
             _np(ex.bias_gate), _np(ex.bias_up), _np(ex.bias_down), _FORMATS[ex.factor_dtype])
-    ex.__dict__[_SMALL_ARGS] = (tensors, args)
-    return args
 
 
 _SMALL_TENSORS = ("base_gate_up", "base_down", "base_gate_up_blocks", "base_gate_up_scales", "base_down_blocks",
@@ -814,11 +819,13 @@ def _forward_small_cpu(xf: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
                        ex: OverlayExperts) -> torch.Tensor:
     """The whole forward of at most GEMV_MAX_ROWS tokens in ONE call and one parallel region of the extension
     (the pairs sorted there too): at T=1 the stages of the staged path cost more in calls and thread wake-ups
-    than in bytes."""
+    than in bytes. The inputs go as data pointers, checked by :func:`_check_inputs` and made contiguous in
+    their dtype here (numpy views would cost 15-20 us each with the interpreter's state just evicted)."""
+    ids, w = _contiguous_as(topk_ids, torch.int64), _contiguous_as(topk_weights, torch.float32)
+    t, k = ids.shape
     y = torch.empty_like(xf)
-    cpu_extension().overlay_moe_small(
-        xf.numpy(), _contiguous_as(topk_ids, torch.int64).numpy(), _contiguous_as(topk_weights, torch.float32).numpy(),
-        *_small_weight_args(ex), ACTIVATIONS[ex.activation], ex.alpha, ex.limit, _mxfp4_tokens(None), y.numpy())
+    _small_layer(ex).forward(xf.data_ptr(), ids.data_ptr(), w.data_ptr(), t, k, ACTIVATIONS[ex.activation], ex.alpha,
+                             ex.limit, _mxfp4_tokens(None), y.data_ptr())
     return y
 
 
@@ -841,17 +848,20 @@ _IMPLS = {
 
 def _check_inputs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, ex: OverlayExperts,
                   check_ids: bool = True) -> None:
+    # Each tensor attribute is read once: at T=1, with the interpreter's state just evicted by the weights, every
+    # read through torch's bindings costs microseconds.
     if not isinstance(ex, OverlayExperts):
         raise TypeError(f"overlay_moe_forward: experts must be an OverlayExperts, got {type(ex).__name__}")
-    if x.dim() != 2 or x.shape[1] != ex.hidden_size:
-        raise ValueError(f"overlay_moe_forward: x must be [T, {ex.hidden_size}], got {list(x.shape)}")
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or topk_ids.shape[1] < 1:
-        raise ValueError(f"overlay_moe_forward: topk_ids must be [T={x.shape[0]}, K>=1], got {list(topk_ids.shape)}")
-    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
-        raise TypeError(f"overlay_moe_forward: topk_ids must be an integer tensor, got {topk_ids.dtype}")
-    if tuple(topk_weights.shape) != tuple(topk_ids.shape):
-        raise ValueError(f"overlay_moe_forward: topk_weights {list(topk_weights.shape)} must match topk_ids "
-                         f"{list(topk_ids.shape)}")
+    xs, ids_shape, ws, hidden = x.shape, topk_ids.shape, topk_weights.shape, ex.hidden_size
+    if len(xs) != 2 or xs[1] != hidden:
+        raise ValueError(f"overlay_moe_forward: x must be [T, {hidden}], got {list(xs)}")
+    if len(ids_shape) != 2 or ids_shape[0] != xs[0] or ids_shape[1] < 1:
+        raise ValueError(f"overlay_moe_forward: topk_ids must be [T={xs[0]}, K>=1], got {list(ids_shape)}")
+    ids_dtype = topk_ids.dtype
+    if ids_dtype.is_floating_point or ids_dtype == torch.bool:
+        raise TypeError(f"overlay_moe_forward: topk_ids must be an integer tensor, got {ids_dtype}")
+    if ws != ids_shape:
+        raise ValueError(f"overlay_moe_forward: topk_weights {list(ws)} must match topk_ids {list(ids_shape)}")
     if check_ids and topk_ids.numel():
         lo, hi = (int(v) for v in torch.stack(torch.aminmax(topk_ids)).tolist())   # one device sync
         if lo < 0 or hi >= ex.num_experts:
@@ -908,13 +918,14 @@ def overlay_moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
         from lazarus_core.ops.overlay_moe_gpu import overlay_moe_forward_gpu
         return overlay_moe_forward_gpu(x, topk_ids, topk_weights, experts, impl)
     base_shrink, gate_up, down = impl
-    t, i = x.shape[0], experts.intermediate_size
+    t, dtype = x.shape[0], x.dtype
     if t == 0:
         return torch.zeros_like(x)
-    xf = _contiguous_as(x, torch.float32)
+    xf = x if dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
     if impl is _CPU_STAGES and t <= GEMV_MAX_ROWS:
         y = _forward_small_cpu(xf, topk_ids, topk_weights, experts)
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        return y if dtype == torch.float32 else y.to(dtype)
+    i = experts.intermediate_size
     r = _routing(topk_ids, topk_weights, experts.num_experts)
     # [T, 2I] base once per token, [P, rg+ru] grouped shrink
     gu0, s_gu = base_shrink(xf, experts, "gate_up", xf, r.pair_token, experts.b_gate_up, r)
