@@ -679,3 +679,25 @@ def test_one_call_binding_names_the_bad_argument():
     bad[-2] = 7                           # no such token mode
     with pytest.raises(ValueError, match="tokens"):
         cpu_extension().overlay_moe_small(*bad)
+    # The checked-once layer of the same weights: built from the weight arguments, checked as the binding checks
+    # them; its forward takes data pointers and still checks every id, the token mode and null pointers.
+    weights = args[3:17]
+    bad = list(weights)
+    bad[2] = ex.base_down_blocks[:-1].numpy()
+    with pytest.raises(ValueError, match="blocks"):
+        cpu_extension().SmallLayer(*bad)
+    layer = cpu_extension().SmallLayer(*weights)
+    assert (layer.hidden, layer.experts) == (64, 4)
+    y = torch.empty(2, 64)
+    ptrs = (x.data_ptr(), ids.data_ptr(), w.data_ptr(), 2, 2, 0, 1.0, 7.0)
+    layer.forward(*ptrs, 1, y.data_ptr())
+    expected = torch.empty(2, 64)
+    cpu_extension().overlay_moe_small(*args[:-1], expected.numpy())
+    assert torch.equal(y, expected)
+    with pytest.raises(ValueError, match="tokens"):
+        layer.forward(*ptrs, 7, y.data_ptr())
+    with pytest.raises(ValueError, match="null"):
+        layer.forward(*ptrs, 1, 0)
+    far = ids + 4
+    with pytest.raises(ValueError, match="topk_ids holds an index out of range"):
+        layer.forward(x.data_ptr(), far.data_ptr(), w.data_ptr(), 2, 2, 0, 1.0, 7.0, 1, y.data_ptr())
