@@ -88,6 +88,13 @@ class OverlayExperts:
             raise ValueError(f"OverlayExperts: activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         validate_overlay_experts(self)  # shapes, dtypes, devices, contiguity: once, before any kernel sees it
 
+    def __getstate__(self) -> dict:
+        """The fields for pickle / copy, without the CPU forward's cached extension object (which cannot be
+        pickled and holds views of these very tensors; the next forward builds it again)."""
+        state = dict(self.__dict__)
+        state.pop(_SMALL_LAYER, None)
+        return state
+
     @property
     def base_format(self) -> str:
         """``"float"`` (``base_gate_up``/``base_down`` set) or ``"mxfp4"`` (blocks + scales set)."""

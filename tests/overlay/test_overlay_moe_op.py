@@ -639,6 +639,28 @@ def test_one_call_weight_arguments_follow_replaced_tensors():
     _assert_matches(out, x, ids, w, ex)
 
 
+def test_a_layer_that_ran_still_pickles_and_copies():
+    # The one-call forward caches a checked extension object on the OverlayExperts; pickle, deepcopy and
+    # torch.save must not meet it, and the copy runs (building its own).
+    import copy
+    import io
+    import pickle
+
+    ex = random_overlay(4, 64, 32, (2, 2, 2), bias=True, activation="gpt_oss", factor_dtype=torch.bfloat16,
+                        base="mxfp4")
+    x = torch.randn(1, 64)
+    ids, w = random_routing(1, 4, 2)
+    y = overlay_moe_forward(x, ids, w, ex, backend="cpu")
+    assert op._SMALL_LAYER in ex.__dict__
+    buf = io.BytesIO()
+    torch.save(ex, buf)
+    for other in (copy.deepcopy(ex), pickle.loads(pickle.dumps(ex)), torch.load(io.BytesIO(buf.getvalue()),
+                                                                                  weights_only=False)):
+        assert op._SMALL_LAYER not in other.__dict__
+        assert torch.equal(overlay_moe_forward(x, ids, w, other, backend="cpu"), y)
+    assert op._SMALL_LAYER in ex.__dict__    # the original keeps its cache
+
+
 def test_one_call_forward_without_biases_and_zero_ranks():
     for ranks, bias in (((0, 0, 0), False), ((2, 0, 1), False)):
         ex = random_overlay(4, 64, 32, ranks, bias=bias, activation="swiglu", factor_dtype=torch.bfloat16,
