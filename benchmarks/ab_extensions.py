@@ -15,8 +15,9 @@ one for an older revision::
     python -m benchmarks.ab_extensions old=/tmp/lz-old/pkg/lazarus_core
 
 The installed build is always included (as ``current``, in every token mode asked for; other builds run their
-default integer mode, code 1); ``--forms both`` times the installed build's integer kernel in its AVX-VNNI and
-its AVX2 form (``set_avx_vnni``; the default ``native`` runs the widest form the CPU has). ``--cold`` flushes
+default integer mode, code 1); ``--forms both`` times the installed build's integer kernel in each form the CPU
+runs: AVX-512 VNNI, AVX-VNNI and AVX2 (``set_avx512_vnni``, ``set_avx_vnni``; the default ``native`` runs the
+widest). ``--cold`` flushes
 the layer's tensors from every cache level before every call (``harness.CacheFlusher``), so the 22 MB a call
 reads come from DRAM as they do when a many-layer model decodes. Prints the median milliseconds per build, and
 writes nothing.
@@ -60,7 +61,7 @@ def main() -> None:
                         help="flush the layer's tensors from the caches before every call")
     parser.add_argument("--modes", default="int16,int8", help="token modes of the installed build")
     parser.add_argument("--forms", choices=("native", "both"), default="native",
-                        help="both: the installed build's AVX-VNNI and AVX2 forms of the integer kernel")
+                        help="both: every form of the installed build's integer kernel this CPU runs")
     args = parser.parse_args()
 
     from benchmarks.bench_overlay_moe import H, _routing, _tensors, make_overlay
@@ -74,7 +75,10 @@ def main() -> None:
     call_args = (x.numpy(), ids.numpy(), w.to(torch.float32).numpy(), *op._small_weight_args(ov),
                  op.ACTIVATIONS[ov.activation], ov.alpha, ov.limit, y.numpy())
     current = op.cpu_extension()
-    forms = {"native": None} if args.forms == "native" else {"avx_vnni": True, "avx2": False}
+    # (avx_vnni allowed, avx512_vnni allowed) per form; the AVX-512 one where the CPU has it
+    forms = {"native": None} if args.forms == "native" else {
+        **({"avx512_vnni": (True, True)} if current.cpu_has_avx512_vnni() else {}),
+        "avx_vnni": (True, False), "avx2": (False, False)}
     if args.forms == "both" and not current.cpu_has_avx_vnni():
         raise SystemExit("ab_extensions: --forms both needs a CPU with AVX-VNNI")
     variants = {f"current {m}" + ("" if vnni is None else f" {form}"): (current, op._MXFP4_TOKEN_MODES[m], vnni)
@@ -89,13 +93,15 @@ def main() -> None:
     for _ in range(args.rounds):
         for key, (ext, mode, vnni) in variants.items():
             if vnni is not None:
-                ext.set_avx_vnni(vnni)
+                ext.set_avx_vnni(vnni[0])
+                ext.set_avx512_vnni(vnni[1])
             if evict is not None:
                 evict()
             t0 = time.perf_counter()
             _call(ext, call_args, mode)
             times[key].append(time.perf_counter() - t0)
     current.set_avx_vnni(True)
+    current.set_avx512_vnni(True)
     state = (f"its {evict.nbytes / 1e6:.0f} MB flushed from the caches" if evict is not None
              else "call repeated (the layer stays in cache)")
     print(f"overlay_moe_small, T=1, {state}, median of {args.rounds - 20} rounds:")

@@ -203,12 +203,7 @@ bool quantize_for_mxfp4_q8(const float* x, int64_t cols, int mode, bool wide, in
   std::fill(half_scale, half_scale + q8_scale_slots(groups), 0.0f);
   int32_t n[32];
   for (int64_t g = 0; g < groups; ++g) {
-#if defined(LAZARUS_AVX2_MATH)  // callers checked the CPU (the integer kernel is AVX2 only)
-    const bool ok = q8::quantize_block_avx2(x + 32 * g, mode, n, half_scale + g);
-#else
-    const bool ok = q8::quantize_block(x + 32 * g, mode, n, half_scale + g);
-#endif
-    if (!ok) return false;
+    if (!q8::quantize_block_fast(x + 32 * g, mode, n, half_scale + g)) return false;
     const int64_t p = g / 2;
     int8_t* pair = wide ? q + (p / 2) * 2 * pair_bytes + 32 * (p % 2) : q + p * pair_bytes;
     const int slot_stride = wide ? 64 : 32;  // bytes from one 32-byte slot of the pair to the next

@@ -568,6 +568,17 @@ def mxfp4_token_mode(mode: str | None):
 
 
 @contextlib.contextmanager
+def _cpu_switch(setter: str, allowed: bool):
+    """Set one of the extension's form switches (``set_avx_vnni``, ``set_avx512_vnni``) for the block."""
+    set_form = getattr(cpu_extension(), setter)
+    saved = set_form(bool(allowed))
+    try:
+        yield
+    finally:
+        set_form(saved)
+
+
+@contextlib.contextmanager
 def cpu_avx_vnni(allowed: bool):
     """Run the block with the AVX-VNNI forms of the CPU kernels allowed or forbidden (restored after).
 
@@ -581,12 +592,8 @@ def cpu_avx_vnni(allowed: bool):
     allowed : bool
         False runs the AVX2 forms; True (the default state) the AVX-VNNI forms where the CPU has them.
     """
-    ext = cpu_extension()
-    saved = ext.set_avx_vnni(bool(allowed))
-    try:
+    with _cpu_switch("set_avx_vnni", allowed):
         yield
-    finally:
-        ext.set_avx_vnni(saved)
 
 
 @contextlib.contextmanager
@@ -604,12 +611,8 @@ def cpu_avx512_vnni(allowed: bool):
     allowed : bool
         False runs the other paths; True (the default state) the AVX-512 VNNI forms where the CPU has them.
     """
-    ext = cpu_extension()
-    saved = ext.set_avx512_vnni(bool(allowed))
-    try:
+    with _cpu_switch("set_avx512_vnni", allowed):
         yield
-    finally:
-        ext.set_avx512_vnni(saved)
 
 
 def _mxfp4_tokens(mode: str | None) -> int:
