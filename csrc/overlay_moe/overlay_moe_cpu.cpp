@@ -439,17 +439,21 @@ void overlay_moe_small_cpu(const SmallForwardT<F>& a) {
     pair_token[p] = slot / K;
     pair_weight[p] = a.topk_weights[slot];
   }
-  std::vector<float> gu0(static_cast<size_t>(T * 2 * I)), s_gu(static_cast<size_t>(P * rgu)),
-      h(static_cast<size_t>(P * I)), hw(static_cast<size_t>(T * I)), s_d(static_cast<size_t>(P * rd));
+  // Every element of these is written before it is read, except hw (the activation stage accumulates into it):
+  // left uninitialised, as zero-filling them cost microseconds of cold stores at T=1.
+  const PairBuffer gu0(T, 2 * I), s_gu(P, rgu), h(P, I), s_d(P, rd);
+  std::vector<float> hw(static_cast<size_t>(T * I));
   MatvecShrinkPlan gate_up_products(
-      MatvecProblem{a.base_gate_up, a.x, nullptr, T, gu0.data(), 2 * I, a.token_mode},
-      ShrinkProblem{a.b_gate_up, rgu, offsets.data(), E, P, a.x, pair_token.data(), s_gu.data()});
+      MatvecProblem{a.base_gate_up, a.x, nullptr, T, gu0.data.get(), 2 * I, a.token_mode},
+      ShrinkProblem{a.b_gate_up, rgu, offsets.data(), E, P, a.x, pair_token.data(), s_gu.data.get()});
   MatvecShrinkPlan down_products(MatvecProblem{a.base_down, hw.data(), nullptr, T, a.y, H, a.token_mode},
-                                 ShrinkProblem{a.b_down, rd, offsets.data(), E, P, h.data(), nullptr, s_d.data()});
-  const OverlayGateUpArgsT<F> gate_up{gu0.data(), s_gu.data(), pair_token.data(), pair_weight.data(), offsets.data(),
-                                      a.at_gate, a.at_up, a.bias_gate, a.bias_up, T, I, P, E, a.rank_gate, a.rank_up,
-                                      a.activation, a.alpha, a.limit, h.data(), hw.data()};
-  const OverlayDownArgsT<F> down{s_d.data(), pair_token.data(), pair_weight.data(), offsets.data(), a.at_down,
+                                 ShrinkProblem{a.b_down, rd, offsets.data(), E, P, h.data.get(), nullptr,
+                                               s_d.data.get()});
+  const OverlayGateUpArgsT<F> gate_up{gu0.data.get(), s_gu.data.get(), pair_token.data(), pair_weight.data(),
+                                      offsets.data(), a.at_gate, a.at_up, a.bias_gate, a.bias_up, T, I, P, E,
+                                      a.rank_gate, a.rank_up, a.activation, a.alpha, a.limit, h.data.get(),
+                                      hw.data()};
+  const OverlayDownArgsT<F> down{s_d.data.get(), pair_token.data(), pair_weight.data(), offsets.data(), a.at_down,
                                  a.bias_down, T, H, P, E, rd, a.y};
   gate_up_products.prepare_inputs();
   const int64_t n1 = gate_up_products.items(), n3 = down_products.items();

@@ -195,6 +195,45 @@ int64_t q8_pair_bytes(int mode) { return mode == kTokensFixed16 ? 128 : 64; }
 int64_t q8_scale_slots(int64_t groups) { return (groups + 7) / 8 * 8; }
 int64_t q8_pairs(int64_t groups, bool wide) { return wide ? (groups + 3) / 4 * 2 : (groups + 1) / 2; }
 
+#if defined(LAZARUS_AVX2_MATH)
+// One block's 32 integers n (int8 range) as bytes: even elements to even[0..16), odd ones to odd[0..16).
+LZ_TARGET_AVX2 inline void store_even_odd(__m256i n0, __m256i n1, __m256i n2, __m256i n3, int8_t* even,
+                                          int8_t* odd) {
+  // packs: per 128-bit lane dwords [n0 | n1 | n2 | n3] of elements 0-3 (lane 0) and 4-7 (lane 1) of each.
+  const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(n0, n1), _mm256_packs_epi32(n2, n3));
+  const __m256i ordered = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  const __m256i split = _mm256_shuffle_epi8(
+      ordered, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+  const __m256i eo = _mm256_permute4x64_epi64(split, 0xD8);  // [even 0-15 | even 16-31 | odd 0-15 | odd 16-31]
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(even), _mm256_castsi256_si128(eo));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(odd), _mm256_extracti128_si256(eo, 1));
+}
+
+// quantize_for_mxfp4_q8's placement of one block's integers n[32] in registers (the same bytes and corr lanes
+// as its scalar loop): slot k of the pair at pair + k * slot_stride, the block's half at byte offset `half`.
+LZ_TARGET_AVX2 inline void place_block_avx2(const int32_t* n, int mode, int8_t* pair, int slot_stride, int half,
+                                            int32_t* lanes) {
+  __m256i v[4];
+  for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(n + 8 * j));
+  if (mode == kTokensFixed16) {
+    __m256i hi[4], lo[4];
+    for (int j = 0; j < 4; ++j) {  // hi = floor((N + 128) / 256), lo = N - 256 hi
+      hi[j] = _mm256_srai_epi32(_mm256_add_epi32(v[j], _mm256_set1_epi32(128)), 8);
+      lo[j] = _mm256_sub_epi32(v[j], _mm256_slli_epi32(hi[j], 8));
+    }
+    store_even_odd(hi[0], hi[1], hi[2], hi[3], pair + half, pair + slot_stride + half);
+    store_even_odd(lo[0], lo[1], lo[2], lo[3], pair + 2 * slot_stride + half, pair + 3 * slot_stride + half);
+  } else {
+    store_even_odd(v[0], v[1], v[2], v[3], pair + half, pair + slot_stride + half);
+  }
+  // lanes[l] = kCodeOffset * (sum of elements 8l..8l+7): exact in int32.
+  const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  const __m128i sums = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(lanes), _mm_mullo_epi32(sums, _mm_set1_epi32(kCodeOffset)));
+}
+#endif
+
 bool quantize_for_mxfp4_q8(const float* x, int64_t cols, int mode, bool wide, int8_t* q, float* half_scale,
                            int32_t* corr) {
   const int64_t groups = cols / 32, pairs = q8_pairs(groups, wide), pair_bytes = q8_pair_bytes(mode);
@@ -210,6 +249,12 @@ bool quantize_for_mxfp4_q8(const float* x, int64_t cols, int mode, bool wide, in
     const auto put = [&](int at, int32_t v) { pair[(at / 32) * slot_stride + at % 32] = static_cast<int8_t>(v); };
     int32_t* lanes = corr + p * 8 + (g % 2) * 4;
     const int half = static_cast<int>(g % 2) * 16;
+#if defined(LAZARUS_AVX2_MATH)
+    if (use_avx2()) {
+      place_block_avx2(n, mode, pair, slot_stride, half, lanes);
+      continue;
+    }
+#endif
     for (int i = 0; i < 32; ++i) {
       const int at = 32 * (i % 2) + half + i / 2;
       if (mode == kTokensFixed16) {

@@ -88,11 +88,19 @@ class OverlayExperts:
             raise ValueError(f"OverlayExperts: activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         validate_overlay_experts(self)  # shapes, dtypes, devices, contiguity: once, before any kernel sees it
 
+    def __setattr__(self, name: str, value) -> None:
+        # Assigning any field drops what the forward caches on the layer (the CPU forward's SmallLayer holds views
+        # of the old tensors), so the forward checks its caches with one dict lookup each.
+        for key in _LAYER_CACHES:
+            self.__dict__.pop(key, None)
+        object.__setattr__(self, name, value)
+
     def __getstate__(self) -> dict:
         """The fields for pickle / copy, without the CPU forward's cached extension object (which cannot be
         pickled and holds views of these very tensors; the next forward builds it again)."""
         state = dict(self.__dict__)
-        state.pop(_SMALL_LAYER, None)
+        for key in _LAYER_CACHES:
+            state.pop(key, None)
         return state
 
     @property
@@ -793,19 +801,19 @@ def _down_cpu(s_d, r: _Routing, ex: OverlayExperts, y, portable: bool = False):
         ext.overlay_down(*args, _FORMATS[ex.factor_dtype])
 
 
-_SMALL_LAYER = "_cpu_small_layer"  # instance attribute: (its tensors, the extension's checked SmallLayer)
+_SMALL_LAYER = "_cpu_small_layer"  # instance attribute: the extension's checked SmallLayer
+_LAYER_META = "_forward_meta"      # instance attribute: (hidden size, number of experts, on the CPU)
+_LAYER_CACHES = (_SMALL_LAYER, _LAYER_META)
+_CPU = torch.device("cpu")
 
 
 def _small_layer(ex: OverlayExperts):
     """The layer's weights as the extension's ``SmallLayer`` (checked once, holding numpy views of its tensors),
-    built once per OverlayExperts and rebuilt when any of its tensors was replaced: at T=1 converting and checking
-    15 tensors per call is a few percent of the forward."""
-    tensors = tuple(getattr(ex, name) for name in _SMALL_TENSORS)
-    cached = ex.__dict__.get(_SMALL_LAYER)
-    if cached is not None and all(a is b for a, b in zip(cached[0], tensors)):
-        return cached[1]
-    layer = cpu_extension().SmallLayer(*_small_weight_args(ex))
-    ex.__dict__[_SMALL_LAYER] = (tensors, layer)
+    built once per OverlayExperts and dropped by ``OverlayExperts.__setattr__`` when a field is assigned (a
+    replaced tensor): at T=1 converting and checking 15 tensors per call is a few percent of the forward."""
+    layer = ex.__dict__.get(_SMALL_LAYER)
+    if layer is None:
+        layer = ex.__dict__[_SMALL_LAYER] = cpu_extension().SmallLayer(*_small_weight_args(ex))
     return layer
 
 
@@ -818,11 +826,6 @@ def _small_weight_args(ex: OverlayExperts) -> tuple:
                 ex.base_down_scales.numpy(), _MXFP4)
     return (*base, _bits(ex.b_gate_up), _bits(ex.b_down), _bits(ex.at_gate), _bits(ex.at_up), _bits(ex.at_down),
             _np(ex.bias_gate), _np(ex.bias_up), _np(ex.bias_down), _FORMATS[ex.factor_dtype])
-
-
-_SMALL_TENSORS = ("base_gate_up", "base_down", "base_gate_up_blocks", "base_gate_up_scales", "base_down_blocks",
-                  "base_down_scales", "b_gate_up", "b_down", "at_gate", "at_up", "at_down", "bias_gate", "bias_up",
-                  "bias_down")
 
 
 def _forward_small_cpu(xf: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -857,12 +860,16 @@ _IMPLS = {
 
 
 def _check_inputs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, ex: OverlayExperts,
-                  check_ids: bool = True) -> None:
+                  check_ids: bool = True) -> torch.device:
     # Each tensor attribute is read once: at T=1, with the interpreter's state just evicted by the weights, every
     # read through torch's bindings costs microseconds.
     if not isinstance(ex, OverlayExperts):
         raise TypeError(f"overlay_moe_forward: experts must be an OverlayExperts, got {type(ex).__name__}")
-    xs, ids_shape, ws, hidden = x.shape, topk_ids.shape, topk_weights.shape, ex.hidden_size
+    meta = ex.__dict__.get(_LAYER_META)
+    if meta is None:
+        meta = ex.__dict__[_LAYER_META] = (ex.hidden_size, ex.num_experts, ex.device.type == "cpu")
+    hidden, num_experts, layer_on_cpu = meta
+    xs, ids_shape, ws = x.shape, topk_ids.shape, topk_weights.shape
     if len(xs) != 2 or xs[1] != hidden:
         raise ValueError(f"overlay_moe_forward: x must be [T, {hidden}], got {list(xs)}")
     if len(ids_shape) != 2 or ids_shape[0] != xs[0] or ids_shape[1] < 1:
@@ -874,11 +881,27 @@ def _check_inputs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
         raise ValueError(f"overlay_moe_forward: topk_weights {list(ws)} must match topk_ids {list(ids_shape)}")
     if check_ids and topk_ids.numel():
         lo, hi = (int(v) for v in torch.stack(torch.aminmax(topk_ids)).tolist())   # one device sync
-        if lo < 0 or hi >= ex.num_experts:
-            raise ValueError(f"overlay_moe_forward: topk_ids must be in [0, {ex.num_experts}), got [{lo}, {hi}]")
-    devices = {x.device, topk_ids.device, topk_weights.device, ex.device}
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"overlay_moe_forward: topk_ids must be in [0, {num_experts}), got [{lo}, {hi}]")
+    if layer_on_cpu and x.is_cpu and topk_ids.is_cpu and topk_weights.is_cpu:  # no torch.device objects made
+        return _CPU
+    device = x.device
+    devices = {device, topk_ids.device, topk_weights.device, ex.device}
     if len(devices) != 1:
         raise ValueError(f"overlay_moe_forward: tensors are on different devices: {sorted(map(str, devices))}")
+    return device
+
+
+_CPU_SELECTED: dict = {}  # backend name -> the implementation select_backend gave for CPU tensors
+
+
+def _cpu_impl(backend: str):
+    """``select_backend`` for CPU tensors, remembered per backend name after its first success (at T=1 the
+    selection's Python, run with the interpreter's state just evicted by the weights, cost about 14 us a call)."""
+    impl = _CPU_SELECTED.get(backend)
+    if impl is None:
+        impl = _CPU_SELECTED[backend] = select_backend("overlay_moe_forward", backend, _CPU, _IMPLS)
+    return impl
 
 
 def overlay_moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: OverlayExperts,
@@ -922,8 +945,9 @@ def overlay_moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
         from lazarus_core.ops.overlay_moe_op import overlay_moe_op
 
         return overlay_moe_op(x, topk_ids, topk_weights, experts, backend=backend, check_ids=check_ids)
-    _check_inputs(x, topk_ids, topk_weights, experts, check_ids)
-    impl = select_backend("overlay_moe_forward", backend, x.device, _IMPLS)
+    device = _check_inputs(x, topk_ids, topk_weights, experts, check_ids)
+    impl = _cpu_impl(backend) if device.type == "cpu" else select_backend("overlay_moe_forward", backend, device,
+                                                                          _IMPLS)
     if isinstance(impl, str):
         from lazarus_core.ops.overlay_moe_gpu import overlay_moe_forward_gpu
         return overlay_moe_forward_gpu(x, topk_ids, topk_weights, experts, impl)

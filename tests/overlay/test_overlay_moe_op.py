@@ -623,6 +623,17 @@ def test_one_call_forward_equals_the_staged_path(monkeypatch, mode, base, factor
     _assert_matches(out, x, ids, w, ex, rel_floor=rel)
 
 
+def test_inputs_on_another_device_are_refused():
+    # The CPU fast path of the device check (is_cpu flags) must still refuse a tensor elsewhere, naming both.
+    ex = random_overlay(4, 64, 32, (2, 2, 2), bias=True, activation="gpt_oss", factor_dtype=torch.bfloat16,
+                        base="mxfp4")
+    x = torch.randn(1, 64)
+    ids, w = random_routing(1, 4, 2)
+    for args in ((x.to("meta"), ids, w), (x, ids.to("meta"), w), (x, ids, w.to("meta"))):
+        with pytest.raises(ValueError, match=r"different devices: \['cpu', 'meta'\]"):
+            overlay_moe_forward(*args, ex, backend="cpu", check_ids=False)
+
+
 def test_one_call_weight_arguments_follow_replaced_tensors():
     # The extension's weight arguments are cached per OverlayExperts: replacing a tensor must not leave the
     # forward reading the old one.
@@ -632,7 +643,9 @@ def test_one_call_weight_arguments_follow_replaced_tensors():
     ids, w = random_routing(2, 6, 2)
     first = overlay_moe_forward(x, ids, w, ex, backend="cpu")
     assert torch.equal(overlay_moe_forward(x, ids, w, ex, backend="cpu"), first)  # the cached arguments
+    assert all(key in ex.__dict__ for key in op._LAYER_CACHES)
     ex.at_down = (ex.at_down.float() * 3).to(ex.at_down.dtype)
+    assert not any(key in ex.__dict__ for key in op._LAYER_CACHES)  # assigning a field drops every cache
     ex.bias_up = torch.zeros_like(ex.bias_up)
     out = overlay_moe_forward(x, ids, w, ex, backend="cpu")
     assert not torch.equal(out, first)
@@ -656,7 +669,7 @@ def test_a_layer_that_ran_still_pickles_and_copies():
     torch.save(ex, buf)
     for other in (copy.deepcopy(ex), pickle.loads(pickle.dumps(ex)), torch.load(io.BytesIO(buf.getvalue()),
                                                                                   weights_only=False)):
-        assert op._SMALL_LAYER not in other.__dict__
+        assert not any(key in other.__dict__ for key in op._LAYER_CACHES)
         assert torch.equal(overlay_moe_forward(x, ids, w, other, backend="cpu"), y)
     assert op._SMALL_LAYER in ex.__dict__    # the original keeps its cache
 
