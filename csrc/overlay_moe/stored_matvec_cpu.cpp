@@ -30,7 +30,19 @@ constexpr int64_t kRowsPerItem = 16;  // weight rows per OpenMP work item of the
 // Base rows per work item: long runs keep each thread's stream contiguous for the prefetchers (a 2880-column
 // MXFP4 row is 1.5 KB), and 5760 rows still make 90 items for the dynamic schedule to balance.
 constexpr int64_t kBaseRowsPerItem = 64;
-constexpr int64_t kStreamAhead = 2048;  // software prefetch distance along a streamed weight row
+constexpr int64_t kStreamAhead = 2048;  // software prefetch distance along a streamed weight row (into L1)
+constexpr int64_t kStreamAheadL2 = 8192;  // and the farther one into L2
+
+// The two 64-byte lines at p + kStreamAhead into L1 and at p + kStreamAheadL2 into L2 (prefetcht2), for a row
+// streamed from DRAM. Measured: the T=1 forward 2-4 % faster than with the L1 prefetch alone (interleaved A/B,
+// flushed, four runs); an L2 prefetch alone or 4 or 16 KB ahead did worse. Presumably an L1 prefetch holds one
+// of the core's few L1 miss buffers until its line comes, briefly when the line is already in L2.
+inline void prefetch_stream(const char* p) {
+  _mm_prefetch(p + kStreamAhead, _MM_HINT_T0);
+  _mm_prefetch(p + kStreamAhead + 64, _MM_HINT_T0);
+  _mm_prefetch(p + kStreamAheadL2, _MM_HINT_T2);
+  _mm_prefetch(p + kStreamAheadL2 + 64, _MM_HINT_T2);
+}
 
 // ---- matrix-vector products of stored weights: out[t] = dot(W row, x[t]) for nt <= kMaxTokens token rows.
 
