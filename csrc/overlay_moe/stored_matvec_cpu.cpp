@@ -107,8 +107,11 @@ LZ_TARGET_AVX2 void row_group_dots_avx2(const F* w, int64_t ld, const float* x, 
   const int64_t cols = ld;
   __m256 acc[kDotRows][2];
   for (int i = 0; i < kDotRows; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  constexpr int64_t kPairCols = 128 / sizeof(F);  // columns of the two lines one prefetch_stream covers
   int64_t c = 0;
   for (; c + 16 <= cols; c += 16) {
+    if (c % kPairCols == 0)  // the factor rows stream from DRAM at T=1 (-1 to -2 % on the forward, A/B)
+      for (int i = 0; i < kDotRows; ++i) prefetch_stream(reinterpret_cast<const char*>(w + i * ld + c));
     const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
     for (int i = 0; i < kDotRows; ++i) {
       acc[i][0] = _mm256_fmadd_ps(simd::load8(w + i * ld + c), x0, acc[i][0]);
