@@ -456,6 +456,7 @@ void overlay_moe_small_cpu(const SmallForwardT<F>& a) {
   const OverlayDownArgsT<F> down{s_d.data.get(), pair_token.data(), pair_weight.data(), offsets.data(), a.at_down,
                                  a.bias_down, T, H, P, E, rd, a.y};
   gate_up_products.prepare_inputs();
+  down_products.layout_inputs();  // its base input hw is rounded block by block as the activation finishes it
   const int64_t n1 = gate_up_products.items(), n3 = down_products.items();
   const int64_t gate_up_blocks = column_blocks(I), down_blocks = column_blocks(H);
   const bool by_rows = rows_expand(P);
@@ -466,18 +467,34 @@ void overlay_moe_small_cpu(const SmallForwardT<F>& a) {
   // The products' items are runs of consecutive base rows (then the shrinks'): the guided schedule hands each
   // thread long contiguous stretches first, so its stream jumps a few times instead of at every item (-2 % at
   // T=1 against dynamic, flushed), and still balances with small items at the end.
+  // Each column block of the activation also rounds those columns of hw for the down product (they are final
+  // once the block has run every pair), instead of one thread rounding all of hw while the others wait.
+  bool finite = true;  // every block of hw finite: the rounded rows are usable
+  const auto fill_hw = [&](int64_t b) {
+    return down_products.fill_base_inputs(b * kCols, std::min(I, (b + 1) * kCols));
+  };
   LZ_OMP(parallel)
   {
     LZ_OMP(for schedule(guided))
     for (int64_t it = 0; it < n1; ++it) gate_up_products.run(it);
     if (by_rows) {
-      share_rows(gate_up_rows);
-    } else {
+      const int64_t items = gate_up_rows.items();
       LZ_OMP(for schedule(dynamic))
-      for (int64_t b = 0; b < gate_up_blocks; ++b) gate_up_block(gate_up, b);
+      for (int64_t it = 0; it < items; ++it) gate_up_rows.run_item(it);
+      LZ_OMP(for schedule(dynamic) reduction(&& : finite))
+      for (int64_t b = 0; b < gate_up_blocks; ++b) {
+        gate_up_rows.run_block(b);
+        finite = fill_hw(b) && finite;
+      }
+    } else {
+      LZ_OMP(for schedule(dynamic) reduction(&& : finite))
+      for (int64_t b = 0; b < gate_up_blocks; ++b) {
+        gate_up_block(gate_up, b);
+        finite = fill_hw(b) && finite;
+      }
     }
     LZ_OMP(single)
-    down_products.prepare_inputs();
+    down_products.commit_inputs(finite);
     LZ_OMP(for schedule(guided))
     for (int64_t it = 0; it < n3; ++it) down_products.run(it);
     if (by_rows) {

@@ -249,14 +249,13 @@ LZ_TARGET_AVX2 inline void place_block_avx2(const int32_t* n, int mode, int8_t* 
 }
 #endif
 
-bool quantize_for_mxfp4_q8(const float* x, int64_t cols, int mode, bool wide, int8_t* q, float* half_scale,
-                           int32_t* corr) {
-  const int64_t groups = cols / 32, pairs = q8_pairs(groups, wide), pair_bytes = q8_pair_bytes(mode);
-  std::memset(q, 0, static_cast<size_t>(pairs * pair_bytes));
-  std::memset(corr, 0, sizeof(int32_t) * static_cast<size_t>(pairs * 8));
-  std::fill(half_scale, half_scale + q8_scale_slots(groups), 0.0f);
+// Blocks [g0, g1) of one row into its zeroed layout (quantize_for_mxfp4_q8 without the clearing): disjoint block
+// ranges of a row may be filled by different threads.
+bool quantize_blocks_for_mxfp4_q8(const float* x, int64_t g0, int64_t g1, int mode, bool wide, int8_t* q,
+                                  float* half_scale, int32_t* corr) {
+  const int64_t pair_bytes = q8_pair_bytes(mode);
   int32_t n[32];
-  for (int64_t g = 0; g < groups; ++g) {
+  for (int64_t g = g0; g < g1; ++g) {
     if (!q8::quantize_block_fast(x + 32 * g, mode, n, half_scale + g)) return false;
     const int64_t p = g / 2;
     int8_t* pair = wide ? q + (p / 2) * 2 * pair_bytes + 32 * (p % 2) : q + p * pair_bytes;
@@ -283,6 +282,15 @@ bool quantize_for_mxfp4_q8(const float* x, int64_t cols, int mode, bool wide, in
     }
   }
   return true;
+}
+
+bool quantize_for_mxfp4_q8(const float* x, int64_t cols, int mode, bool wide, int8_t* q, float* half_scale,
+                           int32_t* corr) {
+  const int64_t groups = cols / 32, pairs = q8_pairs(groups, wide);
+  std::memset(q, 0, static_cast<size_t>(pairs * q8_pair_bytes(mode)));
+  std::memset(corr, 0, sizeof(int32_t) * static_cast<size_t>(pairs * 8));
+  std::fill(half_scale, half_scale + q8_scale_slots(groups), 0.0f);
+  return quantize_blocks_for_mxfp4_q8(x, 0, groups, mode, wide, q, half_scale, corr);
 }
 
 struct Q8Row {
@@ -420,35 +428,68 @@ struct TokenRows {
   bool quantized() const { return !q8_rows.empty(); }
 
   void prepare(const StoredMatrix& w, const float* x, const int64_t* x_rows, int64_t n, int tokens) {
+    layout(w, x, x_rows, n, tokens);
+    commit(fill(0, w.cols / 32));
+  }
+
+  // prepare() in three steps, for token rows an earlier stage of the same parallel region writes block by block:
+  // layout() sizes and clears the buffers (nothing read from x yet), fill(g0, g1) permutes and rounds blocks
+  // [g0, g1) of every row (threads may fill disjoint ranges; false when one holds inf or NaN), commit(finite)
+  // makes the rounded rows usable when every block was finite (else the fp32 form alone is used).
+  void layout(const StoredMatrix& w, const float* x, const int64_t* x_rows, int64_t n, int tokens) {
     const auto row = [&](int64_t i) { return x + (x_rows ? x_rows[i] : i) * w.cols; };
     f32.assign(static_cast<size_t>(n), nullptr);
+    src.assign(static_cast<size_t>(n), nullptr);
     q8.clear();
     q8_rows.clear();
     mode = tokens;
-    if (w.format != Storage::kMXFP4 || !use_avx2()) {
+    cols = w.cols;
+    mxfp4 = w.format == Storage::kMXFP4 && use_avx2();
+    if (!mxfp4) {
       for (int64_t i = 0; i < n; ++i) f32[i] = row(i);
       return;
     }
-    permuted.resize(static_cast<size_t>(n * w.cols));
+    permuted.resize(static_cast<size_t>(n * cols));
     for (int64_t i = 0; i < n; ++i) {
-      permute_for_mxfp4(row(i), w.cols, permuted.data() + i * w.cols);
-      f32[i] = permuted.data() + i * w.cols;
+      src[i] = row(i);
+      f32[i] = permuted.data() + i * cols;
     }
     if (tokens == kTokensFp32) return;
     wide = use_wide_q8();
-    const int64_t groups = w.cols / 32, pairs = q8_pairs(groups, wide), qb = pairs * q8_pair_bytes(tokens);
-    const int64_t slots = q8_scale_slots(groups);
-    q_data.resize(static_cast<size_t>(n * qb));
-    scale_data.resize(static_cast<size_t>(n * slots));
-    corr_data.resize(static_cast<size_t>(n * pairs * 8));
-    for (int64_t i = 0; i < n; ++i)
-      if (!quantize_for_mxfp4_q8(row(i), w.cols, tokens, wide, q_data.data() + i * qb,
-                                 scale_data.data() + i * slots, corr_data.data() + i * pairs * 8))
-        return;
-    for (int64_t i = 0; i < n; ++i)
-      q8.push_back(Q8Row{q_data.data() + i * qb, scale_data.data() + i * slots, corr_data.data() + i * pairs * 8});
+    const int64_t groups = cols / 32, pairs = q8_pairs(groups, wide);
+    q_bytes = pairs * q8_pair_bytes(tokens);
+    slots = q8_scale_slots(groups);
+    corr_lanes = pairs * 8;
+    q_data.assign(static_cast<size_t>(n * q_bytes), 0);
+    scale_data.assign(static_cast<size_t>(n * slots), 0.0f);
+    corr_data.assign(static_cast<size_t>(n * corr_lanes), 0);
+  }
+
+  bool fill(int64_t g0, int64_t g1) {
+    if (!mxfp4) return true;
+    bool finite = true;
+    for (size_t i = 0; i < src.size(); ++i) {
+      permute_for_mxfp4(src[i] + 32 * g0, 32 * (g1 - g0), permuted.data() + i * cols + 32 * g0);
+      if (mode != kTokensFp32)
+        finite = quantize_blocks_for_mxfp4_q8(src[i], g0, g1, mode, wide, q_data.data() + i * q_bytes,
+                                              scale_data.data() + i * slots, corr_data.data() + i * corr_lanes) &&
+                 finite;
+    }
+    return finite;
+  }
+
+  void commit(bool finite) {
+    if (!mxfp4 || mode == kTokensFp32 || !finite) return;
+    for (size_t i = 0; i < src.size(); ++i)
+      q8.push_back(
+          Q8Row{q_data.data() + i * q_bytes, scale_data.data() + i * slots, corr_data.data() + i * corr_lanes});
     for (const Q8Row& r : q8) q8_rows.push_back(&r);
   }
+
+ private:
+  std::vector<const float*> src;
+  int64_t cols = 0, q_bytes = 0, slots = 0, corr_lanes = 0;
+  bool mxfp4 = false;
 };
 
 // y[i * ldy + (r - r0)] = dot(row r, x[i]) for rows [r0, r1) and the n token rows x[0..n). A stored row (MXFP4,
@@ -549,9 +590,19 @@ class MatvecShrinkItems {
   int64_t items() const { return base_items_ + static_cast<int64_t>(items_.size()); }
 
   void prepare_inputs() {
-    if (base_items_) base_rows_.prepare(base_.w, base_.x, base_.x_rows, base_.n, base_.token_mode);
+    layout_inputs();
+    commit_inputs(fill_base_inputs(0, base_.w.cols));
+  }
+
+  // prepare_inputs() in steps (MatvecShrinkPlan); the shrink's rows are fp32 pointers, set by the layout.
+  void layout_inputs() {
+    if (base_items_) base_rows_.layout(base_.w, base_.x, base_.x_rows, base_.n, base_.token_mode);
     if (!items_.empty()) pair_rows_.prepare(shrink_.b, shrink_.inp, shrink_.rows, shrink_.offsets[shrink_.experts],
                                             kTokensFp32);
+  }
+  bool fill_base_inputs(int64_t c0, int64_t c1) { return base_items_ ? base_rows_.fill(c0 / 32, c1 / 32) : true; }
+  void commit_inputs(bool finite) {
+    if (base_items_) base_rows_.commit(finite);
   }
 
   void run(int64_t it) const {
@@ -587,6 +638,9 @@ MatvecShrinkPlan::MatvecShrinkPlan(const MatvecProblem& base, const ShrinkProble
 MatvecShrinkPlan::~MatvecShrinkPlan() = default;
 int64_t MatvecShrinkPlan::items() const { return impl_->items.items(); }
 void MatvecShrinkPlan::prepare_inputs() { impl_->items.prepare_inputs(); }
+void MatvecShrinkPlan::layout_inputs() { impl_->items.layout_inputs(); }
+bool MatvecShrinkPlan::fill_base_inputs(int64_t c0, int64_t c1) { return impl_->items.fill_base_inputs(c0, c1); }
+void MatvecShrinkPlan::commit_inputs(bool finite) { impl_->items.commit_inputs(finite); }
 void MatvecShrinkPlan::run(int64_t it) const { impl_->items.run(it); }
 
 void stored_matvec_and_shrink_cpu(const MatvecProblem& base, const ShrinkProblem& shrink) {

@@ -23,6 +23,14 @@ class MatvecShrinkPlan {
 
   int64_t items() const;
   void prepare_inputs();
+  // prepare_inputs() in three steps, for a base input that an earlier stage of the same parallel region finishes
+  // column block by column block: layout_inputs() before the region, fill_base_inputs(c0, c1) for the columns
+  // [c0, c1) of every input row once they are final (c0 and c1 multiples of 32 or the row's end; disjoint ranges
+  // may run on different threads; false when they hold inf or NaN), then commit_inputs(every fill was true) on
+  // one thread before run().
+  void layout_inputs();
+  bool fill_base_inputs(int64_t c0, int64_t c1);
+  void commit_inputs(bool finite);
   void run(int64_t it) const;
 
  private:

@@ -227,6 +227,28 @@ def test_gpt_oss_clamp_propagates_nan():
         _assert_matches(out, x, ids, w, ex)
 
 
+@pytest.mark.parametrize("mode", ["int16", "int8"])
+def test_one_call_rounds_hw_block_by_block(mode):
+    # The one-call forward (T <= 16) rounds hw for the down product block by block, as each column block of the
+    # activation finishes it (two blocks here: I = 288 = 256 + 32), in both expand forms: 72 pairs run by column
+    # blocks, 15 by rows; both match the oracle within the token rounding. A NaN token leaves the rounded rows
+    # unused, so that batch runs the fp32 kernel (NaN propagates, the other tokens stay finite and close).
+    ex = random_overlay(12, 64, 288, (3, 2, 4), bias=True, activation="gpt_oss", factor_dtype=torch.bfloat16,
+                        base="mxfp4")
+    x = torch.randn(12, 64)
+    ids, w = random_routing(12, 12, 6)
+    rel = {"int16": 2.0 ** -10, "int8": 2.0 ** -4}[mode]
+    with op.mxfp4_token_mode(mode):
+        many = overlay_moe_forward(x, ids, w, ex, backend="cpu")
+        few = overlay_moe_forward(x[:5], ids[:5], w[:5].contiguous(), ex, backend="cpu")
+        _assert_matches(many, x, ids, w, ex, rel_floor=rel)
+        _assert_matches(few, x[:5], ids[:5], w[:5], ex, rel_floor=rel)
+        x[3, 7] = float("nan")
+        out = overlay_moe_forward(x, ids, w, ex, backend="cpu")
+    assert torch.isnan(out[3]).all() and int(torch.isnan(out).sum()) == 64
+    _assert_matches(out, x, ids, w, ex, rel_floor=1e-6)
+
+
 def test_mxfp4_nan_scale_in_the_base():
     ex = random_overlay(3, 64, 32, (1, 1, 1), bias=False, activation="swiglu", factor_dtype=torch.bfloat16,
                         base="mxfp4")
