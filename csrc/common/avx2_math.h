@@ -71,6 +71,18 @@ LZ_TARGET_AVX2 inline __m256 load8(const f16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// 16 consecutive stored values -> fp32 in a zmm (exact), as load8 does 8 (callers check use_avx512_vnni()).
+LZ_TARGET_AVX512_VNNI inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+LZ_TARGET_AVX512_VNNI inline __m512 load16(const bf16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+LZ_TARGET_AVX512_VNNI inline __m512 load16(const f16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
 LZ_TARGET_AVX2 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -102,6 +102,14 @@ LZ_TARGET_AVX2 void row_dots_avx2(const F* w, int64_t cols, const float* const* 
 // out[i] = dot(row i, x) for kDotRows consecutive rows (row stride ld) and one token: the rows are read side by
 // side, kDotRows streams for the prefetchers, two FMA chains each; x is loaded once per step for all of them.
 constexpr int kDotRows = 4;
+// The scalar tail of a row's dot, compiled once (not inlined) so the ymm and zmm forms share its exact code.
+template <typename F>
+__attribute__((noinline)) LZ_TARGET_AVX2 float dot_tail(const F* w, const float* x, int64_t c, int64_t cols) {
+  float tail = 0.0f;
+  for (int64_t k = c; k < cols; ++k) tail += to_float(w[k]) * x[k];
+  return tail;
+}
+
 template <typename F>
 LZ_TARGET_AVX2 void row_group_dots_avx2(const F* w, int64_t ld, const float* x, float* out) {
   const int64_t cols = ld;
@@ -122,11 +130,38 @@ LZ_TARGET_AVX2 void row_group_dots_avx2(const F* w, int64_t ld, const float* x, 
     const __m256 x0 = _mm256_loadu_ps(x + c);
     for (int i = 0; i < kDotRows; ++i) acc[i][0] = _mm256_fmadd_ps(simd::load8(w + i * ld + c), x0, acc[i][0]);
   }
-  for (int i = 0; i < kDotRows; ++i) {
-    float tail = 0.0f;
-    for (int64_t k = c; k < cols; ++k) tail += to_float(w[i * ld + k]) * x[k];
-    out[i] = simd::hsum(_mm256_add_ps(acc[i][0], acc[i][1])) + tail;
+  for (int i = 0; i < kDotRows; ++i)
+    out[i] = simd::hsum(_mm256_add_ps(acc[i][0], acc[i][1])) + dot_tail(w + i * ld, x, c, cols);
+}
+
+// row_group_dots_avx2 in zmm registers, the same bits: each row's zmm accumulator holds the ymm form's two (low
+// half: columns c..c+7 of each 16, high half: c+8..c+15), split back for its 8-column step and final sum; half
+// the instructions per weight byte (at T=1 the shrinks stream their factors from DRAM, and fewer instructions
+// between the loads keep more of them in flight).
+template <typename F>
+LZ_TARGET_AVX512_VNNI void row_group_dots_zmm(const F* w, int64_t ld, const float* x, float* out) {
+  const int64_t cols = ld;
+  __m512 acc[kDotRows];
+  for (int i = 0; i < kDotRows; ++i) acc[i] = _mm512_setzero_ps();
+  constexpr int64_t kPairCols = 128 / sizeof(F);
+  int64_t c = 0;
+  for (; c + 16 <= cols; c += 16) {
+    if (c % kPairCols == 0)
+      for (int i = 0; i < kDotRows; ++i) prefetch_stream(reinterpret_cast<const char*>(w + i * ld + c));
+    const __m512 xv = _mm512_loadu_ps(x + c);
+    for (int i = 0; i < kDotRows; ++i) acc[i] = _mm512_fmadd_ps(simd::load16(w + i * ld + c), xv, acc[i]);
   }
+  __m256 lo[kDotRows], hi[kDotRows];
+  for (int i = 0; i < kDotRows; ++i) {
+    lo[i] = _mm512_castps512_ps256(acc[i]);
+    hi[i] = _mm512_extractf32x8_ps(acc[i], 1);
+  }
+  for (; c + 8 <= cols; c += 8) {
+    const __m256 x0 = _mm256_loadu_ps(x + c);
+    for (int i = 0; i < kDotRows; ++i) lo[i] = _mm256_fmadd_ps(simd::load8(w + i * ld + c), x0, lo[i]);
+  }
+  for (int i = 0; i < kDotRows; ++i)
+    out[i] = simd::hsum(_mm256_add_ps(lo[i], hi[i])) + dot_tail(w + i * ld, x, c, cols);
 }
 
 // 2^(s-152): the E8M0 scale 2^(s-127) times 1/2 (the code table holds twice each E2M1 value) times 2^-24 (the
@@ -534,8 +569,15 @@ void rows_times_tokens(const StoredMatrix& w, int64_t r0, int64_t r1, const Toke
 #if defined(LAZARUS_AVX2_MATH)
   if constexpr (!std::is_same<F, uint8_t>::value) {
     if (n == 1 && use_avx2()) {  // one token: kDotRows rows at a time, kDotRows streams
-      for (; r + kDotRows <= r1; r += kDotRows)
-        row_group_dots_avx2(static_cast<const F*>(w.data) + r * w.cols, w.cols, xs[0], y + (r - r0));
+      const bool zmm = use_avx512_vnni();  // the AVX-512 forms' switch; the same bits either way
+      for (; r + kDotRows <= r1; r += kDotRows) {
+        const F* rows = static_cast<const F*>(w.data) + r * w.cols;
+        if (zmm) {
+          row_group_dots_zmm(rows, w.cols, xs[0], y + (r - r0));
+        } else {
+          row_group_dots_avx2(rows, w.cols, xs[0], y + (r - r0));
+        }
+      }
     }
   }
 #endif

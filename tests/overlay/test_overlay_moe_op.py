@@ -532,6 +532,26 @@ def assert_rounding_oracle(out, x, kw, mode):
     return out, oracle, exact, scale
 
 
+@pytest.mark.skipif(not HAS_AVX512_VNNI, reason="needs AVX-512 VNNI")
+@pytest.mark.parametrize("factors", ["bf16", "fp16", "fp32"])
+def test_zmm_factor_kernels_equal_the_ymm_ones(factors):
+    # At T <= 16 with AVX-512 the expand passes and the one-token shrink rows run in zmm registers; per output
+    # they keep the ymm forms' operations and order, so the forward gives the same bits with the AVX-512 forms
+    # forbidden. Widths leave 8-column steps and scalar tails (45 = 2 * 16 + 8 + 5, 29 = 16 + 8 + 5), ranks
+    # leave passes of 8, 4 and 1 rows; T = 1 (one pair per expert) and T = 6 (several).
+    for base, hidden, inter in (("bf16", 45, 29), ("mxfp4", 96, 160)):
+        ex = random_overlay(6, hidden, inter, (11, 9, 13), bias=True, activation="gpt_oss",
+                            factor_dtype=FACTOR_DTYPES[factors], base=base)
+        for tokens in (1, 6):
+            x = torch.randn(tokens, hidden)
+            ids, w = random_routing(tokens, 6, 3)
+            zmm = overlay_moe_forward(x, ids, w, ex, backend="cpu")
+            with op.cpu_avx512_vnni(False):
+                ymm = overlay_moe_forward(x, ids, w, ex, backend="cpu")
+            assert torch.equal(zmm, ymm), (base, tokens)
+            _assert_matches(zmm, x, ids, w, ex, rel_floor=2.0 ** -10 if base == "mxfp4" else 1e-6)
+
+
 @pytest.mark.skipif(not HAS_VNNI, reason="this CPU has no AVX-VNNI: only the AVX2 form runs")
 @pytest.mark.parametrize("form", INTEGER_FORMS[1:])
 @pytest.mark.parametrize("mode", ["int16", "int8"])
