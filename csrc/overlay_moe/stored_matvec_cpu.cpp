@@ -239,8 +239,8 @@ LZ_TARGET_AVX2 void decode_row_mxfp4_avx2(const uint8_t* blocks, const uint8_t* 
 // the offset the table's +12 adds (lanes 0-3: elements 8l..8l+7 of block 2p, lanes 4-7: of block 2p+1; in
 // kFixed16 the value is N). An odd block count gets a zero pad block. `wide` (the AVX-512 form) interleaves the
 // 32-byte slots of pairs 2s and 2s+1 (slot k of pair p at (p / 2) * 2 * pair_bytes + 64 k + 32 (p % 2)) and pads
-// the pair count to even, so one 64-byte load meets two pairs' codes. Returns false (nothing usable) when the
-// row holds inf or NaN.
+// the pair count to even, so one 64-byte load meets two pairs' codes. quantize_for_mxfp4_q8 returns false
+// (nothing usable) when a block holds inf or NaN.
 int64_t q8_pair_bytes(int mode) { return mode == kTokensFixed16 ? 128 : 64; }
 int64_t q8_scale_slots(int64_t groups) { return (groups + 7) / 8 * 8; }
 int64_t q8_pairs(int64_t groups, bool wide) { return wide ? (groups + 3) / 4 * 2 : (groups + 1) / 2; }
@@ -261,7 +261,7 @@ LZ_TARGET_AVX2 inline void store_even_odd(__m256i n0, __m256i n1, __m256i n2, __
 }
 
 // quantize_for_mxfp4_q8's placement of one block's integers n[32] in registers (the same bytes and corr lanes
-// as its scalar loop): slot k of the pair at pair + k * slot_stride, the block's half at byte offset `half`.
+// as its scalar loop, below): slot k of the pair at pair + k * slot_stride, the block's half at byte offset `half`.
 LZ_TARGET_AVX2 inline void place_block_avx2(const int32_t* n, int mode, int8_t* pair, int slot_stride, int half,
                                             int32_t* lanes) {
   __m256i v[4];
@@ -284,10 +284,10 @@ LZ_TARGET_AVX2 inline void place_block_avx2(const int32_t* n, int mode, int8_t* 
 }
 #endif
 
-// Blocks [g0, g1) of one row into its zeroed layout (quantize_for_mxfp4_q8 without the clearing): disjoint block
-// ranges of a row may be filled by different threads.
-bool quantize_blocks_for_mxfp4_q8(const float* x, int64_t g0, int64_t g1, int mode, bool wide, int8_t* q,
-                                  float* half_scale, int32_t* corr) {
+// Blocks [g0, g1) of one token row into its layout (above), which the caller has zeroed (TokenRows::layout):
+// disjoint block ranges of a row may be filled by different threads.
+bool quantize_for_mxfp4_q8(const float* x, int64_t g0, int64_t g1, int mode, bool wide, int8_t* q,
+                           float* half_scale, int32_t* corr) {
   const int64_t pair_bytes = q8_pair_bytes(mode);
   int32_t n[32];
   for (int64_t g = g0; g < g1; ++g) {
@@ -317,15 +317,6 @@ bool quantize_blocks_for_mxfp4_q8(const float* x, int64_t g0, int64_t g1, int mo
     }
   }
   return true;
-}
-
-bool quantize_for_mxfp4_q8(const float* x, int64_t cols, int mode, bool wide, int8_t* q, float* half_scale,
-                           int32_t* corr) {
-  const int64_t groups = cols / 32, pairs = q8_pairs(groups, wide);
-  std::memset(q, 0, static_cast<size_t>(pairs * q8_pair_bytes(mode)));
-  std::memset(corr, 0, sizeof(int32_t) * static_cast<size_t>(pairs * 8));
-  std::fill(half_scale, half_scale + q8_scale_slots(groups), 0.0f);
-  return quantize_blocks_for_mxfp4_q8(x, 0, groups, mode, wide, q, half_scale, corr);
 }
 
 struct Q8Row {
@@ -506,8 +497,8 @@ struct TokenRows {
     for (size_t i = 0; i < src.size(); ++i) {
       permute_for_mxfp4(src[i] + 32 * g0, 32 * (g1 - g0), permuted.data() + i * cols + 32 * g0);
       if (mode != kTokensFp32)
-        finite = quantize_blocks_for_mxfp4_q8(src[i], g0, g1, mode, wide, q_data.data() + i * q_bytes,
-                                              scale_data.data() + i * slots, corr_data.data() + i * corr_lanes) &&
+        finite = quantize_for_mxfp4_q8(src[i], g0, g1, mode, wide, q_data.data() + i * q_bytes,
+                                       scale_data.data() + i * slots, corr_data.data() + i * corr_lanes) &&
                  finite;
     }
     return finite;
