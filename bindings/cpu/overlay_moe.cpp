@@ -5,9 +5,13 @@
 #include "overlay_moe/overlay_moe.h"
 
 #include <algorithm>
+#include <atomic>
 #include <string>
+#include <vector>
 
 #include "buffer_checks.h"
+#include "common/cpu_kernels.h"
+#include "common/shared_runs.h"
 
 namespace lazarus {
 namespace bindings {
@@ -451,6 +455,38 @@ void bind_overlay_moe(py::module_& m) {
         detail::overlay_down_portable_cpu(a, ptr<int64_t>(slot_pair), ptr<int64_t>(slot_expert), top_k);
       },
       "As overlay_down through the host/device arithmetic the CUDA kernel runs.");
+  m.def(
+      "shared_runs_visits",
+      [](int64_t n, int runs, int threads) {
+        if (threads < 1) throw py::value_error("threads must be >= 1");
+        SharedRuns queue(n, runs);
+        std::vector<std::atomic<int>> visits(static_cast<size_t>(n));
+        std::vector<int> thread(static_cast<size_t>(n), -1), order(static_cast<size_t>(n), -1);
+        std::atomic<int> next{0};
+        {
+          py::gil_scoped_release release;
+          LZ_OMP(parallel num_threads(threads))
+          queue.for_each([&](int64_t it) {
+            visits[it].fetch_add(1);
+#if defined(LAZARUS_WITH_OPENMP)
+            thread[it] = omp_get_thread_num();
+#else
+            thread[it] = 0;
+#endif
+            order[it] = next.fetch_add(1);
+          });
+        }
+        py::list count, by, when;
+        for (int64_t i = 0; i < n; ++i) {
+          count.append(visits[i].load());
+          by.append(thread[i]);
+          when.append(order[i]);
+        }
+        return py::make_tuple(count, by, when);
+      },
+      py::arg("n"), py::arg("runs"), py::arg("threads"),
+      "SharedRuns over n items in `runs` runs, shared by `threads` threads (the one-call forward's schedule): per "
+      "item the times it ran, the thread that ran it and its position in the global order. For tests.");
 }
 
 }  // namespace bindings
