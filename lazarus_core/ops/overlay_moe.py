@@ -802,7 +802,7 @@ def _down_cpu(s_d, r: _Routing, ex: OverlayExperts, y, portable: bool = False):
 
 
 _SMALL_LAYER = "_cpu_small_layer"  # instance attribute: the extension's checked SmallLayer
-_LAYER_META = "_forward_meta"      # instance attribute: (hidden size, number of experts, on the CPU)
+_LAYER_META = "_forward_meta"      # instance attribute: _layer_meta's tuple
 _LAYER_CACHES = (_SMALL_LAYER, _LAYER_META)
 _CPU = torch.device("cpu")
 
@@ -837,8 +837,9 @@ def _forward_small_cpu(xf: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     ids, w = _contiguous_as(topk_ids, torch.int64), _contiguous_as(topk_weights, torch.float32)
     t, k = ids.shape
     y = torch.empty_like(xf)
-    _small_layer(ex).forward(xf.data_ptr(), ids.data_ptr(), w.data_ptr(), t, k, ACTIVATIONS[ex.activation], ex.alpha,
-                             ex.limit, _mxfp4_tokens(None), y.data_ptr())
+    _, _, _, activation, alpha, limit = _layer_meta(ex)
+    _small_layer(ex).forward(xf.data_ptr(), ids.data_ptr(), w.data_ptr(), t, k, activation, alpha, limit,
+                             _mxfp4_tokens(None), y.data_ptr())
     return y
 
 
@@ -859,16 +860,51 @@ _IMPLS = {
 }
 
 
+def _layer_meta(ex: OverlayExperts) -> tuple:
+    """(hidden size, number of experts, on the CPU, activation code, alpha, limit) of the layer, computed once and
+    dropped by ``OverlayExperts.__setattr__`` with the other caches."""
+    meta = ex.__dict__.get(_LAYER_META)
+    if meta is None:
+        meta = ex.__dict__[_LAYER_META] = (ex.hidden_size, ex.num_experts, ex.device.type == "cpu",
+                                           ACTIVATIONS[ex.activation], ex.alpha, ex.limit)
+    return meta
+
+
+def _small_cpu_fast(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, ex: OverlayExperts,
+                    backend: str) -> torch.Tensor | None:
+    """The one-call CPU forward when every input is already as the extension takes it (fp32 ``x`` and weights,
+    int64 ids, all contiguous 2-D on the CPU, at most GEMV_MAX_ROWS tokens, the layer's caches built, the compiled
+    CPU backend chosen), else None: the general path then checks, converts and raises as usual. The decode call
+    of the model integration lands here; it reads each tensor attribute once and makes no other Python call (at
+    T=1, with the interpreter's state just evicted by the weights, the general path's checks, conversions and
+    helper calls cost 30-40 us more)."""
+    d = getattr(ex, "__dict__", None)
+    meta = d.get(_LAYER_META) if d is not None and type(ex) is OverlayExperts else None
+    layer = d.get(_SMALL_LAYER) if meta is not None else None
+    tokens = _MXFP4_TOKEN_MODES.get(MXFP4_TOKENS)
+    if layer is None or tokens is None or _CPU_SELECTED.get(backend) is not _CPU_STAGES:
+        return None
+    xs, ids_shape, ws = x.shape, topk_ids.shape, topk_weights.shape
+    if (len(xs) != 2 or xs[1] != meta[0] or not 0 < xs[0] <= GEMV_MAX_ROWS or len(ids_shape) != 2
+            or ids_shape[0] != xs[0] or ids_shape[1] < 1 or ws != ids_shape):
+        return None
+    if not (x.dtype is torch.float32 and topk_ids.dtype is torch.int64 and topk_weights.dtype is torch.float32
+            and x.is_cpu and topk_ids.is_cpu and topk_weights.is_cpu and x.is_contiguous()
+            and topk_ids.is_contiguous() and topk_weights.is_contiguous()):
+        return None
+    y = torch.empty_like(x)
+    layer.forward(x.data_ptr(), topk_ids.data_ptr(), topk_weights.data_ptr(), xs[0], ids_shape[1], meta[3], meta[4],
+                  meta[5], tokens, y.data_ptr())
+    return y
+
+
 def _check_inputs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, ex: OverlayExperts,
                   check_ids: bool = True) -> torch.device:
     # Each tensor attribute is read once: at T=1, with the interpreter's state just evicted by the weights, every
     # read through torch's bindings costs microseconds.
     if not isinstance(ex, OverlayExperts):
         raise TypeError(f"overlay_moe_forward: experts must be an OverlayExperts, got {type(ex).__name__}")
-    meta = ex.__dict__.get(_LAYER_META)
-    if meta is None:
-        meta = ex.__dict__[_LAYER_META] = (ex.hidden_size, ex.num_experts, ex.device.type == "cpu")
-    hidden, num_experts, layer_on_cpu = meta
+    hidden, num_experts, layer_on_cpu = _layer_meta(ex)[:3]
     xs, ids_shape, ws = x.shape, topk_ids.shape, topk_weights.shape
     if len(xs) != 2 or xs[1] != hidden:
         raise ValueError(f"overlay_moe_forward: x must be [T, {hidden}], got {list(xs)}")
@@ -945,6 +981,10 @@ def overlay_moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
         from lazarus_core.ops.overlay_moe_op import overlay_moe_op
 
         return overlay_moe_op(x, topk_ids, topk_weights, experts, backend=backend, check_ids=check_ids)
+    if not check_ids:  # (the extension checks every id too; the general path's message names the range)
+        y = _small_cpu_fast(x, topk_ids, topk_weights, experts, backend)
+        if y is not None:
+            return y
     device = _check_inputs(x, topk_ids, topk_weights, experts, check_ids)
     impl = _cpu_impl(backend) if device.type == "cpu" else select_backend("overlay_moe_forward", backend, device,
                                                                           _IMPLS)

@@ -676,6 +676,87 @@ def test_inputs_on_another_device_are_refused():
             overlay_moe_forward(*args, ex, backend="cpu", check_ids=False)
 
 
+def _warm_layer(**kw):
+    """A layer whose caches (the extension's SmallLayer, the forward meta) are built, so that a call with
+    check_ids=False may take the CPU fast path."""
+    ex = random_overlay(4, 64, 32, (2, 3, 2), bias=True, activation="gpt_oss", factor_dtype=torch.bfloat16,
+                        base="mxfp4", **kw)
+    x = torch.randn(3, 64)
+    ids, w = random_routing(3, 4, 2)
+    overlay_moe_forward(x, ids, w, ex, backend="cpu", check_ids=False)
+    assert all(key in ex.__dict__ for key in op._LAYER_CACHES)
+    return ex, x, ids, w
+
+
+def test_fast_path_equals_the_general_path(monkeypatch):
+    # check_ids=False with ready inputs runs _small_cpu_fast; check_ids=True runs the general path: the same call.
+    ex, x, ids, w = _warm_layer()
+    calls = []
+    real = op._small_cpu_fast
+    monkeypatch.setattr(op, "_small_cpu_fast", lambda *a: calls.append(real(*a)) or calls[-1])
+    for t in (1, 3, op.GEMV_MAX_ROWS, op.GEMV_MAX_ROWS + 1):
+        xt = torch.randn(t, 64)
+        it, wt = random_routing(t, 4, 2)
+        fast = overlay_moe_forward(xt, it, wt, ex, backend="cpu", check_ids=False)
+        assert (calls[-1] is not None) == (t <= op.GEMV_MAX_ROWS)  # above GEMV_MAX_ROWS: the staged path
+        assert torch.equal(fast, overlay_moe_forward(xt, it, wt, ex, backend="cpu"))
+        _assert_matches(fast, xt, it, wt, ex)
+    for mode in ("int8", "fp32"):  # the token mode is read on every call
+        monkeypatch.setattr(op, "MXFP4_TOKENS", mode)
+        assert torch.equal(overlay_moe_forward(x, ids, w, ex, backend="cpu", check_ids=False),
+                           overlay_moe_forward(x, ids, w, ex, backend="cpu"))
+        assert calls[-1] is not None  # the check_ids=True call does not try it
+
+
+def test_fast_path_leaves_other_inputs_to_the_general_path():
+    # Inputs the extension does not take as they are: converted by the general path, with the same result.
+    ex, x, ids, w = _warm_layer()
+    want = overlay_moe_forward(x, ids, w, ex, backend="cpu")
+    wide = torch.randn(3, 128)
+    for args in ((wide[:, ::2].copy_(x), ids, w),                       # x not contiguous
+                 (x, ids.to(torch.int32), w),                             # int32 ids
+                 (x, ids, w.double()),                                    # float64 weights
+                 (x.T.contiguous().T, ids.T.contiguous().T, w)):         # transposed views
+        assert torch.equal(overlay_moe_forward(*args, ex, backend="cpu", check_ids=False), want)
+    half = overlay_moe_forward(x.bfloat16(), ids, w, ex, backend="cpu", check_ids=False)
+    assert half.dtype == torch.bfloat16
+    assert torch.equal(overlay_moe_forward(x[:0], ids[:0], w[:0], ex, backend="cpu", check_ids=False),
+                       torch.zeros(0, 64))
+    assert torch.equal(overlay_moe_forward(x, ids, w, ex, backend="torch", check_ids=False),
+                       overlay_moe_forward(x, ids, w, ex, backend="torch"))
+
+
+@pytest.mark.parametrize("case", ["hidden", "rank3", "rows", "ids_shape", "weights_shape", "ids_float",
+                                  "device", "id_range"])
+def test_fast_path_still_refuses_bad_inputs(case):
+    # With the caches built (the fast path armed), every bad input still gets the general path's error.
+    ex, x, ids, w = _warm_layer()
+    args, err, match = {
+        "hidden": ((torch.randn(3, 63), ids, w), ValueError, r"x must be \[T, 64\]"),
+        "rank3": ((x[None], ids, w), ValueError, r"x must be \[T, 64\]"),
+        "rows": ((x[:2], ids, w), ValueError, "topk_ids must be"),
+        "ids_shape": ((x, ids[:, :1].contiguous(), w), ValueError, "must match topk_ids"),
+        "weights_shape": ((x, ids, w[:, :1].contiguous()), ValueError, "must match topk_ids"),
+        "ids_float": ((x, ids.float(), w), TypeError, "integer tensor"),
+        "device": ((x, ids, w.to("meta")), ValueError, "different devices"),
+        "id_range": ((x, torch.full_like(ids, 4), w), ValueError, "out of range"),
+    }[case]
+    with pytest.raises(err, match=match):
+        overlay_moe_forward(*args, ex, backend="cpu", check_ids=False)
+
+
+def test_fast_path_follows_replaced_tensors():
+    # Assigning a field drops the caches: the next call takes the general path and rebuilds them.
+    ex, x, ids, w = _warm_layer()
+    first = overlay_moe_forward(x, ids, w, ex, backend="cpu", check_ids=False)
+    ex.at_up = (ex.at_up.float() * 3).to(ex.at_up.dtype)
+    assert op._small_cpu_fast(x, ids, w, ex, "cpu") is None
+    out = overlay_moe_forward(x, ids, w, ex, backend="cpu", check_ids=False)
+    assert not torch.equal(out, first)
+    _assert_matches(out, x, ids, w, ex)
+    assert torch.equal(op._small_cpu_fast(x, ids, w, ex, "cpu"), out)  # armed again
+
+
 def test_one_call_weight_arguments_follow_replaced_tensors():
     # The extension's weight arguments are cached per OverlayExperts: replacing a tensor must not leave the
     # forward reading the old one.
