@@ -73,8 +73,11 @@ def test_interleaved_medians_times_every_function_once_per_round():
     from benchmarks.harness import interleaved_medians
 
     calls = []
-    out = interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
-    assert calls == ["a", "b"] * 4 and set(out) == {"a", "b"} and all(v >= 0 for v in out.values())
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    out = interleaved_medians(fns, repeats=4, warmup=1)
+    # The warm-up round in order, then rounds whose order rotates: each function follows each other equally.
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab") + list("abc")
+    assert set(out) == set("abc") and all(v >= 0 for v in out.values())
 
 
 def test_before_runs_ahead_of_every_timed_call_outside_the_timing():
@@ -89,7 +92,7 @@ def test_before_runs_ahead_of_every_timed_call_outside_the_timing():
     calls.clear()
     out = interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2, warmup=0,
                               before={"a": slow})
-    assert calls == ["before", "a", "b"] * 2 and out["a"] < 0.02
+    assert calls == ["before", "a", "b", "b", "before", "a"] and out["a"] < 0.02
 
 
 @pytest.mark.skipif(not _C.flush_cache(np.zeros(1, dtype=np.uint8)), reason="flush_cache is x86-64 only")
