@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -57,18 +58,19 @@ def interleaved_medians(fns: dict, *, repeats: int = 10, warmup: int = 1, cuda_e
                         before: dict | None = None) -> dict:
     """Median time of each ``fns[key]()`` over ``repeats`` rounds that run every function once, in turn (after
     ``warmup`` such rounds): paths compared with each other see the same machine state, which drifts on a
-    shared host. Round ``r`` starts at the ``r``-th function (the order rotates), so each function follows each
-    other equally often: what ran just before a call changes it (at T=1 on the CPU, the overlay forward took 3 %
-    longer, and a bare 22 MB read 5 % longer, right after the fp32 twin's 117 MB than after a 22 MB read; a fixed
-    order gave one path that predecessor every round). Each call is timed as :func:`median_seconds` times one;
-    ``before[key]`` (where given) runs ahead of each call of ``fns[key]``, untimed."""
+    shared host. Each round runs them in a fresh random order (seeded: the same orders every run), so no function
+    always follows the same one: what ran just before a call changes it (at T=1 on the CPU, the overlay forward
+    took 3 % longer, and a bare 22 MB read 5 % longer, right after the fp32 twin's 117 MB than after a 22 MB read;
+    a fixed order, or one that only rotates, gives a path the same predecessor in (almost) every round). Each
+    call is timed as :func:`median_seconds` times one; ``before[key]`` (where given) runs ahead of each call of
+    ``fns[key]``, untimed."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    keys = list(fns)
+    keys, rng = list(fns), random.Random(0)
     times: dict = {key: [] for key in keys}
-    for r in range(repeats):
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+    for _ in range(repeats):
+        for key in rng.sample(keys, len(keys)):
             times[key].append(median_seconds(fns[key], repeats=1, warmup=0, cuda_events=cuda_events,
                                              before=(before or {}).get(key)))
     return {key: statistics.median(v) for key, v in times.items()}

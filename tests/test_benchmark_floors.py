@@ -73,11 +73,20 @@ def test_interleaved_medians_times_every_function_once_per_round():
     from benchmarks.harness import interleaved_medians
 
     calls = []
-    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
-    out = interleaved_medians(fns, repeats=4, warmup=1)
-    # The warm-up round in order, then rounds whose order rotates: each function follows each other equally.
-    assert calls == list("abc") + list("abc") + list("bca") + list("cab") + list("abc")
-    assert set(out) == set("abc") and all(v >= 0 for v in out.values())
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abcd"}
+    out = interleaved_medians(fns, repeats=40, warmup=1)
+    assert set(out) == set("abcd") and all(v >= 0 for v in out.values())
+    assert calls[:4] == list("abcd")  # the warm-up round, in order
+    rounds = [calls[i:i + 4] for i in range(4, len(calls), 4)]
+    assert len(rounds) == 40 and all(sorted(r) == list("abcd") for r in rounds)  # each once per round
+    # The orders vary: every function follows every other one in some round (a fixed or rotated order gives
+    # each function a single predecessor within the rounds).
+    follows = {(a, b) for r in rounds for a, b in zip(r, r[1:])}
+    assert follows == {(a, b) for a in "abcd" for b in "abcd" if a != b}
+    first = list(calls)
+    calls.clear()
+    interleaved_medians(fns, repeats=40, warmup=1)
+    assert calls == first  # seeded: the same orders in every run
 
 
 def test_before_runs_ahead_of_every_timed_call_outside_the_timing():
@@ -92,7 +101,8 @@ def test_before_runs_ahead_of_every_timed_call_outside_the_timing():
     calls.clear()
     out = interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2, warmup=0,
                               before={"a": slow})
-    assert calls == ["before", "a", "b", "b", "before", "a"] and out["a"] < 0.02
+    assert out["a"] < 0.02 and len(calls) == 6 and calls.count("before") == 2
+    assert all(calls[i + 1] == "a" for i, c in enumerate(calls) if c == "before")  # right ahead of each a
 
 
 @pytest.mark.skipif(not _C.flush_cache(np.zeros(1, dtype=np.uint8)), reason="flush_cache is x86-64 only")
