@@ -882,7 +882,7 @@ def _small_cpu_fast(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
     meta = d.get(_LAYER_META) if d is not None and type(ex) is OverlayExperts else None
     layer = d.get(_SMALL_LAYER) if meta is not None else None
     tokens = _MXFP4_TOKEN_MODES.get(MXFP4_TOKENS)
-    if layer is None or tokens is None or _CPU_SELECTED.get(backend) is not _CPU_STAGES:
+    if layer is None or not meta[2] or tokens is None or _CPU_SELECTED.get(backend) is not _CPU_STAGES:
         return None
     xs, ids_shape, ws = x.shape, topk_ids.shape, topk_weights.shape
     if (len(xs) != 2 or xs[1] != meta[0] or not 0 < xs[0] <= GEMV_MAX_ROWS or len(ids_shape) != 2
