@@ -54,16 +54,21 @@ def median_seconds(fn: Callable[[], object], *, repeats: int = 10, warmup: int =
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict, *, repeats: int = 10, warmup: int = 1, cuda_events: bool = False,
-                        before: dict | None = None) -> dict:
-    """Median time of each ``fns[key]()`` over ``repeats`` rounds that run every function once, in turn (after
+def interleaved_times(fns: dict, *, repeats: int = 10, warmup: int = 1, cuda_events: bool = False,
+                      before: dict | None = None) -> dict:
+    """Time of each ``fns[key]()`` in each of ``repeats`` rounds that run every function once, in turn (after
     ``warmup`` such rounds): paths compared with each other see the same machine state, which drifts on a
     shared host. Each round runs them in a fresh random order (seeded: the same orders every run), so no function
     always follows the same one: what ran just before a call changes it (at T=1 on the CPU, the overlay forward
     took 3 % longer, and a bare 22 MB read 5 % longer, right after the fp32 twin's 117 MB than after a 22 MB read;
     a fixed order, or one that only rotates, gives a path the same predecessor in (almost) every round). Each
     call is timed as :func:`median_seconds` times one; ``before[key]`` (where given) runs ahead of each call of
-    ``fns[key]``, untimed."""
+    ``fns[key]``, untimed.
+
+    Returns
+    -------
+    dict
+        key -> list of ``repeats`` seconds, round by round (entry r of every list is from round r)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -73,7 +78,42 @@ def interleaved_medians(fns: dict, *, repeats: int = 10, warmup: int = 1, cuda_e
         for key in rng.sample(keys, len(keys)):
             times[key].append(median_seconds(fns[key], repeats=1, warmup=0, cuda_events=cuda_events,
                                              before=(before or {}).get(key)))
-    return {key: statistics.median(v) for key, v in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict, **kwargs) -> dict:
+    """The median over the rounds of :func:`interleaved_times` (same arguments): key -> seconds."""
+    return {key: statistics.median(v) for key, v in interleaved_times(fns, **kwargs).items()}
+
+
+def paired_ratio_ci(num: list, den: list, *, level: float = 0.95, resamples: int = 2000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """``median(num) / median(den)`` of two paired per-round series, with a percentile bootstrap interval that
+    resamples whole rounds (the pair of round r stays together, so the drift both saw cancels).
+
+    Parameters
+    ----------
+    num, den : list of float
+        The same number of rounds each (e.g. seconds from :func:`interleaved_times`), den > 0.
+    level : float
+        The interval's coverage.
+
+    Returns
+    -------
+    (estimate, low, high) : tuple of float
+    """
+    import numpy as np
+
+    a, b = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired_ratio_ci: num and den must be two non-empty series of the same length, got "
+                         f"{a.shape} and {b.shape}")
+    if not (b > 0).all():
+        raise ValueError("paired_ratio_ci: den must be positive")
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(resamples, a.size))
+    boot = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
+    tail = 100 * (1 - level) / 2
+    return float(np.median(a) / np.median(b)), float(np.percentile(boot, tail)), float(np.percentile(boot, 100 - tail))
 
 
 class CacheFlusher:

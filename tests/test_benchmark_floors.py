@@ -144,3 +144,65 @@ def test_int8_dot_probe_counts_every_step_and_gives_a_rate():
     assert _C.int8_dot_loop(7) == 7 * per_step
     rate = measure_int8_dot_rate(repeats=2, iters=1000)
     assert rate is not None and 0 < rate < float("inf")
+
+
+def test_interleaved_times_keeps_every_round_in_order_and_medians_agree():
+    from benchmarks.harness import interleaved_medians, interleaved_times
+
+    counter = {"a": 0, "b": 0}
+    durations = {"a": [0.002, 0.0, 0.004], "b": [0.0, 0.003, 0.0]}
+
+    def make(k):
+        def fn():
+            import time
+
+            time.sleep(durations[k][counter[k] % 3])
+            counter[k] += 1
+        return fn
+
+    fns = {k: make(k) for k in "ab"}
+    out = interleaved_times(fns, repeats=3, warmup=0)
+    assert set(out) == {"a", "b"} and all(len(v) == 3 for v in out.values())
+    # Round r of each list is that function's r-th call: the planted per-call durations come back in order.
+    assert out["a"][2] > out["a"][0] > out["a"][1] and out["b"][1] > max(out["b"][0], out["b"][2])
+    med = interleaved_medians({"a": lambda: None}, repeats=5, warmup=0)
+    assert set(med) == {"a"} and med["a"] >= 0
+
+
+def test_paired_ratio_ci_covers_a_planted_ratio_and_cancels_shared_drift():
+    from benchmarks.harness import paired_ratio_ci
+
+    rng = np.random.default_rng(0)
+    drift = rng.uniform(1.0, 1.5, 200)              # both series slow down together, round by round
+    den = drift * (1 + 0.02 * rng.standard_normal(200))
+    num = 0.7 * drift * (1 + 0.02 * rng.standard_normal(200))
+    est, low, high = paired_ratio_ci(num.tolist(), den.tolist())
+    assert low <= 0.7 <= high and low < est < high and high - low < 0.06
+    # Nothing there: the same series gives a ratio of 1 inside a tight interval.
+    est, low, high = paired_ratio_ci(den.tolist(), den.tolist())
+    assert est == 1.0 and low == 1.0 and high == 1.0
+    # A real difference is not hidden: 0.9 is far outside the interval of a planted 0.7.
+    assert paired_ratio_ci(num.tolist(), den.tolist())[2] < 0.9
+
+
+@pytest.mark.parametrize("num, den, match", [([1.0], [1.0, 2.0], "same length"), ([], [], "non-empty"),
+                                             ([1.0, 2.0], [1.0, 0.0], "positive")])
+def test_paired_ratio_ci_names_the_bad_argument(num, den, match):
+    from benchmarks.harness import paired_ratio_ci
+
+    with pytest.raises(ValueError, match=match):
+        paired_ratio_ci(num, den)
+
+
+def test_same_round_floor_is_the_ratio_of_median_floor_time_to_median_op_time():
+    from benchmarks.bench_overlay_moe import FLOOR_PROBE_BYTES, _same_round_floor
+
+    assert _same_round_floor(100, None, [1.0]) == {}
+    probe = [0.010, 0.012, 0.011, 0.013, 0.010]       # seconds for FLOOR_PROBE_BYTES each round
+    moved = FLOOR_PROBE_BYTES // 4                     # a quarter of the probe's bytes
+    op = [t / 4 / 0.8 for t in probe]                  # the op at exactly 80 % of each round's floor
+    out = _same_round_floor(moved, probe, op)
+    assert out["pct_of_same_round_floor"] == pytest.approx(80.0)
+    low, high = out["same_round_floor_ci95"]
+    assert low == pytest.approx(80.0) and high == pytest.approx(80.0)
+    assert out["same_round_read_gb_s"] == pytest.approx(FLOOR_PROBE_BYTES / 0.011 / 1e9)

@@ -13,8 +13,8 @@ void stream_fill_cpu(float* dst, int64_t n, float value);
 // dst[i] = src[i], streaming loads, non-temporal stores. Multi-threaded.
 void stream_copy_cpu(const float* src, float* dst, int64_t n);
 
-// sum of src[0, n) (so the reads cannot be optimised away). Multi-threaded; each thread reads 8 streams of its
-// 1 MiB items at once with software prefetch (the strongest reader measured here, for the read floor).
+// sum of src[0, n) (so the reads cannot be optimised away). Multi-threaded; each thread reads 2 streams of its
+// 1 MiB items at once with software prefetch into L1 and L2 (the strongest reader measured here, for the read floor).
 double stream_read_cpu(const float* src, int64_t n);
 
 // Writes back and evicts every cache line of [p, p + bytes) from every cache level (clflushopt where the CPU has

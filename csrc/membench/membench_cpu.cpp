@@ -53,12 +53,13 @@ __attribute__((target("avx2"))) void copy_range_avx2(const float* src, float* ds
 }
 
 // The read probe streams kReadStreams sub-ranges of its item at once, one 64-byte line of each per step, and
-// fetches each kReadAhead bytes ahead into L1. One stream per thread leaves the read floor 15-18 % below what a
-// kernel reaches: on a 1 GB buffer, flushed, 21.1 GB/s with one stream and no prefetch, 24.2 with 4 streams and
-// 25.0 with 8 (two threads, interleaved rounds). A kernel that reads several weight rows at once with software
-// prefetch (the overlay forward's GEMVs) would otherwise be measured against a floor it can beat.
-constexpr int kReadStreams = 8;
-constexpr int64_t kReadAhead = 1024;
+// fetches each line kReadAhead bytes ahead into L1 and kReadAheadL2 ahead into L2 (the distances of the GEMVs'
+// prefetch_stream in overlay_moe/stored_matvec_cpu.cpp). A plain one-stream read left the read floor 10-25 %
+// below what those kernels' reads reach. Measured on two threads, flushed, interleaved rounds (median GB/s):
+//   1 GB:  one stream, no prefetch 19.0-21.1; 8 streams + L1 prefetch 23.4-25.0; 2 streams + L1 + L2 25.3;
+//   22 MB: one stream, no prefetch 18.7-20.8; 8 streams + L1 prefetch 24.6-25.7; 2 streams + L1 + L2 27.9.
+constexpr int kReadStreams = 2;
+constexpr int64_t kReadAhead = 2048, kReadAheadL2 = 8192;
 
 __attribute__((target("avx2"))) double read_range_avx2(const float* src, int64_t n) {
   const int64_t len = n / kReadStreams / 16 * 16;  // floats per stream, whole lines
@@ -68,6 +69,7 @@ __attribute__((target("avx2"))) double read_range_avx2(const float* src, int64_t
     for (int s = 0; s < kReadStreams; ++s) {
       const float* q = src + s * len + off;
       _mm_prefetch(reinterpret_cast<const char*>(q) + kReadAhead, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(q) + kReadAheadL2, _MM_HINT_T2);
       acc[s] = _mm256_add_ps(acc[s], _mm256_add_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(q + 8)));
     }
   }
