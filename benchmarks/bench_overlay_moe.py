@@ -216,6 +216,9 @@ def _floor(row: BenchRow, read_bw: float, flop_rate: float, int8_rate: float | N
     kernels' multiply-adds over the u8 x s8 dot rate (they share the cores); T=16: the larger of the two."""
     e = row.extra
     macs = e.get("int8_macs", 0)
+    if macs and not int8_rate:
+        raise ValueError(f"{row.op}/{row.backend} {row.shape}: {macs} integer multiply-adds but no u8 x s8 dot "
+                         "rate was measured (floors.measure_int8_dot_rate gave None)")
     compute = (e["flops"] - 2 * e.get("integer_weight_macs", 0)) / flop_rate + (macs / int8_rate if macs else 0.0)
     return {1: e["bytes"] / read_bw, 256: compute}.get(e["tokens"], max(e["bytes"] / read_bw, compute))
 
@@ -323,15 +326,16 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
                 # timed in the same rounds (so from the same cache state) as the forward variants.
                 from lazarus_core import _C
 
+                pf = mems[0].read_prefetch  # the prefetch policy of the strongest reader at the start of the run
                 same = torch.ones(overlay_moe_bytes(tokens, K, ov) // 4, dtype=torch.float32)
                 flush[BARE_READ] = CacheFlusher([same])
-                variants[(BARE_READ, "cpu")] = (None, lambda _s=same.numpy(): _C.stream_read(_s))
+                variants[(BARE_READ, "cpu")] = (None, lambda _s=same.numpy(): _C.stream_read(_s, prefetch=pf))
                 # The read floor measured in the same rounds too: the host's bandwidth drifts by a third within a
                 # run (the probes between the groups read 20-30 GB/s), so a floor from its best moment against a
                 # median over other moments measures the neighbours as much as the op.
                 probe = torch.ones(FLOOR_PROBE_BYTES // 4, dtype=torch.float32)
                 flush[FLOOR_PROBE] = CacheFlusher([probe])
-                variants[(FLOOR_PROBE, "cpu")] = (None, lambda _s=probe.numpy(): _C.stream_read(_s))
+                variants[(FLOOR_PROBE, "cpu")] = (None, lambda _s=probe.numpy(): _C.stream_read(_s, prefetch=pf))
             rounds = reps * (5 if tokens == 1 else 1)  # a T=1 call is short: more rounds for the same care
             before = {k: flush[k[0] if k[0] in (BARE_READ, FLOOR_PROBE) else FP32_TWIN if layer is ov32 else "overlay"]
                       for k, (layer, _) in variants.items()} if cold else None

@@ -20,7 +20,9 @@ def test_probes_match_numpy_at_odd_sizes_and_unaligned_starts(n, offset):
     assert dst_full[offset + n] == -7.0                  # no write past the end
     _C.stream_fill(dst, 2.5)
     assert (dst == 2.5).all() and dst_full[offset + n] == -7.0
-    assert _C.stream_read(src) == pytest.approx(float(src.astype(np.float64).sum()), rel=1e-5, abs=1e-3)
+    want = float(src.astype(np.float64).sum())
+    for policy in (0, 1, 2):                             # every prefetch policy reads the same bytes
+        assert _C.stream_read(src, prefetch=policy) == pytest.approx(want, rel=1e-5, abs=1e-3)
 
 
 def test_probes_name_the_bad_argument():
@@ -28,6 +30,8 @@ def test_probes_name_the_bad_argument():
         _C.stream_fill(np.zeros(4, np.float64), 1.0)
     with pytest.raises(ValueError, match="dst"):
         _C.stream_copy(np.zeros(4, np.float32), np.zeros(5, np.float32))
+    with pytest.raises(ValueError, match="prefetch must be 0"):
+        _C.stream_read(np.zeros(4, np.float32), prefetch=3)
 
 
 def test_floor_is_the_binding_term_and_never_below_any_resource():
@@ -41,6 +45,7 @@ def test_floor_is_the_binding_term_and_never_below_any_resource():
 def test_measured_floors_are_positive_and_finite():
     mem = measure_memory_floors(1 << 22, repeats=2)
     assert all(np.isfinite(v) and v > 0 for v in (mem.read, mem.write, mem.copy))
+    assert mem.read_prefetch in (0, 1, 2) and mem.to_dict()["read_prefetch"] == mem.read_prefetch
 
 
 def test_a_row_above_its_floor_fails_loudly_naming_it():
@@ -136,11 +141,11 @@ def test_int8_dot_probe_counts_every_step_and_gives_a_rate():
     with pytest.raises(ValueError, match="iters"):
         _C.int8_dot_loop(0)
     per_step = _C.int8_dot_loop(1)
-    if not _C.cpu_has_avx_vnni():
+    if not _C.cpu_has_avx2():
         assert per_step == 0 and measure_int8_dot_rate(repeats=1) is None
         return
-    lanes = 64 if _C.cpu_has_avx512_vnni() else 32   # products per instruction
-    assert per_step > 0 and per_step % (16 * lanes) == 0            # 16 instructions per step and thread
+    lanes = 64 if _C.cpu_has_avx512_vnni() else 32   # products per instruction (vpdpbusd zmm; ymm or vpmaddubsw)
+    assert per_step > 0 and per_step % (12 * lanes) == 0            # 12 instructions per step and thread
     assert _C.int8_dot_loop(7) == 7 * per_step
     rate = measure_int8_dot_rate(repeats=2, iters=1000)
     assert rate is not None and 0 < rate < float("inf")
@@ -206,3 +211,18 @@ def test_same_round_floor_is_the_ratio_of_median_floor_time_to_median_op_time():
     low, high = out["same_round_floor_ci95"]
     assert low == pytest.approx(80.0) and high == pytest.approx(80.0)
     assert out["same_round_read_gb_s"] == pytest.approx(FLOOR_PROBE_BYTES / 0.011 / 1e9)
+
+
+def test_overlay_floor_charges_integer_macs_at_the_dot_rate_and_refuses_a_missing_rate():
+    """T=256 floor: fp32 flops (less the integer kernels' share) over the matmul rate plus the integer
+    multiply-adds over the dot rate; a row with integer work but no dot rate is refused by name (a CPU
+    without VNNI got a TypeError here before the AVX2 probe existed)."""
+    from benchmarks.bench_overlay_moe import _floor
+
+    row = BenchRow("overlay_moe", "cpu", "[256]", "mxfp4", 1.0,
+                   extra={"tokens": 256, "bytes": 10, "flops": 1000, "integer_weight_macs": 100, "int8_macs": 200})
+    assert _floor(row, read_bw=1.0, flop_rate=8.0, int8_rate=50.0) == pytest.approx(800 / 8.0 + 200 / 50.0)
+    with pytest.raises(ValueError, match=r"overlay_moe/cpu \[256\].*no u8 x s8 dot rate"):
+        _floor(row, read_bw=1.0, flop_rate=8.0, int8_rate=None)
+    row.extra["int8_macs"] = 0
+    assert _floor(row, read_bw=1.0, flop_rate=8.0, int8_rate=None) == pytest.approx(800 / 8.0)

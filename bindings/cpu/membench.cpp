@@ -33,14 +33,18 @@ void bind_membench(py::module_& m) {
       py::arg("src"), py::arg("dst"), "dst[:] = src with non-temporal stores (copy-bandwidth probe).");
   m.def(
       "stream_read",
-      [](const py::array& src) {
+      [](const py::array& src, int prefetch) {
         check_array<float>(src, "src", -1, "float32");
+        if (prefetch != kPrefetchNone && prefetch != kPrefetchL1 && prefetch != kPrefetchL1L2)
+          throw py::value_error("prefetch must be 0 (none), 1 (L1) or 2 (L1 and L2), got " + std::to_string(prefetch));
         const auto* s = static_cast<const float*>(src.data());
         const int64_t n = src.size();
         py::gil_scoped_release release;
-        return stream_read_cpu(s, n);
+        return stream_read_cpu(s, n, prefetch);
       },
-      py::arg("src"), "sum(src) in float64 partials (read-bandwidth probe).");
+      py::arg("src"), py::arg("prefetch") = static_cast<int>(kPrefetchL1L2),
+      "sum(src) in float64 partials (read-bandwidth probe); prefetch: the software prefetch, 0 none, 1 each line "
+      "2 KB ahead into L1, 2 that and 8 KB ahead into L2 (which is fastest depends on the CPU).");
   m.def(
       "flush_cache",
       [](const py::array& buffer) {
