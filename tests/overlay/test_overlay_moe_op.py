@@ -689,23 +689,35 @@ def _warm_layer(**kw):
 
 
 def test_fast_path_equals_the_general_path(monkeypatch):
-    # check_ids=False with ready inputs runs _small_cpu_fast; check_ids=True runs the general path: the same call.
+    # Ready inputs run _small_cpu_fast, with or without check_ids (the extension checks every id); with it
+    # switched off, the same call runs the general path: the same result.
     ex, x, ids, w = _warm_layer()
     calls = []
     real = op._small_cpu_fast
-    monkeypatch.setattr(op, "_small_cpu_fast", lambda *a: calls.append(real(*a)) or calls[-1])
+    armed = [True]
+    monkeypatch.setattr(op, "_small_cpu_fast", lambda *a: calls.append(real(*a) if armed[0] else None) or calls[-1])
+
+    def general(*args):
+        armed[0] = False
+        try:
+            return overlay_moe_forward(*args, ex, backend="cpu")
+        finally:
+            armed[0] = True
+
     for t in (1, 3, op.GEMV_MAX_ROWS, op.GEMV_MAX_ROWS + 1):
         xt = torch.randn(t, 64)
         it, wt = random_routing(t, 4, 2)
-        fast = overlay_moe_forward(xt, it, wt, ex, backend="cpu", check_ids=False)
-        assert (calls[-1] is not None) == (t <= op.GEMV_MAX_ROWS)  # above GEMV_MAX_ROWS: the staged path
-        assert torch.equal(fast, overlay_moe_forward(xt, it, wt, ex, backend="cpu"))
+        for check_ids in (False, True):
+            fast = overlay_moe_forward(xt, it, wt, ex, backend="cpu", check_ids=check_ids)
+            assert (calls[-1] is not None) == (t <= op.GEMV_MAX_ROWS)  # above GEMV_MAX_ROWS: the staged path
+            assert torch.equal(fast, general(xt, it, wt))
+            assert calls[-1] is None  # the general call did not take it
         _assert_matches(fast, xt, it, wt, ex)
     for mode in ("int8", "fp32"):  # the token mode is read on every call
         monkeypatch.setattr(op, "MXFP4_TOKENS", mode)
-        assert torch.equal(overlay_moe_forward(x, ids, w, ex, backend="cpu", check_ids=False),
-                           overlay_moe_forward(x, ids, w, ex, backend="cpu"))
-        assert calls[-1] is not None  # the check_ids=True call does not try it
+        fast = overlay_moe_forward(x, ids, w, ex, backend="cpu")
+        assert calls[-1] is not None
+        assert torch.equal(fast, general(x, ids, w))
 
 
 def test_fast_path_leaves_other_inputs_to_the_general_path():
@@ -743,6 +755,9 @@ def test_fast_path_still_refuses_bad_inputs(case):
     }[case]
     with pytest.raises(err, match=match):
         overlay_moe_forward(*args, ex, backend="cpu", check_ids=False)
+    if case == "id_range":  # checked, the armed fast path leaves it to the general path's message
+        with pytest.raises(ValueError, match=r"topk_ids must be in \[0, 4\), got \[4, 4\]"):
+            overlay_moe_forward(*args, ex, backend="cpu")
 
 
 def test_fast_path_follows_replaced_tensors():
