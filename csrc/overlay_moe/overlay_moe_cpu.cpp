@@ -140,11 +140,25 @@ void expand_tile(float (*acc)[kCols], const float* const* s, int64_t n, const F*
 // acc[q][c] += sum_j s[q][j] * at[j * ld + c] for q < N pairs, c < w: the rank rows are read R at a time over the
 // full width (R contiguous streams of w values, which the hardware prefetcher follows), each row converted once
 // per N pairs; the accumulators stay in L1. Per column the FMAs run in j order, as in expand_columns_avx2, so
-// both give the same bits.
+// both give the same bits. Each column's R FMAs form one dependent chain: for one pair a step takes V = 4
+// column vectors, so 4 chains are in flight (more pairs bring chains of their own and share each converted row).
 template <int N, int R, typename F>
 LZ_TARGET_AVX2 void expand_rows_pass_avx2(float* const* acc, const float* const* s, const F* rows, int64_t ld,
                                           int64_t j, int64_t w) {
+  constexpr int V = N == 1 ? 4 : 1;  // more pairs give the chains in flight (and share each converted row)
   int64_t c = 0;
+  if constexpr (V > 1)
+    for (; c + 8 * V <= w; c += 8 * V) {
+      for (int q = 0; q < N; ++q) {
+        __m256 v[V];
+        for (int u = 0; u < V; ++u) v[u] = _mm256_loadu_ps(acc[q] + c + 8 * u);
+        for (int k = 0; k < R; ++k) {
+          const __m256 sk = _mm256_broadcast_ss(s[q] + j + k);
+          for (int u = 0; u < V; ++u) v[u] = _mm256_fmadd_ps(sk, simd::load8(rows + k * ld + c + 8 * u), v[u]);
+        }
+        for (int u = 0; u < V; ++u) _mm256_storeu_ps(acc[q] + c + 8 * u, v[u]);
+      }
+    }
   for (; c + 8 <= w; c += 8) {
     __m256 r[R];
     for (int k = 0; k < R; ++k) r[k] = simd::load8(rows + k * ld + c);

@@ -110,12 +110,14 @@ def test_decoded_tiles_and_gemv_paths_agree(monkeypatch):
 
 
 @pytest.mark.parametrize("factors", ["bf16", "fp32"])
-def test_row_streamed_expand_equals_the_column_blocks(factors):
+@pytest.mark.parametrize("hidden,inter", [(45, 29), (109, 70)])
+def test_row_streamed_expand_equals_the_column_blocks(factors, hidden, inter):
     # At most 64 pairs (kRowExpandPairs) the expand stages stream each expert's rank rows over the full width;
     # above, they run by column blocks. The same 5 tokens run among 90 pairs and alone (15 pairs) must give the
-    # same bits per pair and per token: ranks with 8- and 4-row passes plus leftovers, widths with a scalar tail,
-    # 1..7 pairs per expert (tiles of 4 and their remainders).
-    n_experts, hidden, inter, (rg, ru, rd), top_k = 12, 45, 29, (11, 9, 13), 3
+    # same bits per pair and per token: ranks with 8- and 4-row passes plus leftovers, widths with a scalar tail
+    # (and one-pair experts' 32-column steps with their 8-column and scalar remainders: 109 = 3 * 32 + 8 + 5,
+    # 70 = 2 * 32 + 6), 1..7 pairs per expert (tiles of 4 and their remainders).
+    n_experts, (rg, ru, rd), top_k = 12, (11, 9, 13), 3
     ex = random_overlay(n_experts, hidden, inter, (rg, ru, rd), bias=True, activation="gpt_oss",
                         factor_dtype=FACTOR_DTYPES[factors])
     ids, w = random_routing(30, n_experts, top_k)
