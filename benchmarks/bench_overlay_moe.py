@@ -9,7 +9,7 @@ projection.
   (a) transformers' ``GptOssExperts`` (eager / grouped_mm / batched_mm) on the weights dequantised to fp32 by
   ``mxfp4_dequant``; (b) ours: :func:`lazarus_core.ops.overlay_moe.stored_matmul` per expert, the same kernel as
   the overlay's MXFP4 base (MXFP4 decoded inside the GEMV at small T; at large T the integer GEMM where the CPU
-  has AVX-512 VNNI, else decoded tiles + BLAS).
+  has AVX2, else decoded tiles + BLAS).
 On the CPU every call at T <= 16 reads its weights from DRAM: harness.CacheFlusher evicts the bytes the call
 reads (its layer, the original experts, the bare read's buffer) from every cache level ahead of it, untimed,
 as a model decoding layer after layer meets each layer's weights; the interpreter and activations stay
@@ -20,7 +20,7 @@ cold state.
 Floors, per path: at T=1 the weight bytes it must read as stored (the bases and the touched experts' tensors)
 over the measured streaming READ bandwidth (benchmarks/floors.py); at T=256 its fp32 flops over the best
 measured fp32 ``torch.mm`` rate over the forward's products (whole bases and decoded tiles), plus, for the MXFP4
-products that run an integer kernel (the matrix-vector kernel, the AVX-512 VNNI GEMM), their u8 x s8
+products that run an integer kernel (the matrix-vector kernel, the integer GEMM), their u8 x s8
 multiply-adds (two per weight in int16, one in int8) over the measured rate of the dot instruction on every core
 (an integer kernel can beat the fp32 matmul rate, so that alone would not bound it); at T=16 the larger of the
 bytes and the compute term. The matmul and dot rates are measured before and after the rows, the read
@@ -200,14 +200,13 @@ def _best_matmul_rate(device: str) -> float:
 
 def _integer_macs(counts: list[int], device: str, int16: bool) -> int:
     """u8 x s8 multiply-adds of the MXFP4 products of ``counts`` token rows each ([2I, H] then [H, I] per group)
-    that run an integer kernel here: groups of at most GEMV_MAX_ROWS rows the matrix-vector kernel (AVX2 on),
-    larger ones the GEMM (AVX-512 VNNI); two products per weight in int16, one in int8. 0 on a GPU."""
+    that run an integer kernel here: groups of at most GEMV_MAX_ROWS rows the matrix-vector kernel, larger ones
+    the GEMM (both from AVX2 on); two products per weight in int16, one in int8. 0 on a GPU."""
     from lazarus_core import _C
-    from lazarus_core.ops.overlay_moe import GEMV_MAX_ROWS
 
     if device != "cpu":
         return 0
-    integer = [n for n in counts if n and (_C.cpu_has_avx512_vnni() if n > GEMV_MAX_ROWS else _C.cpu_has_avx2())]
+    integer = [n for n in counts if n and _C.cpu_has_avx2()]
     return (2 if int16 else 1) * sum(integer) * 3 * H * I
 
 

@@ -331,7 +331,8 @@ void bind_overlay_moe(py::module_& m) {
       py::arg("tokens"),
       "y [n, rows] = x @ W^T for an MXFP4 W (blocks uint8 [rows, cols/32, 16], scales [rows, cols/32]) and x "
       "float32 [n, cols] rounded per 32-block as tokens says (1 16-bit fixed point, 2 int8), in integers with "
-      "AVX-512 VNNI. Returns False, writing nothing, when it cannot (no AVX-512 VNNI, tokens 0, x not finite).");
+      "AVX-512 VNNI or AVX2 (the same bits). Returns False, writing nothing, when it cannot (no AVX2, tokens 0, x not "
+      "finite).");
   m.def(
       "stored_matvec",
       [](const py::array& data, const py::object& scales, int format, int64_t rows, int64_t cols, const py::array& x,

@@ -1,17 +1,18 @@
 // Why: y = x @ W^T for an MXFP4 W and many token rows (the base products of batches above the matrix-vector
-// kernel's GEMV_MAX_ROWS) in integers, with AVX-512 VNNI. Each token row is rounded per 32-element block exactly
-// as the matrix-vector kernel rounds it (q8_blocks.h), each weight row is decoded once per call to
-// 2 * E2M1 + 12 as uint8, and vpdpbusd sums 64 u8 x s8 products per instruction (an fp32 FMA does 16
-// multiply-adds): 16 dpbusd per 32-element block and 16-row vector in kFixed16 (2 terms), 8 in kInt8. The
-// integer sums are exact; one fp32 FMA per (token, row, block) applies the weight scale x token half scale, so
-// the result differs from the matrix-vector kernel's only in the order of the fp32 sum over blocks.
+// kernel's GEMV_MAX_ROWS) in integers, with AVX-512 VNNI or, in the same layout and with the same bits, AVX2. Each
+// token row is rounded per 32-element block exactly as the matrix-vector kernel rounds it (q8_blocks.h), each
+// weight row is decoded once per call to 2 * E2M1 + 12 as uint8, and vpdpbusd sums 64 u8 x s8 products per
+// instruction (an fp32 FMA does 16 multiply-adds): 16 dpbusd per 32-element block and 16-row vector in kFixed16
+// (2 terms), 8 in kInt8 (AVX2: vpmaddubsw + vpmaddwd, panel_tile_avx2). The integer sums are exact; one fp32 FMA
+// per (token, row, block) applies the weight scale x token half scale, so the result differs from the
+// matrix-vector kernel's only in the order of the fp32 sum over blocks.
 //
-// Layout: weights in panels of 32 rows (two zmm of 16 int32 lanes, one row per lane), decoded by the thread that
-// owns the panel into a buffer that stays in its L2 (codes[(8 b + j) * 128 + 64 v + 4 lane + q] = code of row
-// 16 v + lane, element 32 b + element_at(4 j + q)), then met by every token row in register tiles of 4 tokens
-// x 32 rows: the token's 4 bytes of the same elements are broadcast to all lanes. Rows with a scale byte 0 or
-// 0xFF (NaN) are computed again by the fp32 kernel on unrounded tokens, and a token row holding inf or NaN makes
-// the call decline (returns false), both as the matrix-vector kernel does, so NaN propagates.
+// Layout: weights in panels of 32 rows (two zmm of 16 int32 lanes, or four ymm of 8, one row per lane), decoded
+// by the thread that owns the panel into a buffer that stays in its L2 (codes[(8 b + j) * 128 + 64 v + 4 lane + q]
+// = code of row 16 v + lane, element 32 b + element_at(4 j + q)), then met by every token row in register tiles
+// of 4 tokens x 32 rows: the token's 4 bytes of the same elements are broadcast to all lanes. Rows with a scale
+// byte 0 or 0xFF (NaN) are computed again by the fp32 kernel on unrounded tokens, and a token row holding inf or
+// NaN makes the call decline (returns false), both as the matrix-vector kernel does, so NaN propagates.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -92,6 +93,27 @@ void pack_tokens(const float* x, int64_t n, int64_t cols, int mode, TokenPack& t
   }
 }
 
+// The panel's weight scales: wscale[32 b + i] = 2^(s-127) of row row0 + i as fp32 bits (s << 23: 0 for s = 0, inf
+// for 0xFF), 0 past `rows`; special[r] is set for a row with a scale byte 0 or 0xFF.
+void pack_scales(const uint8_t* scales, int64_t groups, int64_t row0, int64_t rows, float* wscale, uint8_t* special) {
+  for (int i = 0; i < kPanelRows; ++i) {
+    const int64_t r = row0 + i;
+    float* sc = wscale + i;
+    if (r >= rows) {
+      for (int64_t b = 0; b < groups; ++b) sc[b * kPanelRows] = 0.0f;
+      continue;
+    }
+    const uint8_t* s = scales + r * groups;
+    bool odd = false;
+    for (int64_t b = 0; b < groups; ++b) {
+      const uint32_t bits = static_cast<uint32_t>(s[b]) << 23;
+      std::memcpy(sc + b * kPanelRows, &bits, 4);
+      odd |= s[b] == 0 || s[b] == 0xFF;
+    }
+    special[r] = odd;
+  }
+}
+
 #if defined(LAZARUS_AVX2_MATH)
 // Rows row0 .. row0+31 of the weight decoded into the panel layout: for block b and each 16-row vector v, the
 // 16 rows' nibble bytes are loaded 4 rows per register (rows k, k+4, k+8, k+12 in register k, so that a 4 x 4
@@ -134,23 +156,8 @@ LZ_TARGET_AVX512_VNNI void pack_panel(const uint8_t* blocks, const uint8_t* scal
         _mm512_storeu_si512(at + (2 * m + 1) * kGroupBytes, hi);
       }
     }
-    for (int l = 0; l < kLanes; ++l) {
-      const int64_t r = row0 + kLanes * v + l;
-      float* sc = wscale + kLanes * v + l;
-      if (r >= rows) {
-        for (int64_t b = 0; b < groups; ++b) sc[b * kPanelRows] = 0.0f;
-        continue;
-      }
-      const uint8_t* s = scales + r * groups;
-      bool odd = false;
-      for (int64_t b = 0; b < groups; ++b) {
-        const uint32_t bits = static_cast<uint32_t>(s[b]) << 23;
-        std::memcpy(sc + b * kPanelRows, &bits, 4);
-        odd |= s[b] == 0 || s[b] == 0xFF;
-      }
-      special[r] = odd;
-    }
   }
+  pack_scales(scales, groups, row0, rows, wscale, special);
 }
 
 // y[t0 + c, row0 + 16 v + lane] for c < C. Per block, two independent sets of int32 sums (kFixed16: the hi and
@@ -215,15 +222,147 @@ LZ_TARGET_AVX512_VNNI void panel_tile(const uint8_t* codes, const float* wscale,
   }
 }
 
+// pack_panel with AVX2: the same layout, 8 rows per ymm (rows k and k+4 of each 8 in register k's two lanes, so the
+// same 4 x 4 word transpose leaves word m of the 8 rows in register m, in row order).
+LZ_TARGET_AVX2 void pack_panel_avx2(const uint8_t* blocks, const uint8_t* scales, int64_t groups, int64_t row0,
+                                    int64_t rows, uint8_t* codes, float* wscale, uint8_t* special) {
+  alignas(16) static const uint8_t kZeroBlock[16] = {};
+  const __m256i table = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
+                                         12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0);
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  for (int u = 0; u < kPanelRows / 8; ++u) {
+    const uint8_t* src[8];
+    int64_t step[8];
+    for (int l = 0; l < 8; ++l) {
+      const int64_t r = row0 + 8 * u + l;
+      src[l] = r < rows ? blocks + r * groups * 16 : kZeroBlock;
+      step[l] = r < rows ? 16 : 0;
+    }
+    for (int64_t b = 0; b < groups; ++b) {
+      const auto row = [&](int l) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(src[l] + step[l] * b)); };
+      __m256i z[4];
+      for (int k = 0; k < 4; ++k) z[k] = _mm256_inserti128_si256(_mm256_castsi128_si256(row(k)), row(k + 4), 1);
+      const __m256i t0 = _mm256_unpacklo_epi32(z[0], z[1]), t1 = _mm256_unpackhi_epi32(z[0], z[1]);
+      const __m256i t2 = _mm256_unpacklo_epi32(z[2], z[3]), t3 = _mm256_unpackhi_epi32(z[2], z[3]);
+      const __m256i d[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
+                            _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
+      uint8_t* at = codes + 8 * b * kGroupBytes + 32 * u;
+      for (int m = 0; m < 4; ++m) {
+        const __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(d[m], nibble));
+        const __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(d[m], 4), nibble));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(at + 2 * m * kGroupBytes), lo);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(at + (2 * m + 1) * kGroupBytes), hi);
+      }
+    }
+  }
+  pack_scales(scales, groups, row0, rows, wscale, special);
+}
+
+// panel_tile with AVX2, which has no vpdpbusd: per 4 groups of a block, vpmaddubsw products of the codes with the
+// token's broadcast bytes are summed in int16 (at most 4 x 2 x 24 x 128 = 24576 per lane, no saturation), then
+// vpmaddwd (x 256 for kFixed16's hi term, x 1 otherwise) sums them into int32 from minus the code offset's sum.
+// The block's integers equal panel_tile's, and the fp32 FMA per (token, row, block) is the same, so both forms
+// give the same bits. Two 8-row vectors per step (the panel in two halves), C tokens.
+template <int C, int Mode>
+LZ_TARGET_AVX2 void panel_tile_avx2(const uint8_t* codes, const float* wscale, const TokenPack& tp, int64_t t0,
+                                    float* y, int64_t ldy, int64_t row0, int64_t rows) {
+  constexpr bool kFixed16 = Mode == kTokensFixed16;
+  constexpr int U = 2;  // 8-row vectors per step
+  const int64_t groups = tp.groups, cols = tp.cols;
+  const __m256i ones = _mm256_set1_epi16(1), k256 = _mm256_set1_epi16(256);
+  const int8_t* hi[C];
+  const int8_t* lo[C];
+  for (int c = 0; c < C; ++c) {
+    hi[c] = tp.hi.data() + (t0 + c) * cols;
+    lo[c] = kFixed16 ? tp.lo.data() + (t0 + c) * cols : hi[c];
+  }
+  const auto bcast = [](const int8_t* p) LZ_TARGET_AVX2 {
+    int32_t four;
+    std::memcpy(&four, p, 4);
+    return _mm256_set1_epi32(four);
+  };
+  for (int u0 = 0; u0 < kPanelRows / 8; u0 += U) {
+    if (row0 + 8 * u0 >= rows) break;
+    __m256 f[U][C];
+    for (int u = 0; u < U; ++u)
+      for (int c = 0; c < C; ++c) f[u][c] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < groups; ++b) {
+      const uint8_t* cb = codes + 8 * b * kGroupBytes + 32 * u0;
+      __m256i sum[U][C];
+      for (int c = 0; c < C; ++c) {
+        const __m256i start = _mm256_set1_epi32(-tp.corr[(t0 + c) * groups + b]);
+        for (int u = 0; u < U; ++u) sum[u][c] = start;
+      }
+      for (int h = 0; h < 8; h += 4) {
+        __m256i p[U][C], q[U][C];
+        for (int j = h; j < h + 4; ++j) {
+          __m256i w[U];
+          for (int u = 0; u < U; ++u)
+            w[u] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cb + j * kGroupBytes + 32 * u));
+          for (int c = 0; c < C; ++c) {
+            const __m256i xp = bcast(hi[c] + 32 * b + 4 * j);
+            const __m256i xq = kFixed16 ? bcast(lo[c] + 32 * b + 4 * j) : xp;
+            for (int u = 0; u < U; ++u) {
+              const __m256i a = _mm256_maddubs_epi16(w[u], xp);
+              p[u][c] = j == h ? a : _mm256_add_epi16(p[u][c], a);
+              if constexpr (kFixed16) {
+                const __m256i d = _mm256_maddubs_epi16(w[u], xq);
+                q[u][c] = j == h ? d : _mm256_add_epi16(q[u][c], d);
+              }
+            }
+          }
+        }
+        for (int u = 0; u < U; ++u)
+          for (int c = 0; c < C; ++c)
+            sum[u][c] = kFixed16 ? _mm256_add_epi32(sum[u][c], _mm256_add_epi32(_mm256_madd_epi16(p[u][c], k256),
+                                                                                _mm256_madd_epi16(q[u][c], ones)))
+                                 : _mm256_add_epi32(sum[u][c], _mm256_madd_epi16(p[u][c], ones));
+      }
+      for (int u = 0; u < U; ++u) {
+        const __m256 ws = _mm256_loadu_ps(wscale + b * kPanelRows + 8 * (u0 + u));
+        for (int c = 0; c < C; ++c) {
+          const __m256 hs = _mm256_set1_ps(tp.half_scale[(t0 + c) * groups + b]);
+          f[u][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[u][c]), _mm256_mul_ps(ws, hs), f[u][c]);
+        }
+      }
+    }
+    for (int u = 0; u < U; ++u) {
+      const int64_t r = row0 + 8 * (u0 + u);
+      if (r >= rows) break;
+      const int64_t valid = std::min<int64_t>(8, rows - r);
+      for (int c = 0; c < C; ++c) {
+        float* out = y + (t0 + c) * ldy + r;
+        if (valid == 8) {
+          _mm256_storeu_ps(out, f[u][c]);
+        } else {
+          alignas(32) float lanes[8];
+          _mm256_store_ps(lanes, f[u][c]);
+          std::copy(lanes, lanes + valid, out);
+        }
+      }
+    }
+  }
+}
+
 template <int Mode>
-void panel_times_tokens(const uint8_t* codes, const float* wscale, const TokenPack& tp, int64_t n, float* y,
+void panel_times_tokens(bool zmm, const uint8_t* codes, const float* wscale, const TokenPack& tp, int64_t n, float* y,
                         int64_t ldy, int64_t row0, int64_t rows) {
   for (int64_t t0 = 0; t0 < n; t0 += kTileTokens) {
-    switch (std::min<int64_t>(kTileTokens, n - t0)) {
-      case 1: panel_tile<1, Mode>(codes, wscale, tp, t0, y, ldy, row0, rows); break;
-      case 2: panel_tile<2, Mode>(codes, wscale, tp, t0, y, ldy, row0, rows); break;
-      case 3: panel_tile<3, Mode>(codes, wscale, tp, t0, y, ldy, row0, rows); break;
-      default: panel_tile<4, Mode>(codes, wscale, tp, t0, y, ldy, row0, rows); break;
+    const int64_t c = std::min<int64_t>(kTileTokens, n - t0);
+    if (zmm) {
+      switch (c) {
+        case 1: panel_tile<1, Mode>(codes, wscale, tp, t0, y, ldy, row0, rows); break;
+        case 2: panel_tile<2, Mode>(codes, wscale, tp, t0, y, ldy, row0, rows); break;
+        case 3: panel_tile<3, Mode>(codes, wscale, tp, t0, y, ldy, row0, rows); break;
+        default: panel_tile<4, Mode>(codes, wscale, tp, t0, y, ldy, row0, rows); break;
+      }
+    } else {
+      switch (c) {
+        case 1: panel_tile_avx2<1, Mode>(codes, wscale, tp, t0, y, ldy, row0, rows); break;
+        case 2: panel_tile_avx2<2, Mode>(codes, wscale, tp, t0, y, ldy, row0, rows); break;
+        case 3: panel_tile_avx2<3, Mode>(codes, wscale, tp, t0, y, ldy, row0, rows); break;
+        default: panel_tile_avx2<4, Mode>(codes, wscale, tp, t0, y, ldy, row0, rows); break;
+      }
     }
   }
 }
@@ -233,7 +372,8 @@ void panel_times_tokens(const uint8_t* codes, const float* wscale, const TokenPa
 
 bool mxfp4_gemm_q8_cpu(const StoredMatrix& w, const float* x, int64_t n, float* y, int64_t ldy, int tokens) {
 #if defined(LAZARUS_AVX2_MATH)
-  if (!use_avx512_vnni() || w.format != Storage::kMXFP4 || (tokens != kTokensFixed16 && tokens != kTokensInt8))
+  const bool zmm = use_avx512_vnni();
+  if (!(zmm || use_avx2()) || w.format != Storage::kMXFP4 || (tokens != kTokensFixed16 && tokens != kTokensInt8))
     return false;
   if (n == 0 || w.rows == 0) return true;
   if (w.cols == 0) {
@@ -255,11 +395,15 @@ bool mxfp4_gemm_q8_cpu(const StoredMatrix& w, const float* x, int64_t n, float* 
       LZ_OMP(for schedule(dynamic))
       for (int64_t p = 0; p < panels; ++p) {
         const int64_t row0 = p * kPanelRows;
-        pack_panel(blocks, w.scales, groups, row0, w.rows, codes.data(), wscale.data(), special.data());
-        if (tokens == kTokensFixed16) {
-          panel_times_tokens<kTokensFixed16>(codes.data(), wscale.data(), tp, nt, yc, ldy, row0, w.rows);
+        if (zmm) {
+          pack_panel(blocks, w.scales, groups, row0, w.rows, codes.data(), wscale.data(), special.data());
         } else {
-          panel_times_tokens<kTokensInt8>(codes.data(), wscale.data(), tp, nt, yc, ldy, row0, w.rows);
+          pack_panel_avx2(blocks, w.scales, groups, row0, w.rows, codes.data(), wscale.data(), special.data());
+        }
+        if (tokens == kTokensFixed16) {
+          panel_times_tokens<kTokensFixed16>(zmm, codes.data(), wscale.data(), tp, nt, yc, ldy, row0, w.rows);
+        } else {
+          panel_times_tokens<kTokensInt8>(zmm, codes.data(), wscale.data(), tp, nt, yc, ldy, row0, w.rows);
         }
       }
     }

@@ -91,10 +91,10 @@ void stored_matvec_cpu(const StoredMatrix& w, const float* x, const int64_t* x_r
                        int64_t ldy, int tokens = kTokensFp32);
 
 // y[i, r] = sum_c W[r, c] * x[i, c] for i < n (rows of w.cols, y rows with stride ldy) for an MXFP4 W and many
-// token rows, with AVX-512 VNNI: each x row rounded per block as `tokens` (kTokensFixed16 or kTokensInt8) says,
-// the products and block sums exact in integers, one fp32 FMA per (token, row, block); a weight row with a NaN or
-// zero scale byte runs the fp32 kernel. Returns false, writing nothing, when it cannot: no AVX-512 VNNI here (or
-// forbidden, avx512_vnni_allowed), another format or token mode, or an x row holding inf or NaN.
+// token rows, with AVX-512 VNNI (where allowed, avx512_vnni_allowed) or AVX2, the same bits: each x row rounded per
+// block as `tokens` (kTokensFixed16 or kTokensInt8) says, the products and block sums exact in integers, one fp32
+// FMA per (token, row, block); a weight row with a NaN or zero scale byte runs the fp32 kernel. Returns false,
+// writing nothing, when it cannot: no AVX2 here, another format or token mode, or an x row holding inf or NaN.
 bool mxfp4_gemm_q8_cpu(const StoredMatrix& w, const float* x, int64_t n, float* y, int64_t ldy, int tokens);
 
 // The grouped shrink of expert-sorted pairs: s[p, j] = sum_c B[e, j, c] * inp[rows ? rows[p] : p, c] for p in

@@ -408,10 +408,11 @@ SHRINK_MAX_PAIRS = 64
 #   Q8_0 activations): one integer product per weight instead of two, the fastest;
 # - "fp32" converts every weight to fp32 and sums in fp32 (exact products), the slowest.
 # A row holding inf or NaN, or a weight row with a NaN or zero scale byte, runs the fp32 kernel in every mode, so
-# NaN propagates. Products of more than GEMV_MAX_ROWS rows keep the mode where the CPU has AVX-512 VNNI: an
-# integer GEMM on the same rounded rows (csrc/overlay_moe/mxfp4_gemm_cpu.cpp; at [256, 2880] x [5760, 2880]
-# about 1.5x faster than BLAS on the fp32 weight in int16, 2.3x in int8); elsewhere, in "fp32", or with an input
-# row holding inf or NaN, they decode fp32 tiles and run BLAS (exact products).
+# NaN propagates. Products of more than GEMV_MAX_ROWS rows keep the mode where the CPU has AVX2: an integer GEMM
+# on the same rounded rows (csrc/overlay_moe/mxfp4_gemm_cpu.cpp; at [256, 2880] x [5760, 2880] with AVX-512 VNNI
+# about 1.5x faster than BLAS on the fp32 weight in int16, 2.3x in int8; with AVX2 alone about as fast as BLAS
+# in int16, 2.2x in int8); elsewhere, in "fp32", or with an input row holding inf or NaN, they decode fp32 tiles
+# and run BLAS (exact products).
 MXFP4_TOKENS = "int16"
 _MXFP4_TOKEN_MODES = {"fp32": 0, "int16": 1, "int8": 2}  # the extension's kTokens* codes
 
@@ -511,10 +512,10 @@ def stored_matmul(x: torch.Tensor, w: torch.Tensor | None = None, *, blocks: tor
 
     On the CPU, at most :data:`GEMV_MAX_ROWS` rows of ``x`` run a matrix-vector kernel that decodes ``W`` in
     registers (bf16/fp16 converted, MXFP4 decoded inside the product). More rows against an MXFP4 ``W`` run an
-    integer GEMM where the CPU has AVX-512 VNNI (rows rounded as ``mxfp4_tokens`` says, as in the
-    matrix-vector kernel); otherwise (and for bf16/fp16, ``mxfp4_tokens="fp32"`` or rows holding inf or NaN)
-    they decode :data:`DECODE_TILE_ROWS` rows of ``W`` at a time into one reused fp32 buffer and run BLAS on it.
-    An fp32 ``W`` with many rows goes straight to BLAS.
+    integer GEMM where the CPU has AVX2 (rows rounded as ``mxfp4_tokens`` says, as in the matrix-vector kernel;
+    in zmm registers with AVX-512 VNNI); otherwise (and for bf16/fp16, ``mxfp4_tokens="fp32"`` or rows holding
+    inf or NaN) they decode :data:`DECODE_TILE_ROWS` rows of ``W`` at a time into one reused fp32 buffer and run
+    BLAS on it. An fp32 ``W`` with many rows goes straight to BLAS.
 
     Parameters
     ----------
@@ -608,11 +609,11 @@ def cpu_avx_vnni(allowed: bool):
 def cpu_avx512_vnni(allowed: bool):
     """Run the block with the AVX-512 VNNI forms of the CPU kernels allowed or forbidden (restored after).
 
-    Products of an MXFP4 weight with more than :data:`GEMV_MAX_ROWS` rows run an integer GEMM in AVX-512 VNNI
-    where the CPU has it (the token rounding of :data:`MXFP4_TOKENS`); forbidden, they decode fp32 tiles and
-    run BLAS (exact products), as on CPUs without it. Smaller products run the matrix-vector kernel's zmm form
-    (bit-identical to its ymm forms, which run when forbidden). This exists to compare the paths and to test them
-    on one machine. Not for use while another thread runs a kernel.
+    Products of an MXFP4 weight with more than :data:`GEMV_MAX_ROWS` rows run the integer GEMM in its AVX-512
+    VNNI form where the CPU has it (the token rounding of :data:`MXFP4_TOKENS`); forbidden, its AVX2 form, the
+    same bits. Smaller products run the matrix-vector kernel's zmm form (bit-identical to its ymm forms, which run
+    when forbidden). This exists to compare the paths and to test them on one machine. Not for use while another
+    thread runs a kernel.
 
     Parameters
     ----------

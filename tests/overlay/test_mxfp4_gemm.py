@@ -10,8 +10,17 @@ from tests.overlay.test_overlay_moe_op import _mxfp4_weight, assert_rounding_ora
 
 EXT = op.cpu_extension()
 HAS_AVX512_VNNI = EXT.cpu_has_avx512_vnni()
-needs_avx512_vnni = pytest.mark.skipif(not HAS_AVX512_VNNI, reason="this CPU has no AVX-512 VNNI: products of "
-                                       "many rows decode fp32 tiles (tested in test_overlay_moe_op)")
+needs_avx2 = pytest.mark.skipif(not EXT.cpu_has_avx2(), reason="this CPU has no AVX2: products of many rows decode "
+                                "fp32 tiles (tested in test_overlay_moe_op)")
+needs_avx512_vnni = pytest.mark.skipif(not HAS_AVX512_VNNI, reason="this CPU has no AVX-512 VNNI: only the AVX2 "
+                                       "form of the GEMM runs")
+# The GEMM's forms this CPU runs: AVX2, and the zmm one where the CPU has AVX-512 VNNI.
+FORMS = ["avx2"] + (["avx512_vnni"] if HAS_AVX512_VNNI else [])
+
+
+def _matmul(form: str, x: torch.Tensor, **kw) -> torch.Tensor:
+    with op.cpu_avx512_vnni(form == "avx512_vnni"):
+        return op.stored_matmul(x, **kw)
 
 
 def _edge_rows(x: torch.Tensor) -> torch.Tensor:
@@ -24,14 +33,15 @@ def _edge_rows(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-@needs_avx512_vnni
+@needs_avx2
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("mode", ["int16", "int8"])
 @pytest.mark.parametrize("n,rows,cols", [(17, 21, 160), (37, 33, 352), (20, 70, 2880), (261, 47, 96),
                                          (18, 16, 32), (23, 5, 288)])
-def test_gemm_equals_its_rounding_reference(mode, n, rows, cols):
+def test_gemm_equals_its_rounding_reference(form, mode, n, rows, cols):
     # Products and block sums are exact in integers: the GEMM equals the fp64 product of the rounded rows up to
     # the fp32 sum over blocks. Sizes: a token tail of 1-3 after tiles of 4, rows not a multiple of the 32-row
-    # panel (masked stores), fewer rows than one 16-row vector, one block, more tokens than one pass (256). A
+    # panel (masked stores), fewer rows than one 8- or 16-row vector, one block, more tokens than one pass (256). A
     # weight row with a NaN scale and one with a zero scale byte run the fp32 kernel on the unrounded rows.
     kw = _mxfp4_weight(rows, cols, seed=n + rows)
     kw["scales"][3, 0] = 0xFF
@@ -39,7 +49,7 @@ def test_gemm_equals_its_rounding_reference(mode, n, rows, cols):
     g = torch.Generator().manual_seed(n * cols)
     x = _edge_rows(torch.randn(n, cols, generator=g) * 3)
     assert n > op.GEMV_MAX_ROWS  # the GEMM's side of the crossover
-    out, oracle, exact, scale = assert_rounding_oracle(op.stored_matmul(x, **kw, mxfp4_tokens=mode), x, kw, mode)
+    out, oracle, exact, scale = assert_rounding_oracle(_matmul(form, x, **kw, mxfp4_tokens=mode), x, kw, mode)
     # The rounding is real: where the rounded rows' product differs visibly from the exact one (every case but
     # the one-block weight, whose small blocks round exactly), the GEMM follows the rounded one.
     if cols > 32:
@@ -47,22 +57,24 @@ def test_gemm_equals_its_rounding_reference(mode, n, rows, cols):
         assert gap > 1e-5 * scale and float((out - exact).abs().max()) >= 0.5 * gap
 
 
-@needs_avx512_vnni
+@needs_avx2
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("mode", ["int16", "int8"])
-def test_gemm_rows_match_the_matrix_vector_kernel(mode):
+def test_gemm_rows_match_the_matrix_vector_kernel(form, mode):
     # The same rounded integers as the matrix-vector kernel: each token row of a many-row product equals the
     # one-row product up to the order of the fp32 sum over blocks, on fresh draws over several magnitudes.
     g = torch.Generator().manual_seed(5)
     kw = _mxfp4_weight(45, 800, seed=9)
     x = torch.randn(19, 800, generator=g) * torch.logspace(-4, 4, 19)[:, None]
-    many = op.stored_matmul(x, **kw, mxfp4_tokens=mode)
+    many = _matmul(form, x, **kw, mxfp4_tokens=mode)
     for i in range(x.shape[0]):
         one = op.stored_matmul(x[i:i + 1], **kw, mxfp4_tokens=mode)[0]
         torch.testing.assert_close(many[i], one, rtol=0, atol=2e-6 * float(one.abs().max()))
 
 
-@needs_avx512_vnni
-def test_gemm_declines_rows_holding_inf_or_nan():
+@needs_avx2
+@pytest.mark.parametrize("form", FORMS)
+def test_gemm_declines_rows_holding_inf_or_nan(form):
     # Like the matrix-vector kernel: an input row holding inf or NaN runs the exact fp32 path for the product
     # (NaN and inf propagate to that row only); the extension call reports that it wrote nothing, also when the
     # bad row sits in its second pass of 256 rows.
@@ -72,24 +84,38 @@ def test_gemm_declines_rows_holding_inf_or_nan():
         x[2, 5] = float("nan")
         x[bad, 90] = float("inf")
         y = torch.full((n, 40), -1.0)
-        assert not EXT.mxfp4_gemm(kw["blocks"].numpy(), kw["scales"].numpy(), 40, 96, x.numpy(), y.numpy(), 1)
+        with op.cpu_avx512_vnni(form == "avx512_vnni"):
+            assert not EXT.mxfp4_gemm(kw["blocks"].numpy(), kw["scales"].numpy(), 40, 96, x.numpy(), y.numpy(), 1)
         assert (y == -1.0).all()
-    out = op.stored_matmul(x, **kw)
+    out = _matmul(form, x, **kw)
     torch.testing.assert_close(out, op.stored_matmul(x, **kw, mxfp4_tokens="fp32"), rtol=0, atol=0, equal_nan=True)
     assert torch.isnan(out[2]).all() and not torch.isnan(out[[0, 1, 3]]).any()
 
 
-@needs_avx512_vnni
-def test_gemm_forbidden_or_fp32_tokens_run_the_exact_tiles():
+@needs_avx2
+def test_gemm_fp32_tokens_run_the_exact_tiles():
     kw = _mxfp4_weight(50, 320, seed=4)
     x = torch.randn(33, 320) * 2
     exact = op.stored_matmul(x, **kw, mxfp4_tokens="fp32")
     torch.testing.assert_close(exact, op.stored_matmul_reference(x, **kw), rtol=1e-5, atol=1e-5)
-    with op.cpu_avx512_vnni(False):
-        assert torch.equal(op.stored_matmul(x, **kw), exact)
-    assert not torch.equal(op.stored_matmul(x, **kw), exact)   # allowed again: the rounded integer GEMM
+    for form in FORMS:
+        assert not torch.equal(_matmul(form, x, **kw), exact)   # the rounded integer GEMM
     assert EXT.mxfp4_gemm(kw["blocks"].numpy(), kw["scales"].numpy(), 50, 320, x.numpy(),
                           torch.empty(33, 50).numpy(), 0) is False   # fp32 tokens are not the GEMM's
+
+
+@needs_avx512_vnni
+@pytest.mark.parametrize("mode", ["int16", "int8"])
+def test_gemm_forms_give_the_same_bits(mode):
+    # The same integers per (token, row, block) and the same fp32 FMAs in block order: the AVX2 form (vpmaddubsw +
+    # vpmaddwd, 8-row vectors) equals the zmm one (vpdpbusd, 16-row vectors) bit for bit, tails included.
+    g = torch.Generator().manual_seed(11)
+    for n, rows, cols in ((19, 45, 800), (261, 37, 96), (30, 70, 2880)):
+        kw = _mxfp4_weight(rows, cols, seed=rows)
+        kw["scales"][2, 1] = 0xFF
+        x = _edge_rows(torch.randn(n, cols, generator=g) * 2)
+        assert torch.equal(_matmul("avx2", x, **kw, mxfp4_tokens=mode),
+                           _matmul("avx512_vnni", x, **kw, mxfp4_tokens=mode))
 
 
 def test_gemm_checks_its_arguments():
