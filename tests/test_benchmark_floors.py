@@ -226,3 +226,19 @@ def test_overlay_floor_charges_integer_macs_at_the_dot_rate_and_refuses_a_missin
         _floor(row, read_bw=1.0, flop_rate=8.0, int8_rate=None)
     row.extra["int8_macs"] = 0
     assert _floor(row, read_bw=1.0, flop_rate=8.0, int8_rate=None) == pytest.approx(800 / 8.0)
+
+
+def test_same_round_floor_fails_only_an_overlay_row_faster_than_the_probe_beyond_the_spread():
+    """An op whose whole 95 % interval lies above the same-round floor is a benchmark bug and fails by name; a
+    median above 100 % whose interval reaches below it is drift between moments, and rows without a probe or of
+    other ops are not judged here."""
+    from benchmarks.bench_overlay_moe import check_same_round_floor
+
+    def row(dtype, pct, ci, op="overlay_moe_forward"):
+        extra = {} if pct is None else {"pct_of_same_round_floor": pct, "same_round_floor_ci95": ci}
+        return BenchRow(op, "cpu", "[1]", dtype, 1.0, extra=extra)
+
+    check_same_round_floor([row("a", 102.0, [97.0, 106.0]), row("b", None, None),
+                            row("c", 130.0, [120.0, 140.0], op="bare read (same bytes)")])
+    with pytest.raises(FloorExceeded, match=r"fp32 twin 108% \(95% CI 103-112%\)"):
+        check_same_round_floor([row("ok", 60.0, [55.0, 65.0]), row("fp32 twin", 108.0, [103.0, 112.0])])

@@ -70,6 +70,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("allowed"),
       "Allow (True, the default) or forbid the AVX-512 VNNI forms of the CPU kernels (forbidden: the callers run "
       "their other paths); returns the previous setting. Do not call while a kernel runs.");
+  m.def("cpu_uses_avx512_vnni", []() { return lazarus::use_avx512_vnni(); },
+        "True when the AVX-512 VNNI forms run now: compiled, on this CPU and allowed (set_avx512_vnni).");
   lazarus::bindings::bind_mxfp4_dequant(m);
   lazarus::bindings::bind_mxfp4_quantize(m);
   lazarus::bindings::bind_fp8_dequant(m);

@@ -408,11 +408,11 @@ SHRINK_MAX_PAIRS = 64
 #   Q8_0 activations): one integer product per weight instead of two, the fastest;
 # - "fp32" converts every weight to fp32 and sums in fp32 (exact products), the slowest.
 # A row holding inf or NaN, or a weight row with a NaN or zero scale byte, runs the fp32 kernel in every mode, so
-# NaN propagates. Products of more than GEMV_MAX_ROWS rows keep the mode where the CPU has AVX2: an integer GEMM
-# on the same rounded rows (csrc/overlay_moe/mxfp4_gemm_cpu.cpp; at [256, 2880] x [5760, 2880] with AVX-512 VNNI
-# about 1.5x faster than BLAS on the fp32 weight in int16, 2.3x in int8; with AVX2 alone about as fast as BLAS
-# in int16, 2.2x in int8); elsewhere, in "fp32", or with an input row holding inf or NaN, they decode fp32 tiles
-# and run BLAS (exact products).
+# NaN propagates. Products of more than GEMV_MAX_ROWS rows keep the mode in an integer GEMM on the same rounded
+# rows (csrc/overlay_moe/mxfp4_gemm_cpu.cpp, see _integer_gemm): int8 from AVX2 on, int16 with AVX-512 VNNI (at
+# [256, 2880] x [5760, 2880] about 1.5x faster than BLAS on the fp32 weight in int16, 2.3x in int8; with AVX2
+# alone 2.2x in int8). Otherwise, in "fp32", or with an input row holding inf or NaN, they decode fp32 tiles and
+# run BLAS (exact products).
 MXFP4_TOKENS = "int16"
 _MXFP4_TOKEN_MODES = {"fp32": 0, "int16": 1, "int8": 2}  # the extension's kTokens* codes
 
@@ -512,9 +512,9 @@ def stored_matmul(x: torch.Tensor, w: torch.Tensor | None = None, *, blocks: tor
 
     On the CPU, at most :data:`GEMV_MAX_ROWS` rows of ``x`` run a matrix-vector kernel that decodes ``W`` in
     registers (bf16/fp16 converted, MXFP4 decoded inside the product). More rows against an MXFP4 ``W`` run an
-    integer GEMM where the CPU has AVX2 (rows rounded as ``mxfp4_tokens`` says, as in the matrix-vector kernel;
-    in zmm registers with AVX-512 VNNI); otherwise (and for bf16/fp16, ``mxfp4_tokens="fp32"`` or rows holding
-    inf or NaN) they decode :data:`DECODE_TILE_ROWS` rows of ``W`` at a time into one reused fp32 buffer and run
+    integer GEMM (rows rounded as ``mxfp4_tokens`` says, as in the matrix-vector kernel) in ``"int8"`` where the
+    CPU has AVX2 and in ``"int16"`` where it has AVX-512 VNNI; otherwise (and for bf16/fp16,
+    ``mxfp4_tokens="fp32"`` or rows holding inf or NaN) they decode :data:`DECODE_TILE_ROWS` rows of ``W`` at a time into one reused fp32 buffer and run
     BLAS on it. An fp32 ``W`` with many rows goes straight to BLAS.
 
     Parameters
@@ -610,8 +610,8 @@ def cpu_avx512_vnni(allowed: bool):
     """Run the block with the AVX-512 VNNI forms of the CPU kernels allowed or forbidden (restored after).
 
     Products of an MXFP4 weight with more than :data:`GEMV_MAX_ROWS` rows run the integer GEMM in its AVX-512
-    VNNI form where the CPU has it (the token rounding of :data:`MXFP4_TOKENS`); forbidden, its AVX2 form, the
-    same bits. Smaller products run the matrix-vector kernel's zmm form (bit-identical to its ymm forms, which run
+    VNNI form where the CPU has it (the token rounding of :data:`MXFP4_TOKENS`); forbidden, as on CPUs without it,
+    int8 runs its AVX2 form (the same bits) and int16 decodes fp32 tiles (exact products). Smaller products run the matrix-vector kernel's zmm form (bit-identical to its ymm forms, which run
     when forbidden). This exists to compare the paths and to test them on one machine. Not for use while another
     thread runs a kernel.
 
@@ -632,6 +632,17 @@ def _mxfp4_tokens(mode: str | None) -> int:
     return _MXFP4_TOKEN_MODES[mode]
 
 
+def _integer_gemm(tokens: int) -> bool:
+    """Whether an MXFP4 product of more than GEMV_MAX_ROWS rows runs the integer GEMM in this token mode: int8
+    wherever the extension has a form (AVX2 on), int16 only in the AVX-512 VNNI form. With AVX2 alone the int16
+    GEMM (two u8 x s8 products per weight) ran at fp32 BLAS's speed (AMD Zen 3: 62.9 against 53.0 GMAC/s at
+    [256, 2880] x [5760, 2880], and the T=256 overlay forward at 0.87x and 0.96x the fp32 twin in two benchmark
+    runs, where decoded tiles had given 1.01-1.18x in four), so there the exact tiles keep it."""
+    if tokens == _MXFP4_TOKEN_MODES["int8"]:
+        return True
+    return tokens == _MXFP4_TOKEN_MODES["int16"] and cpu_extension().cpu_uses_avx512_vnni()
+
+
 def _stored_matmul_cpu(x: torch.Tensor, w: torch.Tensor | None = None, *, blocks: torch.Tensor | None = None,
                        scales: torch.Tensor | None = None, tokens: int | None = None) -> torch.Tensor:
     out_dim, in_dim = (w.shape if w is not None else (blocks.shape[0], blocks.shape[1] * 32))
@@ -647,7 +658,7 @@ def _stored_matmul_cpu(x: torch.Tensor, w: torch.Tensor | None = None, *, blocks
         data, sc, fmt = (_bits(w), None, _FORMATS[w.dtype]) if w is not None else (blocks.numpy(), scales.numpy(), _MXFP4)
         cpu_extension().stored_matvec(data, sc, fmt, out_dim, in_dim, xf.numpy(), None, y.numpy(), tokens)
         return y
-    if (blocks is not None and tokens != _MXFP4_TOKEN_MODES["fp32"]
+    if (blocks is not None and _integer_gemm(tokens)
             and cpu_extension().mxfp4_gemm(blocks.numpy(), scales.numpy(), out_dim, in_dim, xf.numpy(), y.numpy(),
                                            tokens)):
         return y

@@ -18,9 +18,15 @@ needs_avx512_vnni = pytest.mark.skipif(not HAS_AVX512_VNNI, reason="this CPU has
 FORMS = ["avx2"] + (["avx512_vnni"] if HAS_AVX512_VNNI else [])
 
 
-def _matmul(form: str, x: torch.Tensor, **kw) -> torch.Tensor:
+def _matmul(form: str, x: torch.Tensor, *, blocks: torch.Tensor, scales: torch.Tensor,
+            mxfp4_tokens: str = "int16") -> torch.Tensor:
+    """The GEMM itself in one form: the extension's call, which stored_matmul makes where _integer_gemm says."""
+    y = torch.full((x.shape[0], blocks.shape[0]), float("nan"))
     with op.cpu_avx512_vnni(form == "avx512_vnni"):
-        return op.stored_matmul(x, **kw)
+        done = EXT.mxfp4_gemm(blocks.numpy(), scales.numpy(), blocks.shape[0], blocks.shape[1] * 32,
+                              x.contiguous().numpy(), y.numpy(), op._MXFP4_TOKEN_MODES[mxfp4_tokens])
+    assert done
+    return y
 
 
 def _edge_rows(x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +93,7 @@ def test_gemm_declines_rows_holding_inf_or_nan(form):
         with op.cpu_avx512_vnni(form == "avx512_vnni"):
             assert not EXT.mxfp4_gemm(kw["blocks"].numpy(), kw["scales"].numpy(), 40, 96, x.numpy(), y.numpy(), 1)
         assert (y == -1.0).all()
-    out = _matmul(form, x, **kw)
+    out = op.stored_matmul(x, **kw)
     torch.testing.assert_close(out, op.stored_matmul(x, **kw, mxfp4_tokens="fp32"), rtol=0, atol=0, equal_nan=True)
     assert torch.isnan(out[2]).all() and not torch.isnan(out[[0, 1, 3]]).any()
 
@@ -102,6 +108,23 @@ def test_gemm_fp32_tokens_run_the_exact_tiles():
         assert not torch.equal(_matmul(form, x, **kw), exact)   # the rounded integer GEMM
     assert EXT.mxfp4_gemm(kw["blocks"].numpy(), kw["scales"].numpy(), 50, 320, x.numpy(),
                           torch.empty(33, 50).numpy(), 0) is False   # fp32 tokens are not the GEMM's
+
+
+@needs_avx2
+def test_many_row_products_run_the_gemm_where_it_pays():
+    # int8 runs the GEMM from AVX2 on; int16 only in the AVX-512 VNNI form (with AVX2 alone its two products per
+    # weight ran at fp32 BLAS's speed): forbidden, as on a CPU without it, int16 decodes the exact fp32 tiles.
+    kw = _mxfp4_weight(50, 320, seed=6)
+    x = torch.randn(33, 320) * 2
+    exact = op.stored_matmul(x, **kw, mxfp4_tokens="fp32")
+    with op.cpu_avx512_vnni(False):
+        assert torch.equal(op.stored_matmul(x, **kw, mxfp4_tokens="int16"), exact)
+        assert torch.equal(op.stored_matmul(x, **kw, mxfp4_tokens="int8"),
+                           _matmul("avx2", x, **kw, mxfp4_tokens="int8"))
+    if HAS_AVX512_VNNI:
+        for mode in ("int16", "int8"):
+            assert torch.equal(op.stored_matmul(x, **kw, mxfp4_tokens=mode),
+                               _matmul("avx512_vnni", x, **kw, mxfp4_tokens=mode))
 
 
 @needs_avx512_vnni
