@@ -514,8 +514,8 @@ def stored_matmul(x: torch.Tensor, w: torch.Tensor | None = None, *, blocks: tor
     registers (bf16/fp16 converted, MXFP4 decoded inside the product). More rows against an MXFP4 ``W`` run an
     integer GEMM (rows rounded as ``mxfp4_tokens`` says, as in the matrix-vector kernel) in ``"int8"`` where the
     CPU has AVX2 and in ``"int16"`` where it has AVX-512 VNNI; otherwise (and for bf16/fp16,
-    ``mxfp4_tokens="fp32"`` or rows holding inf or NaN) they decode :data:`DECODE_TILE_ROWS` rows of ``W`` at a time into one reused fp32 buffer and run
-    BLAS on it. An fp32 ``W`` with many rows goes straight to BLAS.
+    ``mxfp4_tokens="fp32"`` or rows holding inf or NaN) they decode :data:`DECODE_TILE_ROWS` rows of ``W`` at a
+    time into one reused fp32 buffer and run BLAS on it. An fp32 ``W`` with many rows goes straight to BLAS.
 
     Parameters
     ----------
@@ -611,9 +611,9 @@ def cpu_avx512_vnni(allowed: bool):
 
     Products of an MXFP4 weight with more than :data:`GEMV_MAX_ROWS` rows run the integer GEMM in its AVX-512
     VNNI form where the CPU has it (the token rounding of :data:`MXFP4_TOKENS`); forbidden, as on CPUs without it,
-    int8 runs its AVX2 form (the same bits) and int16 decodes fp32 tiles (exact products). Smaller products run the matrix-vector kernel's zmm form (bit-identical to its ymm forms, which run
-    when forbidden). This exists to compare the paths and to test them on one machine. Not for use while another
-    thread runs a kernel.
+    int8 runs its AVX2 form (the same bits) and int16 decodes fp32 tiles (exact products). Smaller products run
+    the matrix-vector kernel's zmm form (bit-identical to its ymm forms, which run when forbidden). This exists to
+    compare the paths and to test them on one machine. Not for use while another thread runs a kernel.
 
     Parameters
     ----------
