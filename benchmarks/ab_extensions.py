@@ -79,8 +79,8 @@ def main() -> None:
     forms = {"native": None} if args.forms == "native" else {
         **({"avx512_vnni": (True, True)} if current.cpu_has_avx512_vnni() else {}),
         "avx_vnni": (True, False), "avx2": (False, False)}
-    if args.forms == "both" and not current.cpu_has_avx_vnni():
-        raise SystemExit("ab_extensions: --forms both needs a CPU with AVX-VNNI")
+    if args.forms == "both" and not current.cpu_has_ymm_vnni():
+        raise SystemExit("ab_extensions: --forms both needs a CPU with AVX-VNNI or AVX-512 VNNI")
     variants = {f"current {m}" + ("" if vnni is None else f" {form}"): (current, op._MXFP4_TOKEN_MODES[m], vnni)
                 for m in args.modes.split(",") for form, vnni in forms.items()}
     for spec in args.builds:

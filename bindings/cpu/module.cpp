@@ -51,12 +51,21 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   });
+  m.def("cpu_has_ymm_vnni", []() {
+#if defined(LAZARUS_AVX2_MATH)
+    return lazarus::simd::cpu_has_avx_vnni() || lazarus::simd::cpu_has_avx512_vnni();
+#else
+    return false;
+#endif
+  }, "True when this CPU runs a ymm vpdpbusd form: AVX-VNNI (VEX) or AVX-512 VNNI + VL (EVEX; AMD Zen 4, Intel "
+     "Ice Lake, which lack AVX-VNNI).");
   m.def(
       "set_avx_vnni",
       [](bool allowed) { return lazarus::avx_vnni_allowed().exchange(allowed); },
       py::arg("allowed"),
-      "Allow (True, the default) or forbid the AVX-VNNI forms of the CPU kernels (forbidden: their AVX2 forms "
-      "run); returns the previous setting. Do not call while a kernel runs.");
+      "Allow (True, the default) or forbid the ymm vpdpbusd forms of the CPU kernels (AVX-VNNI, or AVX-512 VNNI's "
+      "EVEX ymm form; forbidden: their AVX2 forms run where no zmm form may); returns the previous setting. Do not "
+      "call while a kernel runs.");
   m.def("cpu_has_avx512_vnni", []() {
 #if defined(LAZARUS_AVX2_MATH)
     return lazarus::simd::cpu_has_avx512_vnni();

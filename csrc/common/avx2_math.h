@@ -120,6 +120,16 @@ inline bool use_avx_vnni() {
 #endif
 }
 
+// True when a ymm vpdpbusd form may run: allowed as the AVX-VNNI forms are, on a CPU with AVX-VNNI (VEX encoding)
+// or with AVX-512 VNNI + VL (EVEX encoding; AMD Zen 4 and Intel Ice Lake have that and not AVX-VNNI).
+inline bool use_ymm_vnni() {
+#if defined(LAZARUS_AVX2_MATH)
+  return (simd::cpu_has_avx_vnni() || simd::cpu_has_avx512_vnni()) && avx_vnni_allowed().load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
+}
+
 // Whether kernels with an AVX-512 VNNI form may run it (default true), as avx_vnni_allowed.
 inline std::atomic<bool>& avx512_vnni_allowed() {
   static std::atomic<bool> allowed{true};

@@ -354,8 +354,8 @@ LZ_TARGET_AVX2 inline bool special_scales(const uint8_t* s, int64_t n) {
   return !_mm256_testz_si256(hit, hit);
 }
 
-// The integer kernel row_dots_q8 (mxfp4_q8_row.inc) in its AVX2 and its AVX-VNNI form, and
-// (mxfp4_q8_row_zmm.inc) its AVX-512 VNNI form.
+// The integer kernel row_dots_q8 (mxfp4_q8_row.inc) in its AVX2 form, its ymm VNNI form twice (AVX-VNNI's VEX
+// vpdpbusd, AVX-512 VNNI's EVEX one), and (mxfp4_q8_row_zmm.inc) its AVX-512 VNNI zmm form.
 namespace q8_avx2 {
 #define LZ_Q8_TARGET LZ_TARGET_AVX2
 #define LZ_Q8_VNNI 0
@@ -367,25 +367,39 @@ namespace q8_avx2 {
 namespace q8_vnni {
 #define LZ_Q8_TARGET LZ_TARGET_AVX_VNNI
 #define LZ_Q8_VNNI 1
+#define LZ_Q8_DPBUSD _mm256_dpbusd_avx_epi32
 #include "overlay_moe/mxfp4_q8_row.inc"
+#undef LZ_Q8_DPBUSD
 #undef LZ_Q8_VNNI
 #undef LZ_Q8_TARGET
 }  // namespace q8_vnni
+
+namespace q8_vnni_evex {
+#define LZ_Q8_TARGET LZ_TARGET_AVX512_VNNI
+#define LZ_Q8_VNNI 1
+#define LZ_Q8_DPBUSD _mm256_dpbusd_epi32
+#include "overlay_moe/mxfp4_q8_row.inc"
+#undef LZ_Q8_DPBUSD
+#undef LZ_Q8_VNNI
+#undef LZ_Q8_TARGET
+}  // namespace q8_vnni_evex
 
 namespace q8_zmm {
 #include "overlay_moe/mxfp4_q8_row_zmm.inc"
 }  // namespace q8_zmm
 
-// The AVX-512 form runs where the AVX-VNNI one may and the CPU has AVX-512 VNNI (it reads the wide layout).
-bool use_wide_q8() { return use_avx_vnni() && use_avx512_vnni(); }
+// The zmm form runs wherever the AVX-512 VNNI forms may (it reads the wide layout). It used to need AVX-VNNI too,
+// which left CPUs with AVX-512 VNNI alone (AMD Zen 4, Intel Ice Lake / Cascade Lake) on the AVX2 form.
+bool use_wide_q8() { return use_avx512_vnni(); }
 
 // The integer kernel in the form the token rows were laid out for (wide: AVX-512 VNNI) or the widest ymm form
-// this CPU runs (use_avx_vnni).
+// this CPU runs (use_ymm_vnni: vpdpbusd in its VEX or EVEX encoding).
 template <int Mode>
 void row_dots_q8(const uint8_t* blocks, const uint8_t* scales, int64_t groups, const Q8Row* const* q, int nt,
                  float* out, bool wide) {
   if (wide) return q8_zmm::row_dots_q8<Mode>(blocks, scales, groups, q, nt, out);
   if (use_avx_vnni()) return q8_vnni::row_dots_q8<Mode>(blocks, scales, groups, q, nt, out);
+  if (use_ymm_vnni()) return q8_vnni_evex::row_dots_q8<Mode>(blocks, scales, groups, q, nt, out);
   q8_avx2::row_dots_q8<Mode>(blocks, scales, groups, q, nt, out);
 }
 #endif

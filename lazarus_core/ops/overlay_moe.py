@@ -589,17 +589,19 @@ def _cpu_switch(setter: str, allowed: bool):
 
 @contextlib.contextmanager
 def cpu_avx_vnni(allowed: bool):
-    """Run the block with the AVX-VNNI forms of the CPU kernels allowed or forbidden (restored after).
+    """Run the block with the ymm VNNI forms of the CPU kernels allowed or forbidden (restored after).
 
-    The integer MXFP4 kernel has an AVX-VNNI form (``vpdpbusd``) that runs where the CPU has it; forbidden, its
-    AVX2 form runs (and not its AVX-512 form either). All forms compute the same integers and fp32 operations, so
-    results are bit-identical; this exists to compare their speed and to test them on one machine. Not for use
-    while another thread runs a kernel.
+    The integer MXFP4 kernel has a ymm ``vpdpbusd`` form that runs where the CPU has AVX-VNNI (VEX encoding) or
+    AVX-512 VNNI + VL (EVEX encoding, e.g. AMD Zen 4, Intel Ice Lake); forbidden, its AVX2 form runs. The zmm form
+    is switched by :func:`cpu_avx512_vnni` alone: forbid both for the AVX2 form on an AVX-512 CPU. All forms
+    compute the same integers and fp32 operations, so results are bit-identical; this exists to compare their
+    speed and to test them on one machine. Not for use while another thread runs a kernel.
 
     Parameters
     ----------
     allowed : bool
-        False runs the AVX2 forms; True (the default state) the AVX-VNNI forms where the CPU has them.
+        False runs the AVX2 forms where no zmm form may; True (the default state) the ymm VNNI forms where the
+        CPU has them.
     """
     with _cpu_switch("set_avx_vnni", allowed):
         yield

@@ -481,9 +481,9 @@ def test_token_rounding_reference_keeps_its_bound(mode):
         op.mxfp4_token_rounding(x, "fp32")
 
 
-HAS_VNNI = op.cpu_extension().cpu_has_avx_vnni()
-HAS_AVX512_VNNI = HAS_VNNI and op.cpu_extension().cpu_has_avx512_vnni()
-# The integer kernel's forms: AVX2, and AVX-VNNI and AVX-512 VNNI where this CPU has them (the CI machine does).
+HAS_VNNI = op.cpu_extension().cpu_has_ymm_vnni()          # AVX-VNNI, or AVX-512 VNNI's EVEX ymm vpdpbusd
+HAS_AVX512_VNNI = op.cpu_extension().cpu_has_avx512_vnni()  # Zen 4 and Ice Lake have it without AVX-VNNI
+# The integer kernel's forms: AVX2, and the ymm VNNI and the zmm ones where this CPU has them.
 INTEGER_FORMS = ["avx2"] + (["avx_vnni"] if HAS_VNNI else []) + (["avx512_vnni"] if HAS_AVX512_VNNI else [])
 
 
