@@ -16,8 +16,8 @@ one for an older revision::
 
 The installed build is always included (as ``current``, in every token mode asked for; other builds run their
 default integer mode, code 1); ``--forms both`` times the installed build's integer kernel in each form the CPU
-runs: AVX-512 VNNI, AVX-VNNI and AVX2 (``set_avx512_vnni``, ``set_avx_vnni``; the default ``native`` runs the
-widest). ``--cold`` flushes
+runs: AVX-512 VNNI, ymm VNNI (AVX-VNNI, or the EVEX form) and AVX2 (``set_avx512_vnni``, ``set_avx_vnni``;
+``native`` runs the widest). ``--cold`` flushes
 the layer's tensors from every cache level before every call (``harness.CacheFlusher``), so the 22 MB a call
 reads come from DRAM as they do when a many-layer model decodes. Prints the median milliseconds per build, and
 writes nothing.
