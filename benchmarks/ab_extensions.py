@@ -19,7 +19,8 @@ default integer mode, code 1); ``--forms both`` times the installed build's inte
 runs: AVX-512 VNNI, ymm VNNI (AVX-VNNI, or the EVEX form) and AVX2 (``set_avx512_vnni``, ``set_avx_vnni``;
 ``native`` runs the widest). ``--cold`` flushes
 the layer's tensors from every cache level before every call (``harness.CacheFlusher``), so the 22 MB a call
-reads come from DRAM as they do when a many-layer model decodes. Prints the median milliseconds per build, and
+reads come from DRAM as they do when a many-layer model decodes. Prints the median milliseconds per build and its
+paired ratio to the first (a 95 % bootstrap interval over whole rounds), and
 writes nothing.
 """
 
@@ -65,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from benchmarks.bench_overlay_moe import H, _routing, _tensors, make_overlay
-    from benchmarks.harness import CacheFlusher
+    from benchmarks.harness import CacheFlusher, paired_ratio_ci
     from lazarus_core.ops import overlay_moe as op
 
     ov = make_overlay()
@@ -104,9 +105,13 @@ def main() -> None:
     current.set_avx512_vnni(True)
     state = (f"its {evict.nbytes / 1e6:.0f} MB flushed from the caches" if evict is not None
              else "call repeated (the layer stays in cache)")
-    print(f"overlay_moe_small, T=1, {state}, median of {args.rounds - 20} rounds:")
+    print(f"overlay_moe_small, T=1, {state}, median of {args.rounds - 20} rounds "
+          f"(and the paired ratio to the first, 95 % CI over whole rounds):")
+    first = next(iter(times))
     for key, ts in times.items():
-        print(f"  {key:24s} {statistics.median(ts[20:]) * 1e3:8.3f} ms")
+        ratio = "" if key == first else \
+            " {:.3f}x ({:.3f}-{:.3f})".format(*paired_ratio_ci(ts[20:], times[first][20:]))
+        print(f"  {key:24s} {statistics.median(ts[20:]) * 1e3:8.3f} ms{ratio}")
 
 
 if __name__ == "__main__":
