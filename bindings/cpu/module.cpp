@@ -53,7 +53,7 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("cpu_has_ymm_vnni", []() {
 #if defined(LAZARUS_AVX2_MATH)
-    return lazarus::simd::cpu_has_avx_vnni() || lazarus::simd::cpu_has_avx512_vnni();
+    return lazarus::simd::cpu_has_ymm_vnni();
 #else
     return false;
 #endif

@@ -39,6 +39,10 @@ inline bool cpu_has_avx512_vnni() {
   return has;
 }
 
+// A ymm vpdpbusd runs: AVX-VNNI (VEX encoding) or AVX-512 VNNI + VL (EVEX; AMD Zen 4 and Intel Ice Lake have this
+// and not AVX-VNNI).
+inline bool cpu_has_ymm_vnni() { return cpu_has_avx_vnni() || cpu_has_avx512_vnni(); }
+
 // exp(x) for 8 floats (Cephes expf: range reduction by ln 2, degree-5 polynomial; about 2e-7 relative).
 // x < -87.3 and NaN give 0; x above 88.3 gives exp(88.3) (finite), so 1 / (1 + exp(-x)) never divides by Inf.
 LZ_TARGET_AVX2 inline __m256 exp_avx2(__m256 x) {
@@ -120,11 +124,10 @@ inline bool use_avx_vnni() {
 #endif
 }
 
-// True when a ymm vpdpbusd form may run: allowed as the AVX-VNNI forms are, on a CPU with AVX-VNNI (VEX encoding)
-// or with AVX-512 VNNI + VL (EVEX encoding; AMD Zen 4 and Intel Ice Lake have that and not AVX-VNNI).
+// True when a ymm vpdpbusd form may run: on this CPU (simd::cpu_has_ymm_vnni) and allowed as the AVX-VNNI forms are.
 inline bool use_ymm_vnni() {
 #if defined(LAZARUS_AVX2_MATH)
-  return (simd::cpu_has_avx_vnni() || simd::cpu_has_avx512_vnni()) && avx_vnni_allowed().load(std::memory_order_relaxed);
+  return simd::cpu_has_ymm_vnni() && avx_vnni_allowed().load(std::memory_order_relaxed);
 #else
   return false;
 #endif

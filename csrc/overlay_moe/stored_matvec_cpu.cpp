@@ -4,7 +4,8 @@
 // region (stored_matvec_and_shrink_cpu, MatvecShrinkPlan for the one-call forward of overlay_moe_cpu.cpp). A
 // weight row is applied to up to 4 tokens per pass (one token: 4 dense rows side by side); MXFP4 rows meet
 // their tokens in fp32 or, by default, rounded per block to 16-bit fixed point (or int8) in an integer kernel
-// (mxfp4_q8_row.inc: AVX2, or AVX-VNNI where the CPU has it).
+// (mxfp4_q8_row.inc: AVX2, or ymm VNNI where the CPU has AVX-VNNI or AVX-512 VNNI; mxfp4_q8_row_zmm.inc: zmm
+// with AVX-512 VNNI).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
