@@ -114,7 +114,7 @@ def test_decoded_tiles_and_gemv_paths_agree(monkeypatch):
 def test_row_streamed_expand_equals_the_column_blocks(factors, hidden, inter):
     # At most 64 pairs (kRowExpandPairs) the expand stages stream each expert's rank rows over the full width;
     # above, they run by column blocks. The same 5 tokens run among 90 pairs and alone (15 pairs) must give the
-    # same bits per pair and per token: ranks with 8- and 4-row passes plus leftovers, widths with a scalar tail
+    # same bits per pair and per token: ranks with 2- and 4-row passes plus leftovers, widths with a scalar tail
     # (and one-pair experts' 32-column steps with their 8-column and scalar remainders: 109 = 3 * 32 + 8 + 5,
     # 70 = 2 * 32 + 6), 1..7 pairs per expert (tiles of 4 and their remainders).
     n_experts, (rg, ru, rd), top_k = 12, (11, 9, 13), 3
@@ -540,7 +540,7 @@ def test_zmm_factor_kernels_equal_the_ymm_ones(factors):
     # At T <= 16 with AVX-512 the expand passes and the one-token shrink rows run in zmm registers; per output
     # they keep the ymm forms' operations and order, so the forward gives the same bits with the AVX-512 forms
     # forbidden. Widths leave 8-column steps and scalar tails (45 = 2 * 16 + 8 + 5, 29 = 16 + 8 + 5), ranks
-    # leave passes of 8, 4 and 1 rows; T = 1 (one pair per expert) and T = 6 (several).
+    # leave passes of 2, 4 and 1 rows; T = 1 (one pair per expert) and T = 6 (several).
     for base, hidden, inter in (("bf16", 45, 29), ("mxfp4", 96, 160)):
         ex = random_overlay(6, hidden, inter, (11, 9, 13), bias=True, activation="gpt_oss",
                             factor_dtype=FACTOR_DTYPES[factors], base=base)
