@@ -14,6 +14,7 @@
 #include "common/cpu_kernels.h"
 #include "common/float_bits.h"
 #include "common/shared_runs.h"
+#include "common/sweep_ahead.h"
 #include "overlay_moe/overlay_moe.h"
 #include "overlay_moe/overlay_moe_math.h"
 #include "overlay_moe/stored_matvec_cpu.h"
@@ -137,22 +138,6 @@ void expand_tile(float (*acc)[kCols], const float* const* s, int64_t n, const F*
 }
 
 #if defined(LAZARUS_AVX2_MATH)
-// The next pass's rank rows, swept into L2 while the current pass streams its own: `bytes` per column step, so
-// the sweep ends with the pass. The R rows of a pass are R concurrent streams, 2 KB to 6 KB long at the layer
-// shapes, each starting cold in the hardware prefetcher; the next pass's rows are one contiguous region (the
-// rows form covers the full width), which a linear sweep fetches ahead. Cold, one expand stage of the T=1
-// forward (8 items of 64 x 2880 bf16 on 2 threads) took 102-127 us without it and 80-85 us with it (a standalone
-// copy, three interleaved runs, AMD Zen 4).
-struct PassAhead {
-  uintptr_t next;  // the next byte to fetch
-  uintptr_t end;   // the end of the factor matrix
-  void step(int64_t bytes) {
-    if (next >= end) return;
-    for (int64_t k = 0; k < bytes; k += 64) _mm_prefetch(reinterpret_cast<const char*>(next + k), _MM_HINT_T1);
-    next += static_cast<uintptr_t>(bytes);
-  }
-};
-
 // acc[q][c] += sum_j s[q][j] * at[j * ld + c] for q < N pairs, c < w: the rank rows are read R at a time over the
 // full width (R contiguous streams of w values, which the hardware prefetcher follows), each row converted once
 // per N pairs; the accumulators stay in L1. Per column the FMAs run in j order, as in expand_columns_avx2, so
@@ -160,7 +145,7 @@ struct PassAhead {
 // column vectors, so 4 chains are in flight (more pairs bring chains of their own and share each converted row).
 template <int N, int R, typename F>
 LZ_TARGET_AVX2 void expand_rows_pass_avx2(float* const* acc, const float* const* s, const F* rows, int64_t ld,
-                                          int64_t j, int64_t w, PassAhead& ahead) {
+                                          int64_t j, int64_t w, simd::SweepAhead& ahead) {
   constexpr int V = N == 1 ? 4 : 1;  // more pairs give the chains in flight (and share each converted row)
   int64_t c = 0;
   if constexpr (V > 1)
@@ -199,7 +184,7 @@ LZ_TARGET_AVX2 void expand_rows_pass_avx2(float* const* acc, const float* const*
 // fewer instructions between the loads keep more of them in flight). The last 1..15 columns run the ymm pass.
 template <int N, int R, typename F>
 LZ_TARGET_AVX512_VNNI void expand_rows_pass_zmm(float* const* acc, const float* const* s, const F* rows, int64_t ld,
-                                                int64_t j, int64_t w, PassAhead& ahead) {
+                                                int64_t j, int64_t w, simd::SweepAhead& ahead) {
   int64_t c = 0;
   for (; c + 16 <= w; c += 16) {
     ahead.step(R * 16 * sizeof(F));
@@ -221,8 +206,7 @@ LZ_TARGET_AVX512_VNNI void expand_rows_pass_zmm(float* const* acc, const float* 
 template <int N, int R, typename F>
 void expand_rows_pass(bool zmm, float* const* acc, const float* const* s, const F* at, int64_t rank, int64_t ld,
                       int64_t j, int64_t w) {
-  // j + R <= rank: the next pass's rows start at or before the end
-  PassAhead ahead{reinterpret_cast<uintptr_t>(at + (j + R) * ld), reinterpret_cast<uintptr_t>(at + rank * ld)};
+  simd::SweepAhead ahead(at + (j + R) * ld, at + rank * ld);  // the next pass's rows (j + R <= rank)
   if (zmm) {
     expand_rows_pass_zmm<N, R>(acc, s, at + j * ld, ld, j, w, ahead);
   } else {
@@ -235,7 +219,8 @@ template <int N, typename F>
 void expand_rows_passes(bool zmm, float* const* acc, const float* const* s, const F* at, int64_t rank, int64_t ld,
                         int64_t w) {
   constexpr int R = N == 1 ? 2 : 4;  // N accumulators + R rows + the broadcast in 16 ymm registers; with
-  // PassAhead, 2 rows per pass for one pair ran 0.5-1.8 % faster than 4 and 1-2 % faster than 8 (cold, Zen 4)
+  // the next pass swept into L2 (simd::SweepAhead), 2 rows per pass for one pair ran 0.5-1.8 % faster than 4 and
+  // 1-2 % faster than 8 (the T=1 forward, cold, AMD Zen 4)
   int64_t j = 0;
   for (; j + R <= rank; j += R) expand_rows_pass<N, R>(zmm, acc, s, at, rank, ld, j, w);
   for (; j < rank; ++j) expand_rows_pass<N, 1>(zmm, acc, s, at, rank, ld, j, w);

@@ -18,6 +18,7 @@
 #include "common/cpu_kernels.h"
 #include "common/float_bits.h"
 #include "common/mxfp4_codec.h"
+#include "common/sweep_ahead.h"
 #include "overlay_moe/overlay_moe.h"
 #include "overlay_moe/q8_blocks.h"
 #include "overlay_moe/stored_matvec_cpu.h"
@@ -121,6 +122,7 @@ LZ_TARGET_AVX2 void row_dots_avx2(const F* w, int64_t cols, const float* const* 
 
 // out[i] = dot(row i, x) for kDotRows consecutive rows (row stride ld) and one token: the rows are read side by
 // side, kDotRows streams for the prefetchers, two FMA chains each; x is loaded once per step for all of them.
+// The next kDotRows rows, up to `end`, are swept into L2 meanwhile (simd::SweepAhead).
 constexpr int kDotRows = 4;
 // The scalar tail of a row's dot, compiled once (not inlined) so the ymm and zmm forms share its exact code.
 template <typename F>
@@ -131,13 +133,15 @@ __attribute__((noinline)) LZ_TARGET_AVX2 float dot_tail(const F* w, const float*
 }
 
 template <typename F>
-LZ_TARGET_AVX2 void row_group_dots_avx2(const F* w, int64_t ld, const float* x, float* out) {
+LZ_TARGET_AVX2 void row_group_dots_avx2(const F* w, int64_t ld, const float* x, float* out, const F* end) {
   const int64_t cols = ld;
   __m256 acc[kDotRows][2];
   for (int i = 0; i < kDotRows; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   constexpr int64_t kPairCols = 128 / sizeof(F);  // columns of the two lines one prefetch_stream covers
+  simd::SweepAhead ahead(w + kDotRows * ld, end);
   int64_t c = 0;
   for (; c + 16 <= cols; c += 16) {
+    ahead.step(kDotRows * 16 * sizeof(F));
     if (c % kPairCols == 0)  // the factor rows stream from DRAM at T=1 (-1 to -2 % on the forward, A/B)
       for (int i = 0; i < kDotRows; ++i) prefetch_stream(reinterpret_cast<const char*>(w + i * ld + c));
     const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
@@ -159,13 +163,15 @@ LZ_TARGET_AVX2 void row_group_dots_avx2(const F* w, int64_t ld, const float* x, 
 // the instructions per weight byte (at T=1 the shrinks stream their factors from DRAM, and fewer instructions
 // between the loads keep more of them in flight).
 template <typename F>
-LZ_TARGET_AVX512_VNNI void row_group_dots_zmm(const F* w, int64_t ld, const float* x, float* out) {
+LZ_TARGET_AVX512_VNNI void row_group_dots_zmm(const F* w, int64_t ld, const float* x, float* out, const F* end) {
   const int64_t cols = ld;
   __m512 acc[kDotRows];
   for (int i = 0; i < kDotRows; ++i) acc[i] = _mm512_setzero_ps();
   constexpr int64_t kPairCols = 128 / sizeof(F);
+  simd::SweepAhead ahead(w + kDotRows * ld, end);
   int64_t c = 0;
   for (; c + 16 <= cols; c += 16) {
+    ahead.step(kDotRows * 16 * sizeof(F));
     if (c % kPairCols == 0)
       for (int i = 0; i < kDotRows; ++i) prefetch_stream(reinterpret_cast<const char*>(w + i * ld + c));
     const __m512 xv = _mm512_loadu_ps(x + c);
@@ -595,12 +601,13 @@ void rows_times_tokens(const StoredMatrix& w, int64_t r0, int64_t r1, const Toke
   if constexpr (!std::is_same<F, uint8_t>::value) {
     if (n == 1 && use_avx2()) {  // one token: kDotRows rows at a time, kDotRows streams
       const bool zmm = use_avx512_vnni();  // the AVX-512 forms' switch; the same bits either way
+      const F* end = static_cast<const F*>(w.data) + w.rows * w.cols;  // the sweep's bound: the matrix
       for (; r + kDotRows <= r1; r += kDotRows) {
         const F* rows = static_cast<const F*>(w.data) + r * w.cols;
         if (zmm) {
-          row_group_dots_zmm(rows, w.cols, xs[0], y + (r - r0));
+          row_group_dots_zmm(rows, w.cols, xs[0], y + (r - r0), end);
         } else {
-          row_group_dots_avx2(rows, w.cols, xs[0], y + (r - r0));
+          row_group_dots_avx2(rows, w.cols, xs[0], y + (r - r0), end);
         }
       }
     }
