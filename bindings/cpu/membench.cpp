@@ -35,8 +35,10 @@ void bind_membench(py::module_& m) {
       "stream_read",
       [](const py::array& src, int prefetch) {
         check_array<float>(src, "src", -1, "float32");
-        if (prefetch != kPrefetchNone && prefetch != kPrefetchL1 && prefetch != kPrefetchL1L2)
-          throw py::value_error("prefetch must be 0 (none), 1 (L1) or 2 (L1 and L2), got " + std::to_string(prefetch));
+        if (prefetch != kPrefetchNone && prefetch != kPrefetchL1 && prefetch != kPrefetchL1L2 &&
+            prefetch != kPrefetchKernels)
+          throw py::value_error("prefetch must be 0 (none), 1 (L1), 2 (L1 and L2) or 3 (the kernels' distances), got " +
+                                std::to_string(prefetch));
         const auto* s = static_cast<const float*>(src.data());
         const int64_t n = src.size();
         py::gil_scoped_release release;
@@ -44,7 +46,8 @@ void bind_membench(py::module_& m) {
       },
       py::arg("src"), py::arg("prefetch") = static_cast<int>(kPrefetchL1L2),
       "sum(src) in float64 partials (read-bandwidth probe); prefetch: the software prefetch, 0 none, 1 each line "
-      "2 KB ahead into L1, 2 that and 8 KB ahead into L2 (which is fastest depends on the CPU).");
+      "2 KB ahead into L1, 2 that and 8 KB ahead into L2, 3 the GEMVs' distances (6 KB into L1, 16 KB into L2); which "
+      "is fastest depends on the CPU.");
   m.def(
       "flush_cache",
       [](const py::array& buffer) {

@@ -13,8 +13,9 @@ void stream_fill_cpu(float* dst, int64_t n, float value);
 // dst[i] = src[i], streaming loads, non-temporal stores. Multi-threaded.
 void stream_copy_cpu(const float* src, float* dst, int64_t n);
 
-// Software prefetch of stream_read_cpu: none, each line 2 KB ahead into L1, or that and 8 KB ahead into L2.
-constexpr int kPrefetchNone = 0, kPrefetchL1 = 1, kPrefetchL1L2 = 2;
+// Software prefetch of stream_read_cpu: none, each line 2 KB ahead into L1, or that and 8 KB ahead into L2, or
+// the GEMVs' own distances (kStreamAhead into L1 and kStreamAheadL2 into L2, common/stream_prefetch.h).
+constexpr int kPrefetchNone = 0, kPrefetchL1 = 1, kPrefetchL1L2 = 2, kPrefetchKernels = 3;
 
 // sum of src[0, n) (so the reads cannot be optimised away), for the read floor. Multi-threaded; each thread reads
 // 2 streams of its 1 MiB items at once with the software prefetch `policy` (a kPrefetch* value; which is

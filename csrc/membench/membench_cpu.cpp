@@ -5,6 +5,8 @@
 #include <cstring>
 #include <vector>
 
+#include "common/stream_prefetch.h"
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define LAZARUS_X86 1
@@ -56,8 +58,9 @@ __attribute__((target("avx2"))) void copy_range_avx2(const float* src, float* ds
 // software prefetch is fastest depends on the CPU, so the probe runs each (the caller keeps the best):
 //   kPrefetchNone: none (the hardware prefetchers only);
 //   kPrefetchL1:   each line kReadAhead bytes ahead into L1;
-//   kPrefetchL1L2: that and kReadAheadL2 ahead into L2 (prefetcht2): the distances of the GEMVs' prefetch_stream
-//                  in overlay_moe/stored_matvec_cpu.cpp.
+//   kPrefetchL1L2: that and kReadAheadL2 ahead into L2 (prefetcht2), the GEMVs' distances until 2026-12-03;
+//   kPrefetchKernels: the GEMVs' prefetch_stream distances now (kStreamAhead, kStreamAheadL2), so the floor is
+//                  at least as strong a reader as the kernels it bounds.
 // A plain one-stream read left the read floor 10-25 % below what those kernels' reads reach. Measured on two
 // threads, flushed, interleaved rounds (median GB/s):
 //   Intel, AVX-512 (1 GB):  one stream, no prefetch 19.0-21.1; 8 streams + L1 prefetch 23.4-25.0; 2 streams +
@@ -74,8 +77,13 @@ __attribute__((target("avx2"))) double read_range_avx2(const float* src, int64_t
   for (int64_t off = 0; off < len; off += 16) {
     for (int s = 0; s < kReadStreams; ++s) {
       const float* q = src + s * len + off;
-      if (Policy != kPrefetchNone) _mm_prefetch(reinterpret_cast<const char*>(q) + kReadAhead, _MM_HINT_T0);
-      if (Policy == kPrefetchL1L2) _mm_prefetch(reinterpret_cast<const char*>(q) + kReadAheadL2, _MM_HINT_T2);
+      const char* line = reinterpret_cast<const char*>(q);
+      if (Policy == kPrefetchL1 || Policy == kPrefetchL1L2) _mm_prefetch(line + kReadAhead, _MM_HINT_T0);
+      if (Policy == kPrefetchL1L2) _mm_prefetch(line + kReadAheadL2, _MM_HINT_T2);
+      if (Policy == kPrefetchKernels) {
+        _mm_prefetch(line + kStreamAhead, _MM_HINT_T0);
+        _mm_prefetch(line + kStreamAheadL2, _MM_HINT_T2);
+      }
       acc[s] = _mm256_add_ps(acc[s], _mm256_add_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(q + 8)));
     }
   }
@@ -114,6 +122,7 @@ double read_range(const float* src, int64_t n, int policy) {
     switch (policy) {
       case kPrefetchNone: return read_range_avx2<kPrefetchNone>(src, n);
       case kPrefetchL1: return read_range_avx2<kPrefetchL1>(src, n);
+      case kPrefetchKernels: return read_range_avx2<kPrefetchKernels>(src, n);
       default: return read_range_avx2<kPrefetchL1L2>(src, n);
     }
   }

@@ -14,7 +14,7 @@
 #include "common/cpu_kernels.h"
 #include "common/float_bits.h"
 #include "common/shared_runs.h"
-#include "common/sweep_ahead.h"
+#include "common/stream_prefetch.h"
 #include "overlay_moe/overlay_moe.h"
 #include "overlay_moe/overlay_moe_math.h"
 #include "overlay_moe/stored_matvec_cpu.h"
@@ -140,9 +140,10 @@ void expand_tile(float (*acc)[kCols], const float* const* s, int64_t n, const F*
 #if defined(LAZARUS_AVX2_MATH)
 // acc[q][c] += sum_j s[q][j] * at[j * ld + c] for q < N pairs, c < w: the rank rows are read R at a time over the
 // full width (R streams of w values, while `ahead` sweeps the next pass's R rows, one contiguous region when
-// ld == w, into L2), each row converted once per N pairs; the accumulators stay in L1. Per column the FMAs run in j order, as in expand_columns_avx2, so
-// both give the same bits. Each column's R FMAs form one dependent chain: for one pair a step takes V = 4
-// column vectors, so 4 chains are in flight (more pairs bring chains of their own and share each converted row).
+// ld == w, into L2), each row converted once per N pairs; the accumulators stay in L1. Per column the FMAs run
+// in j order, as in expand_columns_avx2, so both give the same bits. Each column's R FMAs form one dependent
+// chain: for one pair a step takes V = 4 column vectors, so 4 chains are in flight (more pairs bring chains of
+// their own and share each converted row).
 template <int N, int R, typename F>
 LZ_TARGET_AVX2 void expand_rows_pass_avx2(float* const* acc, const float* const* s, const F* rows, int64_t ld,
                                           int64_t j, int64_t w, simd::SweepAhead& ahead) {

@@ -18,7 +18,7 @@
 #include "common/cpu_kernels.h"
 #include "common/float_bits.h"
 #include "common/mxfp4_codec.h"
-#include "common/sweep_ahead.h"
+#include "common/stream_prefetch.h"
 #include "overlay_moe/overlay_moe.h"
 #include "overlay_moe/q8_blocks.h"
 #include "overlay_moe/stored_matvec_cpu.h"
@@ -33,13 +33,12 @@ constexpr int64_t kRowsPerItem = 16;  // weight rows per OpenMP work item of the
 // Base rows per work item: long runs keep each thread's stream contiguous for the prefetchers (a 2880-column
 // MXFP4 row is 1.5 KB), and 5760 rows still make 90 items for the dynamic schedule to balance.
 constexpr int64_t kBaseRowsPerItem = 64;
-constexpr int64_t kStreamAhead = 2048;  // software prefetch distance along a streamed weight row (into L1)
-constexpr int64_t kStreamAheadL2 = 8192;  // and the farther one into L2
+// kStreamAhead and kStreamAheadL2 (common/stream_prefetch.h): the prefetch distances along a streamed row.
 
 // The two 64-byte lines at p + kStreamAhead into L1 and, except on AMD CPUs without AVX-512 (Zen 3 and older), at
-// p + kStreamAheadL2 into L2 (prefetcht2), for a row streamed from DRAM. Measured on an Intel AVX-512 host: the
-// T=1 forward 2-4 % faster than with the L1 prefetch alone (interleaved A/B, flushed, four runs); an L2 prefetch
-// alone or 4 or 16 KB ahead did worse. Presumably an L1 prefetch holds one of the core's few L1 miss buffers until
+// p + kStreamAheadL2 into L2 (prefetcht2), for a row streamed from DRAM. Measured on an Intel AVX-512 host (at
+// 2 KB / 8 KB): the T=1 forward 2-4 % faster than with the L1 prefetch alone (interleaved A/B, flushed, four
+// runs); an L2 prefetch alone or 4 or 16 KB ahead did worse. Presumably an L1 prefetch holds one of the core's few L1 miss buffers until
 // its line comes, briefly when the line is already in L2. On an AMD Zen 3 host the far prefetcht2 made it slower:
 // the T=1 forward took 1.07-1.12x as long as with the L1 prefetch alone (paired medians of 20-30 interleaved
 // flushed rounds, 95 % intervals 1.01-1.14 and 1.06-1.19), and none at all or the L1 one 4 KB ahead were no
