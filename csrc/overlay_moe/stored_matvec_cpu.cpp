@@ -35,20 +35,20 @@ constexpr int64_t kRowsPerItem = 16;  // weight rows per OpenMP work item of the
 constexpr int64_t kBaseRowsPerItem = 64;
 // kStreamAhead and kStreamAheadL2 (common/stream_prefetch.h): the prefetch distances along a streamed row.
 
-// The two 64-byte lines at p + kStreamAhead into L1 and, except on AMD CPUs without AVX-512 (Zen 3 and older), at
-// p + kStreamAheadL2 into L2 (prefetcht2), for a row streamed from DRAM. Measured on an Intel AVX-512 host (at
-// 2 KB / 8 KB): the T=1 forward 2-4 % faster than with the L1 prefetch alone (interleaved A/B, flushed, four
-// runs); an L2 prefetch alone or 4 or 16 KB ahead did worse. Presumably an L1 prefetch holds one of the core's
-// few L1 miss buffers until its line comes, briefly when the line is already in L2. On an AMD Zen 3 host the far prefetcht2 made it slower:
-// the T=1 forward took 1.07-1.12x as long as with the L1 prefetch alone (paired medians of 20-30 interleaved
-// flushed rounds, 95 % intervals 1.01-1.14 and 1.06-1.19), and none at all or the L1 one 4 KB ahead were no
-// better than both. On an AMD Zen 4 host (AVX-512) it helps again: in seven in-process A/B runs the T=1 forward
-// without it took 1.01-1.04x as long (1.036x, 95 % interval 1.025-1.050, in one), and with no software prefetch
-// at all 1.09x. Zen 5 (AVX-512 too) has not been measured with it. The switch is decided when the library loads
-// and read with a relaxed atomic load per step. Other forms of it measured worse on Zen 4: a function-local static
-// (its guard checked per step) ran no faster than no far prefetch; with a namespace-scope bool, const or not,
-// GCC 12 -O3 left no prefetcht2 in the kernels at all; read once per kernel call into a local it was 2.3 % slower
-// than the per-step load (two A/B runs; why is not known).
+// The two 64-byte lines at p + kStreamAhead into L1 and, except on AMD CPUs without AVX-512 (Zen 3 and older), at p +
+// kStreamAheadL2 into L2 (prefetcht2), for a row streamed from DRAM. Measured on an Intel AVX-512 host (at 2 KB / 8
+// KB): the T=1 forward 2-4 % faster than with the L1 prefetch alone (interleaved A/B, flushed, four runs); an L2
+// prefetch alone or 4 or 16 KB ahead did worse. Presumably an L1 prefetch holds one of the core's few L1 miss buffers
+// until its line comes, briefly when the line is already in L2. On an AMD Zen 3 host the far prefetcht2 made it slower:
+// the T=1 forward took 1.07-1.12x as long as with the L1 prefetch alone (paired medians of 20-30 interleaved flushed
+// rounds, 95 % intervals 1.01-1.14 and 1.06-1.19), and none at all or the L1 one 4 KB ahead were no better than both.
+// On an AMD Zen 4 host (AVX-512) it helps again: in seven in-process A/B runs the T=1 forward without it took
+// 1.01-1.04x as long (1.036x, 95 % interval 1.025-1.050, in one), and with no software prefetch at all 1.09x. Zen 5
+// (AVX-512 too) has not been measured with it. The switch is decided when the library loads and read with a relaxed
+// atomic load per step. Other forms of it measured worse on Zen 4: a function-local static (its guard checked per step)
+// ran no faster than no far prefetch; with a namespace-scope bool, const or not, GCC 12 -O3 left no prefetcht2 in the
+// kernels at all; read once per kernel call into a local it was 2.3 % slower than the per-step load (two A/B runs; why
+// is not known).
 bool far_prefetch_here() {
   __builtin_cpu_init();
   return !__builtin_cpu_is("amd") || __builtin_cpu_supports("avx512f");
