@@ -561,10 +561,12 @@ def test_vnni_forms_equal_the_avx2_form(mode, form):
     # The same integers, then the same fp32 FMAs in the same order per lane (the AVX-512 form's low and high
     # halves are the ymm forms' even- and odd-pair accumulators): bit for bit, over fresh draws at odd sizes (a
     # half pair, a pair past the end of a two-pair step, a tail of scales, 1 to 7 tokens per pass), values far
-    # from zero mean (the code offset), an all-zero block and a weight row with a NaN scale byte.
+    # from zero mean (the code offset), an all-zero block and a weight row with a NaN scale byte. One token in the
+    # AVX-512 form takes 4 or 2 rows per pass, then single rows: the NaN row leaves runs of 18 and 18 rows at 37,
+    # of 4 and 4 at 9, and of 3 and 3 at 7 (a pair, then a single row).
     g = torch.Generator().manual_seed(11)
     for n, rows, cols in [(1, 37, 2880), (2, 5, 96), (3, 9, 352), (5, 17, 32), (7, 3, 800), (4, 6, 64),
-                          (1, 9, 224), (2, 4, 256), (3, 7, 160)]:
+                          (1, 9, 224), (2, 4, 256), (3, 7, 160), (1, 7, 352)]:
         kw = _mxfp4_weight(rows, cols, seed=n)
         kw["scales"][rows // 2, -1] = 0xFF
         x = torch.randn(n, cols, generator=g) * torch.logspace(-3, 3, n)[:, None]
