@@ -92,9 +92,10 @@ model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)     # fp
 """
 
 _MXFP4_NOTE = """\
-transformers dequantises the MXFP4 experts on CPU (it warns that the `kernels` package is missing and
-falls back to dequantising, which is what we want here); it needs the `accelerate` package
-(`pip install accelerate`) to do so.
+For this MXFP4 checkpoint, pass `quantization_config=Mxfp4Config(dequantize=True)` (from transformers) as
+well. Then transformers decodes the experts to dense weights on the CPU. Without it, transformers 5.25 and later
+fetch Triton kernels from the Hub, which fails offline. Decoding needs the `accelerate` package
+(`pip install accelerate`).
 """
 
 

@@ -20,6 +20,31 @@ def _is_mxfp4(config: dict) -> bool:
     return (config.get("quantization_config") or {}).get("quant_method") == "mxfp4"
 
 
+def from_pretrained_kwargs(config: dict) -> dict:
+    """Extra ``from_pretrained`` keyword arguments for a checkpoint, given its ``config.json``.
+
+    An MXFP4 checkpoint is loaded with ``Mxfp4Config(dequantize=True)``: its experts decoded to dense weights, which
+    is what transformers did on the CPU by itself up to 5.24. From 5.25 on, transformers installs the ``kernels``
+    package and then fetches Triton MoE kernels from the Hub for such a checkpoint instead (refused offline, and
+    not the dense experts the analyses read).
+
+    Parameters
+    ----------
+    config : dict
+        The parsed ``config.json``.
+
+    Returns
+    -------
+    dict
+        ``{}``, or ``{"quantization_config": Mxfp4Config(dequantize=True)}`` for MXFP4.
+    """
+    if not _is_mxfp4(config):
+        return {}
+    from transformers import Mxfp4Config
+
+    return {"quantization_config": Mxfp4Config(dequantize=True)}
+
+
 def dequantized_state_dict(model_dir: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Every tensor of a gpt-oss-style MXFP4 checkpoint, experts decoded to the in-memory layout.
 
@@ -66,7 +91,8 @@ def load_causal_lm(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if not _is_mxfp4(config) or importlib.util.find_spec("accelerate") is not None:
-            return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+            return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
+                                                        **from_pretrained_kwargs(config)).eval()
         cfg = AutoConfig.from_pretrained(str(model_dir))
         if hasattr(cfg, "quantization_config"):
             del cfg.quantization_config

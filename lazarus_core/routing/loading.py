@@ -55,7 +55,8 @@ def load_model(spec: str, *, revision: str | None = None, dtype: torch.dtype = t
             model = load_causal_lm(source.root, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=dtype,
-                                                         use_safetensors=True, trust_remote_code=trust_remote_code)
+                                                         use_safetensors=True, trust_remote_code=trust_remote_code,
+                                                         **_local_kwargs(source.root))
     except (OSError, ValueError) as exc:
         raise OSError(f"-m {spec}: cannot load the model from {location} ({exc})") from exc
     if not getattr(model, "is_quantized", False):
@@ -94,6 +95,19 @@ def _exact_fp8_weights(model, root: Path, dtype: torch.dtype) -> None:
     with torch.no_grad():
         for name, value in exact.items():
             params[name].copy_(value.to(dtype))
+
+
+def _local_kwargs(root: Path | None) -> dict:
+    """``from_pretrained`` extras for a local checkpoint (MXFP4: loaded dequantised; demo.load.from_pretrained_kwargs)."""
+    if root is None:
+        return {}
+    try:
+        config = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    from lazarus_core.demo.load import from_pretrained_kwargs
+
+    return from_pretrained_kwargs(config)
 
 
 def _needs_own_mxfp4_decode(root: Path) -> bool:

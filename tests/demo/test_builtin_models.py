@@ -236,15 +236,19 @@ def test_transformers_loads_both_models_offline(monkeypatch_module):
         assert tok.decode(tok("If it rains, the grass gets wet.")["input_ids"]) == "If it rains, the grass gets wet."
     model = AutoModelForCausalLM.from_pretrained(str(NATIVE), dtype=torch.float32)
     assert type(model).__name__ == "OlmoeForCausalLM"
+    from lazarus_core.demo.load import from_pretrained_kwargs
+
+    dequantize = from_pretrained_kwargs(json.loads((UPCYCLED / "config.json").read_text()))
+    assert dequantize["quantization_config"].dequantize  # as the model card tells users to load it
     if importlib.util.find_spec("accelerate") is None:
         # transformers dequantises MXFP4 on CPU only with `accelerate` installed; our loader needs nothing
         with pytest.raises(ImportError, match="accelerate"):
-            AutoModelForCausalLM.from_pretrained(str(UPCYCLED), dtype=torch.float32)
+            AutoModelForCausalLM.from_pretrained(str(UPCYCLED), dtype=torch.float32, **dequantize)
         from lazarus_core.demo.load import load_causal_lm
 
         model = load_causal_lm(UPCYCLED)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(UPCYCLED), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(UPCYCLED), dtype=torch.float32, **dequantize)
     assert type(model).__name__ == "GptOssForCausalLM"
     # the loaded experts equal the independent decoder's (in-memory layout is [E, in, out])
     with safe_open(str(UPCYCLED / "model.safetensors"), "np") as f:

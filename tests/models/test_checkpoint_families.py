@@ -16,9 +16,15 @@ EXPECTED_FORMAT = {"gpt_oss_mxfp4": "mxfp4", "deepseek_v3_fp8": "fp8_e4m3", "dee
 
 
 def _hf_model(path):
+    import json
+    from pathlib import Path
+
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    from lazarus_core.demo.load import from_pretrained_kwargs
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **from_pretrained_kwargs(config))
 
 
 def _moe_blocks(model):
