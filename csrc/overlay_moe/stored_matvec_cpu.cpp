@@ -30,6 +30,7 @@ using q8::kCodeOffset;
 
 constexpr int kMaxTokens = 4;         // token rows sharing one pass over a weight row
 constexpr int kQ8Rows = 4;            // MXFP4 rows sharing one pass over one quantised token row (zmm form)
+static_assert(kQ8Rows <= kMaxTokens, "rows_times_tokens collects a pass's outputs in out[kMaxTokens]");
 constexpr int64_t kRowsPerItem = 16;  // weight rows per OpenMP work item of the shrink
 // Base rows per work item: long runs keep each thread's stream contiguous for the prefetchers (a 2880-column
 // MXFP4 row is 1.5 KB), and 5760 rows still make 90 items for the dynamic schedule to balance.
@@ -577,12 +578,13 @@ void rows_times_tokens(const StoredMatrix& w, int64_t r0, int64_t r1, const Toke
         // Measured at the gpt-oss-20b layer (the T=1 forward, in-process A/B, Zen 4): 2 rows per pass 8-10 %
         // faster than 1 cold and 8-12 % warm (with the pass prefetched as one stream: each row's own stream
         // prefetched made it 4-6 % slower), 4 rows another 2.7 % cold and 5.3 % warm.
-        if (n == 1 && x.wide) {
-          int k = 0;
+        const bool grouped = n == 1 && x.wide;
+        int k = 0;  // (grouped) rows from r on before kQ8Rows, r1 or a row with a special scale
+        if (grouped) {
           while (k < kQ8Rows && r + k < r1 && !special_scales(scales + k * groups, groups)) ++k;
           if (k > 1) {
             const Q8Row* const* q = x.q8_rows.data() + t_first;
-            const int nr = k >= 4 ? 4 : 2;
+            const int nr = k >= kQ8Rows ? kQ8Rows : 2;
             if (x.mode == kTokensFixed16) {
               if (nr == 4) q8_zmm::row_group_dots_q8<4, kTokensFixed16>(blocks, scales, groups, q, out);
               else q8_zmm::row_group_dots_q8<2, kTokensFixed16>(blocks, scales, groups, q, out);
@@ -595,7 +597,7 @@ void rows_times_tokens(const StoredMatrix& w, int64_t r0, int64_t r1, const Toke
             continue;
           }
         }
-        const bool special = special_scales(scales, groups);
+        const bool special = grouped ? k == 0 : special_scales(scales, groups);
         for (int64_t t0 = 0; t0 < n; t0 += kMaxTokens) {
           const int nt = static_cast<int>(std::min<int64_t>(kMaxTokens, n - t0));
           if (special) {

@@ -46,17 +46,18 @@ def load_model(spec: str, *, revision: str | None = None, dtype: torch.dtype = t
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lazarus_core.demo.load import from_pretrained_kwargs, load_causal_lm
+
     source = resolve_model(spec, revision=revision)
     location = str(source.root) if source.root is not None else source.name
     try:
-        if source.root is not None and _needs_own_mxfp4_decode(source.root):
-            from lazarus_core.demo.load import load_causal_lm
-
+        config = _local_config(source.root)
+        if source.root is not None and _needs_own_mxfp4_decode(config):
             model = load_causal_lm(source.root, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=dtype,
                                                          use_safetensors=True, trust_remote_code=trust_remote_code,
-                                                         **_local_kwargs(source.root))
+                                                         **from_pretrained_kwargs(config))
     except (OSError, ValueError) as exc:
         raise OSError(f"-m {spec}: cannot load the model from {location} ({exc})") from exc
     if not getattr(model, "is_quantized", False):
@@ -97,28 +98,21 @@ def _exact_fp8_weights(model, root: Path, dtype: torch.dtype) -> None:
             params[name].copy_(value.to(dtype))
 
 
-def _local_kwargs(root: Path | None) -> dict:
-    """``from_pretrained`` extras for a local checkpoint (MXFP4: loaded dequantised; demo.load.from_pretrained_kwargs)."""
+def _local_config(root: Path | None) -> dict:
+    """A local checkpoint's parsed ``config.json`` ({} for a hub id or an unreadable file)."""
     if root is None:
         return {}
     try:
-        config = json.loads((root / "config.json").read_text())
+        return json.loads((root / "config.json").read_text())
     except (OSError, ValueError):
         return {}
-    from lazarus_core.demo.load import from_pretrained_kwargs
-
-    return from_pretrained_kwargs(config)
 
 
-def _needs_own_mxfp4_decode(root: Path) -> bool:
-    """An MXFP4 checkpoint on a machine without ``accelerate`` (transformers cannot dequantise it there)."""
-    try:
-        config = json.loads((root / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
+def _needs_own_mxfp4_decode(config: dict) -> bool:
+    """An MXFP4 checkpoint (its parsed ``config.json``) on a machine without ``accelerate`` (transformers cannot
+    dequantise it there)."""
     quant = (config.get("quantization_config") or {}).get("quant_method")
-    return (quant == "mxfp4" and importlib.util.find_spec("accelerate") is None
-            and importlib.util.find_spec("lazarus_core.demo.load") is not None)
+    return quant == "mxfp4" and importlib.util.find_spec("accelerate") is None
 
 
 __all__ = ["ModelSource", "load_model"]
