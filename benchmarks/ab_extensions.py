@@ -4,7 +4,8 @@ On a shared machine the speed of the same kernel drifts 1.5-2x within minutes, s
 other cannot be compared. This loads each build's ``_C`` extension by path into ONE process and calls
 ``overlay_moe_small`` with each of them in turn, round after round, so every build sees the same machine state.
 
-    python -m benchmarks.ab_extensions [NAME=DIR ...] [--rounds 400] [--cold] [--modes int16,int8] [--forms both]
+    python -m benchmarks.ab_extensions [NAME=DIR ...] [--rounds 400] [--cold [--stream]] [--modes int16,int8]
+                                       [--forms both]
 
 ``DIR`` is a directory holding a built ``_C.cpython-*.so`` (an installed or unpacked ``lazarus_core``). To get
 one for an older revision::
@@ -19,7 +20,10 @@ default integer mode, code 1); ``--forms both`` times the installed build's inte
 runs: AVX-512 VNNI, ymm VNNI (AVX-VNNI, or the EVEX form) and AVX2 (``set_avx512_vnni``, ``set_avx_vnni``;
 ``native`` runs the widest). ``--cold`` flushes
 the layer's tensors from every cache level before every call (``harness.CacheFlusher``), so the 22 MB a call
-reads come from DRAM as they do when a many-layer model decodes. Prints the median milliseconds per build and its
+reads come from DRAM as they do when a many-layer model decodes; ``--stream`` also reads a flushed 256 MB buffer
+ahead of each call (untimed), as the benchmark's same-round read-floor probe and fp32 twin do for the calls after
+them: it evicts everything else from every cache level too (the code, the interpreter, the page-table lines), and
+at T=1 it made the same call 1.1-1.4x as slow as the flush alone. Prints the median milliseconds per build and its
 paired ratio to the first (a 95 % bootstrap interval over whole rounds), and
 writes nothing.
 """
@@ -60,6 +64,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=400, help="calls per build (the first 20 are not counted)")
     parser.add_argument("--cold", action="store_true",
                         help="flush the layer's tensors from the caches before every call")
+    parser.add_argument("--stream", action="store_true",
+                        help="with --cold: a flushed 256 MB streaming read ahead of every call too (evicts all caches)")
     parser.add_argument("--modes", default="int16,int8", help="token modes of the installed build")
     parser.add_argument("--forms", choices=("native", "both"), default="native",
                         help="both: every form of the installed build's integer kernel this CPU runs")
@@ -89,13 +95,23 @@ def main() -> None:
         if not directory:
             raise SystemExit(f"ab_extensions: expected NAME=DIR, got {spec!r}")
         variants[name] = (_load(directory, f"ab_{name}"), 1, None)
+    if args.stream and not args.cold:
+        parser.error("--stream needs --cold")
     evict = CacheFlusher(_tensors(ov)) if args.cold else None
+    if args.stream:
+        from benchmarks.bench_overlay_moe import FLOOR_PROBE_BYTES
+
+        probe = torch.ones(FLOOR_PROBE_BYTES // 4, dtype=torch.float32)
+        flush_probe, probe_np = CacheFlusher([probe]), probe.numpy()
     times = {k: [] for k in variants}
     for _ in range(args.rounds):
         for key, (ext, mode, vnni) in variants.items():
             if vnni is not None:
                 ext.set_avx_vnni(vnni[0])
                 ext.set_avx512_vnni(vnni[1])
+            if args.stream:
+                flush_probe()
+                current.stream_read(probe_np, prefetch=0)
             if evict is not None:
                 evict()
             t0 = time.perf_counter()
@@ -105,6 +121,9 @@ def main() -> None:
     current.set_avx512_vnni(True)
     state = (f"its {evict.nbytes / 1e6:.0f} MB flushed from the caches" if evict is not None
              else "call repeated (the layer stays in cache)")
+    if args.stream:
+        state += " after a 256 MB streaming read"
+
     print(f"overlay_moe_small, T=1, {state}, median of {args.rounds - 20} rounds "
           f"(and the paired ratio to the first, 95 % CI over whole rounds):")
     first = next(iter(times))

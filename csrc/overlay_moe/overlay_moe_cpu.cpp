@@ -5,10 +5,15 @@
 // expand expert by expert instead, each factor matrix streamed over full rows, with the same bits. The base
 // products and shrinks are stored_matvec_cpu.cpp's; the one-call forward of a small batch runs them here.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <memory>
 #include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "common/avx2_math.h"
 #include "common/cpu_kernels.h"
@@ -96,15 +101,17 @@ LZ_TARGET_AVX2 void expand_tile_avx2(float (*acc)[kCols], const float* const* s,
       for (int64_t j = 0; j < rank; ++j) acc[q][c] += s[q][j] * to_float(at[j * ld + c0 + c]);
 }
 
-// h[c] = act(g[c], u[c]); hw[c] += wt * h[c] for c < w, 8 at a time (scalar tail: activation_cpu).
+// h[c] = act(g0[c] + g[c], u0[c] + u[c]); hw[c] += wt * h[c] for c < w, 8 at a time (scalar tail:
+// activation_cpu): g0, u0 are the token's base products, g, u the pair's bias + expand.
 // min/max return their SECOND operand when either is NaN: the limit goes first so a NaN passes through.
-LZ_TARGET_AVX2 void activate_avx2(const float* g, const float* u, int64_t w, int kind, float alpha, float limit,
-                                  float wt, float* h, float* hw) {
+LZ_TARGET_AVX2 void activate_avx2(const float* g, const float* u, const float* g0, const float* u0, int64_t w,
+                                  int kind, float alpha, float limit, float wt, float* h, float* hw) {
   const __m256 one = _mm256_set1_ps(1.0f), lim = _mm256_set1_ps(limit), nlim = _mm256_set1_ps(-limit);
   const __m256 scale = _mm256_set1_ps(kind == overlay::kGptOss ? -alpha : -1.0f), vw = _mm256_set1_ps(wt);
   int64_t c = 0;
   for (; c + 8 <= w; c += 8) {
-    __m256 gv = _mm256_loadu_ps(g + c), uv = _mm256_loadu_ps(u + c);
+    __m256 gv = _mm256_add_ps(_mm256_loadu_ps(g0 + c), _mm256_loadu_ps(g + c));
+    __m256 uv = _mm256_add_ps(_mm256_loadu_ps(u0 + c), _mm256_loadu_ps(u + c));
     if (kind == overlay::kGptOss) {
       gv = _mm256_min_ps(lim, gv);
       uv = _mm256_add_ps(_mm256_min_ps(lim, _mm256_max_ps(nlim, uv)), one);
@@ -115,7 +122,7 @@ LZ_TARGET_AVX2 void activate_avx2(const float* g, const float* u, int64_t w, int
     _mm256_storeu_ps(hw + c, _mm256_fmadd_ps(vw, hv, _mm256_loadu_ps(hw + c)));
   }
   for (; c < w; ++c) {
-    h[c] = activation_cpu(g[c], u[c], kind, alpha, limit);
+    h[c] = activation_cpu(g0[c] + g[c], u0[c] + u[c], kind, alpha, limit);
     hw[c] += wt * h[c];
   }
 }
@@ -241,18 +248,27 @@ void expand_rows(float* const* acc, const float* const* s, int64_t n, const F* a
 }
 #endif
 
-void activate(const float* g, const float* u, int64_t w, int kind, float alpha, float limit, float wt, float* h,
-              float* hw) {
+// activate_avx2 where it runs, else the same sums and activation one column at a time.
+void activate(const float* g, const float* u, const float* g0, const float* u0, int64_t w, int kind, float alpha,
+              float limit, float wt, float* h, float* hw) {
 #if defined(LAZARUS_AVX2_MATH)
-  if (simd::cpu_has_avx2_fma_f16c()) return activate_avx2(g, u, w, kind, alpha, limit, wt, h, hw);
+  if (simd::cpu_has_avx2_fma_f16c()) return activate_avx2(g, u, g0, u0, w, kind, alpha, limit, wt, h, hw);
 #endif
   for (int64_t c = 0; c < w; ++c) {
-    h[c] = activation_cpu(g[c], u[c], kind, alpha, limit);
+    h[c] = activation_cpu(g0[c] + g[c], u0[c] + u[c], kind, alpha, limit);
     hw[c] += wt * h[c];
   }
 }
 
-// Column block b (kCols columns of I) of overlay_gate_up: every pair's expand, bias and activation there.
+// acc[c] = bias[c] (0 without a bias) for c < w.
+template <typename F>
+void init_bias(float* acc, const F* bias, int64_t w) {
+  for (int64_t c = 0; c < w; ++c) acc[c] = bias ? to_float(bias[c]) : 0.0f;
+}
+
+// Column block b (kCols columns of I) of overlay_gate_up: every pair's bias + expand there, then its activation
+// of the token's base products plus those (the base is added last, so that the row-streamed expand, which runs
+// alongside the base products in the one-call forward, gives the same bits).
 template <typename F>
 void gate_up_block(const OverlayGateUpArgsT<F>& a, int64_t b) {
   const int64_t I = a.inter, rg = a.rank_gate, ru = a.rank_up, r = rg + ru;
@@ -264,18 +280,8 @@ void gate_up_block(const OverlayGateUpArgsT<F>& a, int64_t b) {
       const float* sg[kTile];
       const float* su[kTile];
       for (int64_t q = 0; q < n; ++q) {
-        const int64_t t = a.pair_token[p0 + q];
-        const float* base = a.gu0 + t * 2 * I + c0;
-        std::memcpy(g[q], base, sizeof(float) * w);
-        std::memcpy(u[q], base + I, sizeof(float) * w);
-        if (a.bias_gate) {
-          const F* bg = a.bias_gate + e * I + c0;
-          for (int64_t c = 0; c < w; ++c) g[q][c] += to_float(bg[c]);
-        }
-        if (a.bias_up) {
-          const F* bu = a.bias_up + e * I + c0;
-          for (int64_t c = 0; c < w; ++c) u[q][c] += to_float(bu[c]);
-        }
+        init_bias(g[q], a.bias_gate ? a.bias_gate + e * I + c0 : nullptr, w);
+        init_bias(u[q], a.bias_up ? a.bias_up + e * I + c0 : nullptr, w);
         sg[q] = a.s_gu + (p0 + q) * r;
         su[q] = sg[q] + rg;
       }
@@ -283,7 +289,8 @@ void gate_up_block(const OverlayGateUpArgsT<F>& a, int64_t b) {
       expand_tile(u, su, n, a.at_up + e * ru * I, ru, I, c0, w);
       for (int64_t q = 0; q < n; ++q) {
         const int64_t p = p0 + q, t = a.pair_token[p];
-        activate(g[q], u[q], w, a.activation, a.alpha, a.limit, a.pair_weight[p], a.h + p * I + c0,
+        const float* base = a.gu0 + t * 2 * I + c0;
+        activate(g[q], u[q], base, base + I, w, a.activation, a.alpha, a.limit, a.pair_weight[p], a.h + p * I + c0,
                  a.hw + t * I + c0);
       }
     }
@@ -301,7 +308,7 @@ void down_block(const OverlayDownArgsT<F>& a, int64_t b) {
       const int64_t n = std::min(kTile, a.offsets[e + 1] - p0);
       const float* s[kTile];
       for (int64_t q = 0; q < n; ++q) {
-        for (int64_t c = 0; c < w; ++c) acc[q][c] = a.bias_down ? to_float(a.bias_down[e * H + c0 + c]) : 0.0f;
+        init_bias(acc[q], a.bias_down ? a.bias_down + e * H + c0 : nullptr, w);
         s[q] = a.s_d + (p0 + q) * rd;
       }
       expand_tile(acc, s, n, a.at_down + e * rd * H, rd, H, c0, w);
@@ -352,8 +359,10 @@ class GateUpRows {
 
   int64_t items() const { return 2 * static_cast<int64_t>(active_.size()); }
   int64_t blocks() const { return column_blocks(a_.inter); }
+  int64_t item_expert(int64_t it) const { return active_[it / 2]; }
 
-  // Each pair of the item's expert: its base product (gate or up half) + bias + A^T s, full width.
+  // Each pair of the item's expert: its bias (gate or up half) + A^T s, full width (it does not read the base
+  // products: run_block adds them).
   void run_item(int64_t it) const {
 #if defined(LAZARUS_AVX2_MATH)
     const int64_t e = active_[it / 2], I = a_.inter, rg = a_.rank_gate, ru = a_.rank_up;
@@ -366,9 +375,7 @@ class GateUpRows {
       const float* s[kTile];
       for (int64_t q = 0; q < n; ++q) {
         acc[q] = (up ? u_ : g_).row(p0 + q, I);
-        std::memcpy(acc[q], a_.gu0 + a_.pair_token[p0 + q] * 2 * I + (up ? I : 0), sizeof(float) * I);
-        if (bias)
-          for (int64_t c = 0; c < I; ++c) acc[q][c] += to_float(bias[e * I + c]);
+        init_bias(acc[q], bias ? bias + e * I : nullptr, I);
         s[q] = a_.s_gu + (p0 + q) * (rg + ru) + (up ? rg : 0);
       }
       expand_rows(acc, s, n, at, up ? ru : rg, I, I);
@@ -380,9 +387,11 @@ class GateUpRows {
 
   void run_block(int64_t b) const {
     const int64_t I = a_.inter, c0 = b * kCols, w = std::min(kCols, I - c0);
-    for (int64_t p = 0; p < a_.pairs; ++p)
-      activate(g_.row(p, I) + c0, u_.row(p, I) + c0, w, a_.activation, a_.alpha, a_.limit, a_.pair_weight[p],
-               a_.h + p * I + c0, a_.hw + a_.pair_token[p] * I + c0);
+    for (int64_t p = 0; p < a_.pairs; ++p) {
+      const float* base = a_.gu0 + a_.pair_token[p] * 2 * I + c0;
+      activate(g_.row(p, I) + c0, u_.row(p, I) + c0, base, base + I, w, a_.activation, a_.alpha, a_.limit,
+               a_.pair_weight[p], a_.h + p * I + c0, a_.hw + a_.pair_token[p] * I + c0);
+    }
   }
 
  private:
@@ -399,6 +408,7 @@ class DownRows {
 
   int64_t items() const { return static_cast<int64_t>(active_.size()); }
   int64_t blocks() const { return column_blocks(a_.hidden); }
+  int64_t item_expert(int64_t it) const { return active_[it]; }
 
   void run_item(int64_t it) const {
 #if defined(LAZARUS_AVX2_MATH)
@@ -409,7 +419,7 @@ class DownRows {
       const float* s[kTile];
       for (int64_t q = 0; q < n; ++q) {
         acc[q] = d_.row(p0 + q, H);
-        for (int64_t c = 0; c < H; ++c) acc[q][c] = a_.bias_down ? to_float(a_.bias_down[e * H + c]) : 0.0f;
+        init_bias(acc[q], a_.bias_down ? a_.bias_down + e * H : nullptr, H);
         s[q] = a_.s_d + (p0 + q) * rd;
       }
       expand_rows(acc, s, n, a_.at_down + e * rd * H, rd, H, H);
@@ -445,6 +455,79 @@ void share_rows(const Rows& rows) {
   LZ_OMP(for schedule(dynamic))
   for (int64_t b = 0; b < blocks; ++b) rows.run_block(b);
 }
+
+// A stage of the one-call forward as ONE pool of items shared as SharedRuns: the shrinks, the base's row runs,
+// then the row-streamed expands (GateUpRows or DownRows items), each of which first waits until every shrink item
+// of its expert is done. The expands' factors then stream while the other threads stream the base, instead of
+// after a barrier with every thread on the expands alone (at T=1 they ran there at 23-31 GB/s against 40 for the
+// products). Deadlock-free because every shrink lies in run 0: the team's thread 0 runs run 0 front to back, so
+// it meets an expand only once every shrink has been taken, and a shrink never waits (usable() says whether the
+// items fit so; where they do not, the forward runs its stages one after another). run(prepare) also takes the
+// rounding of the base's input rows off the serial start: the team's last thread runs `prepare` first and the
+// base items wait for it, while the other threads already stream (thread 0 starts with the shrinks, which read
+// the fp32 rows); it never waits before it is done, so nothing waits on a thread that waits.
+template <typename Rows>
+class ProductsAndExpands {
+ public:
+  ProductsAndExpands(const MatvecShrinkPlan& plan, const Rows& rows, int64_t experts, int runs)
+      : plan_(plan),
+        rows_(rows),
+        base_(plan.base_items()),
+        shrinks_(plan.items() - base_),
+        expands_(rows.items()),
+        need_(static_cast<size_t>(experts), 0),
+        done_(new std::atomic<int64_t>[static_cast<size_t>(std::max<int64_t>(1, experts))]),
+        runs_(shrinks_ + base_ + expands_, runs),
+        usable_(shrinks_ <= (shrinks_ + base_ + expands_) / std::max(1, runs)) {
+    for (int64_t it = base_; it < plan.items(); ++it) ++need_[static_cast<size_t>(plan.shrink_expert(it))];
+    for (int64_t e = 0; e < experts; ++e) done_[e].store(0, std::memory_order_relaxed);
+  }
+
+  bool usable() const { return usable_; }
+
+  // Every thread of the team once, inside the parallel region (no barrier at the end).
+  template <typename Prepare>
+  void run(Prepare prepare) {
+#if defined(LAZARUS_WITH_OPENMP)
+    const bool preparer = omp_get_thread_num() == omp_get_num_threads() - 1;
+#else
+    const bool preparer = true;
+#endif
+    if (preparer) {
+      prepare();
+      prepared_.store(true, std::memory_order_release);
+    }
+    runs_.for_each([&](int64_t i) {
+      if (i < shrinks_) {
+        plan_.run(base_ + i);
+        done_[plan_.shrink_expert(base_ + i)].fetch_add(1, std::memory_order_release);
+      } else if (i < shrinks_ + base_) {
+        while (!prepared_.load(std::memory_order_acquire)) spin_pause();
+        plan_.run(i - shrinks_);
+      } else {
+        const int64_t x = i - shrinks_ - base_, e = rows_.item_expert(x);
+        while (done_[e].load(std::memory_order_acquire) < need_[static_cast<size_t>(e)]) spin_pause();
+        rows_.run_item(x);
+      }
+    });
+  }
+
+ private:
+  static void spin_pause() {
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+    _mm_pause();
+#endif
+  }
+
+  const MatvecShrinkPlan& plan_;
+  const Rows& rows_;
+  int64_t base_, shrinks_, expands_;
+  std::vector<int64_t> need_;
+  std::unique_ptr<std::atomic<int64_t>[]> done_;
+  SharedRuns runs_;
+  bool usable_;
+  std::atomic<bool> prepared_{false};
+};
 
 }  // namespace
 
@@ -513,8 +596,14 @@ void overlay_moe_small_cpu(const SmallForwardT<F>& a) {
                                       hw.data()};
   const OverlayDownArgsT<F> down{s_d.data.get(), pair_token.data(), pair_weight.data(), offsets.data(), a.at_down,
                                  a.bias_down, T, H, P, E, rd, a.y};
-  gate_up_products.prepare_inputs();
-  down_products.layout_inputs();  // its base input hw is rounded block by block as the activation finishes it
+  // The base inputs: x rounded for the gate/up products (laid out here: the shrinks read the fp32 rows the layout
+  // points to), and the buffers of hw's rounding for the down products (rounded block by block as the activation
+  // finishes it); inside the region where the first stage is pooled.
+  gate_up_products.layout_inputs();
+  const auto prepare_inputs = [&] {
+    gate_up_products.commit_inputs(gate_up_products.fill_base_inputs(0, H));
+    down_products.layout_inputs();
+  };
   const int64_t n1 = gate_up_products.items(), n3 = down_products.items();
   const int64_t gate_up_blocks = column_blocks(I), down_blocks = column_blocks(H);
   const bool by_rows = rows_expand(P);
@@ -533,15 +622,28 @@ void overlay_moe_small_cpu(const SmallForwardT<F>& a) {
   const auto fill_hw = [&](int64_t b) {
     return down_products.fill_base_inputs(b * kCols, std::min(I, (b + 1) * kCols));
   };
-  SharedRuns gate_up_runs(n1, SharedRuns::team_size()), down_runs(n3, SharedRuns::team_size());
+  // With the expands row-streamed, each expand runs in its products' pool (ProductsAndExpands) where the items
+  // allow it, else after them.
+  const int team = SharedRuns::team_size();
+  SharedRuns gate_up_runs(n1, team), down_runs(n3, team);
+  ProductsAndExpands<GateUpRows<F>> gate_up_pool(gate_up_products, gate_up_rows, E, team);
+  ProductsAndExpands<DownRows<F>> down_pool(down_products, down_rows, E, team);
+  const bool pooled_gate_up = by_rows && gate_up_pool.usable(), pooled_down = by_rows && down_pool.usable();
+  if (!pooled_gate_up) prepare_inputs();
   LZ_OMP(parallel)
   {
-    gate_up_runs.for_each([&](int64_t it) { gate_up_products.run(it); });
+    if (pooled_gate_up) {
+      gate_up_pool.run(prepare_inputs);
+    } else {
+      gate_up_runs.for_each([&](int64_t it) { gate_up_products.run(it); });
+    }
     LZ_OMP(barrier)
     if (by_rows) {
-      const int64_t items = gate_up_rows.items();
-      LZ_OMP(for schedule(dynamic))
-      for (int64_t it = 0; it < items; ++it) gate_up_rows.run_item(it);
+      if (!pooled_gate_up) {
+        const int64_t items = gate_up_rows.items();
+        LZ_OMP(for schedule(dynamic))
+        for (int64_t it = 0; it < items; ++it) gate_up_rows.run_item(it);
+      }
       LZ_OMP(for schedule(dynamic) reduction(&& : finite))
       for (int64_t b = 0; b < gate_up_blocks; ++b) {
         gate_up_rows.run_block(b);
@@ -556,10 +658,20 @@ void overlay_moe_small_cpu(const SmallForwardT<F>& a) {
     }
     LZ_OMP(single)
     down_products.commit_inputs(finite);
-    down_runs.for_each([&](int64_t it) { down_products.run(it); });
+    if (pooled_down) {
+      down_pool.run([] {});
+    } else {
+      down_runs.for_each([&](int64_t it) { down_products.run(it); });
+    }
     LZ_OMP(barrier)
     if (by_rows) {
-      share_rows(down_rows);
+      if (pooled_down) {
+        const int64_t blocks = down_rows.blocks();
+        LZ_OMP(for schedule(dynamic))
+        for (int64_t b = 0; b < blocks; ++b) down_rows.run_block(b);
+      } else {
+        share_rows(down_rows);
+      }
     } else {
       LZ_OMP(for schedule(dynamic))
       for (int64_t b = 0; b < down_blocks; ++b) down_block(down, b);

@@ -686,6 +686,8 @@ class MatvecShrinkItems {
   }
 
   int64_t items() const { return base_items_ + static_cast<int64_t>(items_.size()); }
+  int64_t base_items() const { return base_items_; }
+  int64_t shrink_expert(int64_t it) const { return items_[it - base_items_].first; }
 
   void prepare_inputs() {
     layout_inputs();
@@ -735,6 +737,8 @@ MatvecShrinkPlan::MatvecShrinkPlan(const MatvecProblem& base, const ShrinkProble
     : impl_(new Impl{MatvecShrinkItems(base, shrink)}) {}
 MatvecShrinkPlan::~MatvecShrinkPlan() = default;
 int64_t MatvecShrinkPlan::items() const { return impl_->items.items(); }
+int64_t MatvecShrinkPlan::base_items() const { return impl_->items.base_items(); }
+int64_t MatvecShrinkPlan::shrink_expert(int64_t it) const { return impl_->items.shrink_expert(it); }
 void MatvecShrinkPlan::prepare_inputs() { impl_->items.prepare_inputs(); }
 void MatvecShrinkPlan::layout_inputs() { impl_->items.layout_inputs(); }
 bool MatvecShrinkPlan::fill_base_inputs(int64_t c0, int64_t c1) { return impl_->items.fill_base_inputs(c0, c1); }

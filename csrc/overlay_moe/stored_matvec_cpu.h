@@ -22,6 +22,10 @@ class MatvecShrinkPlan {
   MatvecShrinkPlan& operator=(const MatvecShrinkPlan&) = delete;
 
   int64_t items() const;
+  // Items [0, base_items()) are the base's row runs, the others the shrink's; shrink_expert(it), for
+  // it >= base_items(), is the expert whose factor rows (and pairs' outputs) shrink item it covers.
+  int64_t base_items() const;
+  int64_t shrink_expert(int64_t it) const;
   void prepare_inputs();
   // prepare_inputs() in three steps, for a base input that an earlier stage of the same parallel region finishes
   // column block by column block: layout_inputs() before the region, fill_base_inputs(c0, c1) for the columns

@@ -669,6 +669,28 @@ def test_one_call_forward_equals_the_staged_path(monkeypatch, mode, base, factor
     _assert_matches(out, x, ids, w, ex, rel_floor=rel)
 
 
+
+@pytest.mark.parametrize("mode", ["int16", "fp32"])
+@pytest.mark.parametrize("hidden,inter,ranks", [(64, 96, (3, 5, 2)), (32, 32, (64, 64, 64)), (64, 320, (40, 24, 33))],
+                         ids=["few-shrinks", "shrinks-outnumber-base", "many-base-rows"])
+@pytest.mark.parametrize("tokens,top_k", [(1, 4), (2, 3), (5, 6)])
+def test_pooled_stages_equal_the_staged_path(monkeypatch, mode, hidden, inter, ranks, tokens, top_k):
+    # The one-call forward runs each stage's shrinks, base rows and row-streamed expands as one pool (each expand
+    # waiting for its expert's shrinks, the base rows for the input rounding one thread does meanwhile) where the
+    # shrinks fit in the first thread's run, and the stages one after another where they do not: 32 shrink items
+    # against one base item at [32, 32] with rank 64 (the stage-by-stage order on two threads or more), a few
+    # against 10 at [640, 64] (rank 64 for gate and up). Either way the bits of the staged path, whose stages run in separate calls.
+    monkeypatch.setattr(op, "MXFP4_TOKENS", mode)
+    ex = random_overlay(6, hidden, inter, ranks, bias=True, activation="gpt_oss", factor_dtype=torch.bfloat16,
+                        base="mxfp4")
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(tokens, hidden, generator=g) * 2
+        ids, w = random_routing(tokens, 6, top_k)
+        out = overlay_moe_forward(x, ids, w, ex, backend="cpu")
+        assert torch.equal(out, _staged(x, ids, w, ex)), seed
+        _assert_matches(out, x, ids, w, ex, rel_floor=2.0 ** -10 if mode == "int16" else 1e-6)
+
 def test_inputs_on_another_device_are_refused():
     # The CPU fast path of the device check (is_cpu flags) must still refuse a tensor elsewhere, naming both.
     ex = random_overlay(4, 64, 32, (2, 2, 2), bias=True, activation="gpt_oss", factor_dtype=torch.bfloat16,
