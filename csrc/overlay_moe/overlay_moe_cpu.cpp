@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
@@ -338,6 +339,7 @@ bool rows_expand(int64_t pairs) { return pairs <= kRowExpandPairs && use_avx2();
 // The experts that have pairs, in order.
 std::vector<int64_t> active_experts(const int64_t* offsets, int64_t experts) {
   std::vector<int64_t> active;
+  active.reserve(static_cast<size_t>(experts));
   for (int64_t e = 0; e < experts; ++e)
     if (offsets[e + 1] > offsets[e]) active.push_back(e);
   return active;
@@ -529,6 +531,28 @@ class ProductsAndExpands {
   std::atomic<bool> prepared_{false};
 };
 
+// The down stage of the one-call forward: its base + shrink plan (inputs laid out), expand rows and pool. Built on
+// the first stage's preparing thread inside the region where that stage is pooled (its allocations then cost no
+// serial time), before the region otherwise.
+template <typename F>
+struct DownStage {
+  MatvecShrinkPlan products;
+  DownRows<F> rows;
+  SharedRuns runs;
+  ProductsAndExpands<DownRows<F>> pool;
+  bool pooled;  // run as one pool (else the products, then the expands)
+
+  DownStage(const MatvecProblem& base, const ShrinkProblem& shrink, const OverlayDownArgsT<F>& args, bool by_rows,
+            int64_t experts, int team)
+      : products(base, shrink),
+        rows(by_rows ? args : OverlayDownArgsT<F>{}),
+        runs(products.items(), team),
+        pool(products, rows, experts, team),
+        pooled(by_rows && pool.usable()) {
+    products.layout_inputs();  // its base input hw is rounded block by block as the activation finishes it
+  }
+};
+
 }  // namespace
 
 template <typename F>
@@ -587,28 +611,27 @@ void overlay_moe_small_cpu(const SmallForwardT<F>& a) {
   MatvecShrinkPlan gate_up_products(
       MatvecProblem{a.base_gate_up, a.x, nullptr, T, gu0.data.get(), 2 * I, a.token_mode},
       ShrinkProblem{a.b_gate_up, rgu, offsets.data(), E, P, a.x, pair_token.data(), s_gu.data.get()});
-  MatvecShrinkPlan down_products(MatvecProblem{a.base_down, hw.data(), nullptr, T, a.y, H, a.token_mode},
-                                 ShrinkProblem{a.b_down, rd, offsets.data(), E, P, h.data.get(), nullptr,
-                                               s_d.data.get()});
   const OverlayGateUpArgsT<F> gate_up{gu0.data.get(), s_gu.data.get(), pair_token.data(), pair_weight.data(),
                                       offsets.data(), a.at_gate, a.at_up, a.bias_gate, a.bias_up, T, I, P, E,
                                       a.rank_gate, a.rank_up, a.activation, a.alpha, a.limit, h.data.get(),
                                       hw.data()};
   const OverlayDownArgsT<F> down{s_d.data.get(), pair_token.data(), pair_weight.data(), offsets.data(), a.at_down,
                                  a.bias_down, T, H, P, E, rd, a.y};
-  // The base inputs: x rounded for the gate/up products (laid out here: the shrinks read the fp32 rows the layout
-  // points to), and the buffers of hw's rounding for the down products (rounded block by block as the activation
-  // finishes it); inside the region where the first stage is pooled.
-  gate_up_products.layout_inputs();
-  const auto prepare_inputs = [&] {
-    gate_up_products.commit_inputs(gate_up_products.fill_base_inputs(0, H));
-    down_products.layout_inputs();
-  };
-  const int64_t n1 = gate_up_products.items(), n3 = down_products.items();
+  const int64_t n1 = gate_up_products.items();
   const int64_t gate_up_blocks = column_blocks(I), down_blocks = column_blocks(H);
   const bool by_rows = rows_expand(P);
   const GateUpRows<F> gate_up_rows(by_rows ? gate_up : OverlayGateUpArgsT<F>{});
-  const DownRows<F> down_rows(by_rows ? down : OverlayDownArgsT<F>{});
+  const int team = SharedRuns::team_size();
+  // The base inputs: x rounded for the gate/up products (laid out here: the shrinks read the fp32 rows the layout
+  // points to), then the down stage built; inside the region where the first stage is pooled.
+  gate_up_products.layout_inputs();
+  std::optional<DownStage<F>> down_stage;
+  const auto prepare_inputs = [&] {
+    gate_up_products.commit_inputs(gate_up_products.fill_base_inputs(0, H));
+    down_stage.emplace(MatvecProblem{a.base_down, hw.data(), nullptr, T, a.y, H, a.token_mode},
+                       ShrinkProblem{a.b_down, rd, offsets.data(), E, P, h.data.get(), nullptr, s_d.data.get()},
+                       down, by_rows, E, team);
+  };
   // One parallel region for the whole forward: each stage is a worksharing loop whose barrier hands its output
   // to the next (a region per stage waits for every thread to wake, a descheduled one included).
   // The products' items are runs of consecutive base rows (then the shrinks'), shared as SharedRuns: each thread
@@ -620,15 +643,13 @@ void overlay_moe_small_cpu(const SmallForwardT<F>& a) {
   // once the block has run every pair), instead of one thread rounding all of hw while the others wait.
   bool finite = true;  // every block of hw finite: the rounded rows are usable
   const auto fill_hw = [&](int64_t b) {
-    return down_products.fill_base_inputs(b * kCols, std::min(I, (b + 1) * kCols));
+    return down_stage->products.fill_base_inputs(b * kCols, std::min(I, (b + 1) * kCols));
   };
   // With the expands row-streamed, each expand runs in its products' pool (ProductsAndExpands) where the items
   // allow it, else after them.
-  const int team = SharedRuns::team_size();
-  SharedRuns gate_up_runs(n1, team), down_runs(n3, team);
+  SharedRuns gate_up_runs(n1, team);
   ProductsAndExpands<GateUpRows<F>> gate_up_pool(gate_up_products, gate_up_rows, E, team);
-  ProductsAndExpands<DownRows<F>> down_pool(down_products, down_rows, E, team);
-  const bool pooled_gate_up = by_rows && gate_up_pool.usable(), pooled_down = by_rows && down_pool.usable();
+  const bool pooled_gate_up = by_rows && gate_up_pool.usable();
   if (!pooled_gate_up) prepare_inputs();
   LZ_OMP(parallel)
   {
@@ -656,21 +677,22 @@ void overlay_moe_small_cpu(const SmallForwardT<F>& a) {
         finite = fill_hw(b) && finite;
       }
     }
+    DownStage<F>& ds = *down_stage;  // built before the first barrier
     LZ_OMP(single)
-    down_products.commit_inputs(finite);
-    if (pooled_down) {
-      down_pool.run([] {});
+    ds.products.commit_inputs(finite);
+    if (ds.pooled) {
+      ds.pool.run([] {});
     } else {
-      down_runs.for_each([&](int64_t it) { down_products.run(it); });
+      ds.runs.for_each([&](int64_t it) { ds.products.run(it); });
     }
     LZ_OMP(barrier)
     if (by_rows) {
-      if (pooled_down) {
-        const int64_t blocks = down_rows.blocks();
+      if (ds.pooled) {
+        const int64_t blocks = ds.rows.blocks();
         LZ_OMP(for schedule(dynamic))
-        for (int64_t b = 0; b < blocks; ++b) down_rows.run_block(b);
+        for (int64_t b = 0; b < blocks; ++b) ds.rows.run_block(b);
       } else {
-        share_rows(down_rows);
+        share_rows(ds.rows);
       }
     } else {
       LZ_OMP(for schedule(dynamic))

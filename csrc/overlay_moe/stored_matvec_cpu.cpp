@@ -677,6 +677,8 @@ class MatvecShrinkItems {
   MatvecShrinkItems(const MatvecProblem& base, const ShrinkProblem& shrink) : base_(base), shrink_(shrink) {
     if (base.w.rows > 0 && base.n > 0) base_items_ = (base.w.rows + kBaseRowsPerItem - 1) / kBaseRowsPerItem;
     if (shrink.rank > 0 && shrink.experts > 0) {
+      items_.reserve(static_cast<size_t>(std::min(shrink.experts, shrink.offsets[shrink.experts]) *
+                                         ((shrink.rank + kRowsPerItem - 1) / kRowsPerItem)));
       for (int64_t e = 0; e < shrink.experts; ++e) {
         const int64_t n = shrink.offsets[e + 1] - shrink.offsets[e];
         if (n == 0 || n > shrink.max_pairs) continue;
