@@ -17,8 +17,8 @@ one for an older revision::
 
 The installed build is always included (as ``current``, in every token mode asked for; other builds run their
 default integer mode, code 1); ``--forms both`` times the installed build's integer kernel in each form the CPU
-runs: AVX-512 VNNI, ymm VNNI (AVX-VNNI, or the EVEX form) and AVX2 (``set_avx512_vnni``, ``set_avx_vnni``;
-``native`` runs the widest). ``--cold`` flushes
+runs: AVX-512 VBMI (the zmm form's ``vpermb`` decode), AVX-512 VNNI, ymm VNNI (AVX-VNNI, or the EVEX form) and
+AVX2 (``set_avx512_vbmi``, ``set_avx512_vnni``, ``set_avx_vnni``; ``native`` runs the widest). ``--cold`` flushes
 the layer's tensors from every cache level before every call (``harness.CacheFlusher``), so the 22 MB a call
 reads come from DRAM as they do when a many-layer model decodes; ``--stream`` also reads a flushed 256 MB buffer
 ahead of each call (untimed), as the benchmark's same-round read-floor probe and fp32 twin do for the calls after
@@ -82,10 +82,11 @@ def main() -> None:
     call_args = (x.numpy(), ids.numpy(), w.to(torch.float32).numpy(), *op._small_weight_args(ov),
                  op.ACTIVATIONS[ov.activation], ov.alpha, ov.limit, y.numpy())
     current = op.cpu_extension()
-    # (avx_vnni allowed, avx512_vnni allowed) per form; the AVX-512 one where the CPU has it
+    # (avx_vnni, avx512_vnni, avx512_vbmi allowed) per form; the AVX-512 ones where the CPU has them
     forms = {"native": None} if args.forms == "native" else {
-        **({"avx512_vnni": (True, True)} if current.cpu_has_avx512_vnni() else {}),
-        "avx_vnni": (True, False), "avx2": (False, False)}
+        **({"avx512_vbmi": (True, True, True)} if current.cpu_has_avx512_vbmi() else {}),
+        **({"avx512_vnni": (True, True, False)} if current.cpu_has_avx512_vnni() else {}),
+        "avx_vnni": (True, False, False), "avx2": (False, False, False)}
     if args.forms == "both" and not current.cpu_has_ymm_vnni():
         raise SystemExit("ab_extensions: --forms both needs a CPU with AVX-VNNI or AVX-512 VNNI")
     variants = {f"current {m}" + ("" if vnni is None else f" {form}"): (current, op._MXFP4_TOKEN_MODES[m], vnni)
@@ -109,6 +110,7 @@ def main() -> None:
             if vnni is not None:
                 ext.set_avx_vnni(vnni[0])
                 ext.set_avx512_vnni(vnni[1])
+                ext.set_avx512_vbmi(vnni[2])
             if args.stream:
                 flush_probe()
                 current.stream_read(probe_np, prefetch=0)
@@ -119,6 +121,7 @@ def main() -> None:
             times[key].append(time.perf_counter() - t0)
     current.set_avx_vnni(True)
     current.set_avx512_vnni(True)
+    current.set_avx512_vbmi(True)
     state = (f"its {evict.nbytes / 1e6:.0f} MB flushed from the caches" if evict is not None
              else "call repeated (the layer stays in cache)")
     if args.stream:

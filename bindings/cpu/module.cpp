@@ -79,6 +79,19 @@ PYBIND11_MODULE(_C, m) {
       py::arg("allowed"),
       "Allow (True, the default) or forbid the AVX-512 VNNI forms of the CPU kernels (forbidden: the callers run "
       "their other paths); returns the previous setting. Do not call while a kernel runs.");
+  m.def("cpu_has_avx512_vbmi", []() {
+#if defined(LAZARUS_AVX2_MATH)
+    return lazarus::simd::cpu_has_avx512_vbmi();
+#else
+    return false;
+#endif
+  }, "True when this CPU has AVX-512 VNNI and VBMI (vpermb; Ice Lake and AMD Zen 4 on, not Cascade Lake).");
+  m.def(
+      "set_avx512_vbmi",
+      [](bool allowed) { return lazarus::avx512_vbmi_allowed().exchange(allowed); },
+      py::arg("allowed"),
+      "Allow (True, the default) or forbid the AVX-512 VBMI forms of the zmm CPU kernels (forbidden: their "
+      "AVX-512 VNNI forms run, the same bits); returns the previous setting. Do not call while a kernel runs.");
   m.def("cpu_uses_avx512_vnni", []() { return lazarus::use_avx512_vnni(); },
         "True when the AVX-512 VNNI forms run now: compiled, on this CPU and allowed (set_avx512_vnni).");
   lazarus::bindings::bind_mxfp4_dequant(m);

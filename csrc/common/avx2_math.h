@@ -17,6 +17,9 @@
 // AVX-512 with VNNI (zmm vpdpbusd: 64 u8 x s8 products per instruction; Ice Lake / Sapphire Rapids servers on).
 #define LZ_TARGET_AVX512_VNNI \
   __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
+// AVX-512 VNNI plus VBMI (vpermb: a byte lookup in a 64-entry table; Ice Lake and AMD Zen 4 on, not Cascade Lake).
+#define LZ_TARGET_AVX512_VBMI \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx512vbmi")))
 
 namespace lazarus {
 namespace simd {
@@ -36,6 +39,11 @@ inline bool cpu_has_avx512_vnni() {
   static const bool has = cpu_has_avx2_fma_f16c() && __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return has;
+}
+
+inline bool cpu_has_avx512_vbmi() {
+  static const bool has = cpu_has_avx512_vnni() && __builtin_cpu_supports("avx512vbmi");
   return has;
 }
 
@@ -143,6 +151,23 @@ inline std::atomic<bool>& avx512_vnni_allowed() {
 inline bool use_avx512_vnni() {
 #if defined(LAZARUS_AVX2_MATH)
   return simd::cpu_has_avx512_vnni() && avx512_vnni_allowed().load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
+}
+
+// Whether kernels with an AVX-512 VBMI form may run it (default true), as avx_vnni_allowed. Only the zmm forms
+// read it: forbidding AVX-512 VNNI (avx512_vnni_allowed) forbids their VBMI forms too.
+inline std::atomic<bool>& avx512_vbmi_allowed() {
+  static std::atomic<bool> allowed{true};
+  return allowed;
+}
+
+// True when the AVX-512 VBMI forms of the zmm kernels run (where use_avx512_vnni chose a zmm form): compiled, on
+// this CPU, and allowed.
+inline bool use_avx512_vbmi() {
+#if defined(LAZARUS_AVX2_MATH)
+  return simd::cpu_has_avx512_vbmi() && avx512_vbmi_allowed().load(std::memory_order_relaxed);
 #else
   return false;
 #endif

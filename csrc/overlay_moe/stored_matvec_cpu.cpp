@@ -403,8 +403,20 @@ namespace q8_vnni_evex {
 }  // namespace q8_vnni_evex
 
 namespace q8_zmm {
+#define LZ_ZMM_TARGET LZ_TARGET_AVX512_VNNI
+#define LZ_ZMM_VBMI 0
 #include "overlay_moe/mxfp4_q8_row_zmm.inc"
+#undef LZ_ZMM_VBMI
+#undef LZ_ZMM_TARGET
 }  // namespace q8_zmm
+
+namespace q8_zmm_vbmi {
+#define LZ_ZMM_TARGET LZ_TARGET_AVX512_VBMI
+#define LZ_ZMM_VBMI 1
+#include "overlay_moe/mxfp4_q8_row_zmm.inc"
+#undef LZ_ZMM_VBMI
+#undef LZ_ZMM_TARGET
+}  // namespace q8_zmm_vbmi
 
 // The zmm form runs wherever the AVX-512 VNNI forms may (it reads the wide layout). It used to need AVX-VNNI too,
 // which left CPUs with AVX-512 VNNI alone (AMD Zen 4, Intel Ice Lake / Cascade Lake) on the AVX2 form.
@@ -415,10 +427,32 @@ bool use_wide_q8() { return use_avx512_vnni(); }
 template <int Mode>
 void row_dots_q8(const uint8_t* blocks, const uint8_t* scales, int64_t groups, const Q8Row* const* q, int nt,
                  float* out, bool wide) {
+  if (wide && use_avx512_vbmi()) return q8_zmm_vbmi::row_dots_q8<Mode>(blocks, scales, groups, q, nt, out);
   if (wide) return q8_zmm::row_dots_q8<Mode>(blocks, scales, groups, q, nt, out);
   if (use_avx_vnni()) return q8_vnni::row_dots_q8<Mode>(blocks, scales, groups, q, nt, out);
   if (use_ymm_vnni()) return q8_vnni_evex::row_dots_q8<Mode>(blocks, scales, groups, q, nt, out);
   q8_avx2::row_dots_q8<Mode>(blocks, scales, groups, q, nt, out);
+}
+
+// out[r] = dot(row r, the one wide token row q[0]) for nr (4 or 2) consecutive rows, in the zmm form's VBMI
+// decode where it runs (the same bits).
+void row_group_dots_q8(const uint8_t* blocks, const uint8_t* scales, int64_t groups, const Q8Row* const* q,
+                       float* out, int nr, int mode) {
+  const bool vbmi = use_avx512_vbmi();
+  if (mode == kTokensFixed16) {
+    if (vbmi) {
+      return nr == 4 ? q8_zmm_vbmi::row_group_dots_q8<4, kTokensFixed16>(blocks, scales, groups, q, out)
+                     : q8_zmm_vbmi::row_group_dots_q8<2, kTokensFixed16>(blocks, scales, groups, q, out);
+    }
+    return nr == 4 ? q8_zmm::row_group_dots_q8<4, kTokensFixed16>(blocks, scales, groups, q, out)
+                   : q8_zmm::row_group_dots_q8<2, kTokensFixed16>(blocks, scales, groups, q, out);
+  }
+  if (vbmi) {
+    return nr == 4 ? q8_zmm_vbmi::row_group_dots_q8<4, kTokensInt8>(blocks, scales, groups, q, out)
+                   : q8_zmm_vbmi::row_group_dots_q8<2, kTokensInt8>(blocks, scales, groups, q, out);
+  }
+  return nr == 4 ? q8_zmm::row_group_dots_q8<4, kTokensInt8>(blocks, scales, groups, q, out)
+                 : q8_zmm::row_group_dots_q8<2, kTokensInt8>(blocks, scales, groups, q, out);
 }
 #endif
 
@@ -585,13 +619,7 @@ void rows_times_tokens(const StoredMatrix& w, int64_t r0, int64_t r1, const Toke
           if (k > 1) {
             const Q8Row* const* q = x.q8_rows.data() + t_first;
             const int nr = k >= kQ8Rows ? kQ8Rows : 2;
-            if (x.mode == kTokensFixed16) {
-              if (nr == 4) q8_zmm::row_group_dots_q8<4, kTokensFixed16>(blocks, scales, groups, q, out);
-              else q8_zmm::row_group_dots_q8<2, kTokensFixed16>(blocks, scales, groups, q, out);
-            } else {
-              if (nr == 4) q8_zmm::row_group_dots_q8<4, kTokensInt8>(blocks, scales, groups, q, out);
-              else q8_zmm::row_group_dots_q8<2, kTokensInt8>(blocks, scales, groups, q, out);
-            }
+            row_group_dots_q8(blocks, scales, groups, q, out, nr, x.mode);
             for (int i = 0; i < nr; ++i) y[r + i - r0] = out[i];
             r += nr - 1;
             continue;

@@ -578,7 +578,8 @@ def mxfp4_token_mode(mode: str | None):
 
 @contextlib.contextmanager
 def _cpu_switch(setter: str, allowed: bool):
-    """Set one of the extension's form switches (``set_avx_vnni``, ``set_avx512_vnni``) for the block."""
+    """Set one of the extension's form switches (``set_avx_vnni``, ``set_avx512_vnni``, ``set_avx512_vbmi``) for
+    the block."""
     set_form = getattr(cpu_extension(), setter)
     saved = set_form(bool(allowed))
     try:
@@ -623,6 +624,25 @@ def cpu_avx512_vnni(allowed: bool):
         False runs the other paths; True (the default state) the AVX-512 VNNI forms where the CPU has them.
     """
     with _cpu_switch("set_avx512_vnni", allowed):
+        yield
+
+
+@contextlib.contextmanager
+def cpu_avx512_vbmi(allowed: bool):
+    """Run the block with the AVX-512 VBMI forms of the zmm CPU kernels allowed or forbidden (restored after).
+
+    Where the CPU has AVX-512 VBMI (Ice Lake, AMD Zen 4 on; not Cascade Lake), the integer MXFP4 matrix-vector
+    kernel's zmm form decodes the 4-bit codes with one ``vpermb`` per half instead of a mask and a ``vpshufb``;
+    forbidden, its AVX-512 VNNI form runs. The same bytes, so the same bits; this exists to compare their speed and
+    to test both on one machine. :func:`cpu_avx512_vnni` (False) forbids both. Not for use while another thread
+    runs a kernel.
+
+    Parameters
+    ----------
+    allowed : bool
+        False runs the AVX-512 VNNI forms; True (the default state) the VBMI forms where the CPU has them.
+    """
+    with _cpu_switch("set_avx512_vbmi", allowed):
         yield
 
 

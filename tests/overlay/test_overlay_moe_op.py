@@ -483,14 +483,18 @@ def test_token_rounding_reference_keeps_its_bound(mode):
 
 HAS_VNNI = op.cpu_extension().cpu_has_ymm_vnni()          # AVX-VNNI, or AVX-512 VNNI's EVEX ymm vpdpbusd
 HAS_AVX512_VNNI = op.cpu_extension().cpu_has_avx512_vnni()  # Zen 4 and Ice Lake have it without AVX-VNNI
-# The integer kernel's forms: AVX2, and the ymm VNNI and the zmm ones where this CPU has them.
-INTEGER_FORMS = ["avx2"] + (["avx_vnni"] if HAS_VNNI else []) + (["avx512_vnni"] if HAS_AVX512_VNNI else [])
+HAS_AVX512_VBMI = op.cpu_extension().cpu_has_avx512_vbmi()  # the zmm form's vpermb decode (not Cascade Lake)
+# The integer kernel's forms: AVX2, and the ymm VNNI and the zmm ones (shuffle and vpermb decode) where this CPU
+# has them.
+INTEGER_FORMS = (["avx2"] + (["avx_vnni"] if HAS_VNNI else []) + (["avx512_vnni"] if HAS_AVX512_VNNI else [])
+                 + (["avx512_vbmi"] if HAS_AVX512_VBMI else []))
 
 
 @contextlib.contextmanager
 def integer_form(form):
     """Run the block with the integer MXFP4 kernel in ``form`` (one of INTEGER_FORMS)."""
-    with op.cpu_avx_vnni(form != "avx2"), op.cpu_avx512_vnni(form == "avx512_vnni"):
+    with (op.cpu_avx_vnni(form != "avx2"), op.cpu_avx512_vnni(form.startswith("avx512")),
+          op.cpu_avx512_vbmi(form == "avx512_vbmi")):
         yield
 
 
@@ -580,6 +584,7 @@ def test_vnni_forms_equal_the_avx2_form(mode, form):
         assert torch.isnan(out[:, rows // 2]).all()
     ext = op.cpu_extension()
     assert ext.set_avx_vnni(True) is True and ext.set_avx512_vnni(True) is True  # the defaults were restored
+    assert ext.set_avx512_vbmi(True) is True
 
 
 @pytest.mark.parametrize("form", INTEGER_FORMS[1:])
