@@ -56,6 +56,14 @@ class SharedRuns {
     }
   }
 
+  // The item run r would hand out next from its front, or -1 when it is empty (a snapshot: other threads may take
+  // it meanwhile).
+  int64_t front(int r) const {
+    if (r < 0 || r >= runs_) return -1;
+    const uint64_t v = run_[r].bounds.load(std::memory_order_relaxed), lo = v & 0xFFFFFFFFu, hi = v >> 32;
+    return lo < hi ? static_cast<int64_t>(lo) : -1;
+  }
+
  private:
   struct alignas(64) Run {
     std::atomic<uint64_t> bounds{0};  // lo in the low 32 bits, hi (exclusive) in the high 32 bits

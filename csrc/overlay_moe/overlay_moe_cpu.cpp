@@ -334,6 +334,14 @@ int64_t column_blocks(int64_t cols) { return (cols + kCols - 1) / kCols; }
 // forms give the same bits.
 constexpr int64_t kRowExpandPairs = 64;
 
+// Bytes each thread asks for in L2 of what it reads first in the down stage, as it ends the gate/up stage: the
+// memory would otherwise idle through the barrier and the activation (about 20 us at T=1). Measured on an Intel
+// AVX-512 host (the T=1 forward at the gpt-oss-20b layer, in-process A/B, flushed after a 256 MB read): 64 KB
+// 1.0-1.5 % faster than none in three runs, 32 and 128 KB about half that; asking for the gate/up stage's first
+// bytes the same way on the serial start gained nothing, and so did asking for the next item's first 16-64 KB
+// wherever an item starts a stream of its own (a new expert's shrink, an expand).
+constexpr int64_t kStageEdgeBytes = 64 << 10;
+
 bool rows_expand(int64_t pairs) { return pairs <= kRowExpandPairs && use_avx2(); }
 
 // The experts that have pairs, in order.
@@ -362,6 +370,16 @@ class GateUpRows {
   int64_t items() const { return 2 * static_cast<int64_t>(active_.size()); }
   int64_t blocks() const { return column_blocks(a_.inter); }
   int64_t item_expert(int64_t it) const { return active_[it / 2]; }
+  // The first `bytes` of the factor rows item `it` streams, asked for in L2.
+  void prefetch_item(int64_t it, int64_t bytes) const {
+#if defined(LAZARUS_AVX2_MATH)
+    const int64_t e = active_[it / 2], I = a_.inter, rank = it % 2 == 1 ? a_.rank_up : a_.rank_gate;
+    const F* at = it % 2 == 1 ? a_.at_up + e * a_.rank_up * I : a_.at_gate + e * a_.rank_gate * I;
+    simd::prefetch_l2(at, std::min<int64_t>(bytes, rank * I * static_cast<int64_t>(sizeof(F))));
+#else
+    (void)it, (void)bytes;
+#endif
+  }
 
   // Each pair of the item's expert: its bias (gate or up half) + A^T s, full width (it does not read the base
   // products: run_block adds them).
@@ -411,6 +429,14 @@ class DownRows {
   int64_t items() const { return static_cast<int64_t>(active_.size()); }
   int64_t blocks() const { return column_blocks(a_.hidden); }
   int64_t item_expert(int64_t it) const { return active_[it]; }
+  void prefetch_item(int64_t it, int64_t bytes) const {
+#if defined(LAZARUS_AVX2_MATH)
+    const int64_t H = a_.hidden, rd = a_.rank_down;
+    simd::prefetch_l2(a_.at_down + active_[it] * rd * H, std::min<int64_t>(bytes, rd * H * static_cast<int64_t>(sizeof(F))));
+#else
+    (void)it, (void)bytes;
+#endif
+  }
 
   void run_item(int64_t it) const {
 #if defined(LAZARUS_AVX2_MATH)
@@ -458,11 +484,14 @@ void share_rows(const Rows& rows) {
   for (int64_t b = 0; b < blocks; ++b) rows.run_block(b);
 }
 
-// A stage of the one-call forward as ONE pool of items shared as SharedRuns: the shrinks, the base's row runs,
-// then the row-streamed expands (GateUpRows or DownRows items), each of which first waits until every shrink item
-// of its expert is done. The expands' factors then stream while the other threads stream the base, instead of
+// A stage of the one-call forward as ONE pool of items shared as SharedRuns: the shrinks, the row-streamed expands
+// (GateUpRows or DownRows items), each of which first waits until every shrink item of its expert is done, then
+// the base's row runs. The expands' factors then stream while the other threads stream the base, instead of
 // after a barrier with every thread on the expands alone (at T=1 they ran there at 23-31 GB/s against 40 for the
-// products). Deadlock-free because every shrink lies in run 0: the team's thread 0 runs run 0 front to back, so
+// products). The base comes last so that the runs meet, and the threads end, in its small items (64 rows, 92 KB
+// of MXFP4) rather than in an expand (a whole factor matrix, 368 KB at the gpt-oss-20b shape): with the expands
+// last, the thread that took the last one ended the down stage 14-16 us after the other (median, Intel AVX-512
+// host, T=1), and 1-3 us with the base last. Deadlock-free because every shrink lies in run 0: the team's thread 0 runs run 0 front to back, so
 // it meets an expand only once every shrink has been taken, and a shrink never waits (usable() says whether the
 // items fit so; where they do not, the forward runs its stages one after another). run(prepare) also takes the
 // rounding of the base's input rows off the serial start: the team's last thread runs `prepare` first and the
@@ -503,18 +532,47 @@ class ProductsAndExpands {
       if (i < shrinks_) {
         plan_.run(base_ + i);
         done_[plan_.shrink_expert(base_ + i)].fetch_add(1, std::memory_order_release);
-      } else if (i < shrinks_ + base_) {
+      } else if (i >= shrinks_ + expands_) {
         while (!prepared_.load(std::memory_order_acquire)) spin_pause();
-        plan_.run(i - shrinks_);
+        plan_.run(i - shrinks_ - expands_);
       } else {
-        const int64_t x = i - shrinks_ - base_, e = rows_.item_expert(x);
+        const int64_t x = i - shrinks_, e = rows_.item_expert(x);
         while (done_[e].load(std::memory_order_acquire) < need_[static_cast<size_t>(e)]) spin_pause();
         rows_.run_item(x);
       }
     });
   }
 
+  // Whether `prepare` has run (what it built is then visible to the caller).
+  bool prepared() const { return prepared_.load(std::memory_order_acquire); }
+
+  // The first `bytes` of what the calling thread's run reads first, asked for in L2 before run() (see
+  // kStageEdgeBytes).
+  void prefetch_front(int64_t bytes) const {
+    const int64_t i = runs_.front(thread());
+    if (i >= 0) prefetch_item(i, bytes);
+  }
+
  private:
+  static int thread() {
+#if defined(LAZARUS_WITH_OPENMP)
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+  }
+
+  // The first `bytes` of the weight rows item i reads, asked for in L2.
+  void prefetch_item(int64_t i, int64_t bytes) const {
+    if (i < shrinks_) {
+      plan_.prefetch(base_ + i, bytes);
+    } else if (i >= shrinks_ + expands_) {
+      plan_.prefetch(i - shrinks_ - expands_, bytes);
+    } else {
+      rows_.prefetch_item(i - shrinks_, bytes);
+    }
+  }
+
   static void spin_pause() {
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
     _mm_pause();
@@ -658,6 +716,8 @@ void overlay_moe_small_cpu(const SmallForwardT<F>& a) {
     } else {
       gate_up_runs.for_each([&](int64_t it) { gate_up_products.run(it); });
     }
+    // The down stage's first bytes on their way while this thread waits at the barrier and runs the activation.
+    if ((!pooled_gate_up || gate_up_pool.prepared()) && down_stage->pooled) down_stage->pool.prefetch_front(kStageEdgeBytes);
     LZ_OMP(barrier)
     if (by_rows) {
       if (!pooled_gate_up) {

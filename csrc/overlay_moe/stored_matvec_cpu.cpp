@@ -700,6 +700,24 @@ void rows_times_tokens_any(const StoredMatrix& w, int64_t r0, int64_t r1, const 
 }
 
 // The work items of MatvecShrinkPlan (stored_matvec_cpu.h): base items first, then (expert, first rank row).
+// The first `bytes` of rows [r0, r1) of w requested into L2 (MXFP4: of its code bytes, and the same share of its
+// scale bytes).
+void prefetch_rows(const StoredMatrix& w, int64_t r0, int64_t r1, int64_t bytes) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (r1 <= r0 || bytes <= 0) return;
+  if (w.format == Storage::kMXFP4) {
+    const int64_t row = w.cols / 2, n = std::min(bytes, (r1 - r0) * row);
+    simd::prefetch_l2(static_cast<const uint8_t*>(w.data) + r0 * row, n);
+    simd::prefetch_l2(w.scales + r0 * (w.cols / 32), n / 16);
+    return;
+  }
+  const int64_t size = w.format == Storage::kF32 ? 4 : 2, row = w.cols * size;
+  simd::prefetch_l2(static_cast<const char*>(w.data) + r0 * row, std::min(bytes, (r1 - r0) * row));
+#else
+  (void)w, (void)r0, (void)r1, (void)bytes;
+#endif
+}
+
 class MatvecShrinkItems {
  public:
   MatvecShrinkItems(const MatvecProblem& base, const ShrinkProblem& shrink) : base_(base), shrink_(shrink) {
@@ -733,6 +751,17 @@ class MatvecShrinkItems {
   bool fill_base_inputs(int64_t c0, int64_t c1) { return base_items_ ? base_rows_.fill(c0 / 32, c1 / 32) : true; }
   void commit_inputs(bool finite) {
     if (base_items_) base_rows_.commit(finite);
+  }
+
+  void prefetch(int64_t it, int64_t bytes) const {
+    if (it < base_items_) {
+      const int64_t r0 = it * kBaseRowsPerItem;
+      prefetch_rows(base_.w, r0, std::min(base_.w.rows, r0 + kBaseRowsPerItem), bytes);
+      return;
+    }
+    const int64_t e = items_[it - base_items_].first, j0 = items_[it - base_items_].second;
+    prefetch_rows(shrink_.b, e * shrink_.rank + j0, e * shrink_.rank + std::min(shrink_.rank, j0 + kRowsPerItem),
+                  bytes);
   }
 
   void run(int64_t it) const {
@@ -774,6 +803,7 @@ void MatvecShrinkPlan::layout_inputs() { impl_->items.layout_inputs(); }
 bool MatvecShrinkPlan::fill_base_inputs(int64_t c0, int64_t c1) { return impl_->items.fill_base_inputs(c0, c1); }
 void MatvecShrinkPlan::commit_inputs(bool finite) { impl_->items.commit_inputs(finite); }
 void MatvecShrinkPlan::run(int64_t it) const { impl_->items.run(it); }
+void MatvecShrinkPlan::prefetch(int64_t it, int64_t bytes) const { impl_->items.prefetch(it, bytes); }
 
 void stored_matvec_and_shrink_cpu(const MatvecProblem& base, const ShrinkProblem& shrink) {
   // One dynamic loop over both kinds of item, so a small batch is one parallel region and a descheduled

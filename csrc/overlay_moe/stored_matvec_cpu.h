@@ -36,6 +36,9 @@ class MatvecShrinkPlan {
   bool fill_base_inputs(int64_t c0, int64_t c1);
   void commit_inputs(bool finite);
   void run(int64_t it) const;
+  // Asks for the first `bytes` of the weight rows item `it` reads in L2 (MXFP4: the code bytes and, in proportion,
+  // their scales), without waiting: for a stage that starts once the one before it ends (x86-64 only).
+  void prefetch(int64_t it, int64_t bytes) const;
 
  private:
   struct Impl;
