@@ -237,18 +237,35 @@ def _same_round_floor(moved: int, probe_s: list | None, op_s: list) -> dict:
             "same_round_read_gb_s": FLOOR_PROBE_BYTES / statistics.median(probe_s) / 1e9}
 
 
+def same_round_floor_violations(rows) -> list:
+    """The overlay rows that read faster than the read floor probed in the same rounds beyond the rounds' spread:
+    the lower end of their 95 % interval above 100 %. A median at 102 % whose interval reaches below 100 % is the
+    bandwidth drifting between the probe's moments and the op's (the run's best probe bounds every row in
+    floors.check_floors)."""
+    return [r for r in rows
+            if r.op == "overlay_moe_forward" and (r.extra.get("same_round_floor_ci95") or [0])[0] > 100]
+
+
+def _same_round_text(r) -> str:
+    low, high = r.extra["same_round_floor_ci95"]
+    return f"{r.dtype} {r.extra['pct_of_same_round_floor']:.0f}% (95% CI {low:.0f}-{high:.0f}%)"
+
+
 def check_same_round_floor(rows) -> None:
-    """Raise FloorExceeded for an overlay row that reads faster than the read floor probed in the same rounds
-    beyond the rounds' spread: the lower end of its 95 % interval above 100 %. A median at 102 % whose interval
-    reaches below 100 % is the bandwidth drifting between the probe's moments and the op's (the run's best probe
-    bounds every row in floors.check_floors)."""
-    over = [r for r in rows if r.op == "overlay_moe_forward" and (r.extra.get("same_round_floor_ci95") or [0])[0] > 100]
+    """Raise FloorExceeded naming every row of :func:`same_round_floor_violations`."""
+    over = same_round_floor_violations(rows)
     if over:
         raise FloorExceeded(f"overlay_moe: {len(over)} row(s) above 100% of the read floor probed in the same rounds "
                             f"(the whole 95% interval), a benchmark bug (the probe reads slower than the op): "
-                            + "; ".join(f"{r.dtype} {r.extra['pct_of_same_round_floor']:.0f}% "
-                                        f"(95% CI {r.extra['same_round_floor_ci95'][0]:.0f}-"
-                                        f"{r.extra['same_round_floor_ci95'][1]:.0f}%)" for r in over))
+                            + "; ".join(_same_round_text(r) for r in over))
+
+
+def mark_same_round_floor(rows) -> None:
+    """Mark every row of :func:`same_round_floor_violations` (``extra["floor_exceeded"]``), so that
+    floors.check_floors fails the run once its table and JSON are written (with the rows on record)."""
+    for r in same_round_floor_violations(rows):
+        r.extra["floor_exceeded"] = (f"{_same_round_text(r)} of the read floor probed in the same rounds (the "
+                                     f"whole 95% interval: the probe reads slower than the op)")
 
 
 def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
@@ -404,7 +421,7 @@ def run(repeats: int = 10) -> tuple[list[BenchRow], dict]:
             key = row.extra["tokens"] if row.dtype == STORED else ("int8", row.extra["tokens"])
             verdicts[key] = (row.ratio_to_reference, row.pct_of_floor, row.extra["x_fp32_overlay"],
                              row.extra.get("pct_of_same_round_floor"), row.extra.get("same_round_floor_ci95"))
-    check_same_round_floor(rows)
+    mark_same_round_floor(rows)  # fails the run after the table and JSON are written (floors.check_floors)
     summary = {}
     if 1 in verdicts:
         speedup, pct_best, _, pct, ci = verdicts[1]

@@ -109,18 +109,22 @@ class FloorExceeded(RuntimeError):
 
 
 def check_floors(suite: str, rows) -> None:
-    """Raise :class:`FloorExceeded` naming every row of ``suite`` above 100% of its floor.
+    """Raise :class:`FloorExceeded` naming every row of ``suite`` above 100% of its floor, and every row its suite
+    marked as beating a floor of its own (``extra["floor_exceeded"]``: the message; e.g. overlay_moe's read floor
+    probed in the same rounds).
 
     Parameters
     ----------
     suite : str
     rows : iterable of benchmarks.harness.BenchRow
     """
-    bad = [r for r in rows if r.pct_of_floor is not None and r.pct_of_floor > 100.0]
+    rows = list(rows)
+    bad = [f"{r.op}/{r.backend} {r.shape} {r.dtype}: {r.pct_of_floor:.0f}%" for r in rows
+           if r.pct_of_floor is not None and r.pct_of_floor > 100.0]
+    bad += [f"{r.op}/{r.backend} {r.shape}: {r.extra['floor_exceeded']}" for r in rows if r.extra.get("floor_exceeded")]
     if bad:
-        lines = "; ".join(f"{r.op}/{r.backend} {r.shape} {r.dtype}: {r.pct_of_floor:.0f}%" for r in bad)
         raise FloorExceeded(f"{suite}: {len(bad)} row(s) above 100% of their floor, a benchmark bug "
-                            f"(the floor does not bound the op): {lines}")
+                            f"(the floor does not bound the op): {'; '.join(bad)}")
 
 
 __all__ = ["MemoryFloors", "FloorExceeded", "check_floors", "measure_int8_dot_rate", "measure_matmul_rate",

@@ -243,3 +243,26 @@ def test_same_round_floor_fails_only_an_overlay_row_faster_than_the_probe_beyond
                             row("c", 130.0, [120.0, 140.0], op="bare read (same bytes)")])
     with pytest.raises(FloorExceeded, match=r"fp32 twin 108% \(95% CI 103-112%\)"):
         check_same_round_floor([row("ok", 60.0, [55.0, 65.0]), row("fp32 twin", 108.0, [103.0, 112.0])])
+
+
+def test_a_row_beyond_the_same_round_floor_fails_the_run_after_its_table_is_written(tmp_path, capsys):
+    """The suite marks the row (the run goes on to its summary) and report_suite prints the table, writes the JSON
+    with the row on record, then raises naming it; a run without such a row passes."""
+    from benchmarks.bench_overlay_moe import mark_same_round_floor
+    from benchmarks.harness import report_suite
+
+    def row(dtype, pct, ci):
+        return BenchRow("overlay_moe_forward", "cpu", "[1]", dtype, 1.0,
+                        extra={"pct_of_same_round_floor": pct, "same_round_floor_ci95": ci})
+
+    fine = [row("stored", 80.0, [78.0, 82.0]), row("drift", 101.0, [98.0, 104.0])]
+    mark_same_round_floor(fine)
+    report_suite("ok", {}, fine, {}, tmp_path)
+    rows = fine + [row("fp32 twin", 119.0, [118.5, 121.0])]
+    mark_same_round_floor(rows)
+    assert [r.dtype for r in rows if r.extra.get("floor_exceeded")] == ["fp32 twin"]
+    with pytest.raises(FloorExceeded, match=r"1 row\(s\).*fp32 twin 119% \(95% CI 118-121%\) of the read floor "
+                                            r"probed in the same rounds"):
+        report_suite("overlay_moe", {}, rows, {}, tmp_path)
+    assert "fp32 twin" in capsys.readouterr().out
+    assert "floor_exceeded" in (tmp_path / "overlay_moe.json").read_text()
