@@ -457,6 +457,23 @@ void bind_overlay_moe(py::module_& m) {
       },
       "As overlay_down through the host/device arithmetic the CUDA kernel runs.");
   m.def(
+      "shared_runs_fronts",
+      [](int64_t n, int runs) {
+        SharedRuns queue(n, runs);
+        const auto fronts = [&] {
+          py::list f;
+          for (int r = -1; r <= runs; ++r) f.append(queue.front(r));  // r = -1 and r = runs: out of range
+          return f;
+        };
+        py::list seen;
+        seen.append(fronts());
+        queue.for_each([&](int64_t it) { seen.append(py::make_tuple(it, fronts())); });
+        return seen;
+      },
+      py::arg("n"), py::arg("runs"),
+      "SharedRuns(n, runs).front(r) for r in -1..runs before a one-thread for_each, then (item, the same) at each "
+      "item it hands out, for tests (call outside a parallel region).");
+  m.def(
       "shared_runs_visits",
       [](int64_t n, int runs, int threads) {
         if (threads < 1) throw py::value_error("threads must be >= 1");

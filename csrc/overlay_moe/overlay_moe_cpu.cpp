@@ -127,6 +127,29 @@ LZ_TARGET_AVX2 void activate_avx2(const float* g, const float* u, const float* g
     hw[c] += wt * h[c];
   }
 }
+
+// activate_avx2 16 columns per step (the last 1..15 by activate_avx2): per column the same operations in the same
+// order, so the same bits. At T=1 the activation runs between the two stages, with nothing else to do: 12 us per
+// thread in ymm on the Intel AVX-512 host (4 pairs x 2880 columns over 2 threads).
+LZ_TARGET_AVX512_VNNI void activate_zmm(const float* g, const float* u, const float* g0, const float* u0, int64_t w,
+                                        int kind, float alpha, float limit, float wt, float* h, float* hw) {
+  const __m512 one = _mm512_set1_ps(1.0f), lim = _mm512_set1_ps(limit), nlim = _mm512_set1_ps(-limit);
+  const __m512 scale = _mm512_set1_ps(kind == overlay::kGptOss ? -alpha : -1.0f), vw = _mm512_set1_ps(wt);
+  int64_t c = 0;
+  for (; c + 16 <= w; c += 16) {
+    __m512 gv = _mm512_add_ps(_mm512_loadu_ps(g0 + c), _mm512_loadu_ps(g + c));
+    __m512 uv = _mm512_add_ps(_mm512_loadu_ps(u0 + c), _mm512_loadu_ps(u + c));
+    if (kind == overlay::kGptOss) {
+      gv = _mm512_min_ps(lim, gv);
+      uv = _mm512_add_ps(_mm512_min_ps(lim, _mm512_max_ps(nlim, uv)), one);
+    }
+    const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, simd::exp_zmm(_mm512_mul_ps(scale, gv))));
+    const __m512 hv = _mm512_mul_ps(_mm512_mul_ps(gv, sig), uv);
+    _mm512_storeu_ps(h + c, hv);
+    _mm512_storeu_ps(hw + c, _mm512_fmadd_ps(vw, hv, _mm512_loadu_ps(hw + c)));
+  }
+  if (c < w) activate_avx2(g + c, u + c, g0 + c, u0 + c, w - c, kind, alpha, limit, wt, h + c, hw + c);
+}
 #endif
 
 template <typename F>
@@ -249,10 +272,11 @@ void expand_rows(float* const* acc, const float* const* s, int64_t n, const F* a
 }
 #endif
 
-// activate_avx2 where it runs, else the same sums and activation one column at a time.
+// activate_zmm or activate_avx2 where it runs (the same bits), else the same sums and activation one column at a time.
 void activate(const float* g, const float* u, const float* g0, const float* u0, int64_t w, int kind, float alpha,
               float limit, float wt, float* h, float* hw) {
 #if defined(LAZARUS_AVX2_MATH)
+  if (use_avx512_vnni()) return activate_zmm(g, u, g0, u0, w, kind, alpha, limit, wt, h, hw);
   if (simd::cpu_has_avx2_fma_f16c()) return activate_avx2(g, u, g0, u0, w, kind, alpha, limit, wt, h, hw);
 #endif
   for (int64_t c = 0; c < w; ++c) {

@@ -539,6 +539,36 @@ def assert_rounding_oracle(out, x, kw, mode):
 
 
 @pytest.mark.skipif(not HAS_AVX512_VNNI, reason="needs AVX-512 VNNI")
+@pytest.mark.parametrize("activation", ["swiglu", "gpt_oss"])
+def test_zmm_activation_equals_the_ymm_one_on_edge_values(activation):
+    # With AVX-512 the activation runs 16 columns per step (the last 1..15 in ymm); per column it keeps the ymm
+    # form's operations, so the same bits, at the edges too: exp's underflow and overflow clamps, the GPT-OSS limit,
+    # zeros, infinities and NaN (which propagates). 37 columns: two zmm steps and a ymm tail with a scalar rest.
+    inter, tokens, n_experts = 37, 4, 5
+    ex = random_overlay(n_experts, 16, inter, (3, 2, 2), bias=True, activation=activation)
+    ids, w = random_routing(tokens, n_experts, 2)
+    g = torch.Generator().manual_seed(7)
+    gu0 = torch.randn(tokens, 2 * inter, generator=g) * 40
+    edges = torch.tensor([0.0, -0.0, 88.0, -88.0, 100.0, -100.0, 7.0, -7.0, 1e30, -1e30, float("inf"),
+                          float("-inf"), float("nan")])
+    gu0.view(-1)[torch.randperm(gu0.numel(), generator=g)[:3 * edges.numel()]] = edges.repeat(3)
+    r = op._routing(ids, w, n_experts)
+    s_gu = torch.randn(2 * tokens, 5, generator=g)
+
+    def run():
+        h, hw = torch.empty(2 * tokens, inter), torch.empty(tokens, inter)
+        op._gate_up_cpu(gu0, s_gu, r, ex, h, hw)
+        return h, hw
+
+    zmm = run()
+    with op.cpu_avx512_vnni(False):
+        ymm = run()
+    for a, b in zip(zmm, ymm):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    assert torch.isnan(zmm[0]).any() and torch.isfinite(zmm[0]).any()  # the edges reached the activation
+
+
+@pytest.mark.skipif(not HAS_AVX512_VNNI, reason="needs AVX-512 VNNI")
 @pytest.mark.parametrize("factors", ["bf16", "fp16", "fp32"])
 def test_zmm_factor_kernels_equal_the_ymm_ones(factors):
     # At T <= 16 with AVX-512 the expand passes and the one-token shrink rows run in zmm registers; per output

@@ -39,6 +39,18 @@ def test_one_thread_runs_its_run_then_the_others_back_to_front():
     assert [i for _, i in sorted(zip(when, range(5)))] == [0, 2, 1, 4, 3]
 
 
+def test_front_is_the_item_a_run_hands_out_next_or_minus_one():
+    # Runs [0, 1), [1, 3), [3, 5) on one thread: 0, then run 1 from its back (2, 1), then run 2 (4, 3). front(r)
+    # is the run's next item from its front while it holds any (what the one-call forward prefetches), -1 when it
+    # is empty or r is out of range.
+    seen = _C.shared_runs_fronts(5, 3)
+    assert seen[0] == [-1, 0, 1, 3, -1]
+    assert [tuple(s) for s in seen[1:]] == [(0, [-1, -1, 1, 3, -1]), (2, [-1, -1, 1, 3, -1]),
+                                           (1, [-1, -1, -1, 3, -1]), (4, [-1, -1, -1, 3, -1]),
+                                           (3, [-1, -1, -1, -1, -1])]
+    assert _C.shared_runs_fronts(0, 2) == [[-1, -1, -1, -1]]
+
+
 @pytest.mark.parametrize("n,runs,threads", [(-1, 2, 2), (1 << 32, 2, 2), (4, 2, 0)])
 def test_bad_arguments_are_refused(n, runs, threads):
     with pytest.raises(ValueError, match="items must be in|threads must be"):
