@@ -1,11 +1,11 @@
-"""In-process A/B of CPU extension builds on the T=1 overlay forward (the benchmark's gpt-oss-20b layer).
+"""In-process A/B of CPU extension builds on the one-call overlay forward (the benchmark's gpt-oss-20b layer, T=1).
 
 On a shared machine the speed of the same kernel drifts 1.5-2x within minutes, so two builds timed one after the
 other cannot be compared. This loads each build's ``_C`` extension by path into ONE process and calls
 ``overlay_moe_small`` with each of them in turn, round after round, so every build sees the same machine state.
 
     python -m benchmarks.ab_extensions [NAME=DIR ...] [--rounds 400] [--cold [--stream]] [--modes int16,int8]
-                                       [--forms both]
+                                       [--forms both] [--tokens T]
 
 ``DIR`` is a directory holding a built ``_C.cpython-*.so`` (an installed or unpacked ``lazarus_core``). To get
 one for an older revision::
@@ -23,7 +23,8 @@ the layer's tensors from every cache level before every call (``harness.CacheFlu
 reads come from DRAM as they do when a many-layer model decodes; ``--stream`` also reads a flushed 256 MB buffer
 ahead of each call (untimed), as the benchmark's same-round read-floor probe and fp32 twin do for the calls after
 them: it evicts everything else from every cache level too (the code, the interpreter, the page-table lines), and
-at T=1 it made the same call 1.1-1.4x as slow as the flush alone. Prints the median milliseconds per build and its
+at T=1 it made the same call 1.1-1.4x as slow as the flush alone. ``--tokens`` times T tokens (at most
+``GEMV_MAX_ROWS``, the one-call forward's range) instead of one. Prints the median milliseconds per build and its
 paired ratio to the first (a 95 % bootstrap interval over whole rounds), and
 writes nothing.
 """
@@ -69,15 +70,18 @@ def main() -> None:
     parser.add_argument("--modes", default="int16,int8", help="token modes of the installed build")
     parser.add_argument("--forms", choices=("native", "both"), default="native",
                         help="both: every form of the installed build's integer kernel this CPU runs")
+    parser.add_argument("--tokens", type=int, default=1, help="tokens per call (1..GEMV_MAX_ROWS)")
     args = parser.parse_args()
 
     from benchmarks.bench_overlay_moe import H, _routing, _tensors, make_overlay
     from benchmarks.harness import CacheFlusher, paired_ratio_ci
     from lazarus_core.ops import overlay_moe as op
 
+    if not 1 <= args.tokens <= op.GEMV_MAX_ROWS:
+        parser.error(f"--tokens must be in 1..{op.GEMV_MAX_ROWS} (the one-call forward's range), got {args.tokens}")
     ov = make_overlay()
-    ids, w = _routing(1, 1)
-    x = torch.randn(1, H, generator=torch.Generator().manual_seed(2))
+    ids, w = _routing(args.tokens, 1)
+    x = torch.randn(args.tokens, H, generator=torch.Generator().manual_seed(2))
     y = torch.empty_like(x)
     call_args = (x.numpy(), ids.numpy(), w.to(torch.float32).numpy(), *op._small_weight_args(ov),
                  op.ACTIVATIONS[ov.activation], ov.alpha, ov.limit, y.numpy())
@@ -127,7 +131,7 @@ def main() -> None:
     if args.stream:
         state += " after a 256 MB streaming read"
 
-    print(f"overlay_moe_small, T=1, {state}, median of {args.rounds - 20} rounds "
+    print(f"overlay_moe_small, T={args.tokens}, {state}, median of {args.rounds - 20} rounds "
           f"(and the paired ratio to the first, 95 % CI over whole rounds):")
     first = next(iter(times))
     for key, ts in times.items():

@@ -509,13 +509,16 @@ void share_rows(const Rows& rows) {
 }
 
 // A stage of the one-call forward as ONE pool of items shared as SharedRuns: the shrinks, the row-streamed expands
-// (GateUpRows or DownRows items), each of which first waits until every shrink item of its expert is done, then
+// (GateUpRows or DownRows items), each of which first waits until every shrink item of its expert is done, and
 // the base's row runs. The expands' factors then stream while the other threads stream the base, instead of
 // after a barrier with every thread on the expands alone (at T=1 they ran there at 23-31 GB/s against 40 for the
-// products). The base comes last so that the runs meet, and the threads end, in its small items (64 rows, 92 KB
-// of MXFP4) rather than in an expand (a whole factor matrix, 368 KB at the gpt-oss-20b shape): with the expands
-// last, the thread that took the last one ended the down stage 14-16 us after the other (median, Intel AVX-512
-// host, T=1), and 1-3 us with the base last. Deadlock-free because every shrink lies in run 0: the team's thread 0 runs run 0 front to back, so
+// products). Where the shrinks and expands together fit in run 0 (T=1), the expands come before the base, so that
+// the runs meet, and the threads end, in the base's small items (64 rows, 92 KB of MXFP4) rather than in an expand
+// (a whole factor matrix, 368 KB at the gpt-oss-20b shape): with the expands last, the thread that took the last
+// one ended the down stage 14-16 us after the other (median, Intel AVX-512 host, T=1), and 1-3 us with the base
+// last. Where they do not fit (T=4 there: 120 shrink items of 240), the base comes before the expands: the other
+// threads' runs would otherwise start with expands waiting on run 0's shrinks (the T=4 forward 8 % slower).
+// Deadlock-free because every shrink lies in run 0: the team's thread 0 runs run 0 front to back, so
 // it meets an expand only once every shrink has been taken, and a shrink never waits (usable() says whether the
 // items fit so; where they do not, the forward runs its stages one after another). run(prepare) also takes the
 // rounding of the base's input rows off the serial start: the team's last thread runs `prepare` first and the
@@ -533,7 +536,8 @@ class ProductsAndExpands {
         need_(static_cast<size_t>(experts), 0),
         done_(new std::atomic<int64_t>[static_cast<size_t>(std::max<int64_t>(1, experts))]),
         runs_(shrinks_ + base_ + expands_, runs),
-        usable_(shrinks_ <= (shrinks_ + base_ + expands_) / std::max(1, runs)) {
+        usable_(shrinks_ <= (shrinks_ + base_ + expands_) / std::max(1, runs)),
+        expands_first_(shrinks_ + expands_ <= (shrinks_ + base_ + expands_) / std::max(1, runs)) {
     for (int64_t it = base_; it < plan.items(); ++it) ++need_[static_cast<size_t>(plan.shrink_expert(it))];
     for (int64_t e = 0; e < experts; ++e) done_[e].store(0, std::memory_order_relaxed);
   }
@@ -553,16 +557,17 @@ class ProductsAndExpands {
       prepared_.store(true, std::memory_order_release);
     }
     runs_.for_each([&](int64_t i) {
-      if (i < shrinks_) {
-        plan_.run(base_ + i);
-        done_[plan_.shrink_expert(base_ + i)].fetch_add(1, std::memory_order_release);
-      } else if (i >= shrinks_ + expands_) {
+      const Slot at = slot(i);
+      if (at.kind == kShrink) {
+        plan_.run(base_ + at.k);
+        done_[plan_.shrink_expert(base_ + at.k)].fetch_add(1, std::memory_order_release);
+      } else if (at.kind == kBase) {
         while (!prepared_.load(std::memory_order_acquire)) spin_pause();
-        plan_.run(i - shrinks_ - expands_);
+        plan_.run(at.k);
       } else {
-        const int64_t x = i - shrinks_, e = rows_.item_expert(x);
+        const int64_t e = rows_.item_expert(at.k);
         while (done_[e].load(std::memory_order_acquire) < need_[static_cast<size_t>(e)]) spin_pause();
-        rows_.run_item(x);
+        rows_.run_item(at.k);
       }
     });
   }
@@ -588,13 +593,28 @@ class ProductsAndExpands {
 
   // The first `bytes` of the weight rows item i reads, asked for in L2.
   void prefetch_item(int64_t i, int64_t bytes) const {
-    if (i < shrinks_) {
-      plan_.prefetch(base_ + i, bytes);
-    } else if (i >= shrinks_ + expands_) {
-      plan_.prefetch(i - shrinks_ - expands_, bytes);
+    const Slot at = slot(i);
+    if (at.kind == kShrink) {
+      plan_.prefetch(base_ + at.k, bytes);
+    } else if (at.kind == kBase) {
+      plan_.prefetch(at.k, bytes);
     } else {
-      rows_.prefetch_item(i - shrinks_, bytes);
+      rows_.prefetch_item(at.k, bytes);
     }
+  }
+
+  // Pool item i as (kind, index among its kind): the shrinks first, then the expands and the base where every
+  // expand still lies in run 0 (expands_first_), else the base and the expands.
+  static constexpr int kShrink = 0, kBase = 1, kExpand = 2;
+  struct Slot {
+    int kind;
+    int64_t k;
+  };
+  Slot slot(int64_t i) const {
+    if (i < shrinks_) return {kShrink, i};
+    i -= shrinks_;
+    if (expands_first_) return i < expands_ ? Slot{kExpand, i} : Slot{kBase, i - expands_};
+    return i < base_ ? Slot{kBase, i} : Slot{kExpand, i - base_};
   }
 
   static void spin_pause() {
@@ -609,7 +629,7 @@ class ProductsAndExpands {
   std::vector<int64_t> need_;
   std::unique_ptr<std::atomic<int64_t>[]> done_;
   SharedRuns runs_;
-  bool usable_;
+  bool usable_, expands_first_;
   std::atomic<bool> prepared_{false};
 };
 

@@ -706,15 +706,19 @@ def test_one_call_forward_equals_the_staged_path(monkeypatch, mode, base, factor
 
 
 @pytest.mark.parametrize("mode", ["int16", "fp32"])
-@pytest.mark.parametrize("hidden,inter,ranks", [(64, 96, (3, 5, 2)), (32, 32, (64, 64, 64)), (64, 320, (40, 24, 33))],
-                         ids=["few-shrinks", "shrinks-outnumber-base", "many-base-rows"])
+@pytest.mark.parametrize("hidden,inter,ranks", [(64, 96, (3, 5, 2)), (32, 32, (64, 64, 64)), (64, 320, (40, 24, 33)),
+                                                (96, 2048, (16, 16, 16))],
+                         ids=["few-shrinks", "shrinks-outnumber-base", "many-base-rows", "expands-before-base"])
 @pytest.mark.parametrize("tokens,top_k", [(1, 4), (2, 3), (5, 6)])
 def test_pooled_stages_equal_the_staged_path(monkeypatch, mode, hidden, inter, ranks, tokens, top_k):
     # The one-call forward runs each stage's shrinks, base rows and row-streamed expands as one pool (each expand
     # waiting for its expert's shrinks, the base rows for the input rounding one thread does meanwhile) where the
     # shrinks fit in the first thread's run, and the stages one after another where they do not: 32 shrink items
     # against one base item at [32, 32] with rank 64 (the stage-by-stage order on two threads or more), a few
-    # against 10 at [640, 64] (rank 64 for gate and up). Either way the bits of the staged path, whose stages run in separate calls.
+    # against 10 at [640, 64] (rank 64 for gate and up; the pool's base before its expands, which do not all fit in
+    # the first run), and 64 base items at [4096, 96] with 2 shrink items per expert (the expands before the base,
+    # as at T=1 on the benchmark's layer). Either way the bits of the staged path, whose stages run in separate
+    # calls.
     monkeypatch.setattr(op, "MXFP4_TOKENS", mode)
     ex = random_overlay(6, hidden, inter, ranks, bias=True, activation="gpt_oss", factor_dtype=torch.bfloat16,
                         base="mxfp4")
