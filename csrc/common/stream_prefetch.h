@@ -35,7 +35,7 @@ namespace simd {
 // expand passes of 2 rank rows with it, 4-5.5 % faster than 8-row passes without; the one-token shrink rows (4
 // side by side) with it, 6-9 % faster on top of that. Per-stream prefetches 1 KB ahead into L1 or 4 KB ahead
 // into L2 had not helped the expand (3 % slower, no change).
-// Asks for the first `bytes` of [p, p + bytes) in L2 (prefetcht1 per 64-byte line), returning at once: a stage of
+// Asks for [p, p + bytes) in L2 (prefetcht1 per 64-byte line), returning at once: a stage of
 // the one-call forward fetches the bytes it will read first while the threads still work on the stage before it.
 inline void prefetch_l2(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
